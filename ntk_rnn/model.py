@@ -1,0 +1,179 @@
+"""MeanFieldRNN: the recurrent network with a simplified weight matrix (theory §2, §6).
+
+Model D (``recurrence="diagonal"``), unit i = 1..N with parameters c_i, w_i ∈ R^d, b_i:
+
+    z_{i,k} = w_i · X_k + b_i S_{i,k},   S_{i,k+1} = σ(z_{i,k}),   S_{i,0} = 0
+    Ŷ_k     = N^{-β} Σ_i c_i S_{i,k+1}
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .activations import Activation, get_activation
+from .errors import ConfigError
+from .init import InitLaw
+
+Recurrence = Literal["diagonal", "feedback"]
+RECURRENCES = ("diagonal", "feedback")
+
+
+def check_hyper(input_dim: int, width: int, beta: float) -> None:
+    """Validate the shape and scaling hyper-parameters with one clear message each."""
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ConfigError(f"model.width={width!r} must be an integer >= 1")
+    if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim < 1:
+        raise ConfigError(f"model.input_dim={input_dim!r} must be an integer >= 1")
+    if not (0.5 <= float(beta) <= 1.0):
+        raise ConfigError(
+            f"model.beta={beta} is outside [0.5, 1] (0.5 = NTK scaling, 1 = mean-field)"
+        )
+
+
+class MeanFieldRNN(nn.Module):
+    """Mean-field scaled RNN; parameters ``c`` (N,), ``w`` (N, d), ``b`` (N,).
+
+    ``forward(x)`` maps windows ``(batch, L, d)`` (or ``(L, d)``) to the outputs Ŷ at every step,
+    ``(batch, L)`` (or ``(L,)``), starting from zero memory.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        width: int,
+        beta: float = 0.75,
+        activation: str | Activation = "tanh",
+        recurrence: Recurrence = "diagonal",
+        init: Optional[InitLaw | dict] = None,
+        *,
+        generator: Optional[torch.Generator] = None,
+        seed: Optional[int] = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__()
+        check_hyper(input_dim, width, beta)
+        if recurrence not in RECURRENCES:
+            raise ConfigError(
+                f"model.recurrence={recurrence!r} is not known; choose one of {list(RECURRENCES)}"
+            )
+        if recurrence == "feedback":
+            raise ConfigError(
+                "model.recurrence='feedback' (Model F, theory §6) is not implemented yet; "
+                "use recurrence='diagonal'"
+            )
+        if init is None:
+            init = InitLaw()
+        elif isinstance(init, dict):
+            init = InitLaw(**init)
+        self.input_dim = int(input_dim)
+        self.width = int(width)
+        self.beta = float(beta)
+        self.recurrence = recurrence
+        self.act = get_activation(activation)
+        self.init_law = init
+        if recurrence == "diagonal":
+            if init.b == "normal":
+                raise ConfigError(
+                    "model.init.b='normal' is unbounded, so the contraction ρ·sup|σ'| < 1 of "
+                    "Model D cannot hold; use b='uniform' (or 'constant', 'rademacher')"
+                )
+            bound = init.b_bound * self.act.sup_deriv
+            if not init.is_custom and not bound < 1.0:
+                raise ConfigError(
+                    f"model.init.rho={init.rho} violates the contraction ρ·sup|σ'| < 1 for "
+                    f"activation={self.act.name!r} (sup|σ'| = {self.act.sup_deriv:.4g}, product "
+                    f"{bound:.4g}); choose rho < {1.0 / self.act.sup_deriv:.4g}"
+                )
+        if generator is None:
+            generator = torch.Generator()
+            generator.manual_seed(0 if seed is None else int(seed))
+        c, w, b = init.sample(width, input_dim, generator, dtype=dtype, device=device)
+        if recurrence == "diagonal" and init.is_custom:
+            bound = float(b.abs().max()) * self.act.sup_deriv
+            if not bound < 1.0:
+                raise ConfigError(
+                    f"model.init.sampler drew max|b|·sup|σ'| = {bound:.4g} >= 1: the contraction "
+                    "of Model D fails; draw |b| < 1/sup|σ'|"
+                )
+        self.c = nn.Parameter(c)
+        self.w = nn.Parameter(w)
+        self.b = nn.Parameter(b)
+
+    # --- scalings -------------------------------------------------------------------------
+    @property
+    def output_scale(self) -> float:
+        """N^{-β}, the factor in Ŷ = N^{-β} Σ c_i S_i."""
+        return self.width ** (-self.beta)
+
+    @property
+    def ntk_scale(self) -> float:
+        """N^{2β-1}, turning ∇f·∇f' into the O(1) normalised kernel of theory §4."""
+        return self.width ** (2.0 * self.beta - 1.0)
+
+    def learning_rate(self, alpha: float) -> float:
+        """α_N = α N^{2β-2} (theory §3)."""
+        return float(alpha) * self.width ** (2.0 * self.beta - 2.0)
+
+    def extra_repr(self) -> str:
+        return (
+            f"input_dim={self.input_dim}, width={self.width}, beta={self.beta}, "
+            f"activation={self.act.name!r}, recurrence={self.recurrence!r}"
+        )
+
+    # --- forward --------------------------------------------------------------------------
+    def check_windows(self, x: Tensor, name: str = "x") -> None:
+        """Windows must be (batch, L, d) or (L, d) with d = input_dim and L >= 1."""
+        if x.dim() not in (2, 3) or x.shape[-1] != self.input_dim or x.shape[-2] < 1:
+            raise ConfigError(
+                f"{name} has shape {tuple(x.shape)}; expected windows (batch, L, "
+                f"{self.input_dim}) or (L, {self.input_dim}) with L >= 1"
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Ŷ_k = N^{-β} Σ_i c_i S_{i,k+1} for k = 1..L, memory S_0 = 0."""
+        self.check_windows(x)
+        single = x.dim() == 2
+        if single:
+            x = x.unsqueeze(0)
+        u = x @ self.w.T  # (B, L, N): w_i · X_k for all steps at once
+        S = torch.zeros_like(u[:, 0])
+        outs = []
+        for k in range(x.shape[1]):
+            S = self.act(u[:, k] + self.b * S)
+            outs.append(S @ self.c)
+        y = torch.stack(outs, dim=-1) * self.output_scale
+        return y.squeeze(0) if single else y
+
+    def unit_features(
+        self, x: Tensor, truncated: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(S, P, Q) of every unit at the last step of each window, θ frozen (theory §3, §4).
+
+        P_{k+1} = σ'(z_k)(X_k + b P_k),  Q_{k+1} = σ'(z_k)(S_k + b Q_k), P_0 = Q_0 = 0;
+        ``truncated=True`` drops the b P and b Q terms. Shapes (B, N), (B, N, d), (B, N).
+        """
+        self.check_windows(x)
+        if x.dim() == 2:
+            x = x.unsqueeze(0)
+        with torch.no_grad():
+            w, b = self.w.detach(), self.b.detach()
+            u = x @ w.T  # (B, L, N)
+            B, L, N = u.shape
+            S = u.new_zeros(B, N)
+            P = u.new_zeros(B, N, self.input_dim)
+            Q = u.new_zeros(B, N)
+            for k in range(L):
+                S_new, ds = self.act.value_and_deriv(u[:, k] + b * S)
+                xk = x[:, k].unsqueeze(1)  # (B, 1, d)
+                if truncated:
+                    P = ds.unsqueeze(-1) * xk
+                    Q = ds * S
+                else:
+                    P = ds.unsqueeze(-1) * (xk + b.unsqueeze(-1) * P)
+                    Q = ds * (S + b * Q)
+                S = S_new
+        return S, P, Q
