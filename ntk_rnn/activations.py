@@ -9,6 +9,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Activation:
@@ -53,6 +55,6 @@ def get_activation(name: str | Activation) -> Activation:
     try:
         return ACTIVATIONS[name]
     except KeyError:
-        raise ValueError(
+        raise ConfigError(
             f"model.activation={name!r} is not supported; choose one of {sorted(ACTIVATIONS)}"
         ) from None

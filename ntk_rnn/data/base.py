@@ -14,8 +14,9 @@ and may provide ``num_steps`` (int or None), the number of elements the stream c
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Protocol, runtime_checkable
+from typing import Any, Iterator, Optional, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -85,3 +86,42 @@ def check_windows(source: object, X: Tensor, Y: Tensor, n: int, length: int) -> 
         )
     if not (torch.isfinite(X).all() and torch.isfinite(Y).all()):
         raise ConfigError(f"data: {source_name(source)}.windows returned NaN or Inf values")
+
+
+# --- helpers for implementations ----------------------------------------------------------
+
+
+def as_array(value: Any, field: str) -> np.ndarray:
+    """``value`` (number, nested list, OmegaConf ListConfig, array, tensor) as a finite float64
+    numpy array; a ConfigError naming ``field`` otherwise."""
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(value):
+            value = OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf ships with hydra
+        pass
+    if isinstance(value, Tensor):
+        value = value.detach().cpu().numpy()
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{field}={value!r} must be a number or a (nested) list of numbers") from None
+    if not np.isfinite(arr).all():
+        raise ConfigError(f"{field}={value!r} must be finite")
+    return arr
+
+
+def as_int(value: Any, field: str, minimum: int = 0) -> int:
+    """``value`` as an int >= ``minimum``; a ConfigError naming ``field`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ConfigError(f"{field}={value!r} must be an integer >= {minimum}")
+    return int(value)
+
+
+def fork(generator: torch.Generator) -> torch.Generator:
+    """A child generator seeded from ``generator`` now, so a lazily consumed stream is fixed at
+    the call and does not shift if the caller uses ``generator`` again meanwhile."""
+    child = torch.Generator()
+    child.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    return child

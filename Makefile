@@ -1,0 +1,46 @@
+# ntk_rnn — `make run` trains once with NTK logging on CPU, `make test` runs the tests.
+# Both install what they need into .venv first. GPU users: make install TORCH_SPEC="torch==2.13.0 --index-url ..."
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+RUN_ARGS ?=
+
+.PHONY: install run test test-full bench lint tensorboard experiment experiment-full clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+run: install
+	$(PY) -m ntk_rnn.train $(RUN_ARGS)
+
+test: install
+	$(PY) -m pytest -q
+
+test-full: install
+	$(PY) -m pytest -q -m "slow or not slow"
+
+bench: install
+	$(PY) -m benchmarks
+
+lint: install
+	$(VENV)/bin/ruff check ntk_rnn tests benchmarks experiments
+
+LOGDIR ?= outputs
+tensorboard: install
+	$(VENV)/bin/tensorboard --logdir $(LOGDIR) --host 127.0.0.1
+
+experiment: install
+	$(PY) -m experiments.run_sweeps --mode quick
+
+experiment-full: install
+	$(PY) -m experiments.run_sweeps --mode full
+
+clean:
+	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,7 @@
+"""Callbacks: hooks the trainer calls; built from ``_target_`` entries under ``callbacks:``."""
+
+from .base import Callback, TrainState
+from .checkpoint import CheckpointCallback
+from .progress import ProgressCallback
+
+__all__ = ["Callback", "TrainState", "CheckpointCallback", "ProgressCallback"]

@@ -1,0 +1,98 @@
+"""The callback protocol and the read-only view of the training state it receives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+
+
+@dataclass
+class TrainState:
+    """What callbacks see. Treat it as read-only: the trainer owns every field.
+
+    ``step`` counts completed SGD steps; ``t = step / N`` is the limit time (theory §3).
+    """
+
+    model: Any
+    online: Any  # OnlineState (S, P, Q)
+    source: Any
+    cfg: Any
+    run_dir: Path
+    n_steps: int
+    lr: float
+    writer: Optional[Any] = None  # torch.utils.tensorboard.SummaryWriter
+    generators: dict = field(default_factory=dict)  # 'probe' for probe draws
+    step: int = 0
+    x: Optional[Tensor] = None  # last input X_k
+    y: Optional[Tensor] = None  # last target Y_k
+    y_hat: Optional[Tensor] = None  # last prediction Ŷ_k (before the update)
+    running_mse: float = float("nan")
+    metrics: dict = field(default_factory=dict)  # callbacks add their final numbers here
+    save_checkpoint: Optional[Callable[[Path], Path]] = None  # writes the full trainer state
+
+    @property
+    def t(self) -> float:
+        return self.step / self.model.width
+
+    @property
+    def loss(self) -> float:
+        """ℓ_k = ½ (Y_k − Ŷ_k)² of the last step."""
+        if self.y is None or self.y_hat is None:
+            return float("nan")
+        return 0.5 * float(self.y - self.y_hat) ** 2
+
+
+class Callback:
+    """Hooks called by the trainer. ``every_n_steps`` (>= 1) spaces ``on_step_end`` calls.
+
+    ``setup`` runs before the first step and is where bad settings must fail; ``state_dict`` and
+    ``load_state_dict`` carry whatever a resumed run needs.
+    """
+
+    name: str = "callback"
+
+    def __init__(self, every_n_steps: int = 1) -> None:
+        self.every_n_steps = int(every_n_steps)
+
+    def check(self) -> None:
+        if self.every_n_steps < 1:
+            raise ConfigError(
+                f"callbacks.{self.name}.every_n_steps={self.every_n_steps} must be >= 1 "
+                "(1 = every step)"
+            )
+
+    def due(self, step: int) -> bool:
+        return step % self.every_n_steps == 0
+
+    def setup(self, state: TrainState) -> None:
+        self.check()
+
+    def on_train_start(self, state: TrainState) -> None:
+        pass
+
+    def on_step_end(self, step: int, state: TrainState) -> None:
+        pass
+
+    def on_train_end(self, state: TrainState) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, d: dict) -> None:
+        pass
+
+
+def write_scalar(state: TrainState, tag: str, value: float | Tensor, step: int) -> None:
+    if state.writer is not None:
+        state.writer.add_scalar(tag, float(value), step)
+
+
+def as_float(x: float | Tensor) -> float:
+    return float(x.item() if isinstance(x, torch.Tensor) else x)

@@ -1,0 +1,123 @@
+"""Config schemas (registered in Hydra's ConfigStore) and range validation with clear errors.
+
+Each key exists once, here, with its allowed range; errors name the key as it is typed on the
+command line (``model.beta=1.5 is outside [0.5, 1]``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+from .activations import ACTIVATIONS
+from .errors import ConfigError
+
+
+@dataclass
+class InitConfig:
+    """μ0 (theory §2): kinds and scales of c, w, b; rho bounds |b|."""
+
+    c: str = "uniform"
+    c_scale: float = 1.0
+    w: str = "normal"
+    w_scale: float = 1.0
+    b: str = "uniform"
+    rho: float = 0.5
+
+
+@dataclass
+class ModelConfig:
+    width: int = 512  # N >= 1
+    beta: float = 0.75  # in [0.5, 1]
+    activation: str = "tanh"  # tanh | sigmoid | erf
+    recurrence: str = "diagonal"  # diagonal (Model D) | feedback (Model F)
+    init: InitConfig = field(default_factory=InitConfig)
+
+
+@dataclass
+class TrainConfig:
+    alpha: float = 4.0  # α > 0; the step size is α N^{2β-2}
+    horizon: Optional[float] = 2.0  # limit time t; steps = round(horizon * N)
+    steps: Optional[int] = None  # overrides horizon when set
+    gradient: str = "rtrl"  # rtrl | truncated
+    chunk_size: int = 256  # stream chunk; the NaN/divergence check runs once per chunk
+    log_every: int = 0  # 0 = about 200 points per run
+    mse_window: int = 0  # running-MSE window in steps; 0 = N
+    divergence_threshold: float = 1e6  # |Y - Ŷ| above this stops the run
+
+
+@dataclass
+class LoggerConfig:
+    tensorboard: bool = True
+    flush_secs: int = 10
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: Any = MISSING  # a SequenceSource built from its _target_
+    train: TrainConfig = field(default_factory=TrainConfig)
+    callbacks: Dict[str, Any] = field(default_factory=dict)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+
+
+_DTYPES = ("float32", "float64")
+
+
+def _require(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def validate(cfg: DictConfig | Config) -> None:
+    """Range checks that types alone cannot express. Raises ConfigError naming the key."""
+    m, t = cfg.model, cfg.train
+    _require(int(m.width) >= 1, f"model.width={m.width} must be an integer >= 1")
+    _require(0.5 <= float(m.beta) <= 1.0,
+             f"model.beta={m.beta} is outside [0.5, 1] (0.5 = NTK scaling, 1 = mean-field)")
+    _require(m.activation in ACTIVATIONS,
+             f"model.activation={m.activation!r} is not supported; choose one of "
+             f"{sorted(ACTIVATIONS)}")
+    _require(m.recurrence in ("diagonal", "feedback"),
+             f"model.recurrence={m.recurrence!r}: choose 'diagonal' or 'feedback'")
+    _require(float(t.alpha) > 0, f"train.alpha={t.alpha} must be > 0")
+    _require(t.gradient in ("rtrl", "truncated"),
+             f"train.gradient={t.gradient!r}: choose 'rtrl' or 'truncated'")
+    if t.steps is None:
+        _require(t.horizon is not None and float(t.horizon) > 0,
+                 f"train.horizon={t.horizon} must be > 0 (or set train.steps)")
+    else:
+        _require(int(t.steps) >= 1, f"train.steps={t.steps} must be >= 1")
+    _require(int(t.chunk_size) >= 1, f"train.chunk_size={t.chunk_size} must be >= 1")
+    _require(int(t.log_every) >= 0, f"train.log_every={t.log_every} must be >= 0")
+    _require(int(t.mse_window) >= 0, f"train.mse_window={t.mse_window} must be >= 0")
+    _require(float(t.divergence_threshold) > 0,
+             f"train.divergence_threshold={t.divergence_threshold} must be > 0")
+    _require(cfg.dtype in _DTYPES, f"dtype={cfg.dtype!r}: choose one of {list(_DTYPES)}")
+    _require(int(cfg.seed) >= 0, f"seed={cfg.seed} must be >= 0")
+    dev = str(cfg.device)
+    _require(dev == "cpu" or dev.startswith("cuda"),
+             f"device={dev!r}: choose 'cpu' or 'cuda' (or 'cuda:K')")
+    if dev.startswith("cuda"):
+        import torch
+
+        _require(torch.cuda.is_available(),
+                 f"device={dev!r} but CUDA is not available on this machine; use device=cpu")
+
+
+def num_steps(cfg: DictConfig | Config) -> int:
+    """Training steps: train.steps if set, else round(train.horizon · N) (time t = k / N)."""
+    if cfg.train.steps is not None:
+        return int(cfg.train.steps)
+    return max(1, round(float(cfg.train.horizon) * int(cfg.model.width)))

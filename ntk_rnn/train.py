@@ -1,0 +1,359 @@
+"""Online SGD along one long ergodic sequence (theory §3), configured by Hydra.
+
+    python -m ntk_rnn.train model.width=1024 model.beta=0.6 train.horizon=2 seed=3
+    python -m ntk_rnn.train -m model.width=256,1024 model.beta=0.6,0.9 seed=0,1
+
+Each step k reads (X_k, Y_k), predicts Ŷ_k, and moves c, w, b at once by
+α N^{2β-2} (Y_k − Ŷ_k) N^{-β} (S, c P, c Q)  (``rtrl_step``). Time is t = k / N.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from .callbacks.base import Callback, TrainState
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import num_steps, register_configs, validate
+from .data.base import check_chunk, check_source, source_name
+from .errors import ConfigError, TrainingDiverged
+from .init import InitLaw
+from .logging import make_writer, write_hparams
+from .model import MeanFieldRNN
+from .rtrl import OnlineState, rtrl_step
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+SEED_STREAMS = ("model", "data", "probe")
+
+
+def derive_seeds(seed: int) -> dict[str, int]:
+    """Independent seeds for model init, data stream and probes from one run seed."""
+    children = np.random.SeedSequence(int(seed)).spawn(len(SEED_STREAMS))
+    return {k: int(c.generate_state(1, dtype=np.uint64)[0] >> 1) for k, c in
+            zip(SEED_STREAMS, children)}
+
+
+def generator(seed: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(int(seed))
+    return g
+
+
+def build_source(data_cfg: Any) -> Any:
+    """Instantiate ``data`` from its ``_target_``; a key the class does not take is a clear error."""
+    if isinstance(data_cfg, DictConfig) and "_target_" in data_cfg:
+        target = data_cfg._target_
+        try:
+            cls = get_class(target) if not callable(target) else target
+        except Exception as exc:
+            raise ConfigError(f"data._target_={target!r} cannot be imported ({exc})") from None
+        params = inspect.signature(cls).parameters
+        takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        extra = [k for k in data_cfg if k != "_target_" and k not in params]
+        if extra and not takes_kwargs:
+            raise ConfigError(
+                f"data._target_={target} does not accept {extra}; for a custom source start from "
+                "the empty preset: data=custom data._target_=..."
+            )
+    try:
+        source = instantiate(data_cfg, _convert_="all") if not _is_source(data_cfg) else data_cfg
+    except ConfigError:
+        raise
+    except Exception as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, ConfigError) else None
+        if cause is not None:
+            raise cause from None
+        raise ConfigError(f"data: could not build the source ({exc})") from None
+    return check_source(source)
+
+
+def _is_source(obj: Any) -> bool:
+    return hasattr(obj, "stream") and hasattr(obj, "windows")
+
+
+def build_model(cfg: Any, input_dim: int, seed: int) -> MeanFieldRNN:
+    m = cfg.model
+    init = InitLaw(**OmegaConf.to_container(m.init, resolve=True)) if isinstance(
+        m.init, DictConfig) else InitLaw(**dict(m.init))
+    return MeanFieldRNN(input_dim, int(m.width), beta=float(m.beta), activation=m.activation,
+                        recurrence=m.recurrence, init=init, generator=generator(seed),
+                        dtype=DTYPES[cfg.dtype], device=cfg.device)
+
+
+def build_callbacks(cfg: Any) -> list[Callback]:
+    out = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None:
+            continue
+        cb = instantiate(node)
+        if not isinstance(cb, Callback):
+            raise ConfigError(f"callbacks.{name}: {type(cb).__name__} is not an "
+                              "ntk_rnn.callbacks.Callback")
+        cb.name = name
+        out.append(cb)
+    return out
+
+
+class Trainer:
+    """Builds the run from its config, then ``fit()`` runs the online loop top to bottom."""
+
+    def __init__(self, cfg: Any, run_dir: str | Path) -> None:
+        validate(cfg)
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.seeds = derive_seeds(cfg.seed)
+        self.source = build_source(cfg.data)
+        self.model = build_model(cfg, self.source.input_dim, self.seeds["model"])
+        self.n_steps = num_steps(cfg)
+        available = getattr(self.source, "num_steps", None)
+        if available is not None and self.n_steps > available:
+            raise ConfigError(
+                f"train: the run needs {self.n_steps} steps but data ({source_name(self.source)}) "
+                f"holds {available}; lower train.horizon/train.steps or set data.cycle=true"
+            )
+        self.lr = self.model.learning_rate(cfg.train.alpha)
+        self.gradient = cfg.train.gradient
+        self.online = OnlineState.zeros(self.model)
+        self.callbacks = build_callbacks(cfg)
+        t = cfg.train
+        self.log_every = int(t.log_every) or max(1, self.n_steps // 200)
+        self.mse_window = int(t.mse_window) or self.model.width
+        self.sq_err = torch.full((self.n_steps,), float("nan"), dtype=torch.float64)
+        self.step = 0
+        self.state = TrainState(
+            model=self.model, online=self.online, source=self.source, cfg=cfg,
+            run_dir=self.run_dir, n_steps=self.n_steps, lr=self.lr,
+            generators={"probe": generator(self.seeds["probe"])},
+            save_checkpoint=self.save,
+        )
+        for cb in self.callbacks:  # bad callback settings fail here, before any step
+            cb.setup(self.state)
+
+    # --- state --------------------------------------------------------------------------
+    def state_payload(self) -> dict:
+        return {
+            "step": self.step,
+            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "online": {k: v.detach().cpu().clone() for k, v in self.online.state_dict().items()},
+            "sq_err": self.sq_err[: self.step].clone(),
+            "probe_rng": self.state.generators["probe"].get_state(),
+            "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
+            "config": OmegaConf.to_yaml(self.cfg, resolve=True) if isinstance(
+                self.cfg, DictConfig) else str(self.cfg),
+            "seed": int(self.cfg.seed),
+        }
+
+    def _snapshot(self) -> dict:
+        """Step, parameters and RTRL state (cheap: O(N d)); see ``_record``."""
+        return {
+            "step": self.step,
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "online": {k: v.detach().clone() for k, v in self.online.state_dict().items()},
+        }
+
+    def save(self, path: str | Path, payload: Optional[dict] = None) -> Path:
+        return save_checkpoint(path, payload if payload is not None else self.state_payload())
+
+    def restore(self, payload: dict) -> None:
+        self.model.load_state_dict({k: v.to(self.model.c.device) for k, v in
+                                    payload["model"].items()})
+        self.online.load_state_dict({k: v.to(self.model.c.device) for k, v in
+                                     payload["online"].items()})
+        self.step = int(payload["step"])
+        self.sq_err[: self.step] = payload["sq_err"]
+        self.state.generators["probe"].set_state(payload["probe_rng"])
+        for cb in self.callbacks:
+            cb.load_state_dict(payload["callbacks"].get(cb.name, {}))
+
+    def latest_checkpoint(self) -> Optional[dict]:
+        """The newest readable checkpoint in the run directory (corrupt ones are skipped)."""
+        folder = self.run_dir / "checkpoints"
+        for path in sorted(folder.glob("step_*.pt"), reverse=True):
+            try:
+                return load_checkpoint(path)
+            except CheckpointError as exc:
+                print(f"warning: {exc}; trying an older one", file=sys.stderr)
+        return None
+
+    # --- the loop -----------------------------------------------------------------------
+    def _stream(self, start: int):
+        """The data sequence from element ``start`` on (replayed from its seed: exact resume)."""
+        chunk = int(self.cfg.train.chunk_size)
+        gen = generator(self.seeds["data"])
+        seen = 0
+        for X, Y in self.source.stream(gen, chunk):
+            check_chunk(self.source, X, Y, chunk)
+            if seen + X.shape[0] > start:
+                lo = max(0, start - seen)
+                yield X[lo:], Y[lo:]
+            seen += X.shape[0]
+        if seen < self.n_steps:
+            raise ConfigError(f"data: {source_name(self.source)}.stream ended after {seen} "
+                              f"elements; the run needs {self.n_steps}")
+
+    def running_mse(self) -> float:
+        lo = max(0, self.step - self.mse_window)
+        return float(self.sq_err[lo: self.step].mean()) if self.step > lo else float("nan")
+
+    def _next_event(self) -> int:
+        s = self.step
+        nxt = [self.n_steps, (s // self.log_every + 1) * self.log_every]
+        nxt += [(s // cb.every_n_steps + 1) * cb.every_n_steps for cb in self.callbacks]
+        return min(nxt)
+
+    def fit(self) -> dict:
+        cfg, model, online = self.cfg, self.model, self.online
+        dev, dtype = model.c.device, model.c.dtype
+        writer = make_writer(cfg, self.run_dir)
+        self.state.writer = writer
+        (self.run_dir / "config.yaml").write_text(self.state_payload()["config"])
+        for cb in self.callbacks:
+            cb.on_train_start(self.state)
+        t_start = time.perf_counter()
+        t_cb = 0.0
+        last_log = (self.step, t_start)
+        next_event = self._next_event()
+        try:
+            for X, Y in self._stream(self.step):
+                if self.step >= self.n_steps:
+                    break
+                X = X[: self.n_steps - self.step].to(dev, dtype)
+                Y = Y[: self.n_steps - self.step].to(dev, dtype)
+                snapshot = self._snapshot()  # the last good state, in case this chunk diverges
+                k0 = self.step
+                y_hat = torch.empty_like(Y)
+                for j in range(X.shape[0]):
+                    y_hat[j] = rtrl_step(model, online, X[j], Y[j], self.lr, self.gradient)
+                    self.step += 1
+                    if self.step == next_event or j == X.shape[0] - 1:
+                        self._record(k0, Y[: j + 1], y_hat[: j + 1], snapshot)
+                    if self.step != next_event:
+                        continue
+                    st = self.state
+                    st.step, st.x, st.y, st.y_hat = self.step, X[j], Y[j], y_hat[j]
+                    st.running_mse = self.running_mse()
+                    if self.step % self.log_every == 0 or self.step == self.n_steps:
+                        now = time.perf_counter()
+                        self._log_train(writer, last_log, now)
+                        last_log = (self.step, now)
+                    tc = time.perf_counter()
+                    for cb in self.callbacks:
+                        if cb.due(self.step) or self.step == self.n_steps:
+                            cb.on_step_end(self.step, st)
+                    t_cb += time.perf_counter() - tc
+                    next_event = self._next_event()
+        except TrainingDiverged:
+            for cb in self.callbacks:
+                _safe_end(cb, self.state)
+            if writer is not None:
+                writer.close()
+            raise
+        wall = time.perf_counter() - t_start
+        st = self.state
+        st.step, st.running_mse = self.step, self.running_mse()
+        for cb in self.callbacks:
+            cb.on_train_end(st)
+        self.save(self.run_dir / "checkpoints" / "final.pt")
+        metrics = {
+            "status": "completed",
+            "steps": self.step,
+            "t": self.step / model.width,
+            "running_mse": st.running_mse,
+            "final_loss": 0.5 * float(self.sq_err[self.step - 1]),
+            "wall_s": wall,
+            "steps_per_s": self.step / wall if wall > 0 else float("nan"),
+            "callback_s": t_cb,
+            **{k: v for k, v in st.metrics.items() if not k.startswith("_")},
+        }
+        if writer is not None:
+            write_hparams(writer, cfg, metrics)
+            writer.close()
+        self.write_metrics(metrics)
+        return metrics
+
+    def _record(self, k0: int, Y, y_hat, snapshot: dict) -> None:
+        """Store (Y − Ŷ)² of this chunk so far; stop with the last good state on NaN/Inf/blow-up."""
+        err2 = (Y - y_hat).double().cpu() ** 2
+        self.sq_err[k0: k0 + err2.shape[0]] = err2
+        bound = float(self.cfg.train.divergence_threshold) ** 2
+        bad = ~torch.isfinite(err2) | (err2 > bound)
+        if bad.any():
+            k_bad = k0 + int(bad.nonzero()[0, 0])
+            payload = self.state_payload()
+            payload.update(snapshot)
+            payload["sq_err"] = self.sq_err[: snapshot["step"]].clone()
+            self.save(self.run_dir / "checkpoints" / "last_good.pt", payload)
+            msg = (f"training diverged at step {k_bad} (t={k_bad / self.model.width:.4g}): "
+                   f"|Y - Ŷ| is {'NaN/Inf' if not torch.isfinite(err2).all() else 'above '}"
+                   f"{'' if not torch.isfinite(err2).all() else self.cfg.train.divergence_threshold}"
+                   f". Logs and the last good state (step {snapshot['step']}) are in "
+                   f"{self.run_dir}; lower train.alpha (now {self.cfg.train.alpha})")
+            self.write_metrics({"status": "diverged", "steps": k_bad, "error": msg})
+            raise TrainingDiverged(msg)
+
+    def _log_train(self, writer, last_log: tuple[int, float], now: float) -> None:
+        if writer is None:
+            return
+        s0, t0 = last_log
+        seg = self.sq_err[s0: self.step]
+        writer.add_scalar("train/loss", 0.5 * float(seg.mean()), self.step)
+        writer.add_scalar("train/running_mse", self.state.running_mse, self.step)
+        writer.add_scalar("train/t", self.step / self.model.width, self.step)
+        if now > t0:
+            writer.add_scalar("train/steps_per_s", (self.step - s0) / (now - t0), self.step)
+
+    def write_metrics(self, metrics: dict) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                 for k, v in metrics.items()}
+        (self.run_dir / "metrics.json").write_text(json.dumps(clean, indent=2, default=float))
+
+
+def _safe_end(cb: Callback, state: TrainState) -> None:
+    try:
+        cb.on_train_end(state)
+    except Exception as exc:  # never mask the divergence message
+        print(f"warning: callback {cb.name} failed at shutdown: {exc}", file=sys.stderr)
+
+
+def train(cfg: Any, run_dir: str | Path) -> dict:
+    """Build and run one training job; returns its final metrics (also in metrics.json)."""
+    return Trainer(cfg, run_dir).fit()
+
+
+register_configs()
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> Optional[float]:
+    run_dir = HydraConfig.get().runtime.output_dir
+    multirun = HydraConfig.get().mode.name == "MULTIRUN"
+    try:
+        metrics = train(cfg, run_dir)
+    except (ConfigError, TrainingDiverged) as exc:
+        kind = "config error" if isinstance(exc, ConfigError) else "diverged"
+        if isinstance(exc, ConfigError):
+            Path(run_dir, "metrics.json").write_text(json.dumps(
+                {"status": "failed", "error": str(exc)}, indent=2))
+        print(f"ntk_rnn: {kind}: {exc}", file=sys.stderr)
+        if multirun:  # the launcher records the failure; the other jobs go on
+            raise
+        sys.exit(2 if isinstance(exc, ConfigError) else 1)
+    return metrics.get("running_mse")
+
+
+if __name__ == "__main__":
+    main()
