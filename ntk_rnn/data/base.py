@@ -106,7 +106,9 @@ def as_array(value: Any, field: str) -> np.ndarray:
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
-        raise ConfigError(f"{field}={value!r} must be a number or a (nested) list of numbers") from None
+        raise ConfigError(
+            f"{field}={value!r} must be a number or a (nested) list of numbers"
+        ) from None
     if not np.isfinite(arr).all():
         raise ConfigError(f"{field}={value!r} must be finite")
     return arr

@@ -10,7 +10,7 @@ The per-step random numbers are drawn in fixed blocks, so a stream does not depe
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from .targets import make_target
 
 BLOCK = 256  # steps of random numbers drawn at a time
 F64 = torch.float64
+Chunk = tuple[Tensor, Tensor]
 
 
 class _Noise:
@@ -49,12 +50,13 @@ class _Chain:
     ``_start(n, noise) -> state`` and ``_advance(state, T, noise) -> (X (n, T, d), state)``
     (X[:, 0] is the current state)."""
 
-    num_steps: Optional[int] = None
+    num_steps: int | None = None
     burn_in: int = 0
     _noise_width = 1
     _noise_kind = "normal"
 
-    def _run(self, n: int, generator: torch.Generator, chunk: int) -> Iterator[tuple[Tensor, Tensor]]:
+    def _run(self, n: int, generator: torch.Generator, chunk: int
+             ) -> Iterator[tuple[Tensor, Tensor]]:
         noise = _Noise(n, self._noise_width, self._noise_kind, generator)
         state, tstate = self._start(n, noise), self.target.init_state(n)
         skip = self.burn_in + int(getattr(self.target, "burn", 0))
@@ -67,13 +69,14 @@ class _Chain:
             Y, tstate = self.target(X, tstate)
             yield X, Y
 
-    def stream(self, generator: torch.Generator, chunk_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+    def stream(self, generator: torch.Generator, chunk_size: int) -> Iterator[Chunk]:
         """One unbounded sequence, chunks X (T, d), Y (T,) with T = chunk_size."""
         run = self._run(1, fork(generator), as_int(chunk_size, "chunk_size", 1))
         return ((X[0], Y[0]) for X, Y in run)
 
     def windows(self, n: int, length: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """n independent stationary windows X (n, L, d) and the targets Y (n,) of their last step."""
+        """n independent stationary windows X (n, L, d) and the targets Y (n,) of their last
+        step."""
         n, length = as_int(n, "n", 1), as_int(length, "length", 1)
         X, Y = next(self._run(n, generator, length))
         return X, Y[:, -1].contiguous()
@@ -87,7 +90,7 @@ class VAR1(_Chain):
     None. Needs spectral radius ρ(A) < 1 (stable, ergodic).
     """
 
-    def __init__(self, dim: Optional[int] = None, A: Any = 0.8, noise_scale: Any = 1.0,
+    def __init__(self, dim: int | None = None, A: Any = 0.8, noise_scale: Any = 1.0,
                  target: Any = None) -> None:
         A_, s = as_array(A, "data.A"), as_array(noise_scale, "data.noise_scale")
         shapes = [x.shape[0] for x in (A_, s) if x.ndim >= 1]
@@ -126,12 +129,12 @@ class VAR1(_Chain):
         return noise.take(1)[:, 0] @ self._chol_s.T
 
     def _advance(self, x: Tensor, T: int, noise: _Noise) -> tuple[Tensor, Tensor]:
-        E = noise.take(T) @ self._chol_q.T
-        out, At = torch.empty(x.shape[0], T, self.input_dim, dtype=F64), self.A.T
-        for t in range(T):
+        E = (noise.take(T) @ self._chol_q.T).numpy()
+        out, At, x = np.empty(E.shape), self.A.T.numpy(), x.numpy()
+        for t in range(T):  # numpy: far less per-step overhead than torch on tiny arrays
             out[:, t] = x
             x = x @ At + E[:, t]
-        return out, x
+        return torch.from_numpy(out), torch.from_numpy(x)
 
 
 def _inverse_cdf(probs: np.ndarray) -> Tensor:
@@ -190,8 +193,9 @@ class MarkovChain(_Chain):
                               "probabilities must be >= 0")
         bad = np.flatnonzero(np.abs(P.sum(1) - 1) > 1e-8)
         if bad.size:
-            raise ConfigError(f"data.transition row {bad[0]} sums to {P[bad[0]].sum():.10g}, not 1: "
-                              "the matrix must be row-stochastic")
+            i = bad[0]
+            raise ConfigError(f"data.transition row {i} sums to {P[i].sum():.10g}, not 1: the "
+                              "matrix must be row-stochastic")
         M = P > 0
         reach = _bool_power(M | np.eye(S, dtype=bool), S - 1)
         if not reach.all():
@@ -220,11 +224,12 @@ class MarkovChain(_Chain):
         return (noise.take(1)[:, 0] >= self._cum_pi).sum(-1)
 
     def _advance(self, i: Tensor, T: int, noise: _Noise) -> tuple[Tensor, Tensor]:
-        U, idx = noise.take(T), torch.empty(i.shape[0], T, dtype=torch.long)
+        U, cum, i = noise.take(T).numpy(), self._cum.numpy(), i.numpy()
+        idx = np.empty((i.shape[0], T), dtype=np.int64)
         for t in range(T):
             idx[:, t] = i
-            i = (U[:, t] >= self._cum[i]).sum(-1)
-        return self.states[idx], i
+            i = (U[:, t] >= cum[i]).sum(-1)
+        return self.states[torch.from_numpy(idx)], torch.from_numpy(i)
 
 
 class ThresholdAR(_Chain):
@@ -256,9 +261,9 @@ class ThresholdAR(_Chain):
         return torch.zeros(n, 1, dtype=F64)
 
     def _advance(self, x: Tensor, T: int, noise: _Noise) -> tuple[Tensor, Tensor]:
-        E = self.noise_scale * noise.take(T)
-        out = torch.empty(x.shape[0], T, 1, dtype=F64)
+        E = self.noise_scale * noise.take(T).numpy()
+        out, x = np.empty(E.shape), x.numpy()
         for t in range(T):
             out[:, t] = x
-            x = torch.where(x <= self.threshold, self.a_low, self.a_high) * x + E[:, t]
-        return out, x
+            x = np.where(x <= self.threshold, self.a_low, self.a_high) * x + E[:, t]
+        return torch.from_numpy(out), torch.from_numpy(x)

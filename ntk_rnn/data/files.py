@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ class FileSeries:
     ``stream`` walks the file from row 0; past its end it raises ConfigError unless ``cycle``.
     """
 
-    def __init__(self, path: str | Path, columns: Optional[Sequence[Any]] = None,
+    def __init__(self, path: str | Path, columns: Sequence[Any] | None = None,
                  target_column: Any = None, standardize: bool = True, cycle: bool = False,
                  horizon: int = 1) -> None:
         path = Path(path).expanduser()
@@ -82,7 +82,8 @@ class FileSeries:
         if bad.size:
             r, j = bad[0]
             raise ConfigError(f"data.path={path}: column {names[used[j]]!r} has a missing or "
-                              f"non-numeric value at data row {r} ({len(bad)} bad cells in all)")
+                              f"non-numeric value at row {r} (0-based, header excluded; "
+                              f"{len(bad)} bad cells in all)")
         rows = data.shape[0]
         if rows < self.horizon + 2:
             raise ConfigError(f"data.path={path} has {rows} rows; need at least horizon + 2 = "
@@ -106,7 +107,8 @@ class FileSeries:
         raise ConfigError(f"{field}: column {col!r} is not in {self.path}; available columns: "
                           f"{names} (or indices 0..{len(names) - 1})")
 
-    def stream(self, generator: torch.Generator, chunk_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+    def stream(self, generator: torch.Generator, chunk_size: int
+               ) -> Iterator[tuple[Tensor, Tensor]]:
         """Chunks of the file in order (``generator`` unused: the series is fixed)."""
         chunk_size = as_int(chunk_size, "chunk_size", 1)
 
@@ -123,7 +125,8 @@ class FileSeries:
         return run()
 
     def windows(self, n: int, length: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """n windows X (n, L, d) at uniform random positions of the file, Y (n,) of their last step."""
+        """n windows X (n, L, d) at uniform random positions in the file; Y (n,) of their last
+        step."""
         n, length = as_int(n, "n", 1), as_int(length, "length", 1)
         if length > self.num_steps:
             raise ConfigError(f"data: windows of length {length} do not fit in {self.path} "

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,10 +53,10 @@ class Target:
     def check_dim(self, d: int) -> None:
         """Raise ConfigError if the target cannot read inputs of dimension ``d``."""
 
-    def init_state(self, batch: int) -> Optional[Tensor]:
+    def init_state(self, batch: int) -> Tensor | None:
         return None
 
-    def __call__(self, X: Tensor, state: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    def __call__(self, X: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
 
@@ -74,7 +74,7 @@ class LagNonlinear(Target):
         _check_weight(self.a, "data.target.a", d)
         _check_weight(self.b, "data.target.b", d)
 
-    def __call__(self, X: Tensor, state: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    def __call__(self, X: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
         first = X[:, :1] if state is None else state[:, None]  # no history: X_{-1} := X_0
         prev = torch.cat([first, X[:, :-1]], dim=1)
         z = _dot(X, self.a) + _dot(prev, self.b) + self.c * X[..., 0] * prev[..., 0]
@@ -103,7 +103,7 @@ class FadingMemory(Target):
     def check_dim(self, d: int) -> None:
         _check_weight(self.a, "data.target.a", d)
 
-    def __call__(self, X: Tensor, state: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    def __call__(self, X: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
         g = torch.tanh(_dot(X, self.a)).numpy()
         prev = g[:, 0] if state is None else state.numpy()
         Y, _ = lfilter([1.0 - self.lam], [1.0, -self.lam], g, axis=1,

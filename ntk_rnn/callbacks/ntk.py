@@ -1,0 +1,218 @@
+"""NTKCallback: the empirical NTK on a fixed probe set during training (theory §4–§5).
+
+At the start it draws ``n_probes`` stationary windows, computes K_0 = K^N_{θ_0} and (if
+``limit``) the limit kernel K_∞ with its error estimate. Every ``every_n_steps`` it computes
+K_t = K^N_{θ_t} and logs how far it has moved from K_0, how far it is from K_∞, and its shape.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from ..ntk import empirical_ntk, limit_ntk, ntk_blocks, training_kernel
+from ..ntk import metrics as M
+from .base import Callback, TrainState
+
+BLOCKS = ("c", "w", "b")
+
+
+class NTKCallback(Callback):
+    """Logs ``ntk/*`` scalars (see the README's tag table), images and parameter histograms."""
+
+    name = "ntk"
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        n_probes: int = 64,
+        probe_length: int = 24,
+        method: str = "auto",
+        limit: bool = True,
+        limit_tol: float = 5e-4,
+        limit_method: str = "auto",
+        top_k: int = 5,
+        image_every_n_steps: int = 0,
+        histogram_every_n_steps: int = 0,
+    ) -> None:
+        super().__init__(every_n_steps)
+        self.n_probes, self.probe_length = int(n_probes), int(probe_length)
+        self.method, self.limit = method, bool(limit)
+        self.limit_tol, self.limit_method = float(limit_tol), limit_method
+        self.top_k = int(top_k)
+        self.image_every = int(image_every_n_steps)
+        self.hist_every = int(histogram_every_n_steps)
+        self.probes: Optional[Tensor] = None
+        self.probe_y: Optional[Tensor] = None
+        self.K0: Optional[Tensor] = None
+        self.K0_blocks: dict[str, Tensor] = {}
+        self.K_inf: Optional[Tensor] = None
+        self.K_inf_error = float("nan")
+        self.K_prev: Optional[Tensor] = None
+        self.t_prev = 0.0
+        self.theta0: dict[str, Tensor] = {}
+        self.last: dict[str, float] = {}
+
+    # --- validation, before any step --------------------------------------------------------
+    def setup(self, state: TrainState) -> None:
+        super().setup(state)
+        f = f"callbacks.{self.name}"
+        if self.n_probes < 2:
+            raise ConfigError(f"{f}.n_probes={self.n_probes} must be >= 2")
+        if self.probe_length < 1:
+            raise ConfigError(f"{f}.probe_length={self.probe_length} must be >= 1")
+        for key in ("image_every", "hist_every"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{f}.{key}_n_steps must be >= 0 (0 = off)")
+        if self.top_k < 1:
+            raise ConfigError(f"{f}.top_k={self.top_k} must be >= 1")
+        avail = getattr(state.source, "num_steps", None)
+        if avail is not None and self.n_probes > avail - self.probe_length + 1:
+            raise ConfigError(
+                f"{f}.n_probes={self.n_probes} exceeds the {max(avail - self.probe_length + 1, 0)}"
+                f" distinct windows of length {self.probe_length} that data holds; lower "
+                f"{f}.n_probes or {f}.probe_length"
+            )
+        law = getattr(state.model, "init_law", None)
+        if self.limit and law is not None and law.is_custom and self.limit_method != "mc":
+            raise ConfigError(
+                f"{f}.limit_method={self.limit_method!r}: the initial law is custom "
+                f"(model.init.sampler), so the limit needs Monte Carlo: set "
+                f"{f}.limit_method=mc (or {f}.limit=false)"
+            )
+        X, Y = state.source.windows(self.n_probes, self.probe_length, state.generators["probe"])
+        dev, dt = state.model.c.device, state.model.c.dtype
+        self.probes, self.probe_y = X.to(dev, dt), Y.to(dev, dt)
+
+    # --- hooks ----------------------------------------------------------------------------
+    def on_train_start(self, state: TrainState) -> None:
+        model = state.model
+        if self.K0 is None:  # not resumed
+            self.K0_blocks = ntk_blocks(model, self.probes, method=self.method)
+            self.K0 = sum(self.K0_blocks.values())
+            self.K_prev, self.t_prev = self.K0, 0.0
+            self.theta0 = {k: p.detach().clone() for k, p in model.named_parameters()}
+            if self.limit:
+                lim = limit_ntk(model, self.probes, tol=self.limit_tol, method=self.limit_method)
+                self.K_inf = lim.value.to(self.K0.dtype)
+                self.K_inf_error = float(lim.error)
+        w = state.writer
+        if w is not None:
+            w.add_custom_scalars(custom_scalar_layout(self.top_k))
+            if self.K_inf is not None:
+                w.add_scalar("ntk/limit_error_estimate", self.K_inf_error, 0)
+                w.add_scalar("ntk/initial_distance_to_limit",
+                             float(M.relative_frobenius(self.K0, self.K_inf)), 0)
+        if state.step == 0:
+            self.log(state, 0, self.K0, self.K0_blocks)
+
+    def on_step_end(self, step: int, state: TrainState) -> None:
+        blocks = ntk_blocks(state.model, self.probes, method=self.method)
+        K = sum(blocks.values())
+        self.log(state, step, K, blocks)
+
+    def on_train_end(self, state: TrainState) -> None:
+        state.metrics.update({f"ntk_{k}": v for k, v in self.last.items()})
+        if self.K_inf is not None:
+            state.metrics["ntk_limit_error_estimate"] = self.K_inf_error
+
+    # --- logging --------------------------------------------------------------------------
+    def log(self, state: TrainState, step: int, K: Tensor, blocks: dict[str, Tensor]) -> None:
+        t = step / state.model.width
+        s = {
+            "drift_from_init": M.relative_frobenius(K, self.K0),
+            "kernel_distance": M.kernel_distance(K, self.K0),
+            "target_alignment": M.target_alignment(K, self.probe_y),
+            "effective_rank": M.effective_rank(K),
+        }
+        if t > self.t_prev:
+            s["velocity"] = M.kernel_velocity(self.K_prev, K, t - self.t_prev)
+        if self.K_inf is not None:
+            s["distance_to_limit"] = M.relative_frobenius(K, self.K_inf)
+            s["kernel_distance_to_limit"] = M.kernel_distance(K, self.K_inf)
+        for name in BLOCKS:
+            if name in blocks and name in self.K0_blocks:
+                s[f"drift_{name}"] = M.relative_frobenius(blocks[name], self.K0_blocks[name])
+        for i, ev in enumerate(M.top_eigenvalues(K, self.top_k)):
+            s[f"eig_{i + 1}"] = ev
+        if getattr(state.cfg.train, "gradient", "rtrl") == "truncated":
+            Kt = training_kernel(state.model, self.probes, gradient="truncated")
+            s["train_kernel_drift_from_init"] = M.relative_frobenius(Kt, self.K0)
+            s["train_kernel_asymmetry"] = (Kt - Kt.T).norm() / Kt.norm()
+            s["train_kernel_distance_to_ntk"] = M.relative_frobenius(Kt, K)
+        s = {k: float(v) for k, v in s.items()}
+        w = state.writer
+        if w is not None:
+            for k, v in s.items():
+                w.add_scalar(f"ntk/{k}", v, step)
+            for name, p in state.model.named_parameters():
+                if name in self.theta0:
+                    d = (p.detach() - self.theta0[name])
+                    w.add_scalar(f"params/displacement_{name}",
+                                 float(d.norm() / self.theta0[name].norm().clamp_min(1e-30)), step)
+                    if self.hist_every and step % self.hist_every == 0:
+                        w.add_histogram(f"params/abs_displacement_{name}", d.abs().cpu(), step)
+            if self.image_every and (step % self.image_every == 0 or step == state.n_steps):
+                self.log_images(w, step, K)
+        self.last = s
+        self.K_prev, self.t_prev = K, t
+
+    def log_images(self, writer, step: int, K: Tensor) -> None:
+        from .figures import heatmap_figure, spectrum_figure
+
+        writer.add_figure("ntk_images/K_t", heatmap_figure(K, f"K_t (step {step})"), step)
+        writer.add_figure("ntk_images/K_t_minus_K_0", heatmap_figure(K - self.K0, "K_t − K_0",
+                                                                    diverging=True), step)
+        if self.K_inf is not None:
+            writer.add_figure("ntk_images/K_inf", heatmap_figure(self.K_inf, "K_∞ (limit)"), step)
+        writer.add_figure("ntk_images/spectrum", spectrum_figure(K, self.K_inf), step)
+
+    # --- resume ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        if self.K0 is None:
+            return {}
+        d = {"probes": self.probes, "probe_y": self.probe_y, "K0": self.K0,
+             "K_prev": self.K_prev, "t_prev": self.t_prev, "K_inf_error": self.K_inf_error,
+             "K0_blocks": self.K0_blocks, "theta0": self.theta0}
+        if self.K_inf is not None:
+            d["K_inf"] = self.K_inf
+        return {k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in d.items()}
+
+    def load_state_dict(self, d: dict) -> None:
+        if not d:
+            return
+        dev = self.probes.device if self.probes is not None else "cpu"
+        mv = lambda v: v.to(dev) if isinstance(v, Tensor) else v  # noqa: E731
+        self.probes, self.probe_y, self.K0 = mv(d["probes"]), mv(d["probe_y"]), mv(d["K0"])
+        self.K_prev, self.t_prev = mv(d["K_prev"]), float(d["t_prev"])
+        self.K_inf, self.K_inf_error = mv(d.get("K_inf")), float(d["K_inf_error"])
+        self.K0_blocks = {k: mv(v) for k, v in d["K0_blocks"].items()}
+        self.theta0 = {k: mv(v) for k, v in d["theta0"].items()}
+
+
+def custom_scalar_layout(top_k: int) -> dict:
+    """TensorBoard custom-scalars layout grouping the NTK plots."""
+    return {
+        "NTK": {
+            "kernel vs init and limit": ["Multiline", ["ntk/drift_from_init",
+                                                       "ntk/distance_to_limit"]],
+            "cosine distances": ["Multiline", ["ntk/kernel_distance",
+                                               "ntk/kernel_distance_to_limit"]],
+            "per-block drift (c, w, b)": ["Multiline", [f"ntk/drift_{b}" for b in BLOCKS]],
+            "velocity": ["Multiline", ["ntk/velocity"]],
+            "spectrum": ["Multiline", [f"ntk/eig_{i + 1}" for i in range(top_k)]],
+            "alignment and rank": ["Multiline", ["ntk/target_alignment", "ntk/effective_rank"]],
+        },
+        "Training": {
+            "loss": ["Multiline", ["train/loss", "train/running_mse"]],
+            "parameter displacement": ["Multiline", [f"params/displacement_{b}" for b in BLOCKS]],
+        },
+    }
+
+
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
