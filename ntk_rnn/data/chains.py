@@ -55,8 +55,7 @@ class _Chain:
     _noise_width = 1
     _noise_kind = "normal"
 
-    def _run(self, n: int, generator: torch.Generator, chunk: int
-             ) -> Iterator[tuple[Tensor, Tensor]]:
+    def _run(self, n: int, generator: torch.Generator, chunk: int) -> Iterator[Chunk]:
         noise = _Noise(n, self._noise_width, self._noise_kind, generator)
         state, tstate = self._start(n, noise), self.target.init_state(n)
         skip = self.burn_in + int(getattr(self.target, "burn", 0))

@@ -1,0 +1,223 @@
+"""Structured empirical NTK of MeanFieldRNN (Model D): per-unit features, then one GEMM (theory §4).
+
+    K^N(x̄, x̄') = N^{2β−1} ∇_θ f(x̄) · ∇_θ f(x̄') = (1/N) Σ_i φ_i(x̄) · φ_i(x̄'),
+    φ_i = (S_i, c_i Q_i, c_i P_i) ∈ R^{d+2}   (last step of the window, θ frozen)
+
+so K = (1/N) Φ Φ'ᵀ with Φ of shape (n, N(d+2)). The features come from one vectorised pass:
+
+* forward over the window, all units and windows at once:
+  ``z_k = w·X_k + b S_k``, ``S_{k+1} = σ(z_k)``, ``D_k = σ'(z_k)``;
+* the RTRL recursions ``P_{k+1} = D_k (X_k + b P_k)``, ``Q_{k+1} = D_k (S_k + b Q_k)`` unrolled:
+
+      P_L = Σ_k a_k X_k,   Q_L = Σ_k a_k S_k,   a_{L−1} = D_{L−1},  a_{k−1} = b D_{k−1} a_k,
+
+  so only the scalar coefficients a_{i,k} are recursed (backwards, O(n N L)) and P is one
+  batched GEMM ``(d, L) @ (L, N)`` per window instead of a d-fold larger elementwise recursion.
+  ``truncated=True`` (``gradient: truncated``, theory §3) keeps only a_{L−1}.
+* when ``L·L' < d`` the P·P' term is cheaper factorised through the coefficients:
+  ``Σ_i c_i² P_i·P'_i = Σ_{k,k'} (X_k·X'_{k'}) Σ_i c_i² a_{i,k} a'_{i,k'}`` (a GEMM with inner size
+  N over (n L, m L') instead of one over (n, m) with inner size N d).
+
+Work is split into blocks of units (the kernel is a sum over units, so nothing is recomputed)
+and of windows, each buffer ≤ ``BLOCK_ELEMENTS`` entries, which keeps memory bounded and the
+per-step slices in cache. tanh is evaluated as 2·sigmoid(2z) − 1, equal to round-off and several
+times faster than ``torch.tanh`` on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..model import MeanFieldRNN
+
+#: Entries per (windows × steps × units) work buffer: 2^21 (8 MiB in float32) keeps buffers
+#: below glibc's mmap threshold (no page faults on reuse) and the per-step slices in cache.
+BLOCK_ELEMENTS = 2**21
+
+BLOCK_NAMES = ("c", "w", "b")
+
+_TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
+
+
+def supports_structured(model: object) -> bool:
+    """True for models with the per-unit feature path: MeanFieldRNN with diagonal recurrence."""
+    return isinstance(model, MeanFieldRNN) and model.recurrence == "diagonal"
+
+
+def unit_block_size(model: MeanFieldRNN, n: int, L: int) -> int:
+    """Units per block: as many as fit BLOCK_ELEMENTS for n windows of L steps (at least 256)."""
+    return max(1, min(model.width, max(256, BLOCK_ELEMENTS // max(1, n * L))))
+
+
+def use_factorised(L1: int, L2: int, d: int) -> bool:
+    """Cost model for the P·P' term: the factorised GEMM has inner work L1·L2 per unit, Φ has d."""
+    return L1 * L2 < d
+
+
+# --- per-unit features --------------------------------------------------------------------------
+def _apply_act(name: str, act, z: Tensor, out: Tensor) -> None:
+    """out ← σ(z); for tanh, z holds 2·(pre-activation) and σ = 2·sigmoid − 1."""
+    if name == "tanh":
+        torch.sigmoid(z, out=out).mul_(2.0).sub_(1.0)
+    elif name == "sigmoid":
+        torch.sigmoid(z, out=out)
+    elif name == "erf":
+        torch.erf(z, out=out)
+    else:
+        out.copy_(act.fn(z))
+
+
+def _deriv_into(name: str, act, Z: Tensor, Snext: Tensor) -> None:
+    """Z ← σ'(z) in place, from the outputs Snext = σ(z) where cheaper (tanh, sigmoid)."""
+    if name == "tanh":
+        torch.mul(Snext, Snext, out=Z).neg_().add_(1.0)  # 1 − S²
+    elif name == "sigmoid":
+        torch.addcmul(Snext, Snext, Snext, value=-1.0, out=Z)  # S − S²
+    elif name == "erf":
+        Z.square_().neg_().exp_().mul_(_TWO_OVER_SQRT_PI)
+    else:
+        Z.copy_(act.deriv(Z))
+
+
+def _window_chunk(
+    model: MeanFieldRNN, x: Tensor, units: slice, truncated: bool, phi: Tensor,
+    coef: Optional[Tensor],
+) -> None:
+    """Features of windows x (n, L, d) for ``units``, written into phi (n, d+2, Nb) as rows
+    [S_L, Q_L, P_L (d rows)] (before the c factor); if ``coef`` (n, L, Nb) is given, the
+    coefficients a_{i,k} go there and the P rows are left untouched."""
+    n, L, d = x.shape
+    act = model.act
+    name = act.name if act.name in ("tanh", "sigmoid", "erf") else "custom"
+    w = model.w.detach()[units]
+    b = model.b.detach()[units]
+    Nb = w.shape[0]
+    k2 = 2.0 if name == "tanh" else 1.0  # tanh(z) = 2 sigmoid(2z) − 1
+    bs = b * k2
+    Z = torch.mm(x.reshape(n * L, d), (w * k2).T).view(n, L, Nb)  # k2 w·X_k, all steps
+    H = x.new_empty(n, L + 1, Nb)  # memories S_0..S_L
+    H[:, 0].zero_()
+    for k in range(L):  # z_k = w·X_k + b S_k (in place: Z becomes the z history), S_{k+1} = σ(z_k)
+        _apply_act(name, act, Z[:, k].addcmul_(H[:, k], bs), H[:, k + 1])
+    _deriv_into(name, act, Z, H[:, 1:])  # Z ← D_k = σ'(z_k)  (tanh: from S only)
+    phi[:, 0] = H[:, L]
+    if truncated:  # a_{L−1} = D_{L−1}, all other coefficients 0
+        DL, SL = Z[:, L - 1], H[:, L - 1]
+        torch.mul(DL, SL, out=phi[:, 1])
+        if coef is not None:
+            coef.zero_()
+            coef[:, L - 1] = DL
+        else:
+            torch.mul(x[:, L - 1].unsqueeze(-1), DL.unsqueeze(1), out=phi[:, 2:])
+        return
+    # a_{L−1} = D_{L−1};  a_{k−1} = b D_{k−1} a_k  (Z holds D, overwritten by a)
+    Z[:, : L - 1].mul_(b)
+    Q = phi[:, 1]
+    torch.mul(Z[:, L - 1], H[:, L - 1], out=Q)
+    for k in range(L - 1, 1, -1):
+        Z[:, k - 1].mul_(Z[:, k])
+        Q.addcmul_(Z[:, k - 1], H[:, k - 1])  # Q = Σ_k a_k S_k  (S_0 = 0: k = 0 drops)
+    if L > 1:
+        Z[:, 0].mul_(Z[:, 1])
+    if coef is not None:
+        coef.copy_(Z)
+    else:
+        phi[:, 2:] = torch.bmm(x.transpose(1, 2), Z)  # P = Σ_k a_k X_k, (n, d, Nb)
+
+
+def _block_features(
+    model: MeanFieldRNN, x: Tensor, units: slice, truncated: bool, factorised: bool,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """φ for one block of units, all windows: (n, d+2, Nb) with rows [S, cQ, cP], and the
+    c-scaled coefficients c_i a_{i,k} (n, L, Nb) when ``factorised``."""
+    n, L, d = x.shape
+    c = model.c.detach()[units]
+    Nb = c.shape[0]
+    phi = x.new_empty(n, d + 2, Nb)
+    coef = x.new_empty(n, L, Nb) if factorised else None
+    step = max(1, BLOCK_ELEMENTS // (L * Nb))
+    for i0 in range(0, n, step):
+        rows = slice(i0, i0 + step)
+        _window_chunk(model, x[rows], units, truncated, phi[rows],
+                      None if coef is None else coef[rows])
+    phi[:, 1:].mul_(c)
+    if coef is not None:
+        coef.mul_(c)
+    return phi, coef
+
+
+def unit_feature_matrix(model: MeanFieldRNN, x: Tensor, truncated: bool = False) -> Tensor:
+    """Φ (n, N(d+2)) with K^N = (1/N) Φ Φ'ᵀ: per unit the features (S_i, c_i Q_i, c_i P_i).
+
+    ``truncated=True`` gives the features of the truncated gradient g (theory §4). x (n, L, d)
+    must already be in the model's dtype and device.
+    """
+    n, L, d = x.shape
+    N = model.width
+    Nb = unit_block_size(model, n, L)
+    out = x.new_empty(n, d + 2, N) if Nb < N else None
+    for u0 in range(0, N, Nb):
+        units = slice(u0, min(u0 + Nb, N))
+        phi, _ = _block_features(model, x, units, truncated, factorised=False)
+        if out is None:
+            return phi.reshape(n, -1)
+        out[:, :, units] = phi
+    return out.reshape(n, -1)
+
+
+# --- kernel assembly ----------------------------------------------------------------------------
+def _pp_factorised(A1: Tensor, A2: Tensor, G: Tensor) -> Tensor:
+    """Σ_i c_i² P_i·P'_i = Σ_{k,k'} G_{k,k'} Σ_i (c a_{i,k})(c a'_{i,k'}), G_{k,k'} = X_k·X'_{k'}."""
+    n, L1, Nb = A1.shape
+    m, L2, _ = A2.shape
+    T = torch.mm(A1.reshape(n * L1, Nb), A2.reshape(m * L2, Nb).T).view(n, L1, m, L2)
+    return (T * G).sum((1, 3))
+
+
+def structured_ntk(
+    model: MeanFieldRNN, x: Tensor, x2: Optional[Tensor] = None, *, truncated2: bool = False,
+    unit_chunk: Optional[int] = None, blocks: bool = False, factorise: Optional[bool] = None,
+) -> Tensor | dict[str, Tensor]:
+    """K = (1/N) Σ_i φ_i(x̄) · φ_i(x̄') for windows x (n, L, d), x2 (m, L', d) (default x2 = x).
+
+    ``truncated2``: use the truncated-gradient features g on the x2 side (training kernel of
+    ``gradient: truncated``). ``unit_chunk``: units per block (default: ``unit_block_size``).
+    ``blocks``: return {"c": S·S', "w": c² P·P', "b": c² Q·Q'} (each /N) instead of the sum.
+    ``factorise``: force the coefficient factorisation of P·P' on/off (default ``use_factorised``).
+    Inputs must already be validated, in the model's dtype and device.
+    """
+    n, L1, d = x.shape
+    same = x2 is None and not truncated2
+    x2 = x if x2 is None else x2
+    m, L2, _ = x2.shape
+    N = model.width
+    if factorise is None:
+        factorise = use_factorised(L1, L2, d)
+    Nb = unit_chunk or unit_block_size(model, max(n, m), max(L1, L2))
+    G = None
+    if factorise:  # X_k · X'_{k'} for all window pairs and steps
+        G = torch.mm(x.reshape(n * L1, d), x2.reshape(m * L2, d).T).view(n, L1, m, L2)
+    K = {k: x.new_zeros(n, m) for k in BLOCK_NAMES} if blocks else x.new_zeros(n, m)
+    for u0 in range(0, N, Nb):
+        units = slice(u0, min(u0 + Nb, N))
+        F1, A1 = _block_features(model, x, units, False, factorise)
+        F2, A2 = (F1, A1) if same else _block_features(model, x2, units, truncated2, factorise)
+        if blocks:
+            K["c"].addmm_(F1[:, 0], F2[:, 0].T)
+            K["b"].addmm_(F1[:, 1], F2[:, 1].T)
+            if factorise:
+                K["w"].add_(_pp_factorised(A1, A2, G))
+            else:
+                K["w"].addmm_(F1[:, 2:].reshape(n, -1), F2[:, 2:].reshape(m, -1).T)
+        elif factorise:
+            K.addmm_(F1[:, :2].reshape(n, -1), F2[:, :2].reshape(m, -1).T)
+            K.add_(_pp_factorised(A1, A2, G))
+        else:
+            K.addmm_(F1.view(n, -1), F2.view(m, -1).T)
+    if blocks:
+        return {k: v.div_(N) for k, v in K.items()}
+    return K.div_(N)
