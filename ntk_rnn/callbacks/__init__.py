@@ -2,6 +2,7 @@
 
 from .base import Callback, TrainState
 from .checkpoint import CheckpointCallback
+from .ntk import NTKCallback
 from .progress import ProgressCallback
 
-__all__ = ["Callback", "TrainState", "CheckpointCallback", "ProgressCallback"]
+__all__ = ["Callback", "TrainState", "CheckpointCallback", "NTKCallback", "ProgressCallback"]
