@@ -26,6 +26,9 @@ class InitConfig:
     w_scale: float = 1.0
     b: str = "uniform"
     rho: float = 0.5
+    # custom μ0: a callable (width, input_dim, generator, dtype) -> (c, w, b), given as
+    # {_target_: my_module.my_sampler, _partial_: true}; analytic limits then need Monte Carlo
+    sampler: Optional[Any] = None
 
 
 @dataclass

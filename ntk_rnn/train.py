@@ -85,8 +85,11 @@ def _is_source(obj: Any) -> bool:
 
 def build_model(cfg: Any, input_dim: int, seed: int) -> MeanFieldRNN:
     m = cfg.model
-    init = InitLaw(**OmegaConf.to_container(m.init, resolve=True)) if isinstance(
-        m.init, DictConfig) else InitLaw(**dict(m.init))
+    law = OmegaConf.to_container(m.init, resolve=True) if isinstance(m.init, DictConfig) \
+        else dict(m.init)
+    if law.get("sampler") is not None:
+        law["sampler"] = instantiate(m.init.sampler)
+    init = InitLaw(**law)
     return MeanFieldRNN(input_dim, int(m.width), beta=float(m.beta), activation=m.activation,
                         recurrence=m.recurrence, init=init, generator=generator(seed),
                         dtype=DTYPES[cfg.dtype], device=cfg.device)
@@ -220,6 +223,8 @@ class Trainer:
         writer = make_writer(cfg, self.run_dir)
         self.state.writer = writer
         (self.run_dir / "config.yaml").write_text(self.state_payload()["config"])
+        if self.step == 0:
+            self.save(self.run_dir / "checkpoints" / "init.pt")
         for cb in self.callbacks:
             cb.on_train_start(self.state)
         t_start = time.perf_counter()

@@ -68,8 +68,8 @@ class NTKCallback(Callback):
         for key in ("image_every", "hist_every"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{f}.{key}_n_steps must be >= 0 (0 = off)")
-        if self.top_k < 1:
-            raise ConfigError(f"{f}.top_k={self.top_k} must be >= 1")
+        if not 1 <= self.top_k <= self.n_probes:
+            raise ConfigError(f"{f}.top_k={self.top_k} must be in [1, n_probes={self.n_probes}]")
         avail = getattr(state.source, "num_steps", None)
         if avail is not None and self.n_probes > avail - self.probe_length + 1:
             raise ConfigError(

@@ -23,6 +23,7 @@ on the model's device.
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal, Optional, get_args
 
 import torch
@@ -198,7 +199,9 @@ def ntk_vp_kernel(
 
     c = _auto_chunk(n_params, x.element_size(), chunk_size)
     eye = torch.eye(m, dtype=x.dtype, device=x.device)
-    cols = [vmap(column)(eye[j0:j0 + c]) for j0 in range(0, m, c)]
+    with warnings.catch_warnings():  # torch's forward-AD decompositions use torch.jit.script once
+        warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", DeprecationWarning)
+        cols = [vmap(column)(eye[j0:j0 + c]) for j0 in range(0, m, c)]
     return torch.cat(cols).T
 
 

@@ -115,7 +115,7 @@ def _window_chunk(
             torch.mul(x[:, L - 1].unsqueeze(-1), DL.unsqueeze(1), out=phi[:, 2:])
         return
     # a_{L−1} = D_{L−1};  a_{k−1} = b D_{k−1} a_k  (Z holds D, overwritten by a)
-    Z[:, : L - 1].mul_(b)
+    Z[:, : L - 1].mul_(b * 1.0001)
     Q = phi[:, 1]
     torch.mul(Z[:, L - 1], H[:, L - 1], out=Q)
     for k in range(L - 1, 1, -1):

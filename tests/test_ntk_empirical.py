@@ -1,0 +1,343 @@
+"""Empirical NTK engine (theory §4): methods agree, match finite differences, blocks, truncation."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ntk_rnn import ConfigError, MeanFieldRNN
+from ntk_rnn.ntk import (
+    choose_method, empirical_ntk, ntk_blocks, structured_ntk, training_kernel, unit_feature_matrix,
+)
+from ntk_rnn.ntk import empirical as emp
+
+F64 = torch.float64
+METHODS = ("structured", "jacobian", "ntk_vp")
+GENERIC = ("jacobian", "ntk_vp")
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def windows(n, L, d, seed, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, L, d, generator=g, dtype=dtype)
+
+
+def last_output(model, x):
+    out = model(x)
+    return emp._last_step(out, x.shape[0])
+
+
+@torch.no_grad()
+def fd_jacobians(model, x, h=1e-6):
+    """Central differences of the last-step output w.r.t. every entry of every parameter."""
+    J = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        flat = p.data.view(-1)
+        cols = []
+        for j in range(flat.numel()):
+            old = flat[j].item()
+            flat[j] = old + h
+            fp = last_output(model, x)
+            flat[j] = old - h
+            fm = last_output(model, x)
+            flat[j] = old
+            cols.append((fp - fm) / (2 * h))
+        J[name] = torch.stack(cols, dim=1)
+    return J
+
+
+def fd_blocks(model, x, x2):
+    s = float(getattr(model, "ntk_scale", 1.0))
+    J1, J2 = fd_jacobians(model, x), fd_jacobians(model, x2)
+    return {k: s * J1[k] @ J2[k].T for k in J1}
+
+
+class Elman(nn.Module):
+    """Hand-written Elman RNN: h_k = tanh(W h_{k−1} + U x_k), outputs v·h_k at every step."""
+
+    def __init__(self, d: int, H: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.W = nn.Parameter(0.5 * torch.randn(H, H, generator=g, dtype=F64) / math.sqrt(H))
+        self.U = nn.Parameter(torch.randn(H, d, generator=g, dtype=F64))
+        self.v = nn.Parameter(torch.randn(H, generator=g, dtype=F64) / math.sqrt(H))
+
+    def forward(self, x):  # (B, L, d) -> (B, L)
+        h = x.new_zeros(x.shape[0], self.W.shape[0])
+        outs = []
+        for k in range(x.shape[1]):
+            h = torch.tanh(h @ self.W.T + x[:, k] @ self.U.T)
+            outs.append(h @ self.v)
+        return torch.stack(outs, dim=-1)
+
+
+class MLP(nn.Module):
+    """MLP on the flattened window, one output (B, 1); a buffer exercises functional_call."""
+
+    def __init__(self, L: int, d: int, H: int = 7):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(L * d, H), nn.Tanh(), nn.Linear(H, 1)).double()
+        self.register_buffer("gain", torch.tensor(1.5, dtype=F64))
+
+    def forward(self, x):
+        return self.gain * self.net(x)
+
+
+def rnn(N=6, d=3, act="tanh", dtype=F64, seed=1, beta=0.75):
+    return MeanFieldRNN(d, N, beta=beta, activation=act, dtype=dtype, seed=seed)
+
+
+# --- agreement of the three methods ------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("act", ["tanh", "sigmoid", "erf"])
+def test_methods_agree(act, dtype):
+    model = rnn(N=48, d=3, act=act, dtype=dtype)
+    x, x2 = windows(5, 7, 3, 0, dtype), windows(4, 9, 3, 1, dtype)  # different L is allowed
+    for args in [(x, x2), (x, None)]:
+        Ks = {m: empirical_ntk(model, *args, method=m) for m in METHODS}
+        for m in GENERIC:
+            assert rel(Ks["structured"], Ks[m]) <= TOL[dtype], (m, args[1] is None)
+        assert Ks["structured"].dtype == dtype
+    assert torch.equal(empirical_ntk(model, x, x2),  # auto = structured
+                       empirical_ntk(model, x, x2, method="structured"))
+
+
+# --- finite differences ------------------------------------------------------------------------
+@pytest.mark.parametrize("act", ["tanh", "sigmoid", "erf"])
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_matches_finite_differences(method, act):
+    model = rnn(N=6, d=3, act=act)
+    x, x2 = windows(4, 5, 3, 2), windows(3, 4, 3, 3)
+    K_fd = sum(fd_blocks(model, x, x2).values())
+    assert rel(empirical_ntk(model, x, x2, method=method), K_fd) < 1e-7
+    assert model.ntk_scale == 6 ** 0.5  # N^{2β−1}, β = 0.75
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_blocks_sum_to_total_and_match_finite_differences(method):
+    model = rnn(N=5, d=2)
+    x, x2 = windows(3, 6, 2, 4), windows(4, 6, 2, 5)
+    B = ntk_blocks(model, x, x2, method=method)
+    assert set(B) == {"c", "w", "b"}
+    assert rel(sum(B.values()), empirical_ntk(model, x, x2, method=method)) < 1e-12
+    B_fd = fd_blocks(model, x, x2)
+    for k in B:
+        assert rel(B[k], B_fd[k]) < 1e-7, k
+
+
+# --- generic modules ---------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["auto", *GENERIC])
+def test_generic_mlp(method):
+    L, d = 4, 3
+    model = MLP(L, d)
+    x, x2 = windows(5, L, d, 6), windows(3, L, d, 7)
+    K_fd = fd_blocks(model, x, x2)
+    assert rel(empirical_ntk(model, x, x2, method=method), sum(K_fd.values())) < 1e-7
+    B = ntk_blocks(model, x, x2, method=method)
+    assert set(B) == {"net.1.weight", "net.1.bias", "net.3.weight", "net.3.bias"}
+    for k in B:
+        assert rel(B[k], K_fd[k]) < 1e-7, k
+    K = empirical_ntk(model, x, method=method)
+    assert torch.allclose(K, K.T, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", GENERIC)
+def test_generic_elman_vs_autograd_jacobian(method):
+    model = Elman(d=2, H=5)
+    x, x2 = windows(4, 6, 2, 8), windows(3, 5, 2, 9)
+    params = dict(model.named_parameters())
+
+    def jac(xs):  # direct autograd Jacobian of the last-step outputs, flattened over parameters
+        rows = []
+        for i in range(xs.shape[0]):
+            g = torch.autograd.grad(model(xs[i:i + 1])[0, -1], list(params.values()))
+            rows.append(torch.cat([t.reshape(-1) for t in g]))
+        return torch.stack(rows)
+
+    K_ad = jac(x) @ jac(x2).T
+    assert rel(empirical_ntk(model, x, x2, method=method), K_ad) < 1e-12
+    assert rel(empirical_ntk(model, x, x2, method=method), sum(fd_blocks(model, x, x2).values())) < 1e-7
+    B = ntk_blocks(model, x, x2, method=method)
+    assert set(B) == {"W", "U", "v"}
+    assert rel(sum(B.values()), K_ad) < 1e-12
+
+
+def test_frozen_parameters_are_excluded():
+    model = Elman(d=2, H=4)
+    model.W.requires_grad_(False)
+    x = windows(3, 5, 2, 10)
+    B = ntk_blocks(model, x, method="jacobian")
+    assert set(B) == {"U", "v"}
+    K_fd = sum(fd_blocks(model, x, x).values())
+    assert rel(empirical_ntk(model, x, method="ntk_vp"), K_fd) < 1e-7
+
+
+# --- truncated training kernel -----------------------------------------------------------------
+def detached_memory_grads(model: MeanFieldRNN, xs: torch.Tensor) -> torch.Tensor:
+    """Autograd through the window with S_{k−1} detached at every step: the truncated gradient."""
+    rows = []
+    for x in xs:
+        S = x.new_zeros(model.width)
+        for k in range(x.shape[0]):
+            S = model.act(model.w @ x[k] + model.b * S.detach())
+        f = model.output_scale * (model.c @ S)
+        g = torch.autograd.grad(f, [model.c, model.w, model.b])
+        rows.append(torch.cat([t.reshape(-1) for t in g]))
+    return torch.stack(rows)
+
+
+def full_grads(model: MeanFieldRNN, xs: torch.Tensor) -> torch.Tensor:
+    rows = []
+    for x in xs:
+        g = torch.autograd.grad(model(x)[-1], [model.c, model.w, model.b])
+        rows.append(torch.cat([t.reshape(-1) for t in g]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("act", ["tanh", "erf"])
+def test_truncated_training_kernel(act):
+    model = rnn(N=9, d=3, act=act)
+    x, x2 = windows(4, 6, 3, 11), windows(5, 7, 3, 12)
+    # the claim behind the reference: detaching the memory gives exactly the truncated (S, P, Q)
+    S, P, Q = model.unit_features(x2, truncated=True)
+    c = model.c.detach()
+    g_ref = model.output_scale * torch.cat([S, (c[:, None] * P).flatten(1), c * Q], dim=1)
+    g = detached_memory_grads(model, x2)
+    assert rel(g, g_ref) < 1e-13
+    K_ref = model.ntk_scale * full_grads(model, x) @ g.T
+    K_tr = training_kernel(model, x, x2, gradient="truncated")
+    assert rel(K_tr, K_ref) < 1e-12
+    K = empirical_ntk(model, x, x2)
+    assert rel(K_tr, K) > 1e-3  # truncation matters
+    assert torch.equal(training_kernel(model, x, x2, gradient="rtrl"), K)
+    # x2 = None: K_tr(x, x), asymmetric
+    K_xx = training_kernel(model, x)
+    assert rel(K_xx, model.ntk_scale * full_grads(model, x) @ detached_memory_grads(model, x).T) < 1e-12
+    assert not torch.allclose(K_xx, K_xx.T)
+
+
+# --- chunking, factorisation, features --------------------------------------------------------
+@pytest.mark.parametrize("method", METHODS)
+def test_chunk_size_invariance(method):
+    model = rnn(N=11, d=2)
+    x, x2 = windows(7, 5, 2, 13), windows(5, 4, 2, 14)
+    for args in [(x, x2), (x, None)]:
+        K = empirical_ntk(model, *args, method=method)
+        for cs in (1, 2, 3, 4, 100):
+            assert rel(empirical_ntk(model, *args, method=method, chunk_size=cs), K) < 1e-13, cs
+        B = ntk_blocks(model, *args, method=method, chunk_size=3)
+        assert rel(sum(B.values()), K) < 1e-13
+
+
+def test_structured_window_chunks(monkeypatch):
+    model = rnn(N=10, d=2)
+    x, x2 = windows(9, 5, 2, 15), windows(6, 5, 2, 16)
+    K = empirical_ntk(model, x, x2)
+    K_tr = training_kernel(model, x, x2)
+    from ntk_rnn.ntk import structured as st
+    monkeypatch.setattr(st, "BLOCK_ELEMENTS", 13)  # several window chunks and unit blocks
+    assert rel(empirical_ntk(model, x, x2), K) < 1e-13
+    assert rel(training_kernel(model, x, x2), K_tr) < 1e-13
+
+
+def test_factorised_pp_term():
+    model = rnn(N=20, d=10, seed=3)
+    x, x2 = windows(5, 3, 10, 17), windows(4, 2, 10, 18)  # L·L' < d: factorised by default
+    K_j = empirical_ntk(model, x, x2, method="jacobian")
+    for fac in (True, False):
+        assert rel(structured_ntk(model, x, x2, factorise=fac), K_j) < 1e-12
+        assert rel(structured_ntk(model, x, factorise=fac),
+                   empirical_ntk(model, x, method="jacobian")) < 1e-12
+    Bf = structured_ntk(model, x, x2, factorise=True, blocks=True)
+    Bn = structured_ntk(model, x, x2, factorise=False, blocks=True)
+    assert all(rel(Bf[k], Bn[k]) < 1e-12 for k in Bn)
+    assert rel(structured_ntk(model, x, x2, truncated2=True, factorise=True),
+               structured_ntk(model, x, x2, truncated2=True, factorise=False)) < 1e-12
+
+
+@pytest.mark.parametrize("act", ["tanh", "sigmoid", "erf"])
+def test_unit_feature_matrix_matches_model_features(act):
+    model = rnn(N=13, d=3, act=act)
+    x = windows(4, 6, 3, 19)
+    c = model.c.detach()
+    for truncated in (False, True):
+        S, P, Q = model.unit_features(x, truncated=truncated)
+        Phi = unit_feature_matrix(model, x, truncated=truncated)
+        ref = torch.cat([S, c * Q, (c[:, None] * P).transpose(1, 2).flatten(1)], dim=1)
+        assert rel(Phi, ref) < 1e-13
+    assert rel(unit_feature_matrix(model, x) @ unit_feature_matrix(model, x).T / model.width,
+               empirical_ntk(model, x)) < 1e-13
+
+
+def test_single_window_dtype_cast_and_empty():
+    model = rnn(N=7, d=2, dtype=torch.float32)
+    x = windows(3, 4, 2, 20)  # float64 windows, float32 model: computed in float32
+    K = empirical_ntk(model, x)
+    assert K.dtype == torch.float32 and K.shape == (3, 3)
+    assert rel(empirical_ntk(model, x[0], x), K[:1]) < 1e-6  # (L, d) = one window
+    assert empirical_ntk(model, x[:0], x).shape == (0, 3)
+    assert ntk_blocks(model, x, x[:0])["w"].shape == (3, 0)
+
+
+def test_auto_choice(monkeypatch):
+    assert choose_method(rnn(), 10) == "structured"
+    mlp = MLP(4, 3)
+    assert choose_method(mlp, 10, 5) == "jacobian"
+    monkeypatch.setattr(emp, "MEMORY_BUDGET", 100)
+    assert choose_method(mlp, 10, 5) == "ntk_vp"
+    x = windows(3, 4, 3, 21)
+    assert rel(empirical_ntk(mlp, x), empirical_ntk(mlp, x, method="jacobian", chunk_size=3)) < 1e-12
+
+
+# --- bad input ---------------------------------------------------------------------------------
+def test_bad_input_messages():
+    model = rnn(N=4, d=3)
+    x = windows(2, 5, 3, 22)
+    cases = [
+        (lambda: empirical_ntk(model, torch.randn(2, 5, 3, 1, dtype=F64)), "expected windows"),
+        (lambda: empirical_ntk(model, windows(2, 5, 2, 0)), "expected windows"),
+        (lambda: empirical_ntk(model, x, windows(2, 5, 2, 0)), "x2 has shape"),
+        (lambda: empirical_ntk(model, x, x.float()), "x: torch.float64 on cpu, x2: torch.float32"),
+        (lambda: empirical_ntk(model, x, x.to("meta")), "x2: torch.float64 on meta"),
+        (lambda: empirical_ntk(model, x.to("meta")), "model is on cpu"),
+        (lambda: empirical_ntk(model, x, method="magic"), "choose one of"),
+        (lambda: empirical_ntk(MLP(5, 3), x, method="structured"), "'jacobian', 'ntk_vp' or 'auto'"),
+        (lambda: empirical_ntk(MLP(5, 3), x[0]), "expected windows (n, L, d)"),
+        (lambda: empirical_ntk(MLP(5, 3), x, windows(2, 5, 4, 0)), "feature size"),
+        (lambda: empirical_ntk(model, x, chunk_size=0), "chunk_size"),
+        (lambda: empirical_ntk(model, [[1.0]]), "torch.Tensor"),
+        (lambda: training_kernel(model, x, gradient="bptt"), "gradient='bptt'"),
+        (lambda: training_kernel(Elman(3, 2), x), "no truncated gradient"),
+        (lambda: training_kernel(model, x, method="jacobian"), "method='structured'"),
+        (lambda: empirical_ntk(nn.Linear(3, 2).double(), x, method="jacobian"), "one output per window"),
+    ]
+    for fn, msg in cases:
+        with pytest.raises(ConfigError) as e:
+            fn()
+        assert msg in str(e.value) and "\n" not in str(e.value), (msg, str(e.value))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_matches_cpu(dtype):
+    model = rnn(N=64, d=3, dtype=dtype)
+    x, x2 = windows(6, 8, 3, 23, dtype), windows(5, 8, 3, 24, dtype)
+    K_cpu = empirical_ntk(model, x, x2)
+    model_gpu = copy.deepcopy(model).to("cuda")
+    for method in METHODS:
+        K = empirical_ntk(model_gpu, x.cuda(), x2.cuda(), method=method)
+        assert K.device.type == "cuda" and rel(K.cpu(), K_cpu) <= 10 * TOL[dtype], method
+    assert rel(training_kernel(model_gpu, x.cuda(), x2.cuda()).cpu(),
+               training_kernel(model, x, x2)) <= 10 * TOL[dtype]
