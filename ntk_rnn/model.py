@@ -4,6 +4,14 @@ Model D (``recurrence="diagonal"``), unit i = 1..N with parameters c_i, w_i ∈ 
 
     z_{i,k} = w_i · X_k + b_i S_{i,k},   S_{i,k+1} = σ(z_{i,k}),   S_{i,0} = 0
     Ŷ_k     = N^{-β} Σ_i c_i S_{i,k+1}
+
+Model F (``recurrence="feedback"``): the hidden-to-hidden matrix is rank one, N^{-β} b cᵀ, so the
+output is the memory (``cell`` is f_θ(x, s) = N^{-β} Σ_i c_i σ(w_i·x + b_i s)):
+
+    H_{i,k} = σ(w_i · X_k + b_i m_k),   Ŷ_k = f_θ(X_k, m_k),   m_{k+1} = Ŷ_k,   m_0 = 0
+
+Model F places no contraction condition on μ0 (b may be Gaussian): the contraction it needs is
+sup|∂_s h_t| < 1 of the learnt function (theory §6).
 """
 
 from __future__ import annotations
@@ -59,11 +67,6 @@ class MeanFieldRNN(nn.Module):
         if recurrence not in RECURRENCES:
             raise ConfigError(
                 f"model.recurrence={recurrence!r} is not known; choose one of {list(RECURRENCES)}"
-            )
-        if recurrence == "feedback":
-            raise ConfigError(
-                "model.recurrence='feedback' (Model F, theory §6) is not implemented yet; "
-                "use recurrence='diagonal'"
             )
         if init is None:
             init = InitLaw()
@@ -133,12 +136,25 @@ class MeanFieldRNN(nn.Module):
                 f"{self.input_dim}) or (L, {self.input_dim}) with L >= 1"
             )
 
+    def cell(self, x: Tensor, s: Tensor) -> Tensor:
+        """f_θ(x, s) = N^{-β} Σ_i c_i σ(w_i·x + b_i s) for x (..., d), s (...) → (...)."""
+        return self.act(x @ self.w.T + s.unsqueeze(-1) * self.b) @ self.c * self.output_scale
+
     def forward(self, x: Tensor) -> Tensor:
-        """Ŷ_k = N^{-β} Σ_i c_i S_{i,k+1} for k = 1..L, memory S_0 = 0."""
+        """Ŷ_k for k = 1..L from zero memory: Model D Ŷ_k = N^{-β} Σ_i c_i S_{i,k+1} (S_0 = 0),
+        Model F Ŷ_k = f_θ(X_k, m_k), m_{k+1} = Ŷ_k (m_0 = 0)."""
         self.check_windows(x)
         single = x.dim() == 2
         if single:
             x = x.unsqueeze(0)
+        if self.recurrence == "feedback":
+            m = torch.zeros_like(x[:, 0, 0])  # (B,); zeros_like keeps vmap/functional_call happy
+            outs = []
+            for k in range(x.shape[1]):
+                m = self.cell(x[:, k], m)
+                outs.append(m)
+            y = torch.stack(outs, dim=-1)
+            return y.squeeze(0) if single else y
         u = x @ self.w.T  # (B, L, N): w_i · X_k for all steps at once
         S = torch.zeros_like(u[:, 0])
         outs = []
@@ -155,7 +171,10 @@ class MeanFieldRNN(nn.Module):
 
         P_{k+1} = σ'(z_k)(X_k + b P_k),  Q_{k+1} = σ'(z_k)(S_k + b Q_k), P_0 = Q_0 = 0;
         ``truncated=True`` drops the b P and b Q terms. Shapes (B, N), (B, N, d), (B, N).
+        Model D only (Model F's per-window gradients are not per-unit: see ``ntk_rnn.feedback``).
         """
+        if self.recurrence != "diagonal":
+            raise ConfigError("unit_features needs model.recurrence='diagonal' (Model D)")
         self.check_windows(x)
         if x.dim() == 2:
             x = x.unsqueeze(0)

@@ -4,6 +4,8 @@
     θ_i ← θ_i + α_N (Y_k − Ŷ_k) N^{-β} (S_{i,k+1}, c_i P_{i,k+1}, c_i Q_{i,k+1})
 
 ``gradient="truncated"`` drops the b_i P and b_i Q terms (memory treated as an input).
+Model F (``recurrence="feedback"``) dispatches to :mod:`ntk_rnn.feedback`: ``OnlineState.zeros``
+then returns a :class:`~ntk_rnn.feedback.FeedbackState` and ``rtrl_step`` runs ``feedback_step``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .feedback import FeedbackState, feedback_step
 from .model import MeanFieldRNN
 
 Gradient = Literal["rtrl", "truncated"]
@@ -29,7 +32,10 @@ class OnlineState:
     Q: Tensor
 
     @classmethod
-    def zeros(cls, model: MeanFieldRNN) -> "OnlineState":
+    def zeros(cls, model: MeanFieldRNN) -> "OnlineState | FeedbackState":
+        """The zero state of ``model``'s recurrence (a FeedbackState for Model F)."""
+        if model.recurrence == "feedback":
+            return FeedbackState.zeros(model)
         c = model.c.detach()
         return cls(c.new_zeros(model.width), c.new_zeros(model.width, model.input_dim),
                    c.new_zeros(model.width))
@@ -45,13 +51,15 @@ class OnlineState:
 
 @torch.no_grad()
 def rtrl_step(
-    model: MeanFieldRNN, state: OnlineState, x: Tensor, y: Tensor | float, lr: float,
-    gradient: Gradient = "rtrl",
+    model: MeanFieldRNN, state: OnlineState | FeedbackState, x: Tensor, y: Tensor | float,
+    lr: float, gradient: Gradient = "rtrl",
 ) -> Tensor:
     """One online SGD step on (X_k = x (d,), Y_k = y); updates ``model`` and ``state`` in place.
 
     Returns the prediction Ŷ_k (0-dim tensor), made with the parameters before the step.
     """
+    if isinstance(state, FeedbackState):
+        return feedback_step(model, state, x, y, lr, gradient)
     c, w, b = model.c, model.w, model.b
     S_new, ds = model.act.value_and_deriv(torch.mv(w, x).add_(b * state.S))
     if gradient == "rtrl":

@@ -3,6 +3,8 @@
 from .base import Callback, TrainState
 from .checkpoint import CheckpointCallback
 from .ntk import NTKCallback
+from .output import OutputTrackingCallback
 from .progress import ProgressCallback
 
-__all__ = ["Callback", "TrainState", "CheckpointCallback", "NTKCallback", "ProgressCallback"]
+__all__ = ["Callback", "TrainState", "CheckpointCallback", "NTKCallback", "OutputTrackingCallback",
+           "ProgressCallback"]

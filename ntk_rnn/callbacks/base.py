@@ -96,3 +96,9 @@ def write_scalar(state: TrainState, tag: str, value: float | Tensor, step: int) 
 
 def as_float(x: float | Tensor) -> float:
     return float(x.item() if isinstance(x, torch.Tensor) else x)
+
+
+def generator_from_seed(seed: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(int(seed))
+    return g

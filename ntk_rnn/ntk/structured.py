@@ -59,91 +59,106 @@ def use_factorised(L1: int, L2: int, d: int) -> bool:
 
 
 # --- per-unit features --------------------------------------------------------------------------
-def _apply_act(name: str, act, z: Tensor, out: Tensor) -> None:
-    """out ← σ(z); for tanh, z holds 2·(pre-activation) and σ = 2·sigmoid − 1."""
-    if name == "tanh":
-        torch.sigmoid(z, out=out).mul_(2.0).sub_(1.0)
-    elif name == "sigmoid":
-        torch.sigmoid(z, out=out)
-    elif name == "erf":
-        torch.erf(z, out=out)
+class _Workspace:
+    """Buffers reused across the blocks of one call: fresh multi-MiB buffers cost page faults."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, Tensor] = {}
+
+    def take(self, key: str, like: Tensor, *shape: int) -> Tensor:
+        numel = math.prod(shape)
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = self._bufs[key] = like.new_empty(numel)
+        return buf[:numel].view(shape)
+
+
+def _forward(model: MeanFieldRNN, x: Tensor, units: slice, Z: Tensor, H: Tensor) -> None:
+    """Z ← D_k = σ'(z_k) and H ← S_0..S_L (memories) for windows x (n, L, d), all ``units``.
+
+    z_k = w·X_k + b S_k, S_{k+1} = σ(z_k), S_0 = 0. tanh runs in s = sigmoid(2z) (S = 2s − 1,
+    σ' = 4 s(1 − s)): 2z_k = (2 w·X_k − 2b) + 4b s_k, s_0 = 1/2 — two ops per step.
+    """
+    n, L, d = x.shape
+    act = model.act
+    w, b = model.w.detach()[units], model.b.detach()[units]
+    Z2, Hn = Z.view(n * L, -1), H[:, 1:]
+    if act.name == "tanh":
+        torch.addmm(b, x.reshape(n * L, d), w.T, beta=-2.0, alpha=2.0, out=Z2)
+        H[:, 0].fill_(0.5)
+        rec, fn = 4.0 * b, torch.sigmoid
     else:
-        out.copy_(act.fn(z))
-
-
-def _deriv_into(name: str, act, Z: Tensor, Snext: Tensor) -> None:
-    """Z ← σ'(z) in place, from the outputs Snext = σ(z) where cheaper (tanh, sigmoid)."""
-    if name == "tanh":
-        torch.mul(Snext, Snext, out=Z).neg_().add_(1.0)  # 1 − S²
-    elif name == "sigmoid":
-        torch.addcmul(Snext, Snext, Snext, value=-1.0, out=Z)  # S − S²
-    elif name == "erf":
+        torch.mm(x.reshape(n * L, d), w.T, out=Z2)
+        H[:, 0].zero_()
+        rec = b
+        fn = {"sigmoid": torch.sigmoid, "erf": torch.erf}.get(act.name)
+    for k in range(L):  # Z[:, k] becomes the (scaled) pre-activation z_k
+        z = Z[:, k].addcmul_(H[:, k], rec)
+        if fn is None:
+            H[:, k + 1] = act.fn(z)
+        else:
+            fn(z, out=H[:, k + 1])
+    if act.name == "tanh":
+        torch.addcmul(Hn, Hn, Hn, value=-1.0, out=Z).mul_(4.0)  # σ' = 4 s (1 − s)
+        torch.add(H.new_full((), -1.0), H, alpha=2.0, out=H)  # S = 2 s − 1
+    elif act.name == "sigmoid":
+        torch.addcmul(Hn, Hn, Hn, value=-1.0, out=Z)  # σ' = S − S²
+    elif act.name == "erf":
         Z.square_().neg_().exp_().mul_(_TWO_OVER_SQRT_PI)
     else:
         Z.copy_(act.deriv(Z))
 
 
 def _window_chunk(
-    model: MeanFieldRNN, x: Tensor, units: slice, truncated: bool, phi: Tensor,
-    coef: Optional[Tensor],
+    model: MeanFieldRNN, x: Tensor, xT: Tensor, units: slice, truncated: bool, phi: Tensor,
+    coef: Optional[Tensor], ws: _Workspace,
 ) -> None:
-    """Features of windows x (n, L, d) for ``units``, written into phi (n, d+2, Nb) as rows
-    [S_L, Q_L, P_L (d rows)] (before the c factor); if ``coef`` (n, L, Nb) is given, the
-    coefficients a_{i,k} go there and the P rows are left untouched."""
+    """Features of windows x (n, L, d) (xT = x transposed, contiguous) for ``units``, into phi
+    (n, d+2, Nb) as rows [S_L, Q_L, P_L (d rows)] before the c factor; with ``coef`` (n, L, Nb)
+    the coefficients a_{i,k} go there instead of the P rows."""
     n, L, d = x.shape
-    act = model.act
-    name = act.name if act.name in ("tanh", "sigmoid", "erf") else "custom"
-    w = model.w.detach()[units]
-    b = model.b.detach()[units]
-    Nb = w.shape[0]
-    k2 = 2.0 if name == "tanh" else 1.0  # tanh(z) = 2 sigmoid(2z) − 1
-    bs = b * k2
-    Z = torch.mm(x.reshape(n * L, d), (w * k2).T).view(n, L, Nb)  # k2 w·X_k, all steps
-    H = x.new_empty(n, L + 1, Nb)  # memories S_0..S_L
-    H[:, 0].zero_()
-    for k in range(L):  # z_k = w·X_k + b S_k (in place: Z becomes the z history), S_{k+1} = σ(z_k)
-        _apply_act(name, act, Z[:, k].addcmul_(H[:, k], bs), H[:, k + 1])
-    _deriv_into(name, act, Z, H[:, 1:])  # Z ← D_k = σ'(z_k)  (tanh: from S only)
+    Nb = phi.shape[-1]
+    Z = ws.take("Z", x, n, L, Nb)
+    H = ws.take("H", x, n, L + 1, Nb)
+    _forward(model, x, units, Z, H)  # Z = D, H = S
     phi[:, 0] = H[:, L]
     if truncated:  # a_{L−1} = D_{L−1}, all other coefficients 0
-        DL, SL = Z[:, L - 1], H[:, L - 1]
-        torch.mul(DL, SL, out=phi[:, 1])
+        DL = Z[:, L - 1]
+        torch.mul(DL, H[:, L - 1], out=phi[:, 1])
         if coef is not None:
             coef.zero_()
             coef[:, L - 1] = DL
         else:
             torch.mul(x[:, L - 1].unsqueeze(-1), DL.unsqueeze(1), out=phi[:, 2:])
         return
-    # a_{L−1} = D_{L−1};  a_{k−1} = b D_{k−1} a_k  (Z holds D, overwritten by a)
-    Z[:, : L - 1].mul_(b * 1.0001)
-    Q = phi[:, 1]
-    torch.mul(Z[:, L - 1], H[:, L - 1], out=Q)
-    for k in range(L - 1, 1, -1):
+    # a_{L−1} = D_{L−1};  a_{k−1} = b D_{k−1} a_k  (in place: Z turns from D into a)
+    Z[:, : L - 1].mul_(model.b.detach()[units])
+    for k in range(L - 1, 0, -1):
         Z[:, k - 1].mul_(Z[:, k])
-        Q.addcmul_(Z[:, k - 1], H[:, k - 1])  # Q = Σ_k a_k S_k  (S_0 = 0: k = 0 drops)
-    if L > 1:
-        Z[:, 0].mul_(Z[:, 1])
+    Hs = H[:, :L].mul_(Z)  # a_k S_k
+    torch.sum(Hs, dim=1, out=phi[:, 1])  # Q = Σ_k a_k S_k
     if coef is not None:
         coef.copy_(Z)
-    else:
-        phi[:, 2:] = torch.bmm(x.transpose(1, 2), Z)  # P = Σ_k a_k X_k, (n, d, Nb)
+    else:  # P = Σ_k a_k X_k: one (d, L) @ (L, Nb) product per window
+        phi[:, 2:] = torch.bmm(xT, Z, out=ws.take("P", x, n, d, Nb))
 
 
 def _block_features(
-    model: MeanFieldRNN, x: Tensor, units: slice, truncated: bool, factorised: bool,
+    model: MeanFieldRNN, x: Tensor, xT: Tensor, units: slice, truncated: bool, factorised: bool,
+    ws: _Workspace, side: str = "1",
 ) -> tuple[Tensor, Optional[Tensor]]:
     """φ for one block of units, all windows: (n, d+2, Nb) with rows [S, cQ, cP], and the
-    c-scaled coefficients c_i a_{i,k} (n, L, Nb) when ``factorised``."""
+    c-scaled coefficients c_i a_{i,k} (n, L, Nb) when ``factorised``. Views into ``ws``."""
     n, L, d = x.shape
     c = model.c.detach()[units]
     Nb = c.shape[0]
-    phi = x.new_empty(n, d + 2, Nb)
-    coef = x.new_empty(n, L, Nb) if factorised else None
+    phi = ws.take("phi" + side, x, n, d + 2, Nb)
+    coef = ws.take("coef" + side, x, n, L, Nb) if factorised else None
     step = max(1, BLOCK_ELEMENTS // (L * Nb))
     for i0 in range(0, n, step):
         rows = slice(i0, i0 + step)
-        _window_chunk(model, x[rows], units, truncated, phi[rows],
-                      None if coef is None else coef[rows])
+        _window_chunk(model, x[rows], xT[rows], units, truncated, phi[rows],
+                      None if coef is None else coef[rows], ws)
     phi[:, 1:].mul_(c)
     if coef is not None:
         coef.mul_(c)
@@ -159,14 +174,12 @@ def unit_feature_matrix(model: MeanFieldRNN, x: Tensor, truncated: bool = False)
     n, L, d = x.shape
     N = model.width
     Nb = unit_block_size(model, n, L)
-    out = x.new_empty(n, d + 2, N) if Nb < N else None
+    xT, ws = x.transpose(1, 2).contiguous(), _Workspace()
+    out = x.new_empty(n, d + 2, N)
     for u0 in range(0, N, Nb):
         units = slice(u0, min(u0 + Nb, N))
-        phi, _ = _block_features(model, x, units, truncated, factorised=False)
-        if out is None:
-            return phi.reshape(n, -1)
-        out[:, :, units] = phi
-    return out.reshape(n, -1)
+        out[:, :, units], _ = _block_features(model, x, xT, units, truncated, False, ws)
+    return out.view(n, -1)
 
 
 # --- kernel assembly ----------------------------------------------------------------------------
@@ -202,10 +215,14 @@ def structured_ntk(
     if factorise:  # X_k · X'_{k'} for all window pairs and steps
         G = torch.mm(x.reshape(n * L1, d), x2.reshape(m * L2, d).T).view(n, L1, m, L2)
     K = {k: x.new_zeros(n, m) for k in BLOCK_NAMES} if blocks else x.new_zeros(n, m)
+    ws = _Workspace()
+    xT = x.transpose(1, 2).contiguous()
+    x2T = xT if x2 is x else x2.transpose(1, 2).contiguous()
     for u0 in range(0, N, Nb):
         units = slice(u0, min(u0 + Nb, N))
-        F1, A1 = _block_features(model, x, units, False, factorise)
-        F2, A2 = (F1, A1) if same else _block_features(model, x2, units, truncated2, factorise)
+        F1, A1 = _block_features(model, x, xT, units, False, factorise, ws, "1")
+        F2, A2 = (F1, A1) if same else _block_features(
+            model, x2, x2T, units, truncated2, factorise, ws, "2")
         if blocks:
             K["c"].addmm_(F1[:, 0], F2[:, 0].T)
             K["b"].addmm_(F1[:, 1], F2[:, 1].T)

@@ -1,0 +1,152 @@
+"""OutputTrackingCallback: does the trained network track the limit ODE? (theory §5)
+
+On a fixed probe set it compares the network output Ŷ_θ(x̄) (window read from zero memory, θ as
+trained so far) with the limit solution h_t(x̄) at t = k / N, and logs
+
+    limit/output_rmse  = rms over probes of Ŷ_θ(x̄) − h_t(x̄)
+    limit/output_rms   = rms over probes of h_t(x̄)            (the scale of the signal)
+    limit/h_error      = rms over probes of the π-sample error estimate of h_t
+
+The limit solution (``LimitODE.from_source``: ``samples`` independent sets of M stationary windows)
+depends on the data, α, σ and μ0 but not on N, β or the run seed, so it is cached on disk under
+``cache_dir`` (keyed by all of those and the probe seed): a width sweep computes it once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from ..errors import ConfigError
+from ..limit import LimitODE
+from .base import Callback, TrainState, generator_from_seed
+
+
+class OutputTrackingCallback(Callback):
+    name = "output"
+
+    def __init__(self, every_n_steps: int = 64, n_probes: int = 64, probe_length: int = 24,
+                 M: int = 1024, samples: int = 2, limit_tol: float = 5e-4,
+                 probe_seed: Optional[int] = 12345, cache_dir: Optional[str] = None) -> None:
+        super().__init__(every_n_steps)
+        self.n_probes, self.probe_length = int(n_probes), int(probe_length)
+        self.M, self.samples, self.limit_tol = int(M), int(samples), float(limit_tol)
+        self.probe_seed = probe_seed
+        self.cache_dir = cache_dir
+        self.trace_t: list[float] = []
+        self.trace_y: list[np.ndarray] = []
+        self.ode: Optional[LimitODE] = None
+
+    def setup(self, state: TrainState) -> None:
+        super().setup(state)
+        f = f"callbacks.{self.name}"
+        for key in ("n_probes", "probe_length", "M", "samples"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{f}.{key}={getattr(self, key)} must be >= 1")
+        if state.model.recurrence != "diagonal":
+            raise ConfigError(f"{f}: output tracking needs the Model D limit ODE "
+                              "(model.recurrence=diagonal)")
+        if getattr(state.model.init_law, "is_custom", False):
+            raise ConfigError(f"{f}: the limit ODE needs a built-in initial law, not "
+                              "model.init.sampler")
+        gen = (generator_from_seed(self.probe_seed) if self.probe_seed is not None
+               else state.generators["probe"])
+        X, _ = state.source.windows(self.n_probes, self.probe_length, gen)
+        self.probes = X.to(state.model.c.device, state.model.c.dtype)
+        self._gen = gen
+
+    def _key(self, state: TrainState) -> str:
+        cfg = state.cfg
+        spec = {
+            "data": OmegaConf.to_container(cfg.data, resolve=True)
+            if OmegaConf.is_config(cfg.data) else repr(cfg.data),
+            "activation": cfg.model.activation, "recurrence": cfg.model.recurrence,
+            "init": OmegaConf.to_container(cfg.model.init, resolve=True)
+            if OmegaConf.is_config(cfg.model.init) else repr(cfg.model.init),
+            "input_dim": state.model.input_dim,
+            "alpha": float(cfg.train.alpha), "M": self.M, "samples": self.samples,
+            "L": self.probe_length, "n": self.n_probes, "tol": self.limit_tol,
+            "probe_seed": self.probe_seed,
+        }
+        if self.probe_seed is None:
+            spec["run_seed"] = int(cfg.seed)
+        return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+
+    def _build_ode(self, state: TrainState) -> LimitODE:
+        alpha = float(state.cfg.train.alpha)
+        path = None
+        if self.cache_dir:
+            path = Path(self.cache_dir).expanduser() / f"limit_ode_{self._key(state)[:20]}.pt"
+            if path.exists():
+                d = torch.load(path, weights_only=True)
+                return LimitODE.from_kernels(d["K_MM"], d["Y_M"], d["K_xM"], alpha,
+                                             float(d["kernel_error"]))
+        ode = LimitODE.from_source(state.model, state.source, self.probes, alpha, M=self.M,
+                                   samples=self.samples, generator=self._gen, tol=self.limit_tol)
+        if path is not None:
+            from ..checkpoint import save_checkpoint
+
+            save_checkpoint(path, {"K_MM": [s.V @ torch.diag(s.lam) @ s.V.T for s in
+                                            ode.solutions],
+                                   "Y_M": [s.V @ s.proj for s in ode.solutions],
+                                   "K_xM": ode.K_xM, "kernel_error": ode.kernel_error})
+        return ode
+
+    def on_train_start(self, state: TrainState) -> None:
+        if self.ode is None:
+            self.ode = self._build_ode(state)
+        if state.step == 0:
+            self.on_step_end(0, state)
+
+    @torch.no_grad()
+    def on_step_end(self, step: int, state: TrainState) -> None:
+        t = step / state.model.width
+        y_net = state.model(self.probes)[:, -1].double().cpu()
+        h = self.ode.h(t)[0]
+        err = self.ode.error(t)[0]
+        rmse = float((y_net - h).pow(2).mean().sqrt())
+        scalars = {"limit/output_rmse": rmse,
+                   "limit/output_rms": float(h.pow(2).mean().sqrt()),
+                   "limit/network_output_rms": float(y_net.pow(2).mean().sqrt()),
+                   "limit/h_error": float(err.pow(2).mean().sqrt())}
+        if state.writer is not None:
+            for k, v in scalars.items():
+                state.writer.add_scalar(k, v, step)
+        self.trace_t.append(t)
+        self.trace_y.append(np.stack([y_net.numpy(), h.numpy(), err.numpy()]))
+        self.last = scalars
+
+    def on_train_end(self, state: TrainState) -> None:
+        if self.trace_t and self.trace_t[-1] < state.t:
+            self.on_step_end(state.step, state)
+        ts = np.array(self.trace_t)
+        tr = np.stack(self.trace_y)  # (T, 3, n): network, limit, limit error
+        np.savez(Path(state.run_dir) / "output_tracking.npz", t=ts, y_net=tr[:, 0],
+                 h=tr[:, 1], h_err=tr[:, 2])
+        rmse = np.sqrt(((tr[:, 0] - tr[:, 1]) ** 2).mean(-1))
+        herr = np.sqrt((tr[:, 2] ** 2).mean(-1))
+        band = (ts >= 0.5 * ts[-1]) if ts[-1] > 0 else np.ones_like(ts, bool)
+        state.metrics.update({
+            "output_rmse_t0": float(rmse[0]),
+            "output_rmse_final": float(rmse[-1]),
+            "output_rmse_band": float(np.sqrt((rmse[band] ** 2).mean())),
+            "output_h_error_band": float(np.sqrt((herr[band] ** 2).mean())),
+            "output_rms_band": float(np.sqrt((tr[band, 1] ** 2).mean())),
+            "limit_ode_kernel_error": float(self.ode.kernel_error),
+        })
+
+    def state_dict(self) -> dict:
+        return {"trace_t": torch.tensor(self.trace_t, dtype=torch.float64),
+                "trace_y": torch.from_numpy(np.stack(self.trace_y)) if self.trace_y else
+                torch.zeros(0)}
+
+    def load_state_dict(self, d: dict) -> None:
+        if d:
+            self.trace_t = d["trace_t"].tolist()
+            self.trace_y = list(d["trace_y"].numpy())
