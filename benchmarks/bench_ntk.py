@@ -31,7 +31,8 @@ def tutorial_ntk(model: MeanFieldRNN, x1: torch.Tensor, x2: torch.Tensor) -> tor
     jac1 = [j.flatten(2) for j in jac1.values()]
     jac2 = vmap(jacrev(fnet_single), (None, 0))(params, x2)
     jac2 = [j.flatten(2) for j in jac2.values()]
-    result = torch.stack([torch.einsum("Naf,Mbf->NMab", j1, j2) for j1, j2 in zip(jac1, jac2)])
+    pairs = zip(jac1, jac2, strict=True)
+    result = torch.stack([torch.einsum("Naf,Mbf->NMab", j1, j2) for j1, j2 in pairs])
     return result.sum(0)[:, :, 0, 0] * model.ntk_scale
 
 
@@ -56,7 +57,8 @@ def main(N: int = 4096, n: int = 128, L: int = 32, d: int = 4, repeats: int = 7)
     rows = [
         ("tutorial vmap(jacrev)+einsum, K(x1,x2)", t_tut, ""),
         ("structured, K(x1,x2)", t_str, f"{t_tut / t_str:7.1f}x faster than tutorial (aim >= 25)"),
-        ("  its Gram GEMM alone F1 F2^T", t_gemm, f"structured = {t_str / t_gemm:.2f}x GEMM (aim <= 5)"),
+        ("  its Gram GEMM alone F1 F2^T", t_gemm,
+         f"structured = {t_str / t_gemm:.2f}x GEMM (aim <= 5)"),
         ("structured, K(x1,x1)", t_sym, f"structured = {t_sym / t_gsym:.2f}x GEMM"),
         ("  its Gram GEMM alone F1 F1^T", t_gsym, ""),
     ]

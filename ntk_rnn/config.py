@@ -6,6 +6,8 @@ command line (``model.beta=1.5 is outside [0.5, 1]``).
 
 from __future__ import annotations
 
+import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
@@ -50,6 +52,9 @@ class TrainConfig:
     log_every: int = 0  # 0 = about 200 points per run
     mse_window: int = 0  # running-MSE window in steps; 0 = N
     divergence_threshold: float = 1e6  # |Y - Ŷ| above this stops the run
+    # continue from the newest good checkpoint in the run directory: true (required), false, or
+    # auto (resume when one exists, else start fresh); with Hydra: hydra.run.dir=<old run dir>
+    resume: Any = False
 
 
 @dataclass
@@ -76,6 +81,8 @@ def register_configs() -> None:
 
 
 _DTYPES = ("float32", "float64")
+MAX_STEPS = 10**9  # the running-MSE buffer holds one float64 per step
+RESUME = (True, False, "auto")
 
 
 def _require(ok: bool, msg: str) -> None:
@@ -94,19 +101,31 @@ def validate(cfg: DictConfig | Config) -> None:
              f"{sorted(ACTIVATIONS)}")
     _require(m.recurrence in ("diagonal", "feedback"),
              f"model.recurrence={m.recurrence!r}: choose 'diagonal' or 'feedback'")
-    _require(float(t.alpha) > 0, f"train.alpha={t.alpha} must be > 0")
+    _require(_finite(t.alpha) and float(t.alpha) > 0,
+             f"train.alpha={t.alpha} must be a finite number > 0")
     _require(t.gradient in ("rtrl", "truncated"),
              f"train.gradient={t.gradient!r}: choose 'rtrl' or 'truncated'")
     if t.steps is None:
-        _require(t.horizon is not None and float(t.horizon) > 0,
-                 f"train.horizon={t.horizon} must be > 0 (or set train.steps)")
+        _require(t.horizon is not None and _finite(t.horizon) and float(t.horizon) > 0,
+                 f"train.horizon={t.horizon} must be a finite number > 0 (or set train.steps)")
     else:
         _require(int(t.steps) >= 1, f"train.steps={t.steps} must be >= 1")
+    steps = num_steps(cfg)
+    _require(steps <= MAX_STEPS, f"train.steps={steps} (train.horizon · model.width) is above "
+             f"the limit {MAX_STEPS:.0e}; train in several runs or lower train.horizon")
     _require(int(t.chunk_size) >= 1, f"train.chunk_size={t.chunk_size} must be >= 1")
     _require(int(t.log_every) >= 0, f"train.log_every={t.log_every} must be >= 0")
     _require(int(t.mse_window) >= 0, f"train.mse_window={t.mse_window} must be >= 0")
     _require(float(t.divergence_threshold) > 0,
              f"train.divergence_threshold={t.divergence_threshold} must be > 0")
+    resume = t.get("resume", False) if hasattr(t, "get") else getattr(t, "resume", False)
+    _require(isinstance(resume, bool) or resume == "auto",
+             f"train.resume={resume!r}: choose true, false or auto")
+    init = m.init
+    for key in ("c_scale", "w_scale", "rho"):
+        value = init.get(key, 1.0) if hasattr(init, "get") else getattr(init, key, 1.0)
+        _require(_finite(value) and float(value) >= 0,
+                 f"model.init.{key}={value} must be a finite number >= 0")
     _require(cfg.dtype in _DTYPES, f"dtype={cfg.dtype!r}: choose one of {list(_DTYPES)}")
     _require(int(cfg.seed) >= 0, f"seed={cfg.seed} must be >= 0")
     dev = str(cfg.device)
@@ -117,6 +136,48 @@ def validate(cfg: DictConfig | Config) -> None:
 
         _require(torch.cuda.is_available(),
                  f"device={dev!r} but CUDA is not available on this machine; use device=cpu")
+
+
+def _finite(x: Any) -> bool:
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
+def check_callback_args(name: str, node: Any, cls: Any) -> None:
+    """``callbacks.<name>`` settings against ``cls.__init__``: unknown keys, and values whose type
+    does not match the default (int, float, bool, str), fail with a ConfigError naming the key.
+    Range checks stay in each callback's ``setup``."""
+    params = inspect.signature(cls).parameters
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    for key in node:
+        if key in ("_target_", "_partial_", "_recursive_", "_convert_", "_args_"):
+            continue
+        field = f"callbacks.{name}.{key}"
+        value = node[key]
+        if key not in params:
+            if takes_kwargs:
+                continue
+            raise ConfigError(f"{field}: {cls.__name__} has no setting {key!r}; it takes "
+                              f"{[k for k in params if k != 'self']}")
+        default = params[key].default
+        if value is None or default is inspect.Parameter.empty:
+            continue
+        if isinstance(default, bool):
+            ok, want = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and not math.isnan(value)
+            want = "a number"
+        elif isinstance(default, str):
+            ok, want = isinstance(value, str), "a string"
+        else:
+            continue
+        if not ok:
+            raise ConfigError(f"{field}={value!r} must be {want}")
 
 
 def num_steps(cfg: DictConfig | Config) -> int:

@@ -10,13 +10,20 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 
-def make_writer(cfg: Any, run_dir: str | Path) -> Optional[SummaryWriter]:
-    """A SummaryWriter on the run directory itself, so one run = one TensorBoard run."""
+def tensorboard_enabled(cfg: Any) -> bool:
     lg = cfg.get("logger") if hasattr(cfg, "get") else getattr(cfg, "logger", None)
-    if lg is not None and not lg.get("tensorboard", True):
+    return lg is None or bool(lg.get("tensorboard", True))
+
+
+def make_writer(cfg: Any, run_dir: str | Path,
+                purge_step: Optional[int] = None) -> Optional[SummaryWriter]:
+    """A SummaryWriter on the run directory itself, so one run = one TensorBoard run.
+    ``purge_step`` (resume): readers drop what earlier event files hold from that step on."""
+    if not tensorboard_enabled(cfg):
         return None
+    lg = cfg.get("logger") if hasattr(cfg, "get") else getattr(cfg, "logger", None)
     flush = int(lg.get("flush_secs", 10)) if lg is not None else 10
-    return SummaryWriter(log_dir=str(run_dir), flush_secs=flush)
+    return SummaryWriter(log_dir=str(run_dir), flush_secs=flush, purge_step=purge_step)
 
 
 def run_hparams(cfg: Any) -> dict[str, Any]:

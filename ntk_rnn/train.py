@@ -5,6 +5,10 @@
 
 Each step k reads (X_k, Y_k), predicts Ŷ_k, and moves c, w, b at once by
 α N^{2β-2} (Y_k − Ŷ_k) N^{-β} (S, c P, c Q)  (``rtrl_step``). Time is t = k / N.
+
+``train.resume=true|auto`` continues from the newest good checkpoint in the run directory and ends
+in exactly the state an uninterrupted run reaches; SIGTERM/SIGINT during ``fit`` write a
+checkpoint at the end of the current step, then stop (README, "Reliability").
 """
 
 from __future__ import annotations
@@ -12,7 +16,10 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -25,12 +32,13 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .callbacks.base import Callback, TrainState
+from .callbacks.checkpoint import CheckpointCallback
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .config import num_steps, register_configs, validate
+from .config import check_callback_args, num_steps, register_configs, validate
 from .data.base import check_chunk, check_source, source_name
 from .errors import ConfigError, TrainingDiverged
 from .init import InitLaw
-from .logging import make_writer, write_hparams
+from .logging import make_writer, tensorboard_enabled, write_hparams
 from .model import MeanFieldRNN
 from .rtrl import OnlineState, rtrl_step
 
@@ -100,7 +108,23 @@ def build_callbacks(cfg: Any) -> list[Callback]:
     for name, node in (cfg.get("callbacks") or {}).items():
         if node is None:
             continue
-        cb = instantiate(node)
+        target = node.get("_target_") if hasattr(node, "get") else None
+        if target is None:
+            raise ConfigError(f"callbacks.{name} has no _target_ (a Callback class to build)")
+        try:
+            cls = get_class(target)
+        except Exception as exc:
+            raise ConfigError(f"callbacks.{name}._target_={target!r} cannot be imported "
+                              f"({exc})") from None
+        check_callback_args(name, node, cls)
+        try:
+            cb = instantiate(node)
+        except Exception as exc:
+            cause = exc.__cause__ if isinstance(exc.__cause__, ConfigError) else None
+            if cause is not None:
+                raise cause from None
+            raise ConfigError(f"callbacks.{name}: could not build {target} "
+                              f"({str(exc).splitlines()[-1][:300]})") from None
         if not isinstance(cb, Callback):
             raise ConfigError(f"callbacks.{name}: {type(cb).__name__} is not an "
                               "ntk_rnn.callbacks.Callback")
@@ -113,10 +137,9 @@ class Trainer:
     """Builds the run from its config, then ``fit()`` runs the online loop top to bottom."""
 
     def __init__(self, cfg: Any, run_dir: str | Path) -> None:
-        validate(cfg)
+        validate(cfg)  # nothing is written before the whole run is built and checked
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.seeds = derive_seeds(cfg.seed)
         self.source = build_source(cfg.data)
         self.model = build_model(cfg, self.source.input_dim, self.seeds["model"])
@@ -144,6 +167,14 @@ class Trainer:
         )
         for cb in self.callbacks:  # bad callback settings fail here, before any step
             cb.setup(self.state)
+        # at a step boundary checkpoints come after the other callbacks, so a checkpoint at step
+        # k holds everything done for step k (and a resumed run redoes none of it)
+        self.step_callbacks = sorted(self.callbacks,
+                                     key=lambda cb: isinstance(cb, CheckpointCallback))
+        self.resumed_from: Optional[Path] = None  # the checkpoint this run continues from
+        self.completed: Optional[dict] = None  # metrics of a finished run asked to resume
+        self._fresh_logs = False  # starting over in a directory that holds older event files
+        self.resume(getattr(t, "resume", False))
 
     # --- state --------------------------------------------------------------------------
     def state_payload(self) -> dict:
@@ -168,6 +199,10 @@ class Trainer:
         }
 
     def save(self, path: str | Path, payload: Optional[dict] = None) -> Path:
+        """Write a checkpoint; the event files are flushed first, so every logged step up to the
+        checkpoint's is on disk whenever the checkpoint is."""
+        if self.state.writer is not None:
+            self.state.writer.flush()
         return save_checkpoint(path, payload if payload is not None else self.state_payload())
 
     def restore(self, payload: dict) -> None:
@@ -183,13 +218,81 @@ class Trainer:
 
     def latest_checkpoint(self) -> Optional[dict]:
         """The newest readable checkpoint in the run directory (corrupt ones are skipped)."""
+        found = self._find_checkpoint()
+        return found[1] if found else None
+
+    def _find_checkpoint(self) -> Optional[tuple[Path, dict]]:
+        """(path, payload) of the newest readable ``step_*.pt``, preferring steps before the
+        last one (so the final step, and each callback's final state, is redone on resume)."""
         folder = self.run_dir / "checkpoints"
-        for path in sorted(folder.glob("step_*.pt"), reverse=True):
+        steps = {p: int(m.group(1)) for p in folder.glob("step_*.pt")
+                 if (m := re.fullmatch(r"step_(\d+)\.pt", p.name))}
+        for path in sorted(steps, key=lambda p: (steps[p] < self.n_steps, steps[p]),
+                           reverse=True):
             try:
-                return load_checkpoint(path)
+                return path, load_checkpoint(path)
             except CheckpointError as exc:
-                print(f"warning: {exc}; trying an older one", file=sys.stderr)
+                print(f"ntk_rnn: warning: {exc}; trying an older checkpoint", file=sys.stderr)
         return None
+
+    def resume(self, mode: Any = True) -> bool:
+        """Continue from the newest good checkpoint (``mode``: True = one must exist, "auto" =
+        if one exists, False = start at step 0). A run that already completed is not redone."""
+        if mode is False or mode is None:
+            self._fresh_logs = any(self.run_dir.glob("events.out.tfevents.*"))
+            return False
+        for stale in (self.run_dir / "checkpoints").glob(".*.tmp"):  # a write cut short
+            stale.unlink(missing_ok=True)
+        done = self._completed_metrics()
+        if done is not None:
+            self._check_same_config(load_checkpoint(self.run_dir / "checkpoints" / "final.pt"))
+            self.completed = done
+            print(f"ntk_rnn: {self.run_dir} already completed {done.get('steps')} steps; "
+                  "nothing to resume", file=sys.stderr)
+            return True
+        found = self._find_checkpoint()
+        if found is None:
+            if mode is True:
+                raise ConfigError(f"train.resume=true but {self.run_dir / 'checkpoints'} holds no "
+                                  "readable step_*.pt checkpoint; use train.resume=auto to start "
+                                  "fresh when there is none")
+            self._fresh_logs = any(self.run_dir.glob("events.out.tfevents.*"))
+            return False
+        path, payload = found
+        self._check_same_config(payload)
+        if int(payload["step"]) > self.n_steps:
+            raise ConfigError(f"train.resume: {path} is at step {payload['step']}, past the "
+                              f"{self.n_steps} steps of this run")
+        self.restore(payload)
+        self.resumed_from = path
+        print(f"ntk_rnn: resuming from {path} (step {self.step} of {self.n_steps})",
+              file=sys.stderr)
+        return True
+
+    def _completed_metrics(self) -> Optional[dict]:
+        try:
+            m = json.loads((self.run_dir / "metrics.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(m, dict) or m.get("status") != "completed":
+            return None
+        if not (self.run_dir / "checkpoints" / "final.pt").exists():
+            return None
+        return m
+
+    def _check_same_config(self, payload: dict) -> None:
+        """A checkpoint continues only the run it came from: same config except the keys in
+        ``RESUME_MAY_CHANGE``."""
+        if not isinstance(self.cfg, DictConfig) or "config" not in payload:
+            return
+        old = _plain(OmegaConf.create(payload["config"]))
+        new = _plain(OmegaConf.create(OmegaConf.to_yaml(self.cfg, resolve=True)))
+        diff = [k for k in _diff_keys(old, new) if not k.startswith(RESUME_MAY_CHANGE)]
+        if diff:
+            shown = ", ".join(f"{k}: {_get(old, k)!r} -> {_get(new, k)!r}" for k in diff[:5])
+            raise ConfigError(f"train.resume: the checkpoints in {self.run_dir} come from a run "
+                              f"with a different config ({shown}); resume with the same "
+                              "settings or use a new run directory")
 
     # --- the loop -----------------------------------------------------------------------
     def _stream(self, start: int):
@@ -218,76 +321,112 @@ class Trainer:
         return min(nxt)
 
     def fit(self) -> dict:
+        if self.completed is not None:  # train.resume on a finished run: nothing to redo
+            return self.completed
         cfg, model, online = self.cfg, self.model, self.online
         dev, dtype = model.c.device, model.c.dtype
-        writer = make_writer(cfg, self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        writer = self._open_writer()
         self.state.writer = writer
-        (self.run_dir / "config.yaml").write_text(self.state_payload()["config"])
-        if self.step == 0:
-            self.save(self.run_dir / "checkpoints" / "init.pt")
-        for cb in self.callbacks:
-            cb.on_train_start(self.state)
-        t_start = time.perf_counter()
-        t_cb = 0.0
-        last_log = (self.step, t_start)
-        next_event = self._next_event()
-        try:
-            for X, Y in self._stream(self.step):
-                if self.step >= self.n_steps:
-                    break
-                X = X[: self.n_steps - self.step].to(dev, dtype)
-                Y = Y[: self.n_steps - self.step].to(dev, dtype)
-                snapshot = self._snapshot()  # the last good state, in case this chunk diverges
-                k0 = self.step
-                y_hat = torch.empty_like(Y)
-                for j in range(X.shape[0]):
-                    y_hat[j] = rtrl_step(model, online, X[j], Y[j], self.lr, self.gradient)
-                    self.step += 1
-                    if self.step == next_event or j == X.shape[0] - 1:
-                        self._record(k0, Y[: j + 1], y_hat[: j + 1], snapshot)
-                    if self.step != next_event:
-                        continue
-                    st = self.state
-                    st.step, st.x, st.y, st.y_hat = self.step, X[j], Y[j], y_hat[j]
-                    st.running_mse = self.running_mse()
-                    if self.step % self.log_every == 0 or self.step == self.n_steps:
-                        now = time.perf_counter()
-                        self._log_train(writer, last_log, now)
-                        last_log = (self.step, now)
-                    tc = time.perf_counter()
+        stop = StopSignals()  # SIGTERM/SIGINT: checkpoint at the end of the step, then stop
+        start_step = self.step
+        with stop:
+            try:
+                for cb in self.callbacks:
+                    cb.on_train_start(self.state)
+                if writer is not None:  # the run has started: from here on it has logs
+                    writer.open()
+                (self.run_dir / "config.yaml").write_text(self.state_payload()["config"])
+                if self.step == 0:
+                    self.save(self.run_dir / "checkpoints" / "init.pt")
+                t_start = time.perf_counter()
+                t_cb = 0.0
+                last_log = (self.step - self.step % self.log_every, t_start)
+                next_event = self._next_event()
+                if stop.signum is not None and self.step < self.n_steps:
+                    self._interrupt(stop.signum)
+                for X, Y in self._stream(self.step):
+                    if self.step >= self.n_steps:
+                        break
+                    X = X[: self.n_steps - self.step].to(dev, dtype)
+                    Y = Y[: self.n_steps - self.step].to(dev, dtype)
+                    snapshot = self._snapshot()  # the last good state, in case this chunk diverges
+                    k0 = self.step
+                    y_hat = torch.empty_like(Y)
+                    for j in range(X.shape[0]):
+                        y_hat[j] = rtrl_step(model, online, X[j], Y[j], self.lr, self.gradient)
+                        self.step += 1
+                        signalled = stop.signum is not None and self.step < self.n_steps
+                        if self.step == next_event or j == X.shape[0] - 1 or signalled:
+                            self._record(k0, Y[: j + 1], y_hat[: j + 1], snapshot)
+                        if self.step == next_event:
+                            st = self.state
+                            st.step, st.x, st.y, st.y_hat = self.step, X[j], Y[j], y_hat[j]
+                            st.running_mse = self.running_mse()
+                            if self.step % self.log_every == 0 or self.step == self.n_steps:
+                                now = time.perf_counter()
+                                self._log_train(writer, last_log, now)
+                                last_log = (self.step, now)
+                            tc = time.perf_counter()
+                            for cb in self.step_callbacks:
+                                if cb.due(self.step) or self.step == self.n_steps:
+                                    cb.on_step_end(self.step, st)
+                            t_cb += time.perf_counter() - tc
+                            next_event = self._next_event()
+                        if signalled:
+                            self._interrupt(stop.signum)
+            except BaseException as exc:
+                if isinstance(exc, (TrainingDiverged, TrainingInterrupted)):
                     for cb in self.callbacks:
-                        if cb.due(self.step) or self.step == self.n_steps:
-                            cb.on_step_end(self.step, st)
-                    t_cb += time.perf_counter() - tc
-                    next_event = self._next_event()
-        except TrainingDiverged:
+                        _safe_end(cb, self.state)
+                if writer is not None:
+                    writer.close()
+                raise
+            wall = time.perf_counter() - t_start
+            st = self.state
+            st.step, st.running_mse = self.step, self.running_mse()
             for cb in self.callbacks:
-                _safe_end(cb, self.state)
+                cb.on_train_end(st)
+            self.save(self.run_dir / "checkpoints" / "final.pt")
+            metrics = {
+                "status": "completed",
+                "steps": self.step,
+                "t": self.step / model.width,
+                "running_mse": st.running_mse,
+                "final_loss": 0.5 * float(self.sq_err[self.step - 1]),
+                "wall_s": wall,
+                "steps_per_s": (self.step - start_step) / wall if wall > 0 else float("nan"),
+                "callback_s": t_cb,
+                **({"resumed_from_step": start_step} if self.resumed_from is not None else {}),
+                **{k: v for k, v in st.metrics.items() if not k.startswith("_")},
+            }
             if writer is not None:
+                write_hparams(writer, cfg, metrics)
                 writer.close()
-            raise
-        wall = time.perf_counter() - t_start
-        st = self.state
-        st.step, st.running_mse = self.step, self.running_mse()
-        for cb in self.callbacks:
-            cb.on_train_end(st)
-        self.save(self.run_dir / "checkpoints" / "final.pt")
-        metrics = {
-            "status": "completed",
-            "steps": self.step,
-            "t": self.step / model.width,
-            "running_mse": st.running_mse,
-            "final_loss": 0.5 * float(self.sq_err[self.step - 1]),
-            "wall_s": wall,
-            "steps_per_s": self.step / wall if wall > 0 else float("nan"),
-            "callback_s": t_cb,
-            **{k: v for k, v in st.metrics.items() if not k.startswith("_")},
-        }
-        if writer is not None:
-            write_hparams(writer, cfg, metrics)
-            writer.close()
-        self.write_metrics(metrics)
+            self.write_metrics(metrics)
         return metrics
+
+    def _open_writer(self) -> Optional[RunWriter]:
+        """The run's TensorBoard writer, opened on first use. Resumed from step k: readers drop
+        what older event files hold after k (purge_step) and nothing is logged again for <= k."""
+        if not tensorboard_enabled(self.cfg):
+            return None
+        if self.resumed_from is not None:
+            purge, floor = self.step + 1, self.step
+        else:  # starting over where older event files lie: hide them all
+            purge, floor = (0 if self._fresh_logs else None), -1
+        return RunWriter(lambda: make_writer(self.cfg, self.run_dir, purge_step=purge), floor)
+
+    def _interrupt(self, signum: int) -> None:
+        """Checkpoint the current state (a step boundary), record why, and stop."""
+        name = signal.Signals(signum).name
+        path = self.save(self.run_dir / "checkpoints" / f"step_{self.step:09d}.pt")
+        msg = (f"stopped by {name} at step {self.step} of {self.n_steps}; the state is saved in "
+               f"{path}. Continue with train.resume=true in the same run directory (Hydra: "
+               f"hydra.run.dir={self.run_dir} train.resume=true)")
+        self.write_metrics({"status": "interrupted", "steps": self.step, "signal": name,
+                            "checkpoint": str(path), "error": msg})
+        raise TrainingInterrupted(msg, signum=signum, step=self.step, checkpoint=path)
 
     def _record(self, k0: int, Y, y_hat, snapshot: dict) -> None:
         """Store (Y − Ŷ)² of this chunk so far; stop with the last good state on NaN/Inf/blow-up."""
@@ -333,6 +472,122 @@ def _safe_end(cb: Callback, state: TrainState) -> None:
         print(f"warning: callback {cb.name} failed at shutdown: {exc}", file=sys.stderr)
 
 
+# --- resume and signals ------------------------------------------------------------------
+
+RESUME_MAY_CHANGE = ("train.resume", "logger", "device", "callbacks.progress")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGTERM/SIGINT stopped ``fit``; the state at ``step`` is in ``checkpoint``. A
+    KeyboardInterrupt, so ``except Exception`` (e.g. Hydra's job runner) does not swallow it."""
+
+    def __init__(self, msg: str, signum: int, step: int, checkpoint: Optional[Path]) -> None:
+        super().__init__(msg)
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
+class StopSignals:
+    """Context manager: while active, SIGTERM and SIGINT only set ``signum``; the trainer checks it
+    after each step, writes a checkpoint and stops. A second signal stops at once (the previous
+    checkpoints are intact: writes are atomic). Installed only from the main thread and not over
+    SIG_IGN; the previous handlers come back on exit, and a signal that arrived after the last
+    check is delivered to them then."""
+
+    SIGNALS = ("SIGTERM", "SIGINT")
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name, None)
+                prev = signal.getsignal(sig) if sig is not None else None
+                if prev is None or prev is signal.SIG_IGN:  # not ours to change
+                    continue
+                self._previous[sig] = prev
+                signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # asked twice: stop now, without a new checkpoint
+            raise TrainingInterrupted(f"stopped by a second {signal.Signals(signum).name} before "
+                                      "the checkpoint was written; the last periodic checkpoint "
+                                      "is intact", signum=signum, step=-1, checkpoint=None)
+        self.signum = signum
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+        self._previous.clear()
+        if exc_type is None and self.signum is not None:  # came after the last step: pass it on
+            signal.raise_signal(self.signum)
+        return False
+
+
+class RunWriter:
+    """The run's SummaryWriter, created on first use (a run that fails before logging anything
+    leaves no event file). With ``floor`` >= 0 (a resumed run) every ``add_*`` call for a step
+    <= floor, or without a step, is dropped: those were logged before the checkpoint."""
+
+    def __init__(self, open_writer: Any, floor: int = -1) -> None:
+        self._open, self._floor, self._writer = open_writer, floor, None
+
+    def open(self) -> Any:
+        if self._writer is None:
+            self._writer = self._open()
+        return self._writer
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.open(), name)
+        if self._floor < 0 or not name.startswith("add_") or not callable(attr):
+            return attr
+        sig = inspect.signature(attr)
+
+        def add(*args: Any, **kwargs: Any) -> Any:
+            step = sig.bind(*args, **kwargs).arguments.get("global_step")
+            if step is None or int(step) <= self._floor:
+                return None
+            return attr(*args, **kwargs)
+
+        return add
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys where two plain configs differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _diff_keys(a.get(k, _MISSING), b.get(k, _MISSING), f"{prefix}{k}.")
+        return out
+    same = a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
+    return [] if same else [prefix.rstrip(".")]
+
+
+def _get(d: Any, dotted: str) -> Any:
+    for k in dotted.split("."):
+        if not isinstance(d, dict) or k not in d:
+            return "<absent>"
+        d = d[k]
+    return d
+
+
+_MISSING = object()
+
+
 def train(cfg: Any, run_dir: str | Path) -> dict:
     """Build and run one training job; returns its final metrics (also in metrics.json)."""
     return Trainer(cfg, run_dir).fit()
@@ -348,16 +603,31 @@ def main(cfg: DictConfig) -> Optional[float]:
     multirun = HydraConfig.get().mode.name == "MULTIRUN"
     try:
         metrics = train(cfg, run_dir)
+    except TrainingInterrupted as exc:  # the Trainer wrote the checkpoint and metrics.json
+        print(f"ntk_rnn: interrupted: {exc}", file=sys.stderr)
+        sys.exit(128 + exc.signum)  # SystemExit: a signalled sweep stops too
     except (ConfigError, TrainingDiverged) as exc:
         kind = "config error" if isinstance(exc, ConfigError) else "diverged"
         if isinstance(exc, ConfigError):
-            Path(run_dir, "metrics.json").write_text(json.dumps(
-                {"status": "failed", "error": str(exc)}, indent=2))
+            _write_failure(run_dir, str(exc))
         print(f"ntk_rnn: {kind}: {exc}", file=sys.stderr)
         if multirun:  # the launcher records the failure; the other jobs go on
             raise
         sys.exit(2 if isinstance(exc, ConfigError) else 1)
+    except Exception as exc:  # a bug: keep the traceback, but leave the reason for the summary
+        _write_failure(run_dir, f"{type(exc).__name__}: {exc}")
+        raise
     return metrics.get("running_mse")
+
+
+def _write_failure(run_dir: str | Path, error: str) -> None:
+    """metrics.json of a job that failed (``python -m ntk_rnn.sweep`` reports it)."""
+    try:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        Path(run_dir, "metrics.json").write_text(json.dumps(
+            {"status": "failed", "error": error}, indent=2))
+    except OSError as exc:
+        print(f"ntk_rnn: warning: could not write {run_dir}/metrics.json ({exc})", file=sys.stderr)
 
 
 if __name__ == "__main__":

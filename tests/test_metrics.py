@@ -9,8 +9,13 @@ import torch
 
 from ntk_rnn import ConfigError
 from ntk_rnn.metrics import (
-    effective_rank, intrinsic_dimension, kernel_distance, kernel_velocity, relative_frobenius,
-    target_alignment, top_eigenvalues,
+    effective_rank,
+    intrinsic_dimension,
+    kernel_distance,
+    kernel_velocity,
+    relative_frobenius,
+    target_alignment,
+    top_eigenvalues,
 )
 
 
@@ -38,7 +43,7 @@ def test_kernel_velocity():
     v = kernel_velocity(K_s, K_t, dt=0.5)
     assert v == pytest.approx(float((K_t - K_s).norm() / K_s.norm()) / 0.5)
     assert kernel_velocity(K_s, K_s, 1.0) == 0.0
-    for dt in (0, -1.0, float("nan")):
+    for dt in (0, -1.0, float("nan"), "soon"):
         with pytest.raises(ConfigError, match="dt="):
             kernel_velocity(K_s, K_t, dt)
 

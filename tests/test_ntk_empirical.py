@@ -11,7 +11,12 @@ from torch import nn
 
 from ntk_rnn import ConfigError, MeanFieldRNN
 from ntk_rnn.ntk import (
-    choose_method, empirical_ntk, ntk_blocks, structured_ntk, training_kernel, unit_feature_matrix,
+    choose_method,
+    empirical_ntk,
+    ntk_blocks,
+    structured_ntk,
+    training_kernel,
+    unit_feature_matrix,
 )
 from ntk_rnn.ntk import empirical as emp
 
@@ -87,7 +92,8 @@ class MLP(nn.Module):
     def __init__(self, L: int, d: int, H: int = 7):
         super().__init__()
         torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(L * d, H), nn.Tanh(), nn.Linear(H, 1)).double()
+        layers = [nn.Flatten(), nn.Linear(L * d, H), nn.Tanh(), nn.Linear(H, 1)]
+        self.net = nn.Sequential(*layers).double()
         self.register_buffer("gain", torch.tensor(1.5, dtype=F64))
 
     def forward(self, x):
@@ -167,7 +173,8 @@ def test_generic_elman_vs_autograd_jacobian(method):
 
     K_ad = jac(x) @ jac(x2).T
     assert rel(empirical_ntk(model, x, x2, method=method), K_ad) < 1e-12
-    assert rel(empirical_ntk(model, x, x2, method=method), sum(fd_blocks(model, x, x2).values())) < 1e-7
+    K_fd = sum(fd_blocks(model, x, x2).values())
+    assert rel(empirical_ntk(model, x, x2, method=method), K_fd) < 1e-7
     B = ntk_blocks(model, x, x2, method=method)
     assert set(B) == {"W", "U", "v"}
     assert rel(sum(B.values()), K_ad) < 1e-12
@@ -223,7 +230,8 @@ def test_truncated_training_kernel(act):
     assert torch.equal(training_kernel(model, x, x2, gradient="rtrl"), K)
     # x2 = None: K_tr(x, x), asymmetric
     K_xx = training_kernel(model, x)
-    assert rel(K_xx, model.ntk_scale * full_grads(model, x) @ detached_memory_grads(model, x).T) < 1e-12
+    K_xx_ref = model.ntk_scale * full_grads(model, x) @ detached_memory_grads(model, x).T
+    assert rel(K_xx, K_xx_ref) < 1e-12
     assert not torch.allclose(K_xx, K_xx.T)
 
 
@@ -297,7 +305,8 @@ def test_auto_choice(monkeypatch):
     monkeypatch.setattr(emp, "MEMORY_BUDGET", 100)
     assert choose_method(mlp, 10, 5) == "ntk_vp"
     x = windows(3, 4, 3, 21)
-    assert rel(empirical_ntk(mlp, x), empirical_ntk(mlp, x, method="jacobian", chunk_size=3)) < 1e-12
+    K_chunked = empirical_ntk(mlp, x, method="jacobian", chunk_size=3)
+    assert rel(empirical_ntk(mlp, x), K_chunked) < 1e-12
 
 
 # --- bad input ---------------------------------------------------------------------------------
@@ -312,7 +321,8 @@ def test_bad_input_messages():
         (lambda: empirical_ntk(model, x, x.to("meta")), "x2: torch.float64 on meta"),
         (lambda: empirical_ntk(model, x.to("meta")), "model is on cpu"),
         (lambda: empirical_ntk(model, x, method="magic"), "choose one of"),
-        (lambda: empirical_ntk(MLP(5, 3), x, method="structured"), "'jacobian', 'ntk_vp' or 'auto'"),
+        (lambda: empirical_ntk(MLP(5, 3), x, method="structured"),
+         "'jacobian', 'ntk_vp' or 'auto'"),
         (lambda: empirical_ntk(MLP(5, 3), x[0]), "expected windows (n, L, d)"),
         (lambda: empirical_ntk(MLP(5, 3), x, windows(2, 5, 4, 0)), "feature size"),
         (lambda: empirical_ntk(model, x, chunk_size=0), "chunk_size"),
@@ -320,7 +330,8 @@ def test_bad_input_messages():
         (lambda: training_kernel(model, x, gradient="bptt"), "gradient='bptt'"),
         (lambda: training_kernel(Elman(3, 2), x), "no truncated gradient"),
         (lambda: training_kernel(model, x, method="jacobian"), "method='structured'"),
-        (lambda: empirical_ntk(nn.Linear(3, 2).double(), x, method="jacobian"), "one output per window"),
+        (lambda: empirical_ntk(nn.Linear(3, 2).double(), x, method="jacobian"),
+         "one output per window"),
     ]
     for fn, msg in cases:
         with pytest.raises(ConfigError) as e:

@@ -49,7 +49,8 @@ class TrainState:
 
 
 class Callback:
-    """Hooks called by the trainer. ``every_n_steps`` (>= 1) spaces ``on_step_end`` calls.
+    """Hooks called by the trainer. ``every_n_steps`` (>= 1) spaces ``on_step_end`` calls;
+    ``every_t`` instead gives the spacing in limit time t = k / N (the same t for every width).
 
     ``setup`` runs before the first step and is where bad settings must fail; ``state_dict`` and
     ``load_state_dict`` carry whatever a resumed run needs.
@@ -57,10 +58,14 @@ class Callback:
 
     name: str = "callback"
 
-    def __init__(self, every_n_steps: int = 1) -> None:
+    def __init__(self, every_n_steps: int = 1, every_t: Optional[float] = None) -> None:
         self.every_n_steps = int(every_n_steps)
+        self.every_t = None if every_t is None else float(every_t)
 
     def check(self) -> None:
+        if self.every_t is not None and not self.every_t > 0:
+            raise ConfigError(f"callbacks.{self.name}.every_t={self.every_t} must be > 0 "
+                              "(limit time between calls; null = use every_n_steps)")
         if self.every_n_steps < 1:
             raise ConfigError(
                 f"callbacks.{self.name}.every_n_steps={self.every_n_steps} must be >= 1 "
@@ -71,7 +76,10 @@ class Callback:
         return step % self.every_n_steps == 0
 
     def setup(self, state: TrainState) -> None:
+        """Validate; ``every_t`` (limit time) becomes every_n_steps = round(every_t · N)."""
         self.check()
+        if self.every_t is not None:
+            self.every_n_steps = max(1, round(self.every_t * state.model.width))
 
     def on_train_start(self, state: TrainState) -> None:
         pass

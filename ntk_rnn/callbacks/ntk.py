@@ -16,7 +16,8 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..ntk import empirical_ntk, limit_ntk, ntk_blocks, training_kernel
 from ..ntk import metrics as M
-from .base import Callback, TrainState
+from .base import Callback, TrainState, generator_from_seed
+from .cache import cached
 
 BLOCKS = ("c", "w", "b")
 
@@ -38,8 +39,12 @@ class NTKCallback(Callback):
         top_k: int = 5,
         image_every_n_steps: int = 0,
         histogram_every_n_steps: int = 0,
+        every_t: Optional[float] = None,
+        probe_seed: Optional[int] = None,
+        cache_dir: Optional[str] = None,
     ) -> None:
-        super().__init__(every_n_steps)
+        super().__init__(every_n_steps, every_t)
+        self.probe_seed, self.cache_dir = probe_seed, cache_dir
         self.n_probes, self.probe_length = int(n_probes), int(probe_length)
         self.method, self.limit = method, bool(limit)
         self.limit_tol, self.limit_method = float(limit_tol), limit_method
@@ -84,7 +89,9 @@ class NTKCallback(Callback):
                 f"(model.init.sampler), so the limit needs Monte Carlo: set "
                 f"{f}.limit_method=mc (or {f}.limit=false)"
             )
-        X, Y = state.source.windows(self.n_probes, self.probe_length, state.generators["probe"])
+        gen = (state.generators["probe"] if self.probe_seed is None
+               else generator_from_seed(self.probe_seed))
+        X, Y = state.source.windows(self.n_probes, self.probe_length, gen)
         dev, dt = state.model.c.device, state.model.c.dtype
         self.probes, self.probe_y = X.to(dev, dt), Y.to(dev, dt)
 
@@ -97,9 +104,9 @@ class NTKCallback(Callback):
             self.K_prev, self.t_prev = self.K0, 0.0
             self.theta0 = {k: p.detach().clone() for k, p in model.named_parameters()}
             if self.limit:
-                lim = limit_ntk(model, self.probes, tol=self.limit_tol, method=self.limit_method)
-                self.K_inf = lim.value.to(self.K0.dtype)
-                self.K_inf_error = float(lim.error)
+                lim = self.limit_kernel(state)
+                self.K_inf = lim["value"].to(self.K0)
+                self.K_inf_error = float(lim["error"])
         w = state.writer
         if w is not None:
             w.add_custom_scalars(custom_scalar_layout(self.top_k))
@@ -110,6 +117,24 @@ class NTKCallback(Callback):
         if state.step == 0:
             self.log(state, 0, self.K0, self.K0_blocks)
 
+    def limit_kernel(self, state: TrainState) -> dict:
+        """K_∞ on the probes with its error; cached under ``cache_dir`` when the probes are fixed
+        by ``probe_seed`` (it depends on σ, μ0 and the probes, not on N, β or the seed)."""
+        model = state.model
+
+        def compute() -> dict:
+            lim = limit_ntk(model, self.probes, tol=self.limit_tol, method=self.limit_method)
+            return {"value": lim.value, "error": float(lim.error)}
+
+        if self.probe_seed is None or getattr(model.init_law, "is_custom", False):
+            return compute()
+        cfg = state.cfg
+        spec = {"data": cfg.data, "activation": cfg.model.activation, "init": cfg.model.init,
+                "recurrence": cfg.model.recurrence, "n": self.n_probes, "L": self.probe_length,
+                "tol": self.limit_tol, "method": self.limit_method, "probe_seed": self.probe_seed,
+                "dtype": cfg.dtype}
+        return cached(self.cache_dir, "limit_kernel", spec, compute)
+
     def on_step_end(self, step: int, state: TrainState) -> None:
         blocks = ntk_blocks(state.model, self.probes, method=self.method)
         K = sum(blocks.values())
@@ -119,6 +144,8 @@ class NTKCallback(Callback):
         state.metrics.update({f"ntk_{k}": v for k, v in self.last.items()})
         if self.K_inf is not None:
             state.metrics["ntk_limit_error_estimate"] = self.K_inf_error
+            state.metrics["ntk_initial_distance_to_limit"] = float(
+                M.relative_frobenius(self.K0, self.K_inf))
 
     # --- logging --------------------------------------------------------------------------
     def log(self, state: TrainState, step: int, K: Tensor, blocks: dict[str, Tensor]) -> None:

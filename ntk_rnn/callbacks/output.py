@@ -14,18 +14,16 @@ depends on the data, α, σ and μ0 but not on N, β or the run seed, so it is c
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from ..errors import ConfigError
 from ..limit import LimitODE
 from .base import Callback, TrainState, generator_from_seed
+from .cache import cached
 
 
 class OutputTrackingCallback(Callback):
@@ -33,8 +31,9 @@ class OutputTrackingCallback(Callback):
 
     def __init__(self, every_n_steps: int = 64, n_probes: int = 64, probe_length: int = 24,
                  M: int = 1024, samples: int = 2, limit_tol: float = 5e-4,
-                 probe_seed: Optional[int] = 12345, cache_dir: Optional[str] = None) -> None:
-        super().__init__(every_n_steps)
+                 probe_seed: Optional[int] = 12345, cache_dir: Optional[str] = None,
+                 every_t: Optional[float] = None) -> None:
+        super().__init__(every_n_steps, every_t)
         self.n_probes, self.probe_length = int(n_probes), int(probe_length)
         self.M, self.samples, self.limit_tol = int(M), int(samples), float(limit_tol)
         self.probe_seed = probe_seed
@@ -61,42 +60,26 @@ class OutputTrackingCallback(Callback):
         self.probes = X.to(state.model.c.device, state.model.c.dtype)
         self._gen = gen
 
-    def _key(self, state: TrainState) -> str:
-        cfg = state.cfg
-        spec = {
-            "data": OmegaConf.to_container(cfg.data, resolve=True)
-            if OmegaConf.is_config(cfg.data) else repr(cfg.data),
-            "activation": cfg.model.activation, "recurrence": cfg.model.recurrence,
-            "init": OmegaConf.to_container(cfg.model.init, resolve=True)
-            if OmegaConf.is_config(cfg.model.init) else repr(cfg.model.init),
-            "input_dim": state.model.input_dim,
-            "alpha": float(cfg.train.alpha), "M": self.M, "samples": self.samples,
-            "L": self.probe_length, "n": self.n_probes, "tol": self.limit_tol,
-            "probe_seed": self.probe_seed,
-        }
-        if self.probe_seed is None:
-            spec["run_seed"] = int(cfg.seed)
-        return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
-
     def _build_ode(self, state: TrainState) -> LimitODE:
-        alpha = float(state.cfg.train.alpha)
-        path = None
-        if self.cache_dir:
-            path = Path(self.cache_dir).expanduser() / f"limit_ode_{self._key(state)[:20]}.pt"
-            if path.exists():
-                d = torch.load(path, weights_only=True)
-                return LimitODE.from_kernels(d["K_MM"], d["Y_M"], d["K_xM"], alpha,
-                                             float(d["kernel_error"]))
-        ode = LimitODE.from_source(state.model, state.source, self.probes, alpha, M=self.M,
-                                   samples=self.samples, generator=self._gen, tol=self.limit_tol)
-        if path is not None:
-            from ..checkpoint import save_checkpoint
+        """The limit ODE on the probes; cached: it depends on the data, σ, μ0, α and the probe
+        draw, not on N, β or the run seed."""
+        cfg, alpha = state.cfg, float(state.cfg.train.alpha)
+        spec = {"data": cfg.data, "activation": cfg.model.activation, "init": cfg.model.init,
+                "input_dim": state.model.input_dim, "alpha": alpha, "M": self.M,
+                "samples": self.samples, "L": self.probe_length, "n": self.n_probes,
+                "tol": self.limit_tol, "probe_seed": self.probe_seed, "dtype": cfg.dtype,
+                "run_seed": int(cfg.seed) if self.probe_seed is None else None}
 
-            save_checkpoint(path, {"K_MM": [s.V @ torch.diag(s.lam) @ s.V.T for s in
-                                            ode.solutions],
-                                   "Y_M": [s.V @ s.proj for s in ode.solutions],
-                                   "K_xM": ode.K_xM, "kernel_error": ode.kernel_error})
-        return ode
+        def compute() -> dict:
+            ode = LimitODE.from_source(state.model, state.source, self.probes, alpha, M=self.M,
+                                       samples=self.samples, generator=self._gen,
+                                       tol=self.limit_tol)
+            return {"K_MM": ode.K_MM, "Y_M": ode.Y_M, "K_xM": ode.K_xM,
+                    "kernel_error": ode.kernel_error}
+
+        d = cached(self.cache_dir, "limit_ode", spec, compute)
+        return LimitODE.from_kernels(d["K_MM"], d["Y_M"], d["K_xM"], alpha,
+                                     float(d["kernel_error"]))
 
     def on_train_start(self, state: TrainState) -> None:
         if self.ode is None:

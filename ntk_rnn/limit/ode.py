@@ -70,12 +70,15 @@ class LimitODE:
     solutions: list[KernelSolution]
     K_xM: list[Tensor]
     kernel_error: float = 0.0
+    K_MM: Optional[list[Tensor]] = None  # the inputs, kept so a solution can be stored
+    Y_M: Optional[list[Tensor]] = None
 
     @classmethod
     def from_kernels(cls, K_MM: Sequence[Tensor], Y_M: Sequence[Tensor], K_xM: Sequence[Tensor],
                      alpha: float, kernel_error: float = 0.0) -> "LimitODE":
         sols = [KernelSolution(k, y, alpha) for k, y in zip(K_MM, Y_M)]
-        return cls(sols, [k.to(_F64) for k in K_xM], float(kernel_error))
+        return cls(sols, [k.to(_F64) for k in K_xM], float(kernel_error),
+                   [k.to(_F64) for k in K_MM], [y.to(_F64) for y in Y_M])
 
     @classmethod
     def from_source(cls, model, source, probes: Tensor, alpha: float, M: int = 1024,

@@ -24,7 +24,7 @@ on the model's device.
 from __future__ import annotations
 
 import warnings
-from typing import Literal, Optional, get_args
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -53,18 +53,22 @@ def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
 def _check_windows(model: nn.Module, x: object, name: str) -> Tensor:
     """Windows as (n, L, d); for MeanFieldRNN via ``model.check_windows`` ((L, d) → n = 1)."""
     if not isinstance(x, Tensor):
-        raise ConfigError(f"{name} must be a torch.Tensor of windows (n, L, d); got {type(x).__name__}")
+        raise ConfigError(
+            f"{name} must be a torch.Tensor of windows (n, L, d); got {type(x).__name__}"
+        )
     if st.supports_structured(model):
         model.check_windows(x, name)
     elif x.dim() != 3 or x.shape[1] < 1:
-        raise ConfigError(f"{name} has shape {tuple(x.shape)}; expected windows (n, L, d) with L >= 1")
+        raise ConfigError(
+            f"{name} has shape {tuple(x.shape)}; expected windows (n, L, d) with L >= 1"
+        )
     return x.unsqueeze(0) if x.dim() == 2 else x
 
 
 def check_inputs(
     model: nn.Module, x: object, x2: object = None
-) -> tuple[Tensor, Optional[Tensor]]:
-    """Validate windows x (and x2) for ``model``; return them in the model's dtype (raises ConfigError).
+) -> tuple[Tensor, Tensor | None]:
+    """Validate windows x (and x2) for ``model`` (ConfigError); return them in the model's dtype.
 
     x and x2 must share dtype and device, the device must be the model's, and the feature size
     d must agree; the lengths L and L' may differ.
@@ -83,7 +87,9 @@ def check_inputs(
             )
     dtype, device = _model_dtype_device(model)
     if x.device != device:
-        raise ConfigError(f"windows are on {x.device} but the model is on {device}; move one of them")
+        raise ConfigError(
+            f"windows are on {x.device} but the model is on {device}; move one of them"
+        )
     return x.to(dtype), (None if x2 is None else x2.to(dtype))
 
 
@@ -129,14 +135,14 @@ def _check_chunk(chunk_size: object) -> None:
         raise ConfigError(f"chunk_size={chunk_size!r} must be a positive integer or None")
 
 
-def _auto_chunk(n_params: int, itemsize: int, chunk_size: Optional[int]) -> int:
+def _auto_chunk(n_params: int, itemsize: int, chunk_size: int | None) -> int:
     if chunk_size is not None:
         return chunk_size
     return max(1, MEMORY_BUDGET // (2 * n_params * itemsize))
 
 
 def jacobian_blocks(
-    model: nn.Module, x: Tensor, x2: Optional[Tensor] = None, chunk_size: Optional[int] = None,
+    model: nn.Module, x: Tensor, x2: Tensor | None = None, chunk_size: int | None = None,
 ) -> dict[str, Tensor]:
     """{name: J_name(x) J_name(x2)ᵀ} (unscaled) from per-window Jacobians vmap(jacrev(f)).
 
@@ -176,8 +182,8 @@ def jacobian_blocks(
 
 
 def ntk_vp_kernel(
-    model: nn.Module, x: Tensor, x2: Optional[Tensor] = None, chunk_size: Optional[int] = None,
-    only: Optional[str] = None,
+    model: nn.Module, x: Tensor, x2: Tensor | None = None, chunk_size: int | None = None,
+    only: str | None = None,
 ) -> Tensor:
     """J(x) J(x2)ᵀ (unscaled) by NTK-vector products: column j is jvp_x(vjp_{x2}(e_j)).
 
@@ -206,7 +212,7 @@ def ntk_vp_kernel(
 
 
 # --- public API ---------------------------------------------------------------------------------
-def choose_method(model: nn.Module, n: int, m: Optional[int] = None) -> str:
+def choose_method(model: nn.Module, n: int, m: int | None = None) -> str:
     """The method "auto" picks for n × m windows (m=None: symmetric K(x, x)).
 
     structured if the model has it (cost O((n+m) N L d + n m N d), no Jacobian); else jacobian
@@ -222,12 +228,12 @@ def choose_method(model: nn.Module, n: int, m: Optional[int] = None) -> str:
     return "jacobian" if fits else "ntk_vp"
 
 
-def _empty(x: Tensor, x2: Optional[Tensor]) -> bool:
+def _empty(x: Tensor, x2: Tensor | None) -> bool:
     return x.shape[0] == 0 or (x2 is not None and x2.shape[0] == 0)
 
 
 def _resolve(
-    model: nn.Module, method: str, x: Tensor, x2: Optional[Tensor], chunk_size: object
+    model: nn.Module, method: str, x: Tensor, x2: Tensor | None, chunk_size: object
 ) -> str:
     _check_method(model, method)
     _check_chunk(chunk_size)
@@ -237,10 +243,10 @@ def _resolve(
 
 
 def ntk_blocks(
-    model: nn.Module, x: Tensor, x2: Optional[Tensor] = None, method: Method = "auto",
-    chunk_size: Optional[int] = None,
+    model: nn.Module, x: Tensor, x2: Tensor | None = None, method: Method = "auto",
+    chunk_size: int | None = None,
 ) -> dict[str, Tensor]:
-    """Per-parameter-block contributions K_θb = s ∇_θb f(x̄)·∇_θb f(x̄'), summing to ``empirical_ntk``.
+    """Per-parameter-block kernels K_θb = s ∇_θb f(x̄)·∇_θb f(x̄'); they sum to ``empirical_ntk``.
 
     Keys: "c", "w", "b" for MeanFieldRNN; the parameter names for other modules.
     """
@@ -260,8 +266,8 @@ def ntk_blocks(
 
 
 def empirical_ntk(
-    model: nn.Module, x: Tensor, x2: Optional[Tensor] = None, method: Method = "auto",
-    chunk_size: Optional[int] = None,
+    model: nn.Module, x: Tensor, x2: Tensor | None = None, method: Method = "auto",
+    chunk_size: int | None = None,
 ) -> Tensor:
     """Normalised empirical NTK K(x̄, x̄') = s ∇_θ f(x̄)·∇_θ f(x̄'), (n, m) (theory §4).
 
@@ -285,8 +291,8 @@ def empirical_ntk(
 
 
 def training_kernel(
-    model: nn.Module, x: Tensor, x2: Optional[Tensor] = None, gradient: Gradient = "truncated",
-    method: Method = "auto", chunk_size: Optional[int] = None,
+    model: nn.Module, x: Tensor, x2: Tensor | None = None, gradient: Gradient = "truncated",
+    method: Method = "auto", chunk_size: int | None = None,
 ) -> Tensor:
     """The kernel that drives training: K_tr(x̄, x̄') = N^{2β−1} ∇_θ f(x̄) · g(x̄') (theory §4).
 

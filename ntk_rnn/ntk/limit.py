@@ -94,10 +94,9 @@ def unit_features_from(
     of a network with these w and b, computed step by step so no (B, L, M) array is formed.
     """
     B, L, d = x.shape
-    M = w.shape[0]
-    S = x.new_zeros(B, M)
-    P = x.new_zeros(B, M, d)
-    Q = x.new_zeros(B, M)
+    S = x.new_zeros(B, w.shape[0])
+    P = x.new_zeros(B, w.shape[0], d)
+    Q = torch.zeros_like(S)
     bP = b.unsqueeze(-1)
     for k in range(L):
         xk = x[:, k]
@@ -105,9 +104,9 @@ def unit_features_from(
         if truncated:
             P = ds.unsqueeze(-1) * xk.unsqueeze(1)
             Q = ds * S
-        else:
-            P = ds.unsqueeze(-1) * torch.addcmul(xk.unsqueeze(1), bP, P)
-            Q = ds * torch.addcmul(S, b, Q)
+        else:  # in place: P ← σ'(z)(X_k + b P), Q ← σ'(z)(S_k + b Q)
+            P.mul_(bP).add_(xk.unsqueeze(1)).mul_(ds.unsqueeze(-1))
+            Q.mul_(b).add_(S).mul_(ds)
         S = S_new
     return S, P, Q
 

@@ -23,7 +23,9 @@ def _same_shape(A: Tensor, B: Tensor, names: str = "A, B") -> None:
     if not isinstance(A, Tensor) or not isinstance(B, Tensor):
         raise ConfigError(f"{names} must be tensors")
     if A.shape != B.shape:
-        raise ConfigError(f"{names} must have the same shape; got {tuple(A.shape)} and {tuple(B.shape)}")
+        raise ConfigError(
+            f"{names} must have the same shape; got {tuple(A.shape)} and {tuple(B.shape)}"
+        )
 
 
 def _square(K: Tensor, name: str = "K") -> None:
@@ -54,9 +56,13 @@ def kernel_velocity(K_s: Tensor, K_t: Tensor, dt: float) -> float:
     """‖K_t − K_s‖_F / (‖K_s‖_F · dt): relative change of the kernel per unit training time,
     from time s to time t = s + dt (dt > 0, in the units of t = k/N)."""
     _same_shape(K_s, K_t, "K_s, K_t")
-    if not (isinstance(dt, (int, float)) and math.isfinite(dt) and dt > 0):
+    try:
+        step = float(dt)
+    except (TypeError, ValueError):
+        step = math.nan
+    if not (math.isfinite(step) and step > 0):
         raise ConfigError(f"dt={dt!r} must be a finite number > 0")
-    return float(torch.linalg.norm(K_t - K_s) / torch.linalg.norm(K_s)) / float(dt)
+    return float(torch.linalg.norm(K_t - K_s) / torch.linalg.norm(K_s)) / step
 
 
 def target_alignment(K: Tensor, y: Tensor) -> float:

@@ -27,16 +27,15 @@ times faster than ``torch.tanh`` on CPU.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ..model import MeanFieldRNN
 
-#: Entries per (windows × steps × units) work buffer: 2^21 (8 MiB in float32) keeps buffers
+#: Entries per (windows × steps × units) work buffer: 2^19 (2 MiB in float32) keeps buffers
 #: below glibc's mmap threshold (no page faults on reuse) and the per-step slices in cache.
-BLOCK_ELEMENTS = 2**21
+BLOCK_ELEMENTS = 2**19
 
 BLOCK_NAMES = ("c", "w", "b")
 
@@ -73,11 +72,11 @@ class _Workspace:
         return buf[:numel].view(shape)
 
 
-def _forward(model: MeanFieldRNN, x: Tensor, units: slice, Z: Tensor, H: Tensor) -> None:
-    """Z ← D_k = σ'(z_k) and H ← S_0..S_L (memories) for windows x (n, L, d), all ``units``.
+def _forward(model: MeanFieldRNN, x: Tensor, units: slice, Z: Tensor, H: Tensor) -> float:
+    """Z ← σ'(z_k)/r and H ← S_0..S_L (memories) for windows x (n, L, d), all ``units``; returns r.
 
     z_k = w·X_k + b S_k, S_{k+1} = σ(z_k), S_0 = 0. tanh runs in s = sigmoid(2z) (S = 2s − 1,
-    σ' = 4 s(1 − s)): 2z_k = (2 w·X_k − 2b) + 4b s_k, s_0 = 1/2 — two ops per step.
+    σ' = 4 s(1 − s), r = 4): 2z_k = (2 w·X_k − 2b) + 4b s_k, s_0 = 1/2 — two ops per step.
     """
     n, L, d = x.shape
     act = model.act
@@ -98,8 +97,8 @@ def _forward(model: MeanFieldRNN, x: Tensor, units: slice, Z: Tensor, H: Tensor)
             H[:, k + 1] = act.fn(z)
         else:
             fn(z, out=H[:, k + 1])
-    if act.name == "tanh":
-        torch.addcmul(Hn, Hn, Hn, value=-1.0, out=Z).mul_(4.0)  # σ' = 4 s (1 − s)
+    if act.name == "tanh":  # Z ← s (1 − s) = σ'/4: the caller folds the 4 into the a recursion
+        torch.addcmul(Hn, Hn, Hn, value=-1.0, out=Z)
         torch.add(H.new_full((), -1.0), H, alpha=2.0, out=H)  # S = 2 s − 1
     elif act.name == "sigmoid":
         torch.addcmul(Hn, Hn, Hn, value=-1.0, out=Z)  # σ' = S − S²
@@ -107,11 +106,12 @@ def _forward(model: MeanFieldRNN, x: Tensor, units: slice, Z: Tensor, H: Tensor)
         Z.square_().neg_().exp_().mul_(_TWO_OVER_SQRT_PI)
     else:
         Z.copy_(act.deriv(Z))
+    return 4.0 if act.name == "tanh" else 1.0
 
 
 def _window_chunk(
     model: MeanFieldRNN, x: Tensor, xT: Tensor, units: slice, truncated: bool, phi: Tensor,
-    coef: Optional[Tensor], ws: _Workspace,
+    coef: Tensor | None, ws: _Workspace,
 ) -> None:
     """Features of windows x (n, L, d) (xT = x transposed, contiguous) for ``units``, into phi
     (n, d+2, Nb) as rows [S_L, Q_L, P_L (d rows)] before the c factor; with ``coef`` (n, L, Nb)
@@ -120,8 +120,9 @@ def _window_chunk(
     Nb = phi.shape[-1]
     Z = ws.take("Z", x, n, L, Nb)
     H = ws.take("H", x, n, L + 1, Nb)
-    _forward(model, x, units, Z, H)  # Z = D, H = S
+    r = _forward(model, x, units, Z, H)  # Z = D / r, H = S
     phi[:, 0] = H[:, L]
+    Z[:, L - 1].mul_(r)  # D_{L−1}
     if truncated:  # a_{L−1} = D_{L−1}, all other coefficients 0
         DL = Z[:, L - 1]
         torch.mul(DL, H[:, L - 1], out=phi[:, 1])
@@ -132,7 +133,7 @@ def _window_chunk(
             torch.mul(x[:, L - 1].unsqueeze(-1), DL.unsqueeze(1), out=phi[:, 2:])
         return
     # a_{L−1} = D_{L−1};  a_{k−1} = b D_{k−1} a_k  (in place: Z turns from D into a)
-    Z[:, : L - 1].mul_(model.b.detach()[units])
+    Z[:, : L - 1].mul_(r * model.b.detach()[units])
     for k in range(L - 1, 0, -1):
         Z[:, k - 1].mul_(Z[:, k])
     Hs = H[:, :L].mul_(Z)  # a_k S_k
@@ -146,7 +147,7 @@ def _window_chunk(
 def _block_features(
     model: MeanFieldRNN, x: Tensor, xT: Tensor, units: slice, truncated: bool, factorised: bool,
     ws: _Workspace, side: str = "1",
-) -> tuple[Tensor, Optional[Tensor]]:
+) -> tuple[Tensor, Tensor | None]:
     """φ for one block of units, all windows: (n, d+2, Nb) with rows [S, cQ, cP], and the
     c-scaled coefficients c_i a_{i,k} (n, L, Nb) when ``factorised``. Views into ``ws``."""
     n, L, d = x.shape
@@ -184,7 +185,7 @@ def unit_feature_matrix(model: MeanFieldRNN, x: Tensor, truncated: bool = False)
 
 # --- kernel assembly ----------------------------------------------------------------------------
 def _pp_factorised(A1: Tensor, A2: Tensor, G: Tensor) -> Tensor:
-    """Σ_i c_i² P_i·P'_i = Σ_{k,k'} G_{k,k'} Σ_i (c a_{i,k})(c a'_{i,k'}), G_{k,k'} = X_k·X'_{k'}."""
+    """Σ_i c_i² P_i·P'_i = Σ_{k,k'} G_{k,k'} Σ_i (c a_{i,k})(c a'_{i,k'}), G_{kk'} = X_k·X'_{k'}."""
     n, L1, Nb = A1.shape
     m, L2, _ = A2.shape
     T = torch.mm(A1.reshape(n * L1, Nb), A2.reshape(m * L2, Nb).T).view(n, L1, m, L2)
@@ -192,8 +193,8 @@ def _pp_factorised(A1: Tensor, A2: Tensor, G: Tensor) -> Tensor:
 
 
 def structured_ntk(
-    model: MeanFieldRNN, x: Tensor, x2: Optional[Tensor] = None, *, truncated2: bool = False,
-    unit_chunk: Optional[int] = None, blocks: bool = False, factorise: Optional[bool] = None,
+    model: MeanFieldRNN, x: Tensor, x2: Tensor | None = None, *, truncated2: bool = False,
+    unit_chunk: int | None = None, blocks: bool = False, factorise: bool | None = None,
 ) -> Tensor | dict[str, Tensor]:
     """K = (1/N) Σ_i φ_i(x̄) · φ_i(x̄') for windows x (n, L, d), x2 (m, L', d) (default x2 = x).
 
