@@ -162,8 +162,10 @@ def check_callback_args(name: str, node: Any, cls: Any) -> None:
             raise ConfigError(f"{field}: {cls.__name__} has no setting {key!r}; it takes "
                               f"{[k for k in params if k != 'self']}")
         default = params[key].default
-        if value is None or default is inspect.Parameter.empty:
+        if default is inspect.Parameter.empty or default is None:
             continue
+        if value is None:
+            raise ConfigError(f"{field}=null: give a value (default {default!r})")
         if isinstance(default, bool):
             ok, want = isinstance(value, bool), "true or false"
         elif isinstance(default, int):

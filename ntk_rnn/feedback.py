@@ -99,7 +99,8 @@ def check_cell_inputs(model: MeanFieldRNN, xs: Tensor, name: str = "xs") -> Tens
 
 def cell_gram(wb: Tensor, cfac, act: Activation, a: Tensor, a2: Optional[Tensor] = None) -> Tensor:
     """Σ_j [σ(z_j) σ(z'_j) + c_j² σ'(z_j) σ'(z'_j) (a·a')] over units j with (w_j, b_j) = wb[j]
-    ((J, d+1)), z_j = (w_j, b_j)·a; ``cfac`` is c (J,) or a common float. a (n, d+1), a2 (m, d+1)."""
+    ((J, d+1)), z_j = (w_j, b_j)·a; ``cfac`` is c (J,) or a common float; a (n, d+1), a2 (m, d+1).
+    """
     S, dS = act.value_and_deriv(a @ wb.T)  # (n, J)
     dS = dS * cfac
     if a2 is None:
@@ -115,7 +116,8 @@ def cell_ntk(model: MeanFieldRNN, xs: Tensor, xs2: Optional[Tensor] = None) -> T
     """Normalised empirical NTK of the cell on augmented inputs (theory §6), (n, m):
 
         K(a, a') = N^{2β−1} ∇_θ f_θ(a)·∇_θ f_θ(a')
-                 = (1/N) Σ_i [σ(z_i)σ(z'_i) + c_i² σ'(z_i)σ'(z'_i)(x·x' + s s')],  z_i = w_i·x + b_i s
+                 = (1/N) Σ_i [σ(z_i)σ(z'_i) + c_i² σ'(z_i)σ'(z'_i)(x·x' + s s')],
+        z_i = w_i·x + b_i s,
 
     for a = (x, s) rows of xs (n, d+1) and a' of xs2 (m, d+1) (default xs); one GEMM per term.
     """

@@ -83,7 +83,10 @@ def build_source(data_cfg: Any) -> Any:
         cause = exc.__cause__ if isinstance(exc.__cause__, ConfigError) else None
         if cause is not None:
             raise cause from None
-        raise ConfigError(f"data: could not build the source ({exc})") from None
+        root = exc.__cause__ or exc  # hydra wraps the class's own exception
+        text = str(root).strip().splitlines()
+        raise ConfigError(f"data: could not build the source ({type(root).__name__}"
+                          f"{': ' + text[0][:300] if text else ''})") from None
     return check_source(source)
 
 
@@ -167,10 +170,6 @@ class Trainer:
         )
         for cb in self.callbacks:  # bad callback settings fail here, before any step
             cb.setup(self.state)
-        # at a step boundary checkpoints come after the other callbacks, so a checkpoint at step
-        # k holds everything done for step k (and a resumed run redoes none of it)
-        self.step_callbacks = sorted(self.callbacks,
-                                     key=lambda cb: isinstance(cb, CheckpointCallback))
         self.resumed_from: Optional[Path] = None  # the checkpoint this run continues from
         self.completed: Optional[dict] = None  # metrics of a finished run asked to resume
         self._fresh_logs = False  # starting over in a directory that holds older event files
@@ -212,6 +211,7 @@ class Trainer:
                                      payload["online"].items()})
         self.step = int(payload["step"])
         self.sq_err[: self.step] = payload["sq_err"]
+        self.state.step, self.state.running_mse = self.step, self.running_mse()
         self.state.generators["probe"].set_state(payload["probe_rng"])
         for cb in self.callbacks:
             cb.load_state_dict(payload["callbacks"].get(cb.name, {}))
@@ -330,6 +330,9 @@ class Trainer:
         self.state.writer = writer
         stop = StopSignals()  # SIGTERM/SIGINT: checkpoint at the end of the step, then stop
         start_step = self.step
+        # at a step boundary checkpoints come after the other callbacks, so a checkpoint at step
+        # k holds everything done for step k (and a resumed run redoes none of it)
+        step_callbacks = sorted(self.callbacks, key=lambda cb: isinstance(cb, CheckpointCallback))
         with stop:
             try:
                 for cb in self.callbacks:
@@ -356,8 +359,7 @@ class Trainer:
                     for j in range(X.shape[0]):
                         y_hat[j] = rtrl_step(model, online, X[j], Y[j], self.lr, self.gradient)
                         self.step += 1
-                        signalled = stop.signum is not None and self.step < self.n_steps
-                        if self.step == next_event or j == X.shape[0] - 1 or signalled:
+                        if self.step == next_event or j == X.shape[0] - 1:
                             self._record(k0, Y[: j + 1], y_hat[: j + 1], snapshot)
                         if self.step == next_event:
                             st = self.state
@@ -368,12 +370,13 @@ class Trainer:
                                 self._log_train(writer, last_log, now)
                                 last_log = (self.step, now)
                             tc = time.perf_counter()
-                            for cb in self.step_callbacks:
+                            for cb in step_callbacks:
                                 if cb.due(self.step) or self.step == self.n_steps:
                                     cb.on_step_end(self.step, st)
                             t_cb += time.perf_counter() - tc
                             next_event = self._next_event()
-                        if signalled:
+                        if stop.signum is not None and self.step < self.n_steps:
+                            self._record(k0, Y[: j + 1], y_hat[: j + 1], snapshot)
                             self._interrupt(stop.signum)
             except BaseException as exc:
                 if isinstance(exc, (TrainingDiverged, TrainingInterrupted)):
@@ -400,8 +403,9 @@ class Trainer:
                 **({"resumed_from_step": start_step} if self.resumed_from is not None else {}),
                 **{k: v for k, v in st.metrics.items() if not k.startswith("_")},
             }
-            if writer is not None:
-                write_hparams(writer, cfg, metrics)
+            if writer is not None:  # (the same HParams with or without a resume)
+                write_hparams(writer, cfg, {k: v for k, v in metrics.items()
+                                            if k != "resumed_from_step"})
                 writer.close()
             self.write_metrics(metrics)
         return metrics

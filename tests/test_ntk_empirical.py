@@ -188,6 +188,13 @@ def test_frozen_parameters_are_excluded():
     assert set(B) == {"U", "v"}
     K_fd = sum(fd_blocks(model, x, x).values())
     assert rel(empirical_ntk(model, x, method="ntk_vp"), K_fd) < 1e-7
+    rnn_ = rnn(N=5, d=2)
+    rnn_.b.requires_grad_(False)
+    x, x2 = windows(3, 4, 2, 10), windows(2, 4, 2, 11)
+    K_fd = sum(fd_blocks(rnn_, x, x2).values())
+    for method in METHODS:
+        assert set(ntk_blocks(rnn_, x, x2, method=method)) == {"c", "w"}
+        assert rel(empirical_ntk(rnn_, x, x2, method=method), K_fd) < 1e-7
 
 
 # --- truncated training kernel -----------------------------------------------------------------
@@ -286,6 +293,9 @@ def test_unit_feature_matrix_matches_model_features(act):
         assert rel(Phi, ref) < 1e-13
     assert rel(unit_feature_matrix(model, x) @ unit_feature_matrix(model, x).T / model.width,
                empirical_ntk(model, x)) < 1e-13
+    K = empirical_ntk(model, x)  # a normal tensor: usable with autograd and in-place afterwards
+    assert not K.is_inference() and not unit_feature_matrix(model, x).is_inference()
+    K.add_(1.0)
 
 
 def test_single_window_dtype_cast_and_empty():

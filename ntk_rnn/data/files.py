@@ -60,12 +60,15 @@ class FileSeries:
         self.path, self.cycle = path, bool(cycle)
         self.horizon = as_int(horizon, "data.horizon", 0)
         names, table = _read(path)
+        if len(table) == 0:
+            raise ConfigError(f"data.path={path} has no data rows (header only)")
         if isinstance(columns, (str, int)):
             columns = [columns]
         if columns is None:
             first = table[0] if len(table) else []
             cols = [j for j in range(len(names))
-                    if isinstance(table, np.ndarray) or not np.isnan(_float(first[j]))]
+                    if isinstance(table, np.ndarray)
+                    or (j < len(first) and not np.isnan(_float(first[j])))]
         else:
             cols = [self._index(c, names, "data.columns") for c in columns]
         if not cols:

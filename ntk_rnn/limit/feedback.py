@@ -1,11 +1,12 @@
 """The infinite-width limit of Model F (theory §6): the cell kernel and the coupled limit.
 
-**Cell kernel.** For augmented inputs a = (x, s), a' = (x', s') and θ ~ μ0 (c independent of (w, b))
+**Cell kernel.** For augmented inputs a = (x, s), a' = (x', s') and θ ~ μ0 (c independent of w, b)
 
-    K_cell(a, a') = E[σ(z)σ(z')] + E[c²] E[σ'(z)σ'(z')] (x·x' + s s'),   z = w·x + b s, z' = w·x' + b s'.
+    K_cell(a, a') = E[σ(z)σ(z')] + E[c²] E[σ'(z)σ'(z')] (x·x' + s s'),   z = w·x + b s
 
-With w ~ N(0, w_scale² I/d), b ~ N(0, ρ²), (z, z') is centred Gaussian with Σ11 = w_scale²|x|²/d + ρ²s²,
-Σ12 = w_scale² x·x'/d + ρ² s s', Σ22 likewise, and (:func:`limit_cell_ntk`)
+With w ~ N(0, w_scale² I/d), b ~ N(0, ρ²), (z, z') is centred Gaussian with covariance
+Σ11 = w_scale²|x|²/d + ρ²s², Σ12 = w_scale² x·x'/d + ρ² s s', Σ22 likewise (z' = w·x' + b s'),
+and (:func:`limit_cell_ntk`)
 
 - erf, closed form: E[erf z erf z'] = (2/π) arcsin(2Σ12 / √((1+2Σ11)(1+2Σ22))),
   E[erf' z erf' z'] = (4/π) / √((1+2Σ11)(1+2Σ22) − 4Σ12²);
@@ -18,22 +19,30 @@ With w ~ N(0, w_scale² I/d), b ~ N(0, ρ²), (z, z') is centred Gaussian with �
 - other laws (uniform, rademacher, constant; custom sampler): R scrambled-Sobol' (RQMC) or Monte
   Carlo replicates of J (w, b) points each; error t_{0.975,R−1} · std / √R (a 95% half-width).
 
-**Coupled limit.** h_0 = 0 and, for a sample (X̄_r, Y_r), r = 1..M, of stationary windows,
+**Coupled limit.** h_0 = 0; for a sample of stationary windows X̄_r (length L) with last-step
+targets Y_r, r = 1..M, the memory runs with h_t from zero, m_{r,k+1} = h_t(A_{r,k}),
+A_{r,k} = (X_{r,k}, m_{r,k}), m_{r,0} = 0, and A_r = A_{r,L} is a sample of π_t (burn-in L−1). Then
 
-    m_{r,k+1} = h_t(X_{r,k}, m_{r,k}), m_{r,0} = 0,   A_r = (X_{r,L}, m_{r,L})   (A_r ~ π_t, burn-in L−1)
-    ∂_t h_t(a) = α (1/M) Σ_r (Y_r − h_t(A_r)) K(a, A_r).
+    ∂_t h_t(a) = α (1/M) Σ_r (Y_r − h_t(A_r)) Ψ_r(a),
+    truncated:  Ψ_r(a) = K(a, A_{r,L})                                (theory §6's equation)
+    rtrl:       Ψ_r(a) = Σ_{i≥0} (Π_{l<i} ∂_s h_t(A_{r,L−l})) K(a, A_{r,L−i}).
 
-The kernel is represented by a quadrature of μ0 over J points (w_j, b_j) (scrambled Sobol' mapped
-by the inverse CDF; ω_j = 1/J): K_J(a, a') = (1/J) Σ_j φ_j(a)·φ_j(a'), φ_j(a) = (σ(z_j), γ σ'(z_j) a),
-γ = √E[c²] (the drawn c_j for a custom law), so h_t, a growing kernel expansion
-Σ_{n,r} e_{n,r} K_J(·, A_{n,r}) over the time steps n, is stored in primal form
+The rtrl form is the limit of the exact gradient of §3: ∂Ŷ_k/∂θ = D_k + ∂_s f(A_k) ∂Ŷ_{k−1}/∂θ, so
+N^{2β−1} ∇f(a)·∂Ŷ_k/∂θ → Ψ(a); the §6 equation (K alone) is the limit of ``gradient=truncated``.
+The two differ once ∂_s h_t is O(1) (by ~10% of h at t = 1 in our runs).
 
-    h_t(a) = (1/J) Σ_j [u_j σ(z_j(a)) + γ σ'(z_j(a)) v_j·a],   (u_j, v_j) = Σ_{n,r} e_{n,r} φ_j(A_{n,r}),
+The kernel is represented by a quadrature of μ0 over J points (w_j, b_j) (scrambled Sobol'
+mapped by the inverse CDF; ω_j = 1/J): K_J(a, a') = (1/J) Σ_j φ_j(a)·φ_j(a'),
+φ_j(a) = (σ(z_j), γ σ'(z_j) a), γ = √E[c²] (the drawn c_j for a custom law). h_t, a kernel
+expansion over all chain samples of all time steps n, is then stored in primal form
 
-which costs O(J d) per evaluation however long the run. Time is discretised by explicit Euler with
+    h_t(a) = (1/J) Σ_j [u_j σ(z_j(a)) + γ σ'(z_j(a)) v_j·a],  (u_j, v_j) = Σ_{n,r} e_{n,r} ψ_{j,n,r}
+
+ψ = φ(A_{r,L}) (truncated) or the RTRL sum ψ = Σ_k (Π_{l>k} ∂_s h(A_{r,l})) φ(A_{r,k}) (rtrl),
+so an evaluation costs O(J d) however long the run. Time is discretised by explicit Euler with
 step dt: the chains are run with h_{t_n}, then e_{n,r} = α dt (Y_r − h_{t_n}(A_r)) / M is added.
 The scheme is consistent: errors O(dt) + O(M^{-1/2}) (the π sample) + the quadrature error of K_J
-(checkable against :func:`limit_cell_ntk`) + the burn-in error O(ρ_t^{L−1}). The contraction
+(check it against :func:`limit_cell_ntk`) + the burn-in error O(ρ_t^{L−1}). The contraction
 ρ_t ≈ sup_r |∂_s h_t(A_r)| (estimated on the sample) is recorded every step; a
 :class:`ContractionWarning` is raised where it reaches 1 (the memory fixed point is then not
 guaranteed and the limit is unreliable).
@@ -71,7 +80,8 @@ class ContractionWarning(RuntimeWarning):
 # --- the limit cell kernel ----------------------------------------------------------------------
 def _check_feedback(model) -> None:
     if getattr(model, "recurrence", None) != "feedback":
-        raise ConfigError("the cell kernel and its limit need model.recurrence='feedback' (Model F)")
+        raise ConfigError("the cell kernel and its limit need model.recurrence='feedback' "
+                          "(Model F)")
 
 
 def _gaussian(law: InitLaw) -> bool:
@@ -216,6 +226,11 @@ def _warn(method: str, err: float, tol: float, budget: str) -> None:
 
 
 # --- the coupled limit ---------------------------------------------------------------------------
+# σ'' from (z, σ, σ') for the built-in activations; others use a central difference
+_D2 = {"tanh": lambda z, S, dS: -2.0 * S * dS, "sigmoid": lambda z, S, dS: dS * (1.0 - 2.0 * S),
+       "erf": lambda z, S, dS: -2.0 * z * dS}
+
+
 class FeedbackLimit:
     """h(a) = (1/J) Σ_j [u_j σ(z_j(a)) + γ_j σ'(z_j(a)) v_j·a], z_j(a) = (w_j, b_j)·a (module doc).
 
@@ -237,47 +252,73 @@ class FeedbackLimit:
                                device=model.w.device)
         return cls(wb, cfac, model.act)
 
-    def _features(self, a: Tensor) -> tuple[Tensor, Tensor]:
-        S, dS = self.act.value_and_deriv(a @ self.wb.T)
-        return S, dS * self.cfac
+    def _eval(self, a: Tensor, ds: bool = False):
+        """h(a), ∂_s h(a) (if ``ds``, else None) and the features σ(z) (n, J), γσ'(z) (n, J)."""
+        J = self.wb.shape[0]
+        z = a @ self.wb.T
+        S, dS = self.act.value_and_deriv(z)
+        G, av = dS * self.cfac, a @ self.v.T
+        h = (S @ self.u + (G * av).sum(1)) / J
+        if not ds:
+            return h, None, S, G
+        if self.act.name not in _D2:
+            e = torch.zeros_like(a)
+            e[:, -1] = 1e-5
+            return h, (self.h(a + e) - self.h(a - e)) / 2e-5, S, G
+        b = self.wb[:, -1]  # ∂_s z_j = b_j
+        d2 = _D2[self.act.name](z, S, dS) * self.cfac
+        hs = (dS @ (b * self.u) + (d2 * av) @ b + G @ self.v[:, -1]) / J
+        return h, hs, S, G
 
     def h(self, a: Tensor) -> Tensor:
         """h(a) on augmented inputs a (n, d+1) → (n,)."""
-        S, G = self._features(a)
-        return (S @ self.u + (G * (a @ self.v.T)).sum(1)) / self.wb.shape[0]
+        return self._eval(a)[0]
 
-    def dh_ds(self, a: Tensor, eps: float = 1e-5) -> Tensor:
-        """∂_s h(x, s) at the rows of a (n, d+1), by a central difference (error O(eps²) in
-        float64; cheaper here than forward-mode AD)."""
-        e = torch.zeros_like(a)
-        e[:, -1] = eps
-        return (self.h(a + e) - self.h(a - e)) / (2 * eps)
+    def dh_ds(self, a: Tensor) -> Tensor:
+        """∂_s h(x, s) at the rows of a (n, d+1) → (n,)."""
+        return self._eval(a, ds=True)[1]
 
     def kernel(self, a: Tensor, a2: Optional[Tensor] = None) -> Tensor:
         """K_J(a, a') = (1/J) Σ_j φ_j(a)·φ_j(a'), the quadrature of K_cell the flow uses."""
         return cell_gram(self.wb, self.cfac, self.act, a, a2) / self.wb.shape[0]
 
-    def chain(self, X: Tensor) -> Tensor:
-        """Run the memory m_{k+1} = h(X_k, m_k), m_0 = 0, along windows X (n, L, d); return the
-        last step's augmented input A = (X_L, m_L), (n, d+1)."""
+    def run(self, X: Tensor, gradient: Optional[str] = None):
+        """Run the memory m_{k+1} = h(A_k), A_k = (X_k, m_k), m_0 = 0 along windows X (n, L, d).
+
+        Returns (A (L, n, d+1), h(A_L) (n,), ∂_s h(A_L) (n,), c (L, n)): ``c`` weighs the steps
+        of the kernel expansion, ψ_L = Σ_k c_k φ(A_k): c_k = Π_{l>k} ∂_s h(A_l) (rtrl), the
+        last step only (truncated), None (``gradient=None``, then ∂_s h is None too).
+        """
         X = X.to(_F64)
-        m = X.new_zeros(X.shape[0])
-        for k in range(X.shape[1] - 1):
-            m = self.h(torch.cat([X[:, k], m[:, None]], 1))
-        return torch.cat([X[:, -1], m[:, None]], 1)
+        L = X.shape[1]
+        m, A, hs = X.new_zeros(X.shape[0]), [], []
+        for k in range(L):
+            A.append(torch.cat([X[:, k], m[:, None]], 1))
+            ds = gradient == "rtrl" or (k == L - 1 and gradient is not None)
+            m, g, _, _ = self._eval(A[-1], ds)
+            hs.append(g)
+        c = None
+        if gradient == "rtrl":  # c_{L-1} = 1, c_k = c_{k+1} ∂_s h(A_{k+1})
+            c = torch.stack(hs[1:] + [torch.ones_like(m)]).flip(0).cumprod(0).flip(0)
+        elif gradient is not None:
+            c = torch.zeros(L, X.shape[0], dtype=_F64, device=X.device)
+            c[-1] = 1.0
+        return torch.stack(A), m, hs[-1], c
 
     def predict(self, X: Tensor) -> Tensor:
-        """The limit's output at the last step of windows X (n, L, d): h(A), A = chain(X)."""
-        return self.h(self.chain(X))
+        """The limit's output at the last step of windows X (n, L, d): h(A_L)."""
+        return self.run(X)[1]
 
-    def euler_step(self, A: Tensor, Y: Tensor, alpha: float, dt: float) -> Tensor:
-        """h ← h + α dt (1/M) Σ_r (Y_r − h(A_r)) K_J(·, A_r); returns the residuals Y − h(A)."""
-        S, G = self._features(A)
-        resid = Y - (S @ self.u + (G * (A @ self.v.T)).sum(1)) / self.wb.shape[0]
-        e = resid * (alpha * dt / A.shape[0])
-        self.u += S.T @ e
-        self.v += (G * e[:, None]).T @ A
-        return resid
+    def update(self, e: Tensor, A: Tensor, c: Tensor) -> None:
+        """h ← h + Σ_r e_r Σ_k c_{k,r} K_J(·, A_{k,r}) for A, c from ``run``: in primal form
+        u_j += Σ e c σ(z_j(A)), v_j += Σ e c γ σ'(z_j(A)) A (features recomputed step by step)."""
+        for k in range(A.shape[0]):
+            if not bool(c[k].any()):
+                continue
+            _, _, S, G = self._eval(A[k])
+            ek = e * c[k]
+            self.u += S.T @ ek
+            self.v += (G * ek[:, None]).T @ A[k]
 
 
 @dataclass
@@ -296,15 +337,16 @@ class FeedbackSolution:
 @torch.no_grad()
 def solve_feedback_limit(
     model, X: Tensor, Y: Tensor, alpha: float, horizon: float, dt: float,
-    probes: Optional[Tensor] = None, n_features: int = 2**11, seed: int = 0,
-    limit: Optional[FeedbackLimit] = None,
+    probes: Optional[Tensor] = None, gradient: str = "rtrl", n_features: int = 2**11,
+    seed: int = 0, limit: Optional[FeedbackLimit] = None,
 ) -> FeedbackSolution:
-    """Solve the coupled limit of Model F (theory §6) on t ∈ [0, horizon] by Euler steps dt.
+    """Solve the coupled limit of Model F (module docstring) on t ∈ [0, horizon] by Euler steps dt.
 
     X (M, L, d), Y (M,): stationary windows and their last-step targets (e.g. ``source.windows``);
     the first L−1 steps are the memory's burn-in. ``probes`` (n, L', d): windows on which h_t's
-    output is recorded. ``limit``: the kernel quadrature to use (default
-    ``FeedbackLimit.from_model(model, n_features, seed)``); it is advanced in place.
+    output is recorded. ``gradient``: the training rule whose limit is solved, 'rtrl' (exact
+    gradients, the trainer's default) or 'truncated' (theory §6's equation). ``limit``: the kernel
+    quadrature (default ``FeedbackLimit.from_model(model, n_features, seed)``), advanced in place.
     """
     _check_feedback(model)
     if X.dim() != 3 or X.shape[-1] != model.input_dim or Y.shape != (X.shape[0],) or X.shape[0] < 1:
@@ -312,27 +354,28 @@ def solve_feedback_limit(
                           f"{model.input_dim}) and their last-step targets (M,)")
     if not (float(alpha) > 0 and float(horizon) >= 0 and float(dt) > 0):
         raise ConfigError(f"alpha={alpha}, dt={dt} must be > 0 and horizon={horizon} >= 0")
+    if gradient not in ("rtrl", "truncated"):
+        raise ConfigError(f"gradient={gradient!r}: choose 'rtrl' or 'truncated'")
     lim = FeedbackLimit.from_model(model, n_features, seed) if limit is None else limit
     Y = Y.to(_F64)
     steps = max(0, round(float(horizon) / float(dt)))
     hp, rho, mse, warned = [], [], [], False
     for n in range(steps + 1):
-        A = lim.chain(X)
-        r = float(lim.dh_ds(A).abs().max())
-        rho.append(r)
-        if r >= 1 and not warned:
+        A, hA, hs, c = lim.run(X, gradient)
+        rho.append(float(hs.abs().max()))
+        if rho[-1] >= 1 and not warned:
             warnings.warn(
-                f"Model F limit: sup|∂_s h_t| ≈ {r:.3g} >= 1 on the π_t sample at t = {n * dt:.4g}: "
-                "the memory chain m_{k+1} = h_t(X_k, m_k) need not contract, so π_t and the limit "
-                "are unreliable (lower alpha or the horizon)", ContractionWarning, stacklevel=2)
+                f"Model F limit: sup|∂_s h_t| ≈ {rho[-1]:.3g} >= 1 on the π_t sample at "
+                f"t = {n * dt:.4g}: the memory chain m_(k+1) = h_t(X_k, m_k) need not contract, "
+                "so π_t and the limit are unreliable (lower alpha or the horizon)",
+                ContractionWarning, stacklevel=2)
             warned = True
         if probes is not None:
             hp.append(lim.predict(probes))
-        if n < steps:
-            resid = lim.euler_step(A, Y, float(alpha), float(dt))
-        else:
-            resid = Y - lim.h(A)
+        resid = Y - hA
         mse.append(float((resid**2).mean()))
+        if n < steps:
+            lim.update(resid * (float(alpha) * float(dt) / X.shape[0]), A, c)
     t = torch.arange(steps + 1, dtype=_F64) * float(dt)
     return FeedbackSolution(t, torch.stack(hp) if hp else None, torch.tensor(rho, dtype=_F64),
                             torch.tensor(mse, dtype=_F64), lim)

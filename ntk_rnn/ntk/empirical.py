@@ -211,6 +211,23 @@ def ntk_vp_kernel(
     return torch.cat(cols).T
 
 
+# --- structured engine, restricted to the trainable blocks -------------------------------------
+def _structured(
+    model: nn.Module, x: Tensor, x2: Tensor | None, chunk_size: int | None,
+    blocks: bool = False, truncated2: bool = False,
+) -> Tensor | dict[str, Tensor]:
+    """structured_ntk over the trainable parameters only, as the generic engines do."""
+    frozen = [k for k in st.BLOCK_NAMES if not getattr(model, k).requires_grad]
+    if len(frozen) == len(st.BLOCK_NAMES):
+        raise ConfigError(f"{type(model).__name__} has no trainable parameters; no NTK to compute")
+    if not frozen:
+        return st.structured_ntk(model, x, x2, truncated2=truncated2, unit_chunk=chunk_size,
+                                 blocks=blocks)
+    B = st.structured_ntk(model, x, x2, truncated2=truncated2, unit_chunk=chunk_size, blocks=True)
+    B = {k: v for k, v in B.items() if k not in frozen}
+    return B if blocks else sum(B.values())
+
+
 # --- public API ---------------------------------------------------------------------------------
 def choose_method(model: nn.Module, n: int, m: int | None = None) -> str:
     """The method "auto" picks for n × m windows (m=None: symmetric K(x, x)).
@@ -253,10 +270,10 @@ def ntk_blocks(
     x, x2 = check_inputs(model, x, x2)
     method = _resolve(model, method, x, x2, chunk_size)
     if _empty(x, x2):
-        names = st.BLOCK_NAMES if method == "structured" else _trainable(model)
+        names = _trainable(model)
         return {k: x.new_zeros(x.shape[0], (x if x2 is None else x2).shape[0]) for k in names}
     if method == "structured":
-        return st.structured_ntk(model, x, x2, unit_chunk=chunk_size, blocks=True)
+        return _structured(model, x, x2, chunk_size, blocks=True)
     scale = float(getattr(model, "ntk_scale", 1.0))
     if method == "jacobian":
         blocks = jacobian_blocks(model, x, x2, chunk_size)
@@ -281,7 +298,7 @@ def empirical_ntk(
     if _empty(x, x2):
         return x.new_zeros(x.shape[0], (x if x2 is None else x2).shape[0])
     if method == "structured":
-        return st.structured_ntk(model, x, x2, unit_chunk=chunk_size)
+        return _structured(model, x, x2, chunk_size)
     scale = float(getattr(model, "ntk_scale", 1.0))
     if method == "jacobian":
         K = sum(jacobian_blocks(model, x, x2, chunk_size).values())
@@ -318,4 +335,4 @@ def training_kernel(
     x, x2 = check_inputs(model, x, x2)
     if _empty(x, x2):
         return x.new_zeros(x.shape[0], (x if x2 is None else x2).shape[0])
-    return st.structured_ntk(model, x, x2, truncated2=True, unit_chunk=chunk_size)
+    return _structured(model, x, x2, chunk_size, truncated2=True)

@@ -75,29 +75,30 @@ class _Workspace:
 def _forward(model: MeanFieldRNN, x: Tensor, units: slice, Z: Tensor, H: Tensor) -> float:
     """Z ← σ'(z_k)/r and H ← S_0..S_L (memories) for windows x (n, L, d), all ``units``; returns r.
 
-    z_k = w·X_k + b S_k, S_{k+1} = σ(z_k), S_0 = 0. tanh runs in s = sigmoid(2z) (S = 2s − 1,
-    σ' = 4 s(1 − s), r = 4): 2z_k = (2 w·X_k − 2b) + 4b s_k, s_0 = 1/2 — two ops per step.
+    z_k = b S_k + w·X_k, S_{k+1} = σ(z_k), S_0 = 0: per step one elementwise op, one small GEMM
+    (added in place) and σ. tanh runs in s = sigmoid(2z) (S = 2s − 1, σ' = 4 s(1 − s), r = 4):
+    2z_k = (−2b + 4b s_k) + 2w·X_k, s_0 = 1/2.
     """
-    n, L, d = x.shape
+    L = x.shape[1]
     act = model.act
     w, b = model.w.detach()[units], model.b.detach()[units]
-    Z2, Hn = Z.view(n * L, -1), H[:, 1:]
-    if act.name == "tanh":
-        torch.addmm(b, x.reshape(n * L, d), w.T, beta=-2.0, alpha=2.0, out=Z2)
-        H[:, 0].fill_(0.5)
-        rec, fn = 4.0 * b, torch.sigmoid
-    else:
-        torch.mm(x.reshape(n * L, d), w.T, out=Z2)
-        H[:, 0].zero_()
-        rec = b
-        fn = {"sigmoid": torch.sigmoid, "erf": torch.erf}.get(act.name)
-    for k in range(L):  # Z[:, k] becomes the (scaled) pre-activation z_k
-        z = Z[:, k].addcmul_(H[:, k], rec)
+    tanh = act.name == "tanh"
+    wT, rec = (2.0 * w.T, 4.0 * b) if tanh else (w.T, b)
+    shift = -2.0 * b
+    fn = {"tanh": torch.sigmoid, "sigmoid": torch.sigmoid, "erf": torch.erf}.get(act.name)
+    H[:, 0].fill_(0.5 if tanh else 0.0)
+    for k in range(L):  # Z[:, k] ← (scaled) pre-activation z_k, H[:, k+1] ← σ
+        if tanh:
+            z = torch.addcmul(shift, H[:, k], rec, out=Z[:, k])
+        else:
+            z = torch.mul(H[:, k], rec, out=Z[:, k])
+        z.addmm_(x[:, k], wT)
         if fn is None:
             H[:, k + 1] = act.fn(z)
         else:
             fn(z, out=H[:, k + 1])
-    if act.name == "tanh":  # Z ← s (1 − s) = σ'/4: the caller folds the 4 into the a recursion
+    Hn = H[:, 1:]
+    if tanh:  # Z ← s (1 − s) = σ'/4: the caller folds the 4 into the a recursion
         torch.addcmul(Hn, Hn, Hn, value=-1.0, out=Z)
         torch.add(H.new_full((), -1.0), H, alpha=2.0, out=H)  # S = 2 s − 1
     elif act.name == "sigmoid":
@@ -106,7 +107,7 @@ def _forward(model: MeanFieldRNN, x: Tensor, units: slice, Z: Tensor, H: Tensor)
         Z.square_().neg_().exp_().mul_(_TWO_OVER_SQRT_PI)
     else:
         Z.copy_(act.deriv(Z))
-    return 4.0 if act.name == "tanh" else 1.0
+    return 4.0 if tanh else 1.0
 
 
 def _window_chunk(
@@ -176,10 +177,11 @@ def unit_feature_matrix(model: MeanFieldRNN, x: Tensor, truncated: bool = False)
     N = model.width
     Nb = unit_block_size(model, n, L)
     xT, ws = x.transpose(1, 2).contiguous(), _Workspace()
-    out = x.new_empty(n, d + 2, N)
-    for u0 in range(0, N, Nb):
-        units = slice(u0, min(u0 + Nb, N))
-        out[:, :, units], _ = _block_features(model, x, xT, units, truncated, False, ws)
+    out = x.new_empty(n, d + 2, N)  # a normal tensor, filled in inference mode (less overhead)
+    with torch.inference_mode():
+        for u0 in range(0, N, Nb):
+            units = slice(u0, min(u0 + Nb, N))
+            out[:, :, units], _ = _block_features(model, x, xT, units, truncated, False, ws)
     return out.view(n, -1)
 
 
@@ -205,7 +207,7 @@ def structured_ntk(
     Inputs must already be validated, in the model's dtype and device.
     """
     n, L1, d = x.shape
-    same = x2 is None and not truncated2
+    same = (x2 is None or x2 is x) and not truncated2
     x2 = x if x2 is None else x2
     m, L2, _ = x2.shape
     N = model.width
@@ -219,23 +221,24 @@ def structured_ntk(
     ws = _Workspace()
     xT = x.transpose(1, 2).contiguous()
     x2T = xT if x2 is x else x2.transpose(1, 2).contiguous()
-    for u0 in range(0, N, Nb):
-        units = slice(u0, min(u0 + Nb, N))
-        F1, A1 = _block_features(model, x, xT, units, False, factorise, ws, "1")
-        F2, A2 = (F1, A1) if same else _block_features(
-            model, x2, x2T, units, truncated2, factorise, ws, "2")
-        if blocks:
-            K["c"].addmm_(F1[:, 0], F2[:, 0].T)
-            K["b"].addmm_(F1[:, 1], F2[:, 1].T)
-            if factorise:
-                K["w"].add_(_pp_factorised(A1, A2, G))
+    with torch.inference_mode():  # K stays a normal tensor; the work skips autograd bookkeeping
+        for u0 in range(0, N, Nb):
+            units = slice(u0, min(u0 + Nb, N))
+            F1, A1 = _block_features(model, x, xT, units, False, factorise, ws, "1")
+            F2, A2 = (F1, A1) if same else _block_features(
+                model, x2, x2T, units, truncated2, factorise, ws, "2")
+            if blocks:
+                K["c"].addmm_(F1[:, 0], F2[:, 0].T)
+                K["b"].addmm_(F1[:, 1], F2[:, 1].T)
+                if factorise:
+                    K["w"].add_(_pp_factorised(A1, A2, G))
+                else:
+                    K["w"].addmm_(F1[:, 2:].reshape(n, -1), F2[:, 2:].reshape(m, -1).T)
+            elif factorise:
+                K.addmm_(F1[:, :2].reshape(n, -1), F2[:, :2].reshape(m, -1).T)
+                K.add_(_pp_factorised(A1, A2, G))
             else:
-                K["w"].addmm_(F1[:, 2:].reshape(n, -1), F2[:, 2:].reshape(m, -1).T)
-        elif factorise:
-            K.addmm_(F1[:, :2].reshape(n, -1), F2[:, :2].reshape(m, -1).T)
-            K.add_(_pp_factorised(A1, A2, G))
-        else:
-            K.addmm_(F1.view(n, -1), F2.view(m, -1).T)
+                K.addmm_(F1.view(n, -1), F2.view(m, -1).T)
     if blocks:
         return {k: v.div_(N) for k, v in K.items()}
     return K.div_(N)
