@@ -36,8 +36,9 @@ def tutorial_ntk(model: MeanFieldRNN, x1: torch.Tensor, x2: torch.Tensor) -> tor
     return result.sum(0)[:, :, 0, 0] * model.ntk_scale
 
 
-def _table(model, x1, x2, repeats: int, t_tut: float) -> None:
+def _table(model, x1, x2, repeats: int) -> None:
     F1, F2 = unit_feature_matrix(model, x1), unit_feature_matrix(model, x2)
+    t_tut = best_time(lambda: tutorial_ntk(model, x1, x2), repeats=3)
     t_str = best_time(lambda: empirical_ntk(model, x1, x2, method="structured"), repeats)
     t_gemm = best_time(lambda: F1 @ F2.T, repeats)
     t_sym = best_time(lambda: empirical_ntk(model, x1, method="structured"), repeats)
@@ -55,21 +56,22 @@ def _table(model, x1, x2, repeats: int, t_tut: float) -> None:
         print(f"{name:<42} {t * 1e3:10.2f}  {note}")
 
 
-def main(N: int = 4096, n: int = 128, L: int = 32, d: int = 4, repeats: int = 7) -> None:
+def main(N: int = 4096, n: int = 128, L: int = 32, d: int = 4, repeats: int = 7,
+         threads: tuple[int | None, ...] = (None, 1)) -> None:
+    """One table per thread count (None = torch's default), all methods timed under it."""
     print(f"\n== empirical NTK (N={N}, n=m={n}, L={L}, d={d}, float32, CPU) — {machine()}")
-    print(f"   load average {os.getloadavg()[0]:.2f} (other processes make timings noisy)")
     model = MeanFieldRNN(d, N, seed=0)
     g = torch.Generator().manual_seed(0)
     x1, x2 = torch.randn(n, L, d, generator=g), torch.randn(n, L, d, generator=g)
-    K_ref = tutorial_ntk(model, x1, x2)
-    err = relative_frobenius(empirical_ntk(model, x1, x2, method="structured"), K_ref)
+    err = relative_frobenius(empirical_ntk(model, x1, x2, method="structured"),
+                             tutorial_ntk(model, x1, x2))
     print(f"   relative Frobenius difference structured vs tutorial: {err:.2e}")
-    t_tut = best_time(lambda: tutorial_ntk(model, x1, x2), repeats=3)
     default = torch.get_num_threads()
-    for threads in sorted({default, 1}, reverse=True):
-        torch.set_num_threads(threads)
-        print(f"-- {threads} thread(s); tutorial timed with {default}")
-        _table(model, x1, x2, repeats, t_tut)
+    for t in dict.fromkeys(default if t is None else t for t in threads):
+        torch.set_num_threads(t)
+        print(f"-- {t} thread(s), load average {os.getloadavg()[0]:.2f} "
+              "(other processes make timings noisy)")
+        _table(model, x1, x2, repeats)
     torch.set_num_threads(default)
 
 

@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-import weakref
+from collections import OrderedDict
 from pathlib import Path
 from string import Template
 from typing import Any, Sequence
@@ -548,7 +548,8 @@ class _KernelEngine:
 
 
 class _EagerEngine:
-    """Fused torch ops on preallocated buffers, ~16 per step for the whole ensemble."""
+    """Fused torch ops on preallocated buffers, ~15 per step for the whole ensemble (views of the
+    buffers are made once; per step only the data views change)."""
 
     name = "eager"
 
@@ -561,81 +562,119 @@ class _EagerEngine:
         self.ones = torch.ones(E, N, dtype=buf.dtype, device=buf.device)
         if buf.recurrence == "feedback":
             self.H, self.cd, self.g = new(E, N), new(E, N), new(E, 1, 1)
+        # one lr and one scale for all members (the usual case): Python scalars save an op
+        uniform = bool((buf.lr_host == buf.lr_host[0]).all() and
+                       (buf.scale_host == buf.scale_host[0]).all())
+        self.uniform = uniform
+        self.scale_f = float(buf.scale_host[0])
+        self.eta_f = float(buf.lr_host[0] * buf.scale_host[0])
+        self.lr_f = float(buf.lr_host[0])
+        self.step = self._feedback_step() if buf.recurrence == "feedback" else self._diag_step()
 
     def run(self, X3: Tensor, Y2: Tensor, out2: Tensor) -> None:
-        step = self._feedback_step if self.buf.recurrence == "feedback" else self._diag_step
-        for x, y, o in zip(X3.unbind(1), Y2.unbind(1), out2.unbind(1), strict=True):
-            step(x, y, o)
+        step = self.step
+        for xc, xr, y, o in zip(X3.unsqueeze(-1).unbind(1), X3.unsqueeze(2).unbind(1),
+                                Y2.unbind(1), out2.unbind(1), strict=True):
+            step(xc, xr, y, o)
 
-    def _act(self, z: Tensor, s: Tensor, ds: Tensor) -> None:
+    def _act(self) -> Any:
         name = self.buf.act.name
+        ones = self.ones
         if name == "tanh":
-            torch.tanh(z, out=s)
-            torch.addcmul(self.ones, s, s, value=-1.0, out=ds)
+            def act(z: Tensor, s: Tensor, ds: Tensor) -> None:
+                torch.tanh(z, out=s)
+                torch.addcmul(ones, s, s, value=-1.0, out=ds)
         elif name == "sigmoid":
-            torch.sigmoid(z, out=s)
-            torch.addcmul(s, s, s, value=-1.0, out=ds)
+            def act(z: Tensor, s: Tensor, ds: Tensor) -> None:
+                torch.sigmoid(z, out=s)
+                torch.addcmul(s, s, s, value=-1.0, out=ds)
         elif name == "erf":
-            torch.erf(z, out=s)
-            torch.mul(z, z, out=ds).neg_().exp_().mul_(_TWO_OVER_SQRT_PI)
+            def act(z: Tensor, s: Tensor, ds: Tensor) -> None:
+                torch.erf(z, out=s)
+                torch.mul(z, z, out=ds).neg_().exp_().mul_(_TWO_OVER_SQRT_PI)
         else:  # any other Activation: its own functions (allocating)
-            v, dv = self.buf.act.value_and_deriv(z)
-            s.copy_(v)
-            ds.copy_(dv)
+            fn = self.buf.act.value_and_deriv
 
-    def _diag_step(self, x: Tensor, y: Tensor, o: Tensor) -> None:
-        t, buf = self.buf.t, self.buf
-        c, w, b, S, P, Q = t["c"], t["w"], t["b"], t["S"], t["P"], t["Q"]
-        z, ds, gc, err = self.z, self.ds, self.gc, self.err
-        torch.bmm(w, x.unsqueeze(-1), out=z.unsqueeze(-1))  # w_i · X_k
-        z.addcmul_(b, S)
-        if self.rtrl:  # Q ← S + b Q with the old S (then × σ'(z) below)
-            torch.addcmul(S, Q, b, out=Q)
-        else:
-            Q.copy_(S)
-        self._act(z, S, ds)  # S ← σ(z), ds ← σ'(z)
-        Q.mul_(ds)
-        ds3 = ds.unsqueeze(-1)
-        if self.rtrl:  # P ← σ'(z)(X_k + b P)
-            torch.addcmul(x.unsqueeze(1), P, b.unsqueeze(-1), out=P).mul_(ds3)
-        else:
-            torch.mul(ds3, x.unsqueeze(1), out=P)
-        torch.bmm(c.unsqueeze(1), S.unsqueeze(-1), out=self.yh)  # Σ c_i S_i
-        torch.mul(self.yh.view(-1), buf.scale, out=o)  # Ŷ_k
-        torch.sub(y, o, out=err).mul_(buf.eta)  # α_N N^{-β} (Y − Ŷ)
-        torch.mul(c, err.unsqueeze(-1), out=gc)  # c from before the step
-        w.addcmul_(P, gc.unsqueeze(-1))
-        b.addcmul_(Q, gc)
-        c.addcmul_(S, err.unsqueeze(-1))
+            def act(z: Tensor, s: Tensor, ds: Tensor) -> None:
+                v, dv = fn(z)
+                s.copy_(v)
+                ds.copy_(dv)
+        return act
 
-    def _feedback_step(self, x: Tensor, y: Tensor, o: Tensor) -> None:
-        t, buf = self.buf.t, self.buf
-        c, w, b, m, dc, dw, db = (t[k] for k in ("c", "w", "b", "m", "dc", "dw", "db"))
-        z, H, dH, cd, err = self.z, self.H, self.ds, self.cd, self.err
-        m2, sc2 = m.unsqueeze(-1), buf.scale.unsqueeze(-1)
-        torch.bmm(w, x.unsqueeze(-1), out=z.unsqueeze(-1))
-        z.addcmul_(b, m2)  # z = w·X_k + b m_k
-        self._act(z, H, dH)
-        torch.bmm(c.unsqueeze(1), H.unsqueeze(-1), out=self.yh)
-        torch.mul(self.yh.view(-1), buf.scale, out=o)  # Ŷ_k
-        torch.mul(c, dH, out=cd).mul_(sc2)  # N^{-β} c_i σ'(z_i)
-        x1, cd3 = x.unsqueeze(1), cd.unsqueeze(-1)
-        if self.rtrl:  # G = D + g ∂m/∂θ, g = Σ cd_i b_i
-            torch.bmm(cd.unsqueeze(1), b.unsqueeze(-1), out=self.g)
-            g2 = self.g.view(-1, 1)
-            dc.mul_(g2).addcmul_(H, sc2)
-            dw.mul_(g2.unsqueeze(-1)).addcmul_(cd3, x1)
-            db.mul_(g2).addcmul_(cd, m2)
-        else:
-            torch.mul(H, sc2, out=dc)
-            torch.mul(cd3, x1, out=dw)
-            torch.mul(cd, m2, out=db)
-        m.copy_(o)
-        torch.sub(y, o, out=err).mul_(buf.lr)  # α_N (Y − Ŷ)
-        err2 = err.unsqueeze(-1)
-        c.addcmul_(dc, err2)
-        w.addcmul_(dw, err2.unsqueeze(-1))
-        b.addcmul_(db, err2)
+    def _diag_step(self) -> Any:
+        """x_col (E,d,1), x_row (E,1,d), y (E,), o (E,) -> one step of theory §3."""
+        buf, act, rtrl = self.buf, self._act(), self.rtrl
+        c, w, b, S, P, Q = (buf.t[k] for k in ("c", "w", "b", "S", "P", "Q"))
+        z, ds, gc, err, yh = self.z, self.ds, self.gc, self.err, self.yh
+        z3, b3, ds3, gc3, err2 = (z.unsqueeze(-1), b.unsqueeze(-1), ds.unsqueeze(-1),
+                                  gc.unsqueeze(-1), err.unsqueeze(-1))
+        c_row, S_col, yh1 = c.unsqueeze(1), S.unsqueeze(-1), yh.view(-1)
+        uniform, scale_f, eta_f, scale_t, eta_t = (self.uniform, self.scale_f, self.eta_f,
+                                                    buf.scale, buf.eta)
+
+        def step(x_col: Tensor, x_row: Tensor, y: Tensor, o: Tensor) -> None:
+            torch.bmm(w, x_col, out=z3)  # w_i · X_k
+            z.addcmul_(b, S)
+            if rtrl:  # Q ← S + b Q with the old S (× σ'(z) below)
+                torch.addcmul(S, Q, b, out=Q)
+            else:
+                Q.copy_(S)
+            act(z, S, ds)  # S ← σ(z), ds ← σ'(z)
+            Q.mul_(ds)
+            if rtrl:  # P ← σ'(z)(X_k + b P)
+                torch.addcmul(x_row, P, b3, out=P).mul_(ds3)
+            else:
+                torch.mul(ds3, x_row, out=P)
+            torch.bmm(c_row, S_col, out=yh)  # Σ c_i S_i
+            if uniform:
+                torch.mul(yh1, scale_f, out=o)  # Ŷ_k
+                torch.sub(y, o, out=err)  # Y − Ŷ
+                torch.mul(c, err2, out=gc)  # c from before the step
+                w.addcmul_(P, gc3, value=eta_f)
+                b.addcmul_(Q, gc, value=eta_f)
+                c.addcmul_(S, err2, value=eta_f)
+            else:
+                torch.mul(yh1, scale_t, out=o)
+                torch.sub(y, o, out=err).mul_(eta_t)  # α_N N^{-β} (Y − Ŷ)
+                torch.mul(c, err2, out=gc)
+                w.addcmul_(P, gc3)
+                b.addcmul_(Q, gc)
+                c.addcmul_(S, err2)
+        return step
+
+    def _feedback_step(self) -> Any:
+        """x_col (E,d,1), x_row (E,1,d), y (E,), o (E,) -> one step of theory §6."""
+        buf, act, rtrl = self.buf, self._act(), self.rtrl
+        c, w, b, m, dc, dw, db = (buf.t[k] for k in ("c", "w", "b", "m", "dc", "dw", "db"))
+        z, H, dH, cd, err, yh, g = self.z, self.H, self.ds, self.cd, self.err, self.yh, self.g
+        z3, m2, sc2 = z.unsqueeze(-1), m.unsqueeze(-1), buf.scale.unsqueeze(-1)
+        c_row, H_col, yh1, cd_row, b_col = (c.unsqueeze(1), H.unsqueeze(-1), yh.view(-1),
+                                            cd.unsqueeze(1), b.unsqueeze(-1))
+        cd3, g2, err2 = cd.unsqueeze(-1), g.view(-1, 1), err.unsqueeze(-1)
+        g3, err3, lr_t = g2.unsqueeze(-1), err2.unsqueeze(-1), buf.lr
+
+        def step(x_col: Tensor, x_row: Tensor, y: Tensor, o: Tensor) -> None:
+            torch.bmm(w, x_col, out=z3)
+            z.addcmul_(b, m2)  # z = w·X_k + b m_k
+            act(z, H, dH)
+            torch.bmm(c_row, H_col, out=yh)
+            torch.mul(yh1, buf.scale, out=o)  # Ŷ_k
+            torch.mul(c, dH, out=cd).mul_(sc2)  # N^{-β} c_i σ'(z_i)
+            if rtrl:  # G = D + g ∂m/∂θ, g = Σ cd_i b_i
+                torch.bmm(cd_row, b_col, out=g)
+                dc.mul_(g2).addcmul_(H, sc2)
+                dw.mul_(g3).addcmul_(cd3, x_row)
+                db.mul_(g2).addcmul_(cd, m2)
+            else:
+                torch.mul(H, sc2, out=dc)
+                torch.mul(cd3, x_row, out=dw)
+                torch.mul(cd, m2, out=db)
+            m.copy_(o)
+            torch.sub(y, o, out=err).mul_(lr_t)  # α_N (Y − Ŷ)
+            c.addcmul_(dc, err2)
+            w.addcmul_(dw, err3)
+            b.addcmul_(db, err2)
+        return step
 
 
 class _BlockEngine:
@@ -672,11 +711,10 @@ class _BlockEngine:
         torch.cuda.current_stream(buf.device).wait_stream(side)
         for t, v in zip(buf.mutable(), snapshot, strict=True):  # undo the warm-up steps
             t.copy_(v)
-        pool = torch.cuda.graph_pool_handle()
         self.graphs = {}
         for n in self.sizes:  # capture records kernels without running them: the state is intact
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
+            g = torch.cuda.CUDAGraph()  # (own memory pool: graphs replay in any order)
+            with torch.cuda.graph(g):
                 self._steps(n)
             self.graphs[n] = g
         self._ptrs = buf.ptrs()
@@ -708,6 +746,7 @@ def _resolve_backend(backend: str, buf: _Buffers) -> str:
     if buf.device.type == "cuda":
         return "graphs"
     if buf.device.type == "cpu" and buf.dtype in (torch.float32, torch.float64) and \
+            all(t.is_contiguous() for t in buf.mutable()) and \
             kernel_library(buf.d, buf.act.name) is not None:
         return "kernel"
     return "eager"
@@ -808,18 +847,23 @@ class FastStepper:
         return self.run_chunk(x.unsqueeze(0), Y.to(x.device))[0]
 
 
-_STEPPERS: weakref.WeakKeyDictionary[Any, FastStepper] = weakref.WeakKeyDictionary()
+_STEPPERS: OrderedDict[int, FastStepper] = OrderedDict()  # id(state) -> stepper, a small LRU
 
 
 def fast_step(model: MeanFieldRNN, state: OnlineState | FeedbackState, x: Tensor,
               y: Tensor | float, lr: float, gradient: str = "rtrl") -> Tensor:
     """Drop-in for ``rtrl_step`` (same arguments, same result to round-off). ``x`` (d,) runs one
     step and returns Ŷ_k (0-dim); ``x`` (T, d) with ``y`` (T,) runs T steps and returns Ŷ (T,).
-    The stepper behind it is cached per ``state`` object."""
-    st = _STEPPERS.get(state)
-    if st is None or st.model is not model or st.lr != float(lr) or st.gradient != gradient:
+    The stepper behind it is cached per ``state`` object (the last few)."""
+    st = _STEPPERS.get(id(state))
+    if st is None or st.state is not state or st.model is not model or st.lr != float(lr) \
+            or st.gradient != gradient:
         st = FastStepper(model, lr, gradient, state)
-        _STEPPERS[state] = st
+        _STEPPERS[id(state)] = st
+        while len(_STEPPERS) > 8:
+            _STEPPERS.popitem(last=False)
+    else:
+        _STEPPERS.move_to_end(id(state))
     if x.dim() == 1:
         return st.step(x, y)
     return st.run_chunk(x, y)

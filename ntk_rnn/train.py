@@ -297,6 +297,8 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------
     def _stream(self, start: int):
         """The data sequence from element ``start`` on (replayed from its seed: exact resume)."""
+        if start >= self.n_steps:
+            return
         chunk = int(self.cfg.train.chunk_size)
         gen = generator(self.seeds["data"])
         seen = 0
@@ -349,8 +351,6 @@ class Trainer:
                 if stop.signum is not None and self.step < self.n_steps:
                     self._interrupt(stop.signum)
                 for X, Y in self._stream(self.step):
-                    if self.step >= self.n_steps:
-                        break
                     X = X[: self.n_steps - self.step].to(dev, dtype)
                     Y = Y[: self.n_steps - self.step].to(dev, dtype)
                     snapshot = self._snapshot()  # the last good state, in case this chunk diverges
@@ -378,6 +378,8 @@ class Trainer:
                         if stop.signum is not None and self.step < self.n_steps:
                             self._record(k0, Y[: j + 1], y_hat[: j + 1], snapshot)
                             self._interrupt(stop.signum)
+                    if self.step >= self.n_steps:  # not one chunk more: a file may end here
+                        break
             except BaseException as exc:
                 if isinstance(exc, (TrainingDiverged, TrainingInterrupted)):
                     for cb in self.callbacks:
@@ -436,7 +438,8 @@ class Trainer:
         """Store (Y − Ŷ)² of this chunk so far; stop with the last good state on NaN/Inf/blow-up."""
         err2 = (Y - y_hat).double().cpu() ** 2
         self.sq_err[k0: k0 + err2.shape[0]] = err2
-        bound = float(self.cfg.train.divergence_threshold) ** 2
+        thr = float(self.cfg.train.divergence_threshold)
+        bound = thr * thr  # (inf for a huge threshold; ** would raise OverflowError)
         bad = ~torch.isfinite(err2) | (err2 > bound)
         if bad.any():
             k_bad = k0 + int(bad.nonzero()[0, 0])

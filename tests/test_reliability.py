@@ -4,6 +4,7 @@ ends bit-identical to an uninterrupted run with each logged step once, checksumm
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -280,10 +281,10 @@ CLI_RUN = ["model.width=8", "train.steps=10000", "dtype=float64", "callbacks=[nt
            "callbacks.checkpoint.every_n_steps=500"]
 
 
-def start_cli(run_dir: Path) -> subprocess.Popen:
+def start_cli(run_dir: Path, *extra: str, run=CLI_RUN) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT), HYDRA_FULL_ERROR="0")
-    return subprocess.Popen([sys.executable, "-m", "ntk_rnn.train", *CLI_RUN,
-                             f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "ntk_rnn.train", *run,
+                             f"hydra.run.dir={run_dir}", *extra], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -337,6 +338,32 @@ def test_sigterm_cli_leaves_checkpoint_and_clear_message(tmp_path, cli_reference
     r = run_cli(*CLI_RUN, f"hydra.run.dir={d}", "train.resume=auto")
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_run(*cli_reference, d, json.loads((d / "metrics.json").read_text()))
+
+
+@pytest.mark.slow
+def test_repeated_random_kills_lose_nothing(tmp_path):
+    """SIGKILL/SIGTERM at random moments (start-up, training, checkpoint writes), again and
+    again on the same run directory with train.resume=auto; the run still ends bit-identical."""
+    run = [a.replace("train.steps=10000", "train.steps=40000") for a in CLI_RUN]
+    ref = tmp_path / "reference"
+    r = run_cli(*run, f"hydra.run.dir={ref}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rng = random.Random(int(os.environ.get("NTK_RNN_KILL_SEED", "0")))
+    d, kills, mid_write = tmp_path / "run", 0, 0
+    for _ in range(int(os.environ.get("NTK_RNN_KILLS", "8"))):
+        proc = start_cli(d, "train.resume=auto", run=run)
+        time.sleep(rng.uniform(1.0, 6.0))
+        if proc.poll() is not None:  # finished before the signal
+            break
+        proc.send_signal(rng.choice([signal.SIGKILL, signal.SIGTERM]))
+        proc.communicate(timeout=120)
+        kills += 1
+        mid_write += bool(list((d / "checkpoints").glob(".*.tmp")))
+    r = run_cli(*run, f"hydra.run.dir={d}", "train.resume=auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    print(f"\n{kills} kills ({mid_write} during a checkpoint write), run intact")
+    assert_same_run(ref, json.loads((ref / "metrics.json").read_text()), d,
+                    json.loads((d / "metrics.json").read_text()))
 
 
 # --- checkpoint files --------------------------------------------------------------------------

@@ -121,12 +121,13 @@ def _phi(w: Tensor, b: Tensor, cfac, act: Activation, x: Tensor, truncated: bool
     return torch.cat([S.unsqueeze(-1), cfac * torch.cat([P, Q.unsqueeze(-1)], -1)], -1)
 
 
-def _gram_sums(w, b, cfac, weight, act, xa, xb, truncated, chunk) -> Tensor:
+def _gram_sums(w, b, cfac, weight, act, xa, xb, truncated, chunk, out=None) -> Tensor:
     """Σ_j ω_j φ_j(xa)·φ_j(xb) for R groups of points: w (R, M, d), b, cfac, weight (R, M) or
-    None (ω = 1) → (R, n, m). Batches of ``chunk`` points (all groups together)."""
+    None (ω = 1) → (R, n, m), added to ``out`` if given. Batches of ``chunk`` points (all
+    groups together); xb None means xb = xa."""
     R, M, d = w.shape
     n, m = xa.shape[0], (xa if xb is None else xb).shape[0]
-    G = xa.new_zeros(R, n, m)
+    G = xa.new_zeros(R, n, m) if out is None else out
     step = max(1, chunk // R)
     for s in range(0, M, step):
         sl = slice(s, min(M, s + step))
@@ -269,8 +270,8 @@ def limit_ntk(
         generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
     dev = xa.device
     c2 = law.c_second_moment()
-    gram = lambda w, b, cfac, weight: _gram_sums(  # noqa: E731
-        w, b, cfac, weight, act, xa, xb, truncated, chunk_size)
+    gram = lambda w, b, cfac, weight, out=None: _gram_sums(  # noqa: E731
+        w, b, cfac, weight, act, xa, xb, truncated, chunk_size, out)
 
     if method == "quadrature":
         return _quadrature(law, d, gram, c2, tol, max_points, dev, xb is None and not truncated)
@@ -281,7 +282,7 @@ def limit_ntk(
         root = int(torch.randint(0, 2**62, (1,), generator=generator))
         engines = [qmc.Sobol(d + 1, scramble=True, seed=np.random.default_rng(s))
                    for s in np.random.SeedSequence(root).spawn(R)]
-    count, G = 0, None
+    count, G = 0, xa.new_zeros(R, n, m)  # per-replicate Gram sums
     per_rep = max(64, min(1024, max_points // R))
     while True:
         new = per_rep if count == 0 else count
@@ -294,8 +295,7 @@ def limit_ntk(
             c, w, b = law.sample(R * new, d, generator, dtype=_F64, device=dev)
             w, b = w.reshape(R, new, d), b.reshape(R, new)
             cfac = c.reshape(R, new) if law.is_custom else math.sqrt(c2)
-        Gnew = gram(w, b, cfac, None)
-        G = Gnew if G is None else G + Gnew
+        gram(w, b, cfac, None, out=G)
         count += new
         value, half = _replicate_result(G, count)
         if xb is None and not truncated:
