@@ -184,6 +184,10 @@ def scaling_table(min_log2: int, max_log2: int, d: int, target: float, device: s
         if any(math.isnan(v) for v in t) or len(t) < 3:
             continue
         a, b, nk = knee(Ns, t)
+        if b <= 0 or a <= 0:
+            print(f"  {k:>15}: no clean a + b N fit (cost {t[0] * 1e6:.0f} us at N={Ns[0]}, "
+                  f"{t[-1] * 1e6:.0f} us at N={Ns[-1]}): overhead/contention dominated")
+            continue
         print(f"  {k:>15}: a = {a * 1e6:8.2f} us, b = {b * 1e9:7.3f} ns/unit, "
               f"N_knee ~ {nk:,.0f}")
 

@@ -44,8 +44,9 @@ class EnsembleStepper:
 
     ``lr`` (α_N, one value or one per member) or ``alpha`` (then lr_e = α_e N^{2β_e−2}).
     ``states``: initial online states (default zeros). ``bind=True`` rebinds each model's
-    parameters to views of the stacked buffers (no copies ever needed; ``to_models()`` is then a
-    no-op); ``bind=False`` leaves the models alone until ``to_models()`` copies into them.
+    parameters, and the fields of each given state, to views of the stacked buffers (no copies
+    ever needed; ``to_models()`` is then a no-op); ``bind=False`` leaves the models and states
+    alone (``self.states`` are new objects) until ``to_models()`` copies the parameters back.
     ``shared_stream``: True = X (T, d) only, False = X (E, T, d) only, None = either.
     ``threads`` (kernel backend): members split over that many threads.
     """
@@ -81,6 +82,7 @@ class EnsembleStepper:
         self.models, self.gradient, self.bind = models, gradient, bool(bind)
         self.shared_stream = shared_stream
         self.recurrence = m0.recurrence
+        given_states = states is not None
         if states is None:
             states = [OnlineState.zeros(m) for m in models]
         states = list(states)
@@ -98,8 +100,15 @@ class EnsembleStepper:
             t[k] = torch.stack([st.state_dict()[k].detach() for st in states]).contiguous()
         self.buf = _Buffers(self.recurrence, m0.act, t, self.lr,
                             [m.output_scale for m in models])
-        # each member's state: views of the stacked state (the passed-in objects are not used)
-        self.states = [want(**{k: t[k][e] for k in names}) for e in range(E)]
+        # each member's state holds views of the stacked state: with bind=True the passed-in
+        # state objects themselves are rebound (so whoever holds them sees the live values)
+        if self.bind and given_states:
+            for e, st in enumerate(states):
+                for k in names:
+                    setattr(st, k, t[k][e])
+            self.states = states
+        else:
+            self.states = [want(**{k: t[k][e] for k in names}) for e in range(E)]
         if self.bind:
             for e in range(E):
                 self._bind(e)

@@ -14,7 +14,9 @@ Backends (``backend=``):
     dimension and activation) runs the whole chunk: per step ONE pass over the units, the update of
     step k fused with the forward/RTRL recursion of step k+1 (they only share the scalar Ŷ_k), σ
     vectorised through glibc's libmvec where available. A self-check against the eager backend
-    runs once per build; any failure falls back to ``"eager"`` (see :func:`kernel_status`).
+    runs once per process and kernel; any failure falls back to ``"eager"`` (see
+    :func:`kernel_status`; ``NTK_RNN_NO_KERNEL=1`` disables it, ``NTK_RNN_KERNEL_CACHE`` moves
+    the cache, ``NTK_RNN_FAST_BACKEND`` overrides ``backend="auto"``).
 ``"eager"``  (any device)
     Preallocated buffers and ``out=`` / in-place torch ops, ~16 ops per step whatever E and N.
 ``"graphs"``  (CUDA; the default on CUDA)
@@ -434,8 +436,10 @@ class _Buffers:
 
     def bump_versions(self) -> None:
         """In-place writes through raw pointers bypass autograd's version counters: bump them."""
-        for t in self.mutable():
-            torch.autograd.graph.increment_version(t)
+        bump = getattr(torch.autograd.graph, "increment_version", None)
+        if bump is not None:
+            for t in self.mutable():
+                bump(t)
 
 
 def _check_chunk(buf: _Buffers, X: Tensor, Y: Any, out: Tensor | None, single: bool

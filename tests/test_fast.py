@@ -285,3 +285,15 @@ def test_cuda_default_is_graphs_and_ensemble_matches_solo():
         out_ref, st_ref = reference(m_ref, X[e], Y[e], m_ref.learning_rate(ALPHAS[e]))
         m_e, st_e = ens.member(e)
         assert_same(m_e, st_e, out[e], m_ref, st_ref, out_ref, tol=1e-12)
+
+
+def test_ensemble_binds_given_states():
+    """States handed in (e.g. a trainer's OnlineState objects) stay the live state objects."""
+    ms = members()
+    states = [OnlineState.zeros(m) for m in ms]
+    ens = EnsembleStepper(ms, alpha=2.0, states=states)
+    X, Y = data(50, E=3)
+    ens.run_chunk(X, Y)
+    assert all(a is b for a, b in zip(ens.states, states, strict=True))
+    assert states[0].S.abs().max() > 0
+    assert states[2].P.data_ptr() == ens.buf.t["P"][2].data_ptr()

@@ -22,6 +22,17 @@ f64 = torch.float64
 GAUSS = InitLaw(b="normal", rho=1.0)
 
 
+@pytest.fixture(autouse=True)
+def _seed_and_one_thread():
+    """Fixed inputs; one intra-op thread: these tests run many small ops, which on a shared,
+    busy machine are ~10× slower with two contending OpenMP threads than with one."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def fmodel(d=2, N=19, beta=0.7, act="tanh", init=GAUSS, seed=2, dtype=f64):
     return MeanFieldRNN(d, N, beta=beta, activation=act, recurrence="feedback", init=init,
                         dtype=dtype, seed=seed)
@@ -190,9 +201,11 @@ def test_cell_ntk_equals_torch_func_jacobian(act):
     a, a2 = torch.randn(6, 4, dtype=f64), torch.randn(5, 4, dtype=f64)
     cell = _Cell(m)
     params = {k: p.detach() for k, p in cell.named_parameters()}
-    jac = lambda z: torch.cat([v.reshape(z.shape[0], -1) for v in vmap(  # noqa: E731
-        jacrev(lambda p, r: functional_call(cell, p, (r,))), in_dims=(None, 0))(params, z).values()],
-        1)
+
+    def jac(z):  # per-row Jacobians of the cell, flattened over (c, w, b)
+        J = vmap(jacrev(lambda p, r: functional_call(cell, p, (r,))), in_dims=(None, 0))(params, z)
+        return torch.cat([v.reshape(z.shape[0], -1) for v in J.values()], 1)
+
     K = m.ntk_scale * jac(a) @ jac(a2).T
     torch.testing.assert_close(cell_ntk(m, a, a2), K, rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(cell_ntk(m, a), m.ntk_scale * jac(a) @ jac(a).T, rtol=1e-10,
@@ -216,15 +229,15 @@ def _mc_cell_kernel(model, a, n=2**17, reps=8, seed=1):
 def test_limit_cell_kernel_against_monte_carlo(act, method):
     m = fmodel(d=2, act=act, init=InitLaw(b="normal", rho=0.7, w_scale=1.5))
     a = torch.cat([torch.randn(6, 2, dtype=f64) * 1.5, torch.rand(6, 1, dtype=f64) * 2 - 1], 1)
-    lim = limit_cell_ntk(m, a, tol=1e-7)
-    assert lim.method == method and lim.error <= 1e-7 and lim.converged
+    lim = limit_cell_ntk(m, a, tol=1e-5)
+    assert lim.method == method and lim.error <= 1e-5 and lim.converged
     mc, se = _mc_cell_kernel(m, a)
     z = (lim.value - mc).abs() / se
     assert float(z.max()) < 4.0, z
     if act == "erf":  # the 2-D quadrature reproduces the closed form
         a = a / 3  # small Σ: the quadratures resolve erf' = e^{-z²} quickly (Gauss–Hermite too)
         for rule in ("trapezoid", "hermite"):
-            q = limit_cell_ntk(m, a, method="quadrature", rule=rule, tol=1e-9, max_nodes=128)
+            q = limit_cell_ntk(m, a, method="quadrature", rule=rule, tol=1e-9, max_nodes=300)
             assert q.converged
             torch.testing.assert_close(q.value, limit_cell_ntk(m, a).value, rtol=0, atol=1e-9)
 
@@ -284,9 +297,9 @@ def test_coupled_limit_without_memory_is_the_kernel_recursion():
 def test_coupled_limit_converges_under_refinement():
     """dt halved and M doubled: the probe outputs at t = 1 settle (Euler O(dt) + sample
     O(M^{-1/2})); at fixed M the dt-differences halve (first order)."""
-    (X, Y), P = _sample(512, 10)
+    (X, Y), P = _sample(512, 8)
     m = fmodel(d=1)
-    lim = lambda: FeedbackLimit.from_model(m, n_features=512)  # noqa: E731
+    lim = lambda: FeedbackLimit.from_model(m, n_features=256)  # same quadrature K_J  # noqa: E731
     run = lambda dt, M: solve_feedback_limit(  # noqa: E731
         m, X[:M], Y[:M], alpha=4.0, horizon=1.0, dt=dt, probes=P, limit=lim())
     rms = lambda a, b: float((a.h_probes[-1] - b.h_probes[-1]).pow(2).mean().sqrt())  # noqa: E731
@@ -301,10 +314,10 @@ def test_coupled_limit_converges_under_refinement():
 
 
 def test_rtrl_and_truncated_limits_differ_by_the_memory_terms():
-    (X, Y), P = _sample(128, 10)
+    (X, Y), P = _sample(128, 8)
     m = fmodel(d=1)
     sols = {g: solve_feedback_limit(m, X, Y, 4.0, 1.0, 0.125, probes=P, gradient=g,
-                                    n_features=512) for g in ("rtrl", "truncated")}
+                                    n_features=256) for g in ("rtrl", "truncated")}
     d = float((sols["rtrl"].h_probes - sols["truncated"].h_probes).abs().max())
     assert 1e-4 < d < 0.2  # equal at first order; apart once ∂_s h_t = O(1)
     torch.testing.assert_close(sols["rtrl"].h_probes[:2], sols["truncated"].h_probes[:2])

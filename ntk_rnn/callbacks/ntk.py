@@ -70,9 +70,10 @@ class NTKCallback(Callback):
             raise ConfigError(f"{f}.n_probes={self.n_probes} must be >= 2")
         if self.probe_length < 1:
             raise ConfigError(f"{f}.probe_length={self.probe_length} must be >= 1")
-        for key in ("image_every", "hist_every"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{f}.{key}_n_steps must be >= 0 (0 = off)")
+        for key, attr in (("image_every_n_steps", "image_every"),
+                          ("histogram_every_n_steps", "hist_every")):
+            if getattr(self, attr) < 0:
+                raise ConfigError(f"{f}.{key}={getattr(self, attr)} must be >= 0 (0 = off)")
         if not 1 <= self.top_k <= self.n_probes:
             raise ConfigError(f"{f}.top_k={self.top_k} must be in [1, n_probes={self.n_probes}]")
         avail = getattr(state.source, "num_steps", None)

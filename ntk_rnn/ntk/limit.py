@@ -38,7 +38,6 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -190,7 +189,7 @@ def _tensor_rule(axes, res: tuple[int, int]) -> tuple[Tensor, Tensor]:
 
 
 # --- the estimator -----------------------------------------------------------------------------
-def _check(model, x: Tensor, x2: Optional[Tensor], method: str, tol: float) -> str:
+def _check(model, x: Tensor, x2: Tensor | None, method: str, tol: float) -> str:
     if getattr(model, "recurrence", "diagonal") != "diagonal":
         raise ConfigError("limit_ntk supports Model D (model.recurrence='diagonal') only")
     if method not in METHODS:
@@ -233,12 +232,12 @@ def _replicate_result(G: Tensor, count: int) -> tuple[Tensor, Tensor]:
 def limit_ntk(
     model,
     x: Tensor,
-    x2: Optional[Tensor] = None,
+    x2: Tensor | None = None,
     tol: float = 5e-4,
     method: str = "auto",
-    generator: Optional[torch.Generator] = None,
-    seed: Optional[int] = None,
-    chunk_size: Optional[int] = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    chunk_size: int | None = None,
     replicates: int = 8,
     max_points: int = 2**22,
     truncated: bool = False,
@@ -275,17 +274,22 @@ def limit_ntk(
 
     if method == "quadrature":
         return _quadrature(law, d, gram, c2, tol, max_points, dev, xb is None and not truncated)
+    return _replicated(method, law, d, gram, c2, tol, max_points, replicates, generator,
+                       xa.new_zeros(replicates, n, m), xb is None and not truncated)
 
-    R = replicates
-    axes = _axes(law, d)
+
+def _replicated(method, law, d, gram, c2, tol, max_points, R, generator, G, symmetric):
+    """rqmc / mc: R independent replicate estimates G_r/count, points per replicate doubling
+    (Sobol' sequences extended, Monte Carlo draws added) until t·std/√R ≤ tol everywhere."""
+    axes, dev = _axes(law, d), G.device
     if method == "rqmc":
         root = int(torch.randint(0, 2**62, (1,), generator=generator))
         engines = [qmc.Sobol(d + 1, scramble=True, seed=np.random.default_rng(s))
                    for s in np.random.SeedSequence(root).spawn(R)]
-    count, G = 0, xa.new_zeros(R, n, m)  # per-replicate Gram sums
-    per_rep = max(64, min(1024, max_points // R))
+    count = 0
+    first = 2 ** int(math.log2(max(64, min(1024, max_points // R))))  # a power of 2 for Sobol'
     while True:
-        new = per_rep if count == 0 else count
+        new = first if count == 0 else count
         if method == "rqmc":
             u = np.stack([e.random(new) for e in engines])  # extends each sequence
             u = torch.from_numpy(np.clip(u, 2.0**-60, 1.0 - 2.0**-53)).to(dev)
@@ -294,18 +298,17 @@ def limit_ntk(
         else:
             c, w, b = law.sample(R * new, d, generator, dtype=_F64, device=dev)
             w, b = w.reshape(R, new, d), b.reshape(R, new)
-            cfac = c.reshape(R, new) if law.is_custom else math.sqrt(c2)
+            cfac = c.reshape(R, new) if law.is_custom else math.sqrt(c2)  # custom: c as drawn
         gram(w, b, cfac, None, out=G)
         count += new
         value, half = _replicate_result(G, count)
-        if xb is None and not truncated:
+        if symmetric:
             value, half = _sym(value), _sym(half)
         err = float(half.max())
-        if err <= tol:
-            return LimitKernel(value, err, half, method, R * count, True)
-        if 2 * R * count > max_points:
-            _warn(method, err, tol, R * count, max_points)
-            return LimitKernel(value, err, half, method, R * count, False)
+        if err <= tol or 2 * R * count > max_points:
+            if err > tol:
+                _warn(method, err, tol, R * count, max_points)
+            return LimitKernel(value, err, half, method, R * count, err <= tol)
 
 
 def _quadrature(law, d, gram, c2, tol, max_points, dev, symmetric) -> LimitKernel:
