@@ -124,7 +124,16 @@ class NTKCallback(Callback):
         model = state.model
 
         def compute() -> dict:
-            lim = limit_ntk(model, self.probes, tol=self.limit_tol, method=self.limit_method)
+            if model.recurrence == "feedback":
+                # Model F at initialisation: the memory is h_0 = 0 and ∂_s f = O(N^{1/2-β}) → 0,
+                # so the window NTK tends to the cell kernel at (x_L, 0) (theory §6)
+                from ..limit.feedback import limit_cell_ntk
+
+                xs = torch.cat([self.probes[:, -1], self.probes.new_zeros(len(self.probes), 1)],
+                               dim=1)
+                lim = limit_cell_ntk(model, xs, tol=self.limit_tol, method=self.limit_method)
+            else:
+                lim = limit_ntk(model, self.probes, tol=self.limit_tol, method=self.limit_method)
             return {"value": lim.value, "error": float(lim.error)}
 
         if self.probe_seed is None or getattr(model.init_law, "is_custom", False):
@@ -167,7 +176,8 @@ class NTKCallback(Callback):
                 s[f"drift_{name}"] = M.relative_frobenius(blocks[name], self.K0_blocks[name])
         for i, ev in enumerate(M.top_eigenvalues(K, self.top_k)):
             s[f"eig_{i + 1}"] = ev
-        if getattr(state.cfg.train, "gradient", "rtrl") == "truncated":
+        if (getattr(state.cfg.train, "gradient", "rtrl") == "truncated"
+                and state.model.recurrence == "diagonal"):
             Kt = training_kernel(state.model, self.probes, gradient="truncated")
             s["train_kernel_drift_from_init"] = M.relative_frobenius(Kt, self.K0)
             s["train_kernel_asymmetry"] = (Kt - Kt.T).norm() / Kt.norm()

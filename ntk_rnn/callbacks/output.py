@@ -32,8 +32,10 @@ class OutputTrackingCallback(Callback):
     def __init__(self, every_n_steps: int = 64, n_probes: int = 64, probe_length: int = 24,
                  M: int = 1024, samples: int = 2, limit_tol: float = 5e-4,
                  probe_seed: Optional[int] = 12345, cache_dir: Optional[str] = None,
-                 every_t: Optional[float] = None) -> None:
+                 every_t: Optional[float] = None, dt: float = 0.05,
+                 n_features: int = 2048) -> None:
         super().__init__(every_n_steps, every_t)
+        self.dt, self.n_features = float(dt), int(n_features)
         self.n_probes, self.probe_length = int(n_probes), int(probe_length)
         self.M, self.samples, self.limit_tol = int(M), int(samples), float(limit_tol)
         self.probe_seed = probe_seed
@@ -48,9 +50,8 @@ class OutputTrackingCallback(Callback):
         for key in ("n_probes", "probe_length", "M", "samples"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{f}.{key}={getattr(self, key)} must be >= 1")
-        if state.model.recurrence != "diagonal":
-            raise ConfigError(f"{f}: output tracking needs the Model D limit ODE "
-                              "(model.recurrence=diagonal)")
+        if not self.dt > 0:
+            raise ConfigError(f"{f}.dt={self.dt} must be > 0 (time step of the Model F solver)")
         if getattr(state.model.init_law, "is_custom", False):
             raise ConfigError(f"{f}: the limit ODE needs a built-in initial law, not "
                               "model.init.sampler")
@@ -81,9 +82,38 @@ class OutputTrackingCallback(Callback):
         return LimitODE.from_kernels(d["K_MM"], d["Y_M"], d["K_xM"], alpha,
                                      float(d["kernel_error"]))
 
+    def _build_feedback(self, state: TrainState) -> "_FeedbackTrack":
+        """Model F: the coupled limit (theory §6) on the probes on a grid of step ``dt`` up to the
+        horizon, from ``samples`` independent π-samples (their spread is the error); cached."""
+        from ..limit.feedback import solve_feedback_limit
+
+        cfg, alpha = state.cfg, float(state.cfg.train.alpha)
+        horizon = state.n_steps / state.model.width
+        spec = {"data": cfg.data, "activation": cfg.model.activation, "init": cfg.model.init,
+                "input_dim": state.model.input_dim, "alpha": alpha, "M": self.M,
+                "samples": self.samples, "L": self.probe_length, "n": self.n_probes,
+                "probe_seed": self.probe_seed, "dtype": cfg.dtype, "dt": self.dt,
+                "J": self.n_features, "horizon": horizon, "gradient": cfg.train.gradient,
+                "run_seed": int(cfg.seed) if self.probe_seed is None else None}
+
+        def compute() -> dict:
+            hs = []
+            for r in range(self.samples):
+                X, Y = state.source.windows(self.M, self.probe_length, self._gen)
+                sol = solve_feedback_limit(state.model, X.double(), Y.double(), alpha, horizon,
+                                           self.dt, probes=self.probes.double(),
+                                           gradient=cfg.train.gradient,
+                                           n_features=self.n_features, seed=r)
+                hs.append(sol.h_probes)
+            return {"t": sol.t, "h": torch.stack(hs)}
+
+        d = cached(self.cache_dir, "feedback_limit", spec, compute)
+        return _FeedbackTrack(d["t"], d["h"])
+
     def on_train_start(self, state: TrainState) -> None:
         if self.ode is None:
-            self.ode = self._build_ode(state)
+            self.ode = (self._build_feedback(state) if state.model.recurrence == "feedback"
+                        else self._build_ode(state))
         if state.step == 0:
             self.on_step_end(0, state)
 
@@ -133,3 +163,30 @@ class OutputTrackingCallback(Callback):
         if d:
             self.trace_t = d["trace_t"].tolist()
             self.trace_y = list(d["trace_y"].numpy())
+
+
+class _FeedbackTrack:
+    """h_t of Model F on the probes from R solver runs on a time grid (linear interpolation in t),
+    with the same ``h``/``error`` interface as LimitODE."""
+
+    def __init__(self, t: torch.Tensor, h: torch.Tensor) -> None:
+        self.t, self.hs = t.double(), h.double()  # (T,), (R, T, n)
+        self.kernel_error = 0.0
+
+    def h_samples(self, t: float) -> torch.Tensor:
+        t = min(max(float(t), 0.0), float(self.t[-1]))
+        i = min(int(torch.searchsorted(self.t, torch.tensor(t, dtype=torch.float64))),
+                len(self.t) - 1)
+        i0 = max(i - 1, 0)
+        lo, hi = float(self.t[i0]), float(self.t[i])
+        wgt = 0.0 if hi == lo else (t - lo) / (hi - lo)
+        return ((1 - wgt) * self.hs[:, i0] + wgt * self.hs[:, i]).unsqueeze(1)
+
+    def h(self, t: float) -> torch.Tensor:
+        return self.h_samples(t).mean(0)
+
+    def error(self, t: float) -> torch.Tensor:
+        hs = self.h_samples(t)
+        if hs.shape[0] < 2:
+            return torch.full(hs.shape[1:], float("nan"), dtype=torch.float64)
+        return hs.std(0) / hs.shape[0] ** 0.5

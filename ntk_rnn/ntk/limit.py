@@ -378,4 +378,4 @@ def _warn(method: str, err: float, tol: float, npts: int, budget: int) -> None:
     warnings.warn(
         f"limit_ntk(method={method!r}) stopped at the point budget max_points={budget} "
         f"({npts} points used) with estimated max error {err:.3g} > tol={tol:.3g}; "
-        "raise max_points or tol", LimitAccuracyWarning, stacklevel=3)
+        "raise max_points or tol", LimitAccuracyWarning, stacklevel=4)
