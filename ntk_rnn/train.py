@@ -428,8 +428,9 @@ class Trainer:
         name = signal.Signals(signum).name
         path = self.save(self.run_dir / "checkpoints" / f"step_{self.step:09d}.pt")
         msg = (f"stopped by {name} at step {self.step} of {self.n_steps}; the state is saved in "
-               f"{path}. Continue with train.resume=true in the same run directory (Hydra: "
-               f"hydra.run.dir={self.run_dir} train.resume=true)")
+               f"{path}. To continue, run the same command again with train.resume=true and "
+               f"hydra.run.dir={self.run_dir} (a sweep: hydra.sweep.dir=<its dir> "
+               "train.resume=auto)")
         self.write_metrics({"status": "interrupted", "steps": self.step, "signal": name,
                             "checkpoint": str(path), "error": msg})
         raise TrainingInterrupted(msg, signum=signum, step=self.step, checkpoint=path)

@@ -100,11 +100,13 @@ def test_ray_launcher_local_instance(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_ray_launcher")
     d = tmp_path / "sweep"
     r = run_cli("-m", "hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=2",
-                "+hydra.launcher.ray.init.include_dashboard=false", *TINY, "seed=0,1",
-                f"hydra.sweep.dir={d}", timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+                "+hydra.launcher.ray.init.include_dashboard=false", *TINY,
+                "model.beta=0.6,0.9,1.5", f"hydra.sweep.dir={d}", timeout=600)
+    assert r.returncode != 0 and "model.beta=1.5 is outside" in r.stderr  # the third job
     jobs = sweep.collect(d)
-    assert [(j.num, j.status) for j in jobs] == [(0, "completed"), (1, "completed")]
+    assert [(j.num, j.status) for j in jobs] == [(0, "completed"), (1, "completed"),
+                                                 (2, "failed")]
+    assert all(j.metrics["steps"] == 20 for j in jobs[:2])
 
 
 # --- resume: in-process, deterministic interruption ---------------------------------------------
@@ -229,11 +231,14 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, reference, c
     assert [p.name for p in ckpts][-2:] == ["step_000000200.pt", "step_000000237.pt"]
     latest = ckpts[-1]
     latest.write_bytes(latest.read_bytes()[:-100])  # truncated by a full disk, say
+    stale = d / "checkpoints" / ".step_000000250.pt.x1y2.tmp"  # a write cut short
+    stale.write_bytes(b"partial")
     with pytest.raises(CheckpointError, match="truncated"):
         load_checkpoint(latest)
     tr = Trainer(make_cfg(*RUN, "train.resume=true"), d)
     assert tr.step == 200 and tr.resumed_from.name == "step_000000200.pt"
     assert "step_000000237.pt is truncated" in capsys.readouterr().err
+    assert not stale.exists()
     assert_same_run(*reference, d, tr.fit())
 
 
@@ -331,7 +336,8 @@ def test_sigterm_cli_leaves_checkpoint_and_clear_message(tmp_path, cli_reference
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     lines = [ln for ln in err.splitlines() if ln.startswith("ntk_rnn: interrupted")]
     assert len(lines) == 1 and "stopped by SIGTERM at step" in lines[0]
-    assert f"hydra.run.dir={d} train.resume=true" in lines[0] and "Traceback" not in err
+    assert "train.resume=true" in lines[0] and f"hydra.run.dir={d} " in lines[0]
+    assert "Traceback" not in err
     m = json.loads((d / "metrics.json").read_text())
     assert m["status"] == "interrupted" and m["signal"] == "SIGTERM"
     assert load_checkpoint(m["checkpoint"])["step"] == m["steps"]
@@ -349,19 +355,20 @@ def test_repeated_random_kills_lose_nothing(tmp_path):
     r = run_cli(*run, f"hydra.run.dir={ref}")
     assert r.returncode == 0, r.stderr[-3000:]
     rng = random.Random(int(os.environ.get("NTK_RNN_KILL_SEED", "0")))
-    d, kills, mid_write = tmp_path / "run", 0, 0
+    d, kills, mid_write = tmp_path / "run", {"SIGKILL": 0, "SIGTERM": 0}, 0
     for _ in range(int(os.environ.get("NTK_RNN_KILLS", "8"))):
         proc = start_cli(d, "train.resume=auto", run=run)
         time.sleep(rng.uniform(0.5, 4.5))
         if proc.poll() is not None:  # finished before the signal
             break
-        proc.send_signal(rng.choice([signal.SIGKILL, signal.SIGTERM]))
+        sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
+        proc.send_signal(sig)
         proc.communicate(timeout=120)
-        kills += 1
+        kills[sig.name] += 1
         mid_write += bool(list((d / "checkpoints").glob(".*.tmp")))
     r = run_cli(*run, f"hydra.run.dir={d}", "train.resume=auto")
     assert r.returncode == 0, r.stderr[-3000:]
-    print(f"\n{kills} kills ({mid_write} during a checkpoint write), run intact")
+    print(f"\nkills: {kills} ({mid_write} during a checkpoint write), run intact")
     assert_same_run(ref, json.loads((ref / "metrics.json").read_text()), d,
                     json.loads((d / "metrics.json").read_text()))
 
