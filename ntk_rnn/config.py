@@ -52,6 +52,9 @@ class TrainConfig:
     log_every: int = 0  # 0 = about 200 points per run
     mse_window: int = 0  # running-MSE window in steps; 0 = N
     divergence_threshold: float = 1e6  # |Y - Ŷ| above this stops the run
+    # how steps run (all exact, equal to round-off): auto (compiled CPU kernel, else eager torch
+    # ops; CUDA graphs on GPU) | kernel | eager | graphs | reference (one rtrl_step per element)
+    backend: str = "auto"
     # continue from the newest good checkpoint in the run directory: true (required), false, or
     # auto (resume when one exists, else start fresh); with Hydra: hydra.run.dir=<old run dir>
     resume: Any = False
@@ -81,6 +84,7 @@ def register_configs() -> None:
 
 
 _DTYPES = ("float32", "float64")
+TRAIN_BACKENDS = ("auto", "kernel", "eager", "graphs", "reference")
 MAX_STEPS = 10**9  # the running-MSE buffer holds one float64 per step
 RESUME = (True, False, "auto")
 
@@ -105,6 +109,8 @@ def validate(cfg: DictConfig | Config) -> None:
              f"train.alpha={t.alpha} must be a finite number > 0")
     _require(t.gradient in ("rtrl", "truncated"),
              f"train.gradient={t.gradient!r}: choose 'rtrl' or 'truncated'")
+    _require(t.get("backend", "auto") in TRAIN_BACKENDS,
+             f"train.backend={t.get('backend')!r}: choose one of {list(TRAIN_BACKENDS)}")
     if t.steps is None:
         _require(t.horizon is not None and _finite(t.horizon) and float(t.horizon) > 0,
                  f"train.horizon={t.horizon} must be a finite number > 0 (or set train.steps)")

@@ -78,3 +78,17 @@ def rtrl_step(
     b.addcmul_(state.Q, gc)
     c.add_(S_new * g)
     return y_hat
+
+
+class ReferenceStepper:
+    """The reference loop (``train.backend=reference``): one :func:`rtrl_step` per element,
+    with the same ``run_chunk`` interface as :class:`ntk_rnn.fast.FastStepper`."""
+
+    def __init__(self, model: MeanFieldRNN, state, lr: float, gradient: Gradient = "rtrl"):
+        self.model, self.state, self.lr, self.gradient = model, state, lr, gradient
+
+    def run_chunk(self, X: Tensor, Y: Tensor, out: Tensor | None = None) -> Tensor:
+        out = torch.empty_like(Y) if out is None else out
+        for j in range(X.shape[0]):
+            out[j] = rtrl_step(self.model, self.state, X[j], Y[j], self.lr, self.gradient)
+        return out

@@ -37,10 +37,11 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import check_callback_args, num_steps, register_configs, validate
 from .data.base import check_chunk, check_source, source_name
 from .errors import ConfigError, TrainingDiverged
+from .fast import FastStepper
 from .init import InitLaw
 from .logging import make_writer, tensorboard_enabled, write_hparams
 from .model import MeanFieldRNN
-from .rtrl import OnlineState, rtrl_step
+from .rtrl import OnlineState, ReferenceStepper
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 SEED_STREAMS = ("model", "data", "probe")
@@ -156,6 +157,11 @@ class Trainer:
         self.lr = self.model.learning_rate(cfg.train.alpha)
         self.gradient = cfg.train.gradient
         self.online = OnlineState.zeros(self.model)
+        backend = str(cfg.train.get("backend", "auto"))
+        self.stepper = (ReferenceStepper(self.model, self.online, self.lr, self.gradient)
+                        if backend == "reference" else
+                        FastStepper(self.model, self.lr, self.gradient, state=self.online,
+                                    backend=backend))
         self.callbacks = build_callbacks(cfg)
         t = cfg.train
         self.log_every = int(t.log_every) or max(1, self.n_steps // 200)
@@ -325,7 +331,7 @@ class Trainer:
     def fit(self) -> dict:
         if self.completed is not None:  # train.resume on a finished run: nothing to redo
             return self.completed
-        cfg, model, online = self.cfg, self.model, self.online
+        cfg, model = self.cfg, self.model
         dev, dtype = model.c.device, model.c.dtype
         self.run_dir.mkdir(parents=True, exist_ok=True)
         writer = self._open_writer()
@@ -356,14 +362,18 @@ class Trainer:
                     snapshot = self._snapshot()  # the last good state, in case this chunk diverges
                     k0 = self.step
                     y_hat = torch.empty_like(Y)
-                    for j in range(X.shape[0]):
-                        y_hat[j] = rtrl_step(model, online, X[j], Y[j], self.lr, self.gradient)
-                        self.step += 1
-                        if self.step == next_event or j == X.shape[0] - 1:
-                            self._record(k0, Y[: j + 1], y_hat[: j + 1], snapshot)
+                    T, j = X.shape[0], 0
+                    while j < T:  # one stepper call up to the next event (log, callback, end)
+                        j1 = min(T, j + next_event - self.step)
+                        self.stepper.run_chunk(X[j:j1], Y[j:j1], out=y_hat[j:j1])
+                        self.step += j1 - j
+                        j = j1
+                        if self.step == next_event or j == T:
+                            self._record(k0, Y[:j], y_hat[:j], snapshot)
                         if self.step == next_event:
                             st = self.state
-                            st.step, st.x, st.y, st.y_hat = self.step, X[j], Y[j], y_hat[j]
+                            st.step, st.x, st.y, st.y_hat = (self.step, X[j - 1], Y[j - 1],
+                                                             y_hat[j - 1])
                             st.running_mse = self.running_mse()
                             if self.step % self.log_every == 0 or self.step == self.n_steps:
                                 now = time.perf_counter()
@@ -376,7 +386,7 @@ class Trainer:
                             t_cb += time.perf_counter() - tc
                             next_event = self._next_event()
                         if stop.signum is not None and self.step < self.n_steps:
-                            self._record(k0, Y[: j + 1], y_hat[: j + 1], snapshot)
+                            self._record(k0, Y[:j], y_hat[:j], snapshot)
                             self._interrupt(stop.signum)
                     if self.step >= self.n_steps:  # not one chunk more: a file may end here
                         break
@@ -482,7 +492,7 @@ def _safe_end(cb: Callback, state: TrainState) -> None:
 
 # --- resume and signals ------------------------------------------------------------------
 
-RESUME_MAY_CHANGE = ("train.resume", "logger", "device", "callbacks.progress")
+RESUME_MAY_CHANGE = ("train.resume", "train.backend", "logger", "device", "callbacks.progress")
 
 
 class TrainingInterrupted(KeyboardInterrupt):

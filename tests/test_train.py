@@ -129,3 +129,18 @@ def test_cli_run_and_multirun(tmp_path):
     for p in runs:
         m = json.loads(p.read_text())
         assert m["status"] == "completed" and math.isfinite(m["running_mse"])
+
+
+@pytest.mark.parametrize("gradient", ["rtrl", "truncated"])
+def test_trainer_backends_agree_with_reference_loop(tmp_path, gradient):
+    """The default (fast) stepper and the plain rtrl_step loop end at the same parameters."""
+    finals = {}
+    for backend in ("auto", "eager", "reference"):
+        cfg = make_cfg("callbacks=none", "model.width=48", "train.steps=1000", "dtype=float64",
+                       f"train.gradient={gradient}", f"train.backend={backend}")
+        train(cfg, tmp_path / backend)
+        finals[backend] = load_checkpoint(tmp_path / backend / "checkpoints/final.pt")["model"]
+    ref = finals.pop("reference")
+    for params in finals.values():
+        for k in ref:
+            assert (params[k] - ref[k]).norm() <= 1e-12 * ref[k].norm()
