@@ -35,7 +35,7 @@ class InitConfig:
 
 @dataclass
 class ModelConfig:
-    width: int = 512  # N >= 1
+    width: int = 1024  # N >= 1
     beta: float = 0.75  # in [0.5, 1]
     activation: str = "tanh"  # tanh | sigmoid | erf
     recurrence: str = "diagonal"  # diagonal (Model D) | feedback (Model F)
@@ -45,7 +45,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     alpha: float = 4.0  # α > 0; the step size is α N^{2β-2}
-    horizon: Optional[float] = 2.0  # limit time t; steps = round(horizon * N)
+    horizon: Optional[float] = 4.0  # limit time t; steps = round(horizon * N)
     steps: Optional[int] = None  # overrides horizon when set
     gradient: str = "rtrl"  # rtrl | truncated
     chunk_size: int = 256  # stream chunk; the NaN/divergence check runs once per chunk
