@@ -54,7 +54,8 @@ def main(repeats: int = 2) -> None:
         tr = Trainer(_compose("model.width=4096", "train.steps=1", "callbacks=[ntk]",
                               "callbacks.ntk.n_probes=128", "callbacks.ntk.limit=false",
                               "callbacks.ntk.image_every_n_steps=0",
-                              "callbacks.ntk.histogram_every_n_steps=0", "logger.tensorboard=false"),
+                              "callbacks.ntk.histogram_every_n_steps=0",
+                              "logger.tensorboard=false"),
                      d)
         cb = next(c for c in tr.callbacks if isinstance(c, NTKCallback))
         cb.on_train_start(tr.state)

@@ -52,8 +52,8 @@ def launch(mode: str, out: Path, jobs: int, model: str) -> float:
     # depend on N, β or the seed), so the parallel jobs only read it
     subprocess.run(base + ["model.width=8", "train.steps=1", f"hydra.run.dir={out}/warmup"],
                    env=env, check=True, cwd=ROOT)
-    cmd = base + [
-        "-m", "model.width=" + ",".join(map(str, p["widths"])),
+    cmd = base[:3] + ["-m"] + base[3:] + [
+        "model.width=" + ",".join(map(str, p["widths"])),
         "model.beta=" + ",".join(map(str, p["betas"])),
         "seed=" + ",".join(map(str, range(p["seeds"]))),
         "hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}", f"hydra.sweep.dir={out}/runs",
@@ -231,6 +231,8 @@ def main(argv=None) -> None:
     failed = [r for r in rows if r.get("status") != "completed"]
     rows = [r for r in rows if r.get("status") == "completed"]
     print(f"{len(rows)} completed runs, {len(failed)} failed")
+    if not rows:
+        sys.exit(f"no completed runs under {out}/runs: see the sweep's output above")
     results = figures(rows, HERE / "figures", f"{tag}{a.mode}_")
     text = write_results(rows, results, out, a.mode, wall, a.model)
     (out / "results_section.md").write_text(text)

@@ -1,4 +1,8 @@
-"""ntk_rnn: recurrent networks in the kernel (NTK) regime (Lam, Sirignano, Spiliopoulos, arXiv:2308.14555)."""
+"""ntk_rnn: recurrent networks in the kernel (NTK) regime.
+
+Lam, Sirignano, Spiliopoulos, *Kernel Limit of Recurrent Neural Networks Trained on Ergodic Data
+Sequences*, arXiv:2308.14555.
+"""
 
 from .activations import ACTIVATIONS, Activation, get_activation
 from .errors import ConfigError, TrainingDiverged

@@ -2,7 +2,7 @@
 
 
 class ConfigError(ValueError):
-    """Invalid configuration or input. The message names the offending field and the allowed range."""
+    """Invalid configuration or input; the message names the field and the allowed range."""
 
 
 class TrainingDiverged(RuntimeError):

@@ -4,7 +4,7 @@ import torch
 
 
 class SineChain:
-    """X_k = sin(ω k + φ) + noise in R^1, Y_k = X_{k-1}: a user's own source (the README example)."""
+    """X_k = sin(ω k + φ) + noise in R^1, Y_k = X_{k-1}: a user's own source."""
 
     input_dim = 1
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..ntk import empirical_ntk, limit_ntk, ntk_blocks, training_kernel
+from ..ntk import limit_ntk, ntk_blocks, training_kernel
 from ..ntk import metrics as M
 from .base import Callback, TrainState, generator_from_seed
 from .cache import cached

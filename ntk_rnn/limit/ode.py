@@ -25,7 +25,7 @@ _F64 = torch.float64
 
 
 class KernelSolution:
-    """The closed-form solution for one sample (K_MM, Y_M): coefficients a_t with h_t = K_{x̄M} a_t."""
+    """Closed-form solution for one sample (K_MM, Y_M): coefficients a_t, h_t = K_{x̄M} a_t."""
 
     def __init__(self, K_MM: Tensor, Y_M: Tensor, alpha: float, rcond: float = 1e-12) -> None:
         K_MM = K_MM.to(_F64)
