@@ -58,6 +58,12 @@ class TrainConfig:
     # continue from the newest good checkpoint in the run directory: true (required), false, or
     # auto (resume when one exists, else start fresh); with Hydra: hydra.run.dir=<old run dir>
     resume: Any = False
+    # E >= 1 networks trained together as one batched computation; member e is the single run
+    # with seed + e, logged in <run_dir>/member_{e:03d}/ (README, "Ensembles")
+    ensemble_size: int = 1
+    # ensembles: every member reads the data stream of run seed `seed` (data_seed), instead of
+    # its own
+    shared_stream: bool = False
 
 
 @dataclass
@@ -74,6 +80,9 @@ class Config:
     callbacks: Dict[str, Any] = field(default_factory=dict)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
+    # the data stream's seed, when it should not come from `seed` (null: from `seed`); the
+    # stream is the one of the run with seed = data_seed (an ensemble's shared stream)
+    data_seed: Optional[int] = None
     device: str = "cpu"
     dtype: str = "float32"
 
@@ -134,6 +143,13 @@ def validate(cfg: DictConfig | Config) -> None:
                  f"model.init.{key}={value} must be a finite number >= 0")
     _require(cfg.dtype in _DTYPES, f"dtype={cfg.dtype!r}: choose one of {list(_DTYPES)}")
     _require(int(cfg.seed) >= 0, f"seed={cfg.seed} must be >= 0")
+    data_seed = cfg.get("data_seed") if hasattr(cfg, "get") else getattr(cfg, "data_seed", None)
+    _require(data_seed is None or int(data_seed) >= 0,
+             f"data_seed={data_seed} must be >= 0 (or null: the stream of `seed`)")
+    size = t.get("ensemble_size", 1) if hasattr(t, "get") else getattr(t, "ensemble_size", 1)
+    _require(isinstance(size, int) and not isinstance(size, bool) and size >= 1,
+             f"train.ensemble_size={size} must be an integer >= 1 (the number of networks "
+             "trained together; 1 = a single run)")
     dev = str(cfg.device)
     _require(dev == "cpu" or dev.startswith("cuda"),
              f"device={dev!r}: choose 'cpu' or 'cuda' (or 'cuda:K')")

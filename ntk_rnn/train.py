@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -52,6 +53,16 @@ def derive_seeds(seed: int) -> dict[str, int]:
     children = np.random.SeedSequence(int(seed)).spawn(len(SEED_STREAMS))
     return {k: int(c.generate_state(1, dtype=np.uint64)[0] >> 1) for k, c in
             zip(SEED_STREAMS, children)}
+
+
+def run_seeds(cfg: Any) -> dict[str, int]:
+    """The run's seeds: all from ``seed``, except the data stream's from ``data_seed`` when set
+    (the stream of run seed ``data_seed``: an ensemble's shared stream)."""
+    seeds = derive_seeds(cfg.seed)
+    data_seed = cfg.get("data_seed") if hasattr(cfg, "get") else getattr(cfg, "data_seed", None)
+    if data_seed is not None:
+        seeds["data"] = derive_seeds(data_seed)["data"]
+    return seeds
 
 
 def generator(seed: int) -> torch.Generator:
@@ -137,14 +148,39 @@ def build_callbacks(cfg: Any) -> list[Callback]:
     return out
 
 
+@dataclass
+class Chunk:
+    """A chunk of the stream being trained on: X (T, d), Y (T,), the predictions Ŷ made so far,
+    its first step ``k0``, the state before it (``snapshot``) and the steps done in it (``j``)."""
+
+    X: torch.Tensor
+    Y: torch.Tensor
+    y_hat: torch.Tensor
+    k0: int
+    snapshot: dict
+    j: int = 0
+
+    @property
+    def T(self) -> int:
+        return self.X.shape[0]
+
+    @property
+    def done(self) -> bool:
+        return self.j >= self.T
+
+
 class Trainer:
     """Builds the run from its config, then ``fit()`` runs the online loop top to bottom."""
 
     def __init__(self, cfg: Any, run_dir: str | Path) -> None:
         validate(cfg)  # nothing is written before the whole run is built and checked
+        size = cfg.train.get("ensemble_size", 1) if hasattr(cfg.train, "get") else 1
+        if size != 1:
+            raise ConfigError(f"train.ensemble_size={size}: a Trainer runs one network; "
+                              "ntk_rnn.train.train(cfg, run_dir) runs an ensemble")
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.seeds = derive_seeds(cfg.seed)
+        self.seeds = run_seeds(cfg)
         self.source = build_source(cfg.data)
         self.model = build_model(cfg, self.source.input_dim, self.seeds["model"])
         self.n_steps = num_steps(cfg)
@@ -166,6 +202,8 @@ class Trainer:
         t = cfg.train
         self.log_every = int(t.log_every) or max(1, self.n_steps // 200)
         self.mse_window = int(t.mse_window) or self.model.width
+        thr = float(t.divergence_threshold)  # (read once: config access is slow per event)
+        self.err2_bound = thr * thr  # (inf for a huge threshold; ** would raise OverflowError)
         self.sq_err = torch.full((self.n_steps,), float("nan"), dtype=torch.float64)
         self.step = 0
         self.state = TrainState(
@@ -179,6 +217,9 @@ class Trainer:
         self.resumed_from: Optional[Path] = None  # the checkpoint this run continues from
         self.completed: Optional[dict] = None  # metrics of a finished run asked to resume
         self._fresh_logs = False  # starting over in a directory that holds older event files
+        self.resume_hint = (f"run the same command again with train.resume=true and "
+                            f"hydra.run.dir={self.run_dir} (a sweep: hydra.sweep.dir=<its dir> "
+                            "train.resume=auto)")
         self.resume(getattr(t, "resume", False))
 
     # --- state --------------------------------------------------------------------------
@@ -247,6 +288,10 @@ class Trainer:
         if mode is False or mode is None:
             self._fresh_logs = any(self.run_dir.glob("events.out.tfevents.*"))
             return False
+        if (self.run_dir / "ensemble.json").exists():
+            raise ConfigError(f"train.resume: {self.run_dir} holds an ensemble (ensemble.json); "
+                              "resume it with the same train.ensemble_size, or one member as a "
+                              "single run in its member_<e> directory (README, Ensembles)")
         for stale in (self.run_dir / "checkpoints").glob(".*.tmp"):  # a write cut short
             stale.unlink(missing_ok=True)
         done = self._completed_metrics()
@@ -293,7 +338,9 @@ class Trainer:
             return
         old = _plain(OmegaConf.create(payload["config"]))
         new = _plain(OmegaConf.create(OmegaConf.to_yaml(self.cfg, resolve=True)))
-        diff = [k for k in _diff_keys(old, new) if not k.startswith(RESUME_MAY_CHANGE)]
+        diff = [k for k in _diff_keys(old, new) if not k.startswith(RESUME_MAY_CHANGE)
+                and not (k in ADDED_KEYS and _get(old, k) == "<absent>"
+                         and _get(new, k) == ADDED_KEYS[k])]
         if diff:
             shown = ", ".join(f"{k}: {_get(old, k)!r} -> {_get(new, k)!r}" for k in diff[:5])
             raise ConfigError(f"train.resume: the checkpoints in {self.run_dir} come from a run "
@@ -331,95 +378,120 @@ class Trainer:
     def fit(self) -> dict:
         if self.completed is not None:  # train.resume on a finished run: nothing to redo
             return self.completed
-        cfg, model = self.cfg, self.model
-        dev, dtype = model.c.device, model.c.dtype
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        writer = self._open_writer()
-        self.state.writer = writer
         stop = StopSignals()  # SIGTERM/SIGINT: checkpoint at the end of the step, then stop
-        start_step = self.step
-        # at a step boundary checkpoints come after the other callbacks, so a checkpoint at step
-        # k holds everything done for step k (and a resumed run redoes none of it)
-        step_callbacks = sorted(self.callbacks, key=lambda cb: isinstance(cb, CheckpointCallback))
         with stop:
             try:
-                for cb in self.callbacks:
-                    cb.on_train_start(self.state)
-                if writer is not None:  # the run has started: from here on it has logs
-                    writer.open()
-                (self.run_dir / "config.yaml").write_text(self.state_payload()["config"])
-                if self.step == 0:
-                    self.save(self.run_dir / "checkpoints" / "init.pt")
-                t_start = time.perf_counter()
-                t_cb = 0.0
-                last_log = (self.step - self.step % self.log_every, t_start)
-                next_event = self._next_event()
+                self.begin()
                 if stop.signum is not None and self.step < self.n_steps:
                     self._interrupt(stop.signum)
                 for X, Y in self._stream(self.step):
-                    X = X[: self.n_steps - self.step].to(dev, dtype)
-                    Y = Y[: self.n_steps - self.step].to(dev, dtype)
-                    snapshot = self._snapshot()  # the last good state, in case this chunk diverges
-                    k0 = self.step
-                    y_hat = torch.empty_like(Y)
-                    T, j = X.shape[0], 0
-                    while j < T:  # one stepper call up to the next event (log, callback, end)
-                        j1 = min(T, j + next_event - self.step)
-                        self.stepper.run_chunk(X[j:j1], Y[j:j1], out=y_hat[j:j1])
-                        self.step += j1 - j
-                        j = j1
-                        if self.step == next_event or j == T:
-                            self._record(k0, Y[:j], y_hat[:j], snapshot)
-                        if self.step == next_event:
-                            st = self.state
-                            st.step, st.x, st.y, st.y_hat = (self.step, X[j - 1], Y[j - 1],
-                                                             y_hat[j - 1])
-                            st.running_mse = self.running_mse()
-                            if self.step % self.log_every == 0 or self.step == self.n_steps:
-                                now = time.perf_counter()
-                                self._log_train(writer, last_log, now)
-                                last_log = (self.step, now)
-                            tc = time.perf_counter()
-                            for cb in step_callbacks:
-                                if cb.due(self.step) or self.step == self.n_steps:
-                                    cb.on_step_end(self.step, st)
-                            t_cb += time.perf_counter() - tc
-                            next_event = self._next_event()
+                    chunk = self.start_chunk(X, Y)
+                    while not chunk.done:  # one stepper call up to the next event (log, callback, end)
+                        j, j1 = chunk.j, chunk.j + self.steps_to_event(chunk)
+                        self.stepper.run_chunk(chunk.X[j:j1], chunk.Y[j:j1],
+                                               out=chunk.y_hat[j:j1])
+                        self.advance(chunk, j1)  # errors recorded; at an event: logs, callbacks
                         if stop.signum is not None and self.step < self.n_steps:
-                            self._record(k0, Y[:j], y_hat[:j], snapshot)
+                            self._record(chunk)
                             self._interrupt(stop.signum)
                     if self.step >= self.n_steps:  # not one chunk more: a file may end here
                         break
             except BaseException as exc:
-                if isinstance(exc, (TrainingDiverged, TrainingInterrupted)):
-                    for cb in self.callbacks:
-                        _safe_end(cb, self.state)
-                if writer is not None:
-                    writer.close()
+                self.abort(exc)
                 raise
-            wall = time.perf_counter() - t_start
-            st = self.state
-            st.step, st.running_mse = self.step, self.running_mse()
+            return self.end()
+
+    # --- the pieces of fit (an ensemble drives several trainers through them in lockstep) ----
+    def begin(self) -> None:
+        """Start-up: callbacks' on_train_start, the event file, config.yaml, ``init.pt``."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        writer = self.state.writer = self._open_writer()
+        self.start_step = self.step
+        # at a step boundary checkpoints come after the other callbacks, so a checkpoint at step
+        # k holds everything done for step k (and a resumed run redoes none of it)
+        self.step_callbacks = sorted(self.callbacks,
+                                     key=lambda cb: isinstance(cb, CheckpointCallback))
+        for cb in self.callbacks:
+            cb.on_train_start(self.state)
+        if writer is not None:  # the run has started: from here on it has logs
+            writer.open()
+        (self.run_dir / "config.yaml").write_text(self.state_payload()["config"])
+        if self.step == 0:
+            self.save(self.run_dir / "checkpoints" / "init.pt")
+        self.t_start = time.perf_counter()
+        self.t_cb = 0.0
+        self.last_log = (self.step - self.step % self.log_every, self.t_start)
+        self.next_event = self._next_event()
+
+    def start_chunk(self, X: torch.Tensor, Y: torch.Tensor) -> Chunk:
+        """A chunk of the stream (cut at the last step), on the model's device and dtype."""
+        dev, dtype = self.model.c.device, self.model.c.dtype
+        X = X[: self.n_steps - self.step].to(dev, dtype)
+        Y = Y[: self.n_steps - self.step].to(dev, dtype)
+        # the state before the chunk: the last good one, in case it diverges
+        return Chunk(X, Y, torch.empty_like(Y), self.step, self._snapshot())
+
+    def steps_to_event(self, chunk: Chunk) -> int:
+        """Steps until the next event (log, callback, end of run) or the end of the chunk."""
+        return min(chunk.T - chunk.j, self.next_event - self.step)
+
+    def advance(self, chunk: Chunk, j1: int) -> None:
+        """The stepper has run the chunk up to ``j1``: record the errors (at an event or the end
+        of the chunk) and, at an event, log and call the callbacks."""
+        self.step += j1 - chunk.j
+        chunk.j = j1
+        if self.step == self.next_event or chunk.done:
+            self._record(chunk)
+        if self.step != self.next_event:
+            return
+        st, j = self.state, chunk.j
+        st.step, st.x, st.y, st.y_hat = (self.step, chunk.X[j - 1], chunk.Y[j - 1],
+                                         chunk.y_hat[j - 1])
+        st.running_mse = self.running_mse()
+        if self.step % self.log_every == 0 or self.step == self.n_steps:
+            now = time.perf_counter()
+            self._log_train(st.writer, self.last_log, now)
+            self.last_log = (self.step, now)
+        tc = time.perf_counter()
+        for cb in self.step_callbacks:
+            if cb.due(self.step) or self.step == self.n_steps:
+                cb.on_step_end(self.step, st)
+        self.t_cb += time.perf_counter() - tc
+        self.next_event = self._next_event()
+
+    def abort(self, exc: BaseException) -> None:
+        """``fit`` stops on ``exc``: callbacks end (divergence, signal), the event file closes."""
+        if isinstance(exc, (TrainingDiverged, TrainingInterrupted)):
             for cb in self.callbacks:
-                cb.on_train_end(st)
-            self.save(self.run_dir / "checkpoints" / "final.pt")
-            metrics = {
-                "status": "completed",
-                "steps": self.step,
-                "t": self.step / model.width,
-                "running_mse": st.running_mse,
-                "final_loss": 0.5 * float(self.sq_err[self.step - 1]),
-                "wall_s": wall,
-                "steps_per_s": (self.step - start_step) / wall if wall > 0 else float("nan"),
-                "callback_s": t_cb,
-                **({"resumed_from_step": start_step} if self.resumed_from is not None else {}),
-                **{k: v for k, v in st.metrics.items() if not k.startswith("_")},
-            }
-            if writer is not None:  # (the same HParams with or without a resume)
-                write_hparams(writer, cfg, {k: v for k, v in metrics.items()
-                                            if k != "resumed_from_step"})
-                writer.close()
-            self.write_metrics(metrics)
+                _safe_end(cb, self.state)
+        if self.state.writer is not None:
+            self.state.writer.close()
+
+    def end(self) -> dict:
+        """The run completed: callbacks end, ``final.pt``, HParams, ``metrics.json``."""
+        wall = time.perf_counter() - self.t_start
+        st, writer = self.state, self.state.writer
+        st.step, st.running_mse = self.step, self.running_mse()
+        for cb in self.callbacks:
+            cb.on_train_end(st)
+        self.save(self.run_dir / "checkpoints" / "final.pt")
+        metrics = {
+            "status": "completed",
+            "steps": self.step,
+            "t": self.step / self.model.width,
+            "running_mse": st.running_mse,
+            "final_loss": 0.5 * float(self.sq_err[self.step - 1]),
+            "wall_s": wall,
+            "steps_per_s": (self.step - self.start_step) / wall if wall > 0 else float("nan"),
+            "callback_s": self.t_cb,
+            **({"resumed_from_step": self.start_step} if self.resumed_from is not None else {}),
+            **{k: v for k, v in st.metrics.items() if not k.startswith("_")},
+        }
+        if writer is not None:  # (the same HParams with or without a resume)
+            write_hparams(writer, self.cfg, {k: v for k, v in metrics.items()
+                                             if k != "resumed_from_step"})
+            writer.close()
+        self.write_metrics(metrics)
         return metrics
 
     def _open_writer(self) -> Optional[RunWriter]:
@@ -438,20 +510,17 @@ class Trainer:
         name = signal.Signals(signum).name
         path = self.save(self.run_dir / "checkpoints" / f"step_{self.step:09d}.pt")
         msg = (f"stopped by {name} at step {self.step} of {self.n_steps}; the state is saved in "
-               f"{path}. To continue, run the same command again with train.resume=true and "
-               f"hydra.run.dir={self.run_dir} (a sweep: hydra.sweep.dir=<its dir> "
-               "train.resume=auto)")
+               f"{path}. To continue, {self.resume_hint}")
         self.write_metrics({"status": "interrupted", "steps": self.step, "signal": name,
                             "checkpoint": str(path), "error": msg})
         raise TrainingInterrupted(msg, signum=signum, step=self.step, checkpoint=path)
 
-    def _record(self, k0: int, Y, y_hat, snapshot: dict) -> None:
+    def _record(self, chunk: Chunk) -> None:
         """Store (Y − Ŷ)² of this chunk so far; stop with the last good state on NaN/Inf/blow-up."""
-        err2 = (Y - y_hat).double().cpu() ** 2
+        k0, snapshot = chunk.k0, chunk.snapshot
+        err2 = (chunk.Y[: chunk.j] - chunk.y_hat[: chunk.j]).double().cpu() ** 2
         self.sq_err[k0: k0 + err2.shape[0]] = err2
-        thr = float(self.cfg.train.divergence_threshold)
-        bound = thr * thr  # (inf for a huge threshold; ** would raise OverflowError)
-        bad = ~torch.isfinite(err2) | (err2 > bound)
+        bad = ~torch.isfinite(err2) | (err2 > self.err2_bound)
         if bad.any():
             k_bad = k0 + int(bad.nonzero()[0, 0])
             payload = self.state_payload()
@@ -493,6 +562,8 @@ def _safe_end(cb: Callback, state: TrainState) -> None:
 # --- resume and signals ------------------------------------------------------------------
 
 RESUME_MAY_CHANGE = ("train.resume", "train.backend", "logger", "device", "callbacks.progress")
+# keys newer than some checkpoints: absent from a checkpoint's config = this default
+ADDED_KEYS = {"train.ensemble_size": 1, "train.shared_stream": False, "data_seed": None}
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -607,7 +678,13 @@ _MISSING = object()
 
 
 def train(cfg: Any, run_dir: str | Path) -> dict:
-    """Build and run one training job; returns its final metrics (also in metrics.json)."""
+    """Build and run one training job; returns its final metrics (also in metrics.json). With
+    ``train.ensemble_size`` > 1: the ensemble's summary (also in ensemble.json)."""
+    if int(cfg.train.get("ensemble_size", 1) if hasattr(cfg.train, "get") else
+           getattr(cfg.train, "ensemble_size", 1)) != 1:
+        from .ensemble_train import EnsembleTrainer
+
+        return EnsembleTrainer(cfg, run_dir).fit()
     return Trainer(cfg, run_dir).fit()
 
 
@@ -649,4 +726,8 @@ def _write_failure(run_dir: str | Path, error: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m ntk_rnn.train` runs this file as __main__; run the package's own module instead,
+    # so that ntk_rnn.ensemble_train and this entry point share one TrainingInterrupted, Trainer...
+    from ntk_rnn.train import main as _main
+
+    _main()
