@@ -242,6 +242,19 @@ def test_limit_cell_kernel_against_monte_carlo(act, method):
             torch.testing.assert_close(q.value, limit_cell_ntk(m, a).value, rtol=0, atol=1e-9)
 
 
+def test_limit_cell_kernel_quadrature_reaches_tol_on_wide_inputs():
+    """Probes as far out as a VAR(1) stationary sample reaches (|x| = 6): the trapezoid rule
+    must use its whole node budget (513 per axis), reach tol, and its error estimate must bound
+    the true error against the erf closed form (regression: it stopped at 257 nodes, 6e-3)."""
+    m = fmodel(d=1, act="erf", init=InitLaw(b="normal", rho=1.0))
+    x = torch.linspace(-6, 6, 13, dtype=f64)[:, None]
+    a = torch.cat([x, torch.zeros_like(x)], 1)
+    exact = limit_cell_ntk(m, a, method="closed").value
+    q = limit_cell_ntk(m, a, method="quadrature", tol=2e-4)
+    assert q.converged and q.n_points == 513**2
+    assert float((q.value - exact).abs().max()) <= q.error
+
+
 def test_limit_cell_kernel_rqmc_for_uniform_law():
     m = fmodel(d=2, init=InitLaw(w="uniform", b="uniform", rho=2.0))
     a = torch.randn(5, 3, dtype=f64)

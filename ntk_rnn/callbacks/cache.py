@@ -15,12 +15,17 @@ from omegaconf import OmegaConf
 
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
+# Bump when a limit computation's numerics change, so stale entries are not reused
+# (2: limit_cell_ntk's trapezoid rule reaches its full 513-node budget).
+CACHE_VERSION = 2
+
 
 def cache_key(spec: dict[str, Any]) -> str:
     def plain(v):
         return OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
 
     spec = {k: plain(v) for k, v in spec.items()}
+    spec["__cache_version__"] = CACHE_VERSION
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=repr).encode()).hexdigest()[:24]
 
 

@@ -196,7 +196,9 @@ def limit_cell_ntk(
             if prev is not None:
                 diff = (value - prev).abs()
                 err = float(diff.max())
-                if err <= tol or 2 * u.shape[0] > max_nodes:
+                # the next level has 2(2n)+1 trapezoid nodes (nested) or 2n Hermite nodes
+                nxt = 2 * u.shape[0] - 1 if rule == "trapezoid" else 2 * u.shape[0]
+                if err <= tol or nxt > max_nodes:
                     if err > tol:
                         _warn(method, err, tol, f"{u.shape[0]} nodes per axis")
                     return LimitKernel(value, err, diff, method, u.shape[0] ** 2, err <= tol)
