@@ -48,21 +48,35 @@ class Job:
 
 
 def find_job_dirs(sweep_dir: Path) -> list[Path]:
-    """Job directories under ``sweep_dir`` (recursively; submitit's own folders are skipped)."""
+    """Job directories under ``sweep_dir`` (recursively; submitit's own folders are skipped).
+
+    An ensemble job (``train.ensemble_size`` > 1) is reported by its members ``member_{e:03d}/``,
+    one row each; its own directory only when no member wrote ``metrics.json``."""
     found = {p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml")}
     found |= {p.parent for p in sweep_dir.rglob("metrics.json")}
     found = {d for d in found if ".submitit" not in d.relative_to(sweep_dir).parts}
-    return sorted(found, key=lambda d: (_num(d) is None, _num(d) or 0, str(d)))
+    found -= {d.parent for d in found if _member(d) is not None}
+    return sorted(found, key=lambda d: (_num(d) is None, _num(d) or 0, _member(d) or 0, str(d)))
+
+
+def _member(job_dir: Path) -> int | None:
+    m = re.fullmatch(r"member_(\d+)", job_dir.name)
+    return int(m.group(1)) if m else None
 
 
 def _num(job_dir: Path) -> int | None:
+    if _member(job_dir) is not None:
+        job_dir = job_dir.parent
     m = re.match(r"(\d+)(_|$)", job_dir.name)
     return int(m.group(1)) if m else None
 
 
 def read_job(job_dir: Path) -> Job:
     overrides: dict[str, str] = {}
-    ov = job_dir / ".hydra" / "overrides.yaml"
+    member = _member(job_dir)
+    ov = (job_dir.parent if member is not None else job_dir) / ".hydra" / "overrides.yaml"
+    if member is not None:
+        overrides["member"] = str(member)
     if ov.exists():
         try:
             for item in yaml.safe_load(ov.read_text()) or []:

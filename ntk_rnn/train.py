@@ -72,7 +72,7 @@ def generator(seed: int) -> torch.Generator:
 
 
 def build_source(data_cfg: Any) -> Any:
-    """Instantiate ``data`` from its ``_target_``; a key the class does not take is a clear error."""
+    """Instantiate ``data`` from its ``_target_``; a key the class does not take: a clear error."""
     if isinstance(data_cfg, DictConfig) and "_target_" in data_cfg:
         target = data_cfg._target_
         try:
@@ -386,7 +386,7 @@ class Trainer:
                     self._interrupt(stop.signum)
                 for X, Y in self._stream(self.step):
                     chunk = self.start_chunk(X, Y)
-                    while not chunk.done:  # one stepper call up to the next event (log, callback, end)
+                    while not chunk.done:  # one stepper call to the next event (log, callback, end)
                         j, j1 = chunk.j, chunk.j + self.steps_to_event(chunk)
                         self.stepper.run_chunk(chunk.X[j:j1], chunk.Y[j:j1],
                                                out=chunk.y_hat[j:j1])
@@ -527,9 +527,10 @@ class Trainer:
             payload.update(snapshot)
             payload["sq_err"] = self.sq_err[: snapshot["step"]].clone()
             self.save(self.run_dir / "checkpoints" / "last_good.pt", payload)
+            what = ("NaN/Inf" if not torch.isfinite(err2).all()
+                    else f"above {self.cfg.train.divergence_threshold}")
             msg = (f"training diverged at step {k_bad} (t={k_bad / self.model.width:.4g}): "
-                   f"|Y - Ŷ| is {'NaN/Inf' if not torch.isfinite(err2).all() else 'above '}"
-                   f"{'' if not torch.isfinite(err2).all() else self.cfg.train.divergence_threshold}"
+                   f"|Y - Ŷ| is {what}"
                    f". Logs and the last good state (step {snapshot['step']}) are in "
                    f"{self.run_dir}; lower train.alpha (now {self.cfg.train.alpha})")
             self.write_metrics({"status": "diverged", "steps": k_bad, "error": msg})

@@ -94,6 +94,21 @@ def test_summary_reports_a_killed_job(tmp_path, capsys):
     assert sweep.main([str(tmp_path / "nothing")]) == 2
 
 
+def test_summary_lists_ensemble_members(tmp_path, capsys):
+    """A sweep of ensemble jobs: one row per member (with the job's overrides), none for the
+    ensemble directory itself."""
+    d = tmp_path / "sweep"
+    r = run_cli("-m", *TINY, "train.ensemble_size=3", "seed=0,5", f"hydra.sweep.dir={d}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    jobs = sweep.collect(d)
+    assert [(j.num, j.overrides["seed"], j.overrides["member"]) for j in jobs] == [
+        (0, "0", "0"), (0, "0", "1"), (0, "0", "2"), (1, "5", "0"), (1, "5", "1"), (1, "5", "2")]
+    assert all(j.ok and j.metrics["steps"] == 20 for j in jobs)
+    assert len({j.metrics["running_mse"] for j in jobs}) == 6
+    assert sweep.main([str(d)]) == 0
+    assert "6 completed" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_ray_launcher_local_instance(tmp_path):
     pytest.importorskip("ray")

@@ -9,7 +9,7 @@ from .base import Callback, TrainState
 
 
 class CheckpointCallback(Callback):
-    """Every ``every_n_steps`` write ``checkpoints/step_{k:09d}.pt``; keep the last ``keep_last``."""
+    """Every ``every_n_steps`` save ``checkpoints/step_{k:09d}.pt``, keeping ``keep_last``."""
 
     name = "checkpoint"
 

@@ -61,6 +61,9 @@ class NTKCallback(Callback):
         self.t_prev = 0.0
         self.theta0: dict[str, Tensor] = {}
         self.last: dict[str, float] = {}
+        self._images = None  # KernelImages, made at the first image event
+        self._spec_inf = None
+        self._logged_inf = False
 
     # --- validation, before any step --------------------------------------------------------
     def setup(self, state: TrainState) -> None:
@@ -200,14 +203,28 @@ class NTKCallback(Callback):
         self.K_prev, self.t_prev = K, t
 
     def log_images(self, writer, step: int, K: Tensor) -> None:
-        from .figures import heatmap_figure, spectrum_figure
+        """Heatmaps of K_t, K_t − K_0 (and K_∞, once: it does not change) and the spectrum of
+        K_t against K_∞'s, as TensorBoard images."""
+        from .figures import KernelImages, spectrum
 
-        writer.add_figure("ntk_images/K_t", heatmap_figure(K, f"K_t (step {step})"), step)
-        writer.add_figure("ntk_images/K_t_minus_K_0", heatmap_figure(K - self.K0, "K_t − K_0",
-                                                                    diverging=True), step)
-        if self.K_inf is not None:
-            writer.add_figure("ntk_images/K_inf", heatmap_figure(self.K_inf, "K_∞ (limit)"), step)
-        writer.add_figure("ntk_images/spectrum", spectrum_figure(K, self.K_inf), step)
+        if self._images is None:
+            self._images = KernelImages()
+            self._spec_inf = None if self.K_inf is None else spectrum(self.K_inf)
+        img = self._images
+
+        def add(tag, arr):
+            writer.add_image(f"ntk_images/{tag}", arr, step, dataformats="HWC")
+
+        add("K_t", img.heatmap("K_t", K, f"K_t (step {step})"))
+        add("K_t_minus_K_0", img.heatmap("dK", K - self.K0, f"K_t − K_0 (step {step})",
+                                          diverging=True))
+        if self.K_inf is not None and not self._logged_inf:
+            add("K_inf", img.heatmap("K_inf", self.K_inf, "K_∞ (limit)"))
+            self._logged_inf = True
+        spectra = {"K_t": spectrum(K)}
+        if self._spec_inf is not None:
+            spectra["K_∞"] = self._spec_inf
+        add("spectrum", img.spectrum_image("spectrum", spectra, f"spectrum (step {step})"))
 
     # --- resume ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
