@@ -59,8 +59,9 @@ def launch(mode: str, out: Path, jobs: int, model: str) -> float:
             f"callbacks.output.M={p['M']}"]
     t0 = time.perf_counter()
     # one tiny run first fills the cache of the limit kernel and the limit ODE (they do not
-    # depend on N, β or the seed), so the parallel jobs only read it
-    subprocess.run(base + ["model.width=8", "train.steps=1", f"hydra.run.dir={out}/warmup"],
+    # depend on N, β or the seed), so the parallel jobs only read it; it runs the sweep's horizon
+    # (2 N = 16 steps), since Model F's cached limit is solved up to the horizon
+    subprocess.run(base + ["model.width=8", f"hydra.run.dir={out}/warmup"],
                    env=env, check=True, cwd=ROOT)
     cmd = base[:3] + ["-m"] + base[3:] + [
         "model.width=" + ",".join(map(str, p["widths"])),
