@@ -362,3 +362,90 @@ def test_cuda_matches_cpu(dtype):
         assert K.device.type == "cuda" and rel(K.cpu(), K_cpu) <= 10 * TOL[dtype], method
     assert rel(training_kernel(model_gpu, x.cuda(), x2.cuda()).cpu(),
                training_kernel(model, x, x2)) <= 10 * TOL[dtype]
+
+
+# --- compiled per-unit features (ntk/_features_c.py) -------------------------------------------
+from ntk_rnn.ntk import _features_c  # noqa: E402
+from ntk_rnn.ntk import structured as st  # noqa: E402
+
+needs_c = pytest.mark.skipif(_features_c.library(3, "tanh") is None,
+                             reason=f"compiled features: {_features_c.status(3, 'tanh')}")
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("act", ["tanh", "sigmoid", "erf"])
+def test_c_features_match_torch_path(act, dtype):
+    """Both paths called explicitly: [S, cQ, cP] and the coefficients c a_k, truncated or not,
+    odd unit counts (36, 69: a partial SIMD chunk; 32: none), L = 1 and 7, d = 1 and 3."""
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for N, n, L, d in ((37, 3, 7, 3), (5, 3, 1, 1), (70, 4, 7, 1), (33, 2, 1, 3), (33, 3, 7, 3)):
+        model = MeanFieldRNN(d, N, activation=act, dtype=dtype, seed=N + L,
+                             init={"b": "uniform", "rho": 0.8})
+        x = windows(n, L, d, N + L, dtype)
+        xT, units = x.transpose(1, 2).contiguous(), slice(1, N)
+        assert _features_c.usable(model, x), _features_c.status(d, act)
+        for truncated in (False, True):
+            for fac in (False, True):
+                ws = st._Workspace()
+                F0, A0 = st._block_features(model, x, xT, units, truncated, fac, ws, "1",
+                                            use_c=False)
+                F1, A1 = st._block_features(model, x, xT, units, truncated, fac, ws, "2",
+                                            use_c=True)
+                rows = 2 if fac else d + 2  # with coefficients the cP rows are not written
+                assert rel(F1[:, :rows], F0[:, :rows]) <= tol, (N, L, d, truncated, fac)
+                if fac:
+                    assert rel(A1, A0) <= tol, (N, L, d, truncated)
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_c_structured_matches_jacobian_and_torch_path(monkeypatch, dtype):
+    model = rnn(N=45, d=3, act="erf", dtype=dtype)
+    x, x2 = windows(5, 6, 3, 31, dtype), windows(4, 7, 3, 32, dtype)
+    assert _features_c.usable(model, x)
+    calls = []
+    real = _features_c.block_features
+    monkeypatch.setattr(_features_c, "block_features", lambda *a, **k: calls.append(1) or
+                        real(*a, **k))
+    K = empirical_ntk(model, x, x2, method="structured")
+    B = ntk_blocks(model, x, x2, method="structured")
+    K_tr = training_kernel(model, x, x2, gradient="truncated")
+    Phi = unit_feature_matrix(model, x)
+    assert calls  # the C path ran
+    assert rel(K, empirical_ntk(model, x, x2, method="jacobian")) <= TOL[dtype]
+    monkeypatch.setattr(st, "USE_C", False)  # the torch path, with window chunks and unit blocks
+    monkeypatch.setattr(st, "BLOCK_ELEMENTS", 13)
+    n_calls = len(calls)
+    assert rel(K, empirical_ntk(model, x, x2)) <= TOL[dtype]
+    assert all(rel(B[k], v) <= TOL[dtype] for k, v in ntk_blocks(model, x, x2).items())
+    assert rel(K_tr, training_kernel(model, x, x2, gradient="truncated")) <= TOL[dtype]
+    assert rel(Phi, unit_feature_matrix(model, x)) <= TOL[dtype]
+    assert len(calls) == n_calls  # USE_C = False: not used
+
+
+@needs_c
+def test_c_features_threads():
+    """Windows split over threads give the same features as one thread."""
+    model = rnn(N=600, d=2, dtype=torch.float32)
+    x = windows(9, 32, 2, 33, torch.float32)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        F1 = unit_feature_matrix(model, x)
+        torch.set_num_threads(2)
+        F2 = unit_feature_matrix(model, x)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(F1, F2)
+
+
+def test_c_features_fallback_without_compiler(monkeypatch):
+    monkeypatch.setattr(_features_c, "_LIBS", {})
+    monkeypatch.setattr(_features_c, "_compiler", lambda: None)
+    monkeypatch.delenv("NTK_RNN_NO_KERNEL", raising=False)
+    model = rnn(N=8, d=2)
+    x = windows(3, 4, 2, 34)
+    assert _features_c.library(2, "tanh") is None and "no C compiler" in _features_c.status(2)
+    assert not _features_c.usable(model, x)
+    assert rel(empirical_ntk(model, x), empirical_ntk(model, x, method="jacobian")) < 1e-12
