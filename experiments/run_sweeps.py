@@ -4,9 +4,11 @@
     python -m experiments.run_sweeps --mode full             # make experiment-full
     python -m experiments.run_sweeps --mode quick --aggregate-only
 
-Each (N, β, seed) is one `python -m ntk_rnn.train +experiment=width_sweep` job launched as a
-Hydra multirun (joblib launcher); every number below is read back from the jobs' metrics.json
-and output_tracking.npz. Nothing here re-implements the model or the kernels.
+Each (N, β) is one `python -m ntk_rnn.train +experiment=width_sweep train.ensemble_size=S` job
+launched as a Hydra multirun (joblib launcher): its S seeds train as one ensemble, member e being
+exactly the single run with seed e (``--no-ensemble`` runs one job per seed instead). Every
+number below is read back from the runs' metrics.json and output_tracking.npz. Nothing here
+re-implements the model or the kernels.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ HERE = ROOT / "experiments"
 MODES = {
     "quick": dict(widths=[2**k for k in range(8, 15)], betas=[0.6, 0.75, 0.9], seeds=4, M=2048),
     "full": dict(widths=[2**k for k in range(8, 17)], betas=[0.6, 0.75, 0.9], seeds=6, M=6000),
+    "smoke": dict(widths=[16, 32, 64], betas=[0.75], seeds=2, M=64),  # the pipeline's test
 }
 # theory §5: drift O(N^{2β−2} + N^{β−3/2}) → the slower of the two exponents; initial kernel
 # error N^{-1/2}; output error O(N^{1/2−β} + N^{β−1} + N^{−1/2}); initial output N^{1/2−β}.
@@ -51,7 +54,7 @@ THEORY_F = dict(THEORY, **{
 })
 
 
-def launch(mode: str, out: Path, jobs: int, model: str) -> float:
+def launch(mode: str, out: Path, jobs: int, model: str, ensemble: bool = True) -> float:
     p = MODES[mode]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                NTK_RNN_CACHE=str(out / "cache"), PYTHONPATH=str(ROOT))
@@ -66,7 +69,8 @@ def launch(mode: str, out: Path, jobs: int, model: str) -> float:
     cmd = base[:3] + ["-m"] + base[3:] + [
         "model.width=" + ",".join(map(str, p["widths"])),
         "model.beta=" + ",".join(map(str, p["betas"])),
-        "seed=" + ",".join(map(str, range(p["seeds"]))),
+        *(["seed=0", f"train.ensemble_size={p['seeds']}"] if ensemble
+          else ["seed=" + ",".join(map(str, range(p["seeds"])))]),
         "hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}", f"hydra.sweep.dir={out}/runs",
     ]
     print("+", " ".join(cmd[1:]), flush=True)
@@ -76,7 +80,9 @@ def launch(mode: str, out: Path, jobs: int, model: str) -> float:
 
 def collect(out: Path) -> list[dict]:
     rows = []
-    for mpath in sorted((out / "runs").glob("*/metrics.json")):
+    runs = out / "runs"  # one job per run, or ensemble jobs of member runs
+    paths = [*runs.glob("*/metrics.json"), *runs.glob("*/member_*/metrics.json")]
+    for mpath in sorted(paths):
         m = json.loads(mpath.read_text())
         cfg = yaml.safe_load((mpath.parent / "config.yaml").read_text())
         rows.append({"dir": mpath.parent, "width": cfg["model"]["width"],
@@ -240,12 +246,14 @@ def main(argv=None) -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--aggregate-only", action="store_true")
+    ap.add_argument("--no-ensemble", action="store_true", help="one job per seed")
+    ap.add_argument("--figdir", type=Path, default=HERE / "figures")
     a = ap.parse_args(argv)
     tag = "" if a.model == "diagonal" else "feedback_"
     out = a.out or (HERE / "runs" / f"{tag}{a.mode}")
     wall_file = out / "wall_s.txt"
     if not a.aggregate_only:
-        wall = launch(a.mode, out, a.jobs, a.model)
+        wall = launch(a.mode, out, a.jobs, a.model, ensemble=not a.no_ensemble)
         wall_file.write_text(str(wall))
     wall = float(wall_file.read_text()) if wall_file.exists() else float("nan")
     rows = collect(out)
@@ -255,7 +263,7 @@ def main(argv=None) -> None:
     if not rows:
         sys.exit(f"no completed runs under {out}/runs: see the sweep's output above")
     theory = THEORY if a.model == "diagonal" else THEORY_F
-    results = figures(rows, HERE / "figures", f"{tag}{a.mode}_", theory)
+    results = figures(rows, a.figdir, f"{tag}{a.mode}_", theory)
     text = write_results(rows, results, out, a.mode, wall, a.model, theory)
     (out / "results_section.md").write_text(text)
     print(text)
