@@ -293,20 +293,23 @@ def _cpu_id() -> str:
     return ident
 
 
-def _build(d: int, act: str) -> ctypes.CDLL:
+def build_shared(src: str, prefix: str, defines: list[str], what: str = "the C kernel"
+                 ) -> ctypes.CDLL:
+    """Compile ``src`` with the system C compiler into ``<prefix>_<hash>.so`` (or load it from
+    the cache: the per-user cache folder, else a temporary folder), trying ``_FLAG_SETS`` in
+    order; the hash covers source, compiler, flags, ``defines`` and the CPU. Raises RuntimeError
+    saying why when nothing builds."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler (set CC, or install cc/gcc/clang)")
-    src = _c_source()
     user = os.getuid() if hasattr(os, "getuid") else "user"
     folders = (_cache_dir(), Path(tempfile.gettempdir()) / f"ntk_rnn_kernels_{user}")
     errors = []
     for flags in _FLAG_SETS:
-        args = ["-O3", "-fPIC", "-shared", "-fno-math-errno", "-fopenmp-simd",
-                f"-DD={d}", f"-DACT={_ACT_CODES[act]}"]
+        args = ["-O3", "-fPIC", "-shared", "-fno-math-errno", "-fopenmp-simd", *defines]
         key = hashlib.sha256("\0".join([src, cc, *args, *flags, _cpu_id(), sys.platform])
                              .encode()).hexdigest()[:20]
-        name = f"fast_d{d}_{act}_{key}.so"
+        name = f"{prefix}_{key}.so"
         for folder in folders:
             path = folder / name
             try:
@@ -324,7 +327,11 @@ def _build(d: int, act: str) -> ctypes.CDLL:
                 return ctypes.CDLL(str(path))
             except (OSError, subprocess.SubprocessError) as exc:  # unwritable, or does not load
                 errors.append(f"{' '.join(flags)} in {folder}: {exc}")
-    raise RuntimeError("could not build the C kernel: " + " | ".join(errors))
+    raise RuntimeError(f"could not build {what}: " + " | ".join(errors))
+
+
+def _build(d: int, act: str) -> ctypes.CDLL:
+    return build_shared(_c_source(), f"fast_d{d}_{act}", [f"-DD={d}", f"-DACT={_ACT_CODES[act]}"])
 
 
 def kernel_library(d: int, act: str) -> ctypes.CDLL | None:

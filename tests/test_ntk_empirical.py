@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from ntk_rnn import ConfigError, MeanFieldRNN
+from ntk_rnn import ConfigError, MeanFieldRNN, fast
 from ntk_rnn.ntk import (
     choose_method,
     empirical_ntk,
@@ -442,7 +442,7 @@ def test_c_features_threads():
 
 def test_c_features_fallback_without_compiler(monkeypatch):
     monkeypatch.setattr(_features_c, "_LIBS", {})
-    monkeypatch.setattr(_features_c, "_compiler", lambda: None)
+    monkeypatch.setattr(fast, "_compiler", lambda: None)
     monkeypatch.delenv("NTK_RNN_NO_KERNEL", raising=False)
     model = rnn(N=8, d=2)
     x = windows(3, 4, 2, 34)

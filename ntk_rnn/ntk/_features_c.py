@@ -27,21 +27,16 @@ The windows are split over ``torch.get_num_threads()`` Python threads (ctypes dr
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import subprocess
-import sys
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from string import Template
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..fast import _ACT_CODES, _C_HEAD, _FLAG_SETS, _cache_dir, _compiler, _cpu_id
+from ..fast import _ACT_CODES, _C_HEAD, build_shared
 
 _C_BODY = Template(r"""
 INL void act_$S($R z, $R *s, $R *ds) {
@@ -158,43 +153,14 @@ _POOL: ThreadPoolExecutor | None = None
 
 def _build(d: int, act: str) -> ctypes.CDLL:
     """Compile (or load from the cache) the shared object for (d, act); fast.py's recipe."""
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler (set CC, or install cc/gcc/clang)")
-    src = _c_source()
-    user = os.getuid() if hasattr(os, "getuid") else "user"
-    folders = (_cache_dir(), Path(tempfile.gettempdir()) / f"ntk_rnn_kernels_{user}")
-    errors = []
-    for flags in _FLAG_SETS:
-        args = ["-O3", "-fPIC", "-shared", "-fno-math-errno", "-fopenmp-simd",
-                f"-DD={d}", f"-DACT={_ACT_CODES[act]}"]
-        key = hashlib.sha256("\0".join([src, cc, *args, *flags, _cpu_id(), sys.platform])
-                             .encode()).hexdigest()[:20]
-        name = f"features_d{d}_{act}_{key}.so"
-        for folder in folders:
-            path = folder / name
-            try:
-                if not path.exists():
-                    folder.mkdir(parents=True, exist_ok=True)
-                    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-                        c_file, so_file = Path(tmp) / "k.c", Path(tmp) / "k.so"
-                        c_file.write_text(src)
-                        cmd = [cc, *args, str(c_file), "-o", str(so_file), *flags]
-                        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-                        if res.returncode != 0:
-                            errors.append(f"{' '.join(flags)}: {res.stderr.strip()[-300:]}")
-                            break  # these flags do not build here; try the next set
-                        os.replace(so_file, path)  # atomic: concurrent builders are safe
-                lib = ctypes.CDLL(str(path))
-                Lg, P = ctypes.c_long, ctypes.c_void_p
-                for sfx in ("f32", "f64"):
-                    fn = getattr(lib, f"features_{sfx}")
-                    fn.argtypes = [Lg, Lg, Lg, Lg, ctypes.c_int, P, P, Lg, P, P, P, P]
-                    fn.restype = ctypes.c_int
-                return lib
-            except (OSError, subprocess.SubprocessError) as exc:  # unwritable, or does not load
-                errors.append(f"{' '.join(flags)} in {folder}: {exc}")
-    raise RuntimeError("could not build the features kernel: " + " | ".join(errors))
+    lib = build_shared(_c_source(), f"features_d{d}_{act}",
+                       [f"-DD={d}", f"-DACT={_ACT_CODES[act]}"], "the features kernel")
+    Lg, P = ctypes.c_long, ctypes.c_void_p
+    for sfx in ("f32", "f64"):
+        fn = getattr(lib, f"features_{sfx}")
+        fn.argtypes = [Lg, Lg, Lg, Lg, ctypes.c_int, P, P, Lg, P, P, P, P]
+        fn.restype = ctypes.c_int
+    return lib
 
 
 def library(d: int, act: str) -> ctypes.CDLL | None:
