@@ -33,10 +33,6 @@ __all__ = [
     "relative_frobenius", "target_alignment", "top_eigenvalues",
 ]
 
-try:  # the infinite-width limit (theory §5) lives in .limit, written separately
-    from .limit import LimitKernel, limit_ntk
-except ModuleNotFoundError as e:  # only a missing limit.py is tolerated, not its own bad imports
-    if e.name != f"{__name__}.limit":
-        raise
-else:
-    __all__ += ["LimitKernel", "limit_ntk"]
+from .limit import LimitKernel, limit_ntk  # noqa: E402  the infinite-width limit (theory §5)
+
+__all__ += ["LimitKernel", "limit_ntk"]
