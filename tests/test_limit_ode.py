@@ -30,6 +30,27 @@ def test_t_to_infinity_is_kernel_regression():
     torch.testing.assert_close(ode.h(1e7)[0], reg, rtol=1e-8, atol=1e-9)
 
 
+def test_reduced_solution_restores_the_same_h(tmp_path):
+    """reduced()/from_reduced (λ, Vᵀ Y, K_xM V: what the output callback caches) give the same
+    h_t, error and h_∞ as the full solution, through a checkpoint-format file."""
+    from ntk_rnn.checkpoint import load_checkpoint, save_checkpoint
+
+    probs = [random_problem(seed=s) for s in (3, 4)]
+    ode = LimitODE.from_kernels([p[0] for p in probs], [p[2] for p in probs],
+                                [p[1] for p in probs], alpha=2.5)
+    save_checkpoint(tmp_path / "r.pt", ode.reduced())
+    back = LimitODE.from_reduced(load_checkpoint(tmp_path / "r.pt"), alpha=2.5)
+    t = torch.tensor([0.0, 0.1, 1.0, 30.0], dtype=f64)
+    for f in ("h", "error"):
+        torch.testing.assert_close(getattr(back, f)(t), getattr(ode, f)(t), rtol=1e-12, atol=0)
+    torch.testing.assert_close(back.h_inf(), ode.h_inf(), rtol=1e-12, atol=0)
+    # and h_t equals the direct K_xM a_t of each sample
+    direct = torch.stack([ode.solutions[r].coefficients(t) @ probs[r][1].T for r in range(2)])
+    torch.testing.assert_close(back.h(t), direct.mean(0), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="without V"):
+        back.solutions[0].coefficients(t)
+
+
 @pytest.mark.parametrize("t", [0.0, 0.3, 2.0])
 def test_derivative_is_alpha_mean_residual_times_kernel(t):
     """∂_t h_t(x̄) = α mean_j (Y_j − h_t(X̄_j)) K(x̄, X̄_j), by central differences."""

@@ -71,16 +71,20 @@ class OutputTrackingCallback(Callback):
                 "tol": self.limit_tol, "probe_seed": self.probe_seed, "dtype": cfg.dtype,
                 "run_seed": int(cfg.seed) if self.probe_seed is None else None}
 
-        def compute() -> dict:
+        def kernels() -> dict:
             ode = LimitODE.from_source(state.model, state.source, self.probes, alpha, M=self.M,
                                        samples=self.samples, generator=self._gen,
                                        tol=self.limit_tol)
             return {"K_MM": ode.K_MM, "Y_M": ode.Y_M, "K_xM": ode.K_xM,
                     "kernel_error": ode.kernel_error}
 
-        d = cached(self.cache_dir, "limit_ode", spec, compute)
-        return LimitODE.from_kernels(d["K_MM"], d["Y_M"], d["K_xM"], alpha,
-                                     float(d["kernel_error"]))
+        def reduced() -> dict:  # solved once: the eigendecomposition of K_MM is O(M³)
+            d = cached(self.cache_dir, "limit_ode", spec, kernels)
+            return LimitODE.from_kernels(d["K_MM"], d["Y_M"], d["K_xM"], alpha,
+                                         float(d["kernel_error"])).reduced()
+
+        return LimitODE.from_reduced(cached(self.cache_dir, "limit_ode_solved", spec, reduced),
+                                     alpha)
 
     def _build_feedback(self, state: TrainState) -> "_FeedbackTrack":
         """Model F: the coupled limit (theory §6) on the probes on a grid of step ``dt`` up to the

@@ -25,7 +25,10 @@ _F64 = torch.float64
 
 
 class KernelSolution:
-    """Closed-form solution for one sample (K_MM, Y_M): coefficients a_t, h_t = K_{x̄M} a_t."""
+    """Closed-form solution for one sample (K_MM, Y_M): coefficients a_t, h_t = K_{x̄M} a_t.
+
+    In the eigenbasis a_t = V ĉ_t with ĉ_t = diag((1 − e^{−α t λ/M}) / λ) Vᵀ Y_M, so h_t on probes
+    is (K_{x̄M} V) ĉ_t: with K_{x̄M} V stored (``LimitODE.reduced``), V is not needed again."""
 
     def __init__(self, K_MM: Tensor, Y_M: Tensor, alpha: float, rcond: float = 1e-12) -> None:
         K_MM = K_MM.to(_F64)
@@ -38,47 +41,85 @@ class KernelSolution:
         lam, V = torch.linalg.eigh(0.5 * (K_MM + K_MM.T))
         self.M, self.alpha = M, float(alpha)
         self.lam = lam.clamp_min(0.0)  # K is PSD; negative round-off eigenvalues are dropped
-        self.V = V
+        self.V: Optional[Tensor] = V
         self.proj = V.T @ Y_M.to(_F64)  # Vᵀ Y_M
         self.cutoff = rcond * float(self.lam.max())
 
-    def coefficients(self, t: float | Tensor) -> Tensor:
-        """a_t = V diag((1 − e^{−α t λ/M}) / λ) Vᵀ Y_M, shape (len(t), M); λ → 0 gives α t / M."""
+    @classmethod
+    def from_eigen(cls, lam: Tensor, proj: Tensor, alpha: float, cutoff: float
+                   ) -> "KernelSolution":
+        """A solution known by its eigenvalues λ and Vᵀ Y_M only (no V: eigen coefficients)."""
+        self = cls.__new__(cls)
+        self.M, self.alpha, self.cutoff = lam.shape[0], float(alpha), float(cutoff)
+        self.lam, self.proj, self.V = lam.to(_F64), proj.to(_F64), None
+        return self
+
+    def eigen_coefficients(self, t: float | Tensor) -> Tensor:
+        """ĉ_t = diag((1 − e^{−α t λ/M}) / λ) Vᵀ Y_M, shape (len(t), M); λ → 0 gives α t / M."""
         t = torch.as_tensor(t, dtype=_F64).reshape(-1, 1)
         rate = self.alpha * self.lam / self.M  # (M,)
         gain = torch.where(self.lam > self.cutoff,
                            -torch.expm1(-t * rate) / self.lam.clamp_min(1e-300),
                            t * self.alpha / self.M)
-        return (gain * self.proj) @ self.V.T
+        return gain * self.proj
 
-    def coefficients_inf(self) -> Tensor:
-        """a_∞ = K_MM^+ Y_M (eigenvalues below rcond·λ_max dropped)."""
+    def eigen_coefficients_inf(self) -> Tensor:
+        """ĉ_∞ = Λ^+ Vᵀ Y_M (eigenvalues below rcond·λ_max dropped), shape (M,)."""
         inv = torch.where(self.lam > self.cutoff, 1.0 / self.lam.clamp_min(1e-300),
                           torch.zeros_like(self.lam))
-        return (inv * self.proj) @ self.V.T
+        return inv * self.proj
+
+    def _need_V(self) -> Tensor:
+        if self.V is None:
+            raise ValueError("this solution was restored without V: use eigen_coefficients")
+        return self.V
+
+    def coefficients(self, t: float | Tensor) -> Tensor:
+        """a_t = V ĉ_t, shape (len(t), M)."""
+        return self.eigen_coefficients(t) @ self._need_V().T
+
+    def coefficients_inf(self) -> Tensor:
+        """a_∞ = K_MM^+ Y_M."""
+        return self.eigen_coefficients_inf() @ self._need_V().T
 
 
 @dataclass
 class LimitODE:
     """h_t on probe windows, from R independent samples of π (theory §5).
 
-    ``K_xM[r]`` is the limit kernel between the probes and sample r; the estimate is the mean of
-    the R solutions and ``error`` its standard error (per probe), so that no comparison with a
-    network hides below it.
+    ``K_xM[r]`` is the limit kernel between the probes and sample r, ``KV[r] = K_xM[r] V_r`` the
+    same in sample r's eigenbasis; the estimate is the mean of the R solutions and ``error`` its
+    standard error (per probe), so that no comparison with a network hides below it.
+    ``reduced()`` / ``from_reduced`` store and restore a solution by (λ, Vᵀ Y_M, K_xM V) only —
+    O(M n) numbers instead of O(M²), and no eigendecomposition on loading.
     """
 
     solutions: list[KernelSolution]
-    K_xM: list[Tensor]
+    KV: list[Tensor]
     kernel_error: float = 0.0
-    K_MM: Optional[list[Tensor]] = None  # the inputs, kept so a solution can be stored
+    K_MM: Optional[list[Tensor]] = None  # the inputs (None once restored from ``reduced``)
     Y_M: Optional[list[Tensor]] = None
+    K_xM: Optional[list[Tensor]] = None
 
     @classmethod
     def from_kernels(cls, K_MM: Sequence[Tensor], Y_M: Sequence[Tensor], K_xM: Sequence[Tensor],
                      alpha: float, kernel_error: float = 0.0) -> "LimitODE":
         sols = [KernelSolution(k, y, alpha) for k, y in zip(K_MM, Y_M)]
-        return cls(sols, [k.to(_F64) for k in K_xM], float(kernel_error),
-                   [k.to(_F64) for k in K_MM], [y.to(_F64) for y in Y_M])
+        K_xM = [k.to(_F64) for k in K_xM]
+        return cls(sols, [k @ s.V for k, s in zip(K_xM, sols)], float(kernel_error),
+                   [k.to(_F64) for k in K_MM], [y.to(_F64) for y in Y_M], K_xM)
+
+    def reduced(self) -> dict:
+        """What ``h``, ``error`` and ``h_inf`` need, as a dict of tensors (for a cache file)."""
+        return {"lam": [s.lam for s in self.solutions], "proj": [s.proj for s in self.solutions],
+                "cutoff": [s.cutoff for s in self.solutions], "KV": self.KV,
+                "kernel_error": self.kernel_error}
+
+    @classmethod
+    def from_reduced(cls, d: dict, alpha: float) -> "LimitODE":
+        sols = [KernelSolution.from_eigen(lam, p, alpha, c)
+                for lam, p, c in zip(d["lam"], d["proj"], d["cutoff"])]
+        return cls(sols, [k.to(_F64) for k in d["KV"]], float(d["kernel_error"]))
 
     @classmethod
     def from_source(cls, model, source, probes: Tensor, alpha: float, M: int = 1024,
@@ -102,11 +143,11 @@ class LimitODE:
         return cls.from_kernels(K_MM, Y_M, K_xM, alpha, err)
 
     def _stack(self, coeffs: list[Tensor]) -> Tensor:
-        return torch.stack([c @ K.T for c, K in zip(coeffs, self.K_xM)])  # (R, T, n)
+        return torch.stack([c @ K.T for c, K in zip(coeffs, self.KV)])  # (R, T, n)
 
     def h_samples(self, t: float | Tensor) -> Tensor:
         """h_t(probes) for each sample: (R, len(t), n)."""
-        return self._stack([s.coefficients(t) for s in self.solutions])
+        return self._stack([s.eigen_coefficients(t) for s in self.solutions])
 
     def h(self, t: float | Tensor) -> Tensor:
         """Mean over samples of h_t(probes): (len(t), n)."""
@@ -122,4 +163,4 @@ class LimitODE:
 
     def h_inf(self) -> Tensor:
         """Kernel regression h_∞(probes) = K_{x̄M} K_MM^+ Y_M, averaged over samples: (n,)."""
-        return self._stack([s.coefficients_inf()[None] for s in self.solutions]).mean(0)[0]
+        return self._stack([s.eigen_coefficients_inf()[None] for s in self.solutions]).mean(0)[0]
