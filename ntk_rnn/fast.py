@@ -334,26 +334,38 @@ def _build(d: int, act: str) -> ctypes.CDLL:
     return build_shared(_c_source(), f"fast_d{d}_{act}", [f"-DD={d}", f"-DACT={_ACT_CODES[act]}"])
 
 
+def load_checked(table: dict, lock: Any, key: tuple[int, str], build: Any,
+                 self_check: Any) -> ctypes.CDLL | None:
+    """``table[key]``: the library ``build(*key)`` made and ``self_check(key)`` kept (it may
+    replace the entry by a reason), or the reason it is not used (no kernel for the activation,
+    ``NTK_RNN_NO_KERNEL``, a build or load error); built once per key and process."""
+    d, act = key
+    with lock:
+        if key not in table:
+            if act not in _ACT_CODES:
+                table[key] = f"activation {act!r} has no kernel"
+            elif os.environ.get("NTK_RNN_NO_KERNEL"):
+                table[key] = "disabled by NTK_RNN_NO_KERNEL"
+            else:
+                try:
+                    table[key] = build(d, act)
+                    self_check(key)
+                except Exception as exc:  # noqa: BLE001 - any failure means: the fallback
+                    table[key] = f"{type(exc).__name__}: {exc}"
+        lib = table[key]
+    return lib if isinstance(lib, ctypes.CDLL) else None
+
+
+def _build_declared(d: int, act: str) -> ctypes.CDLL:
+    lib = _build(d, act)
+    _declare(lib)
+    return lib
+
+
 def kernel_library(d: int, act: str) -> ctypes.CDLL | None:
     """The compiled, self-checked kernel for input dimension ``d`` and activation ``act``, or None
     (the reason is in :func:`kernel_status`)."""
-    key = (int(d), act)
-    with _KERNEL_LOCK:
-        if key not in _KERNELS:
-            if act not in _ACT_CODES:
-                _KERNELS[key] = f"activation {act!r} has no kernel"
-            elif os.environ.get("NTK_RNN_NO_KERNEL"):
-                _KERNELS[key] = "disabled by NTK_RNN_NO_KERNEL"
-            else:
-                try:
-                    lib = _build(*key)
-                    _declare(lib)
-                    _KERNELS[key] = lib
-                    _self_check(key)  # may replace the entry by a reason
-                except Exception as exc:  # noqa: BLE001 - any failure means: use eager
-                    _KERNELS[key] = f"{type(exc).__name__}: {exc}"
-        lib = _KERNELS[key]
-    return lib if isinstance(lib, ctypes.CDLL) else None
+    return load_checked(_KERNELS, _KERNEL_LOCK, (int(d), act), _build_declared, _self_check)
 
 
 def kernel_status(d: int = 4, act: str = "tanh") -> str:

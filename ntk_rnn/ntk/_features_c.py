@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..fast import _ACT_CODES, _C_HEAD, build_shared
+from ..fast import _ACT_CODES, _C_HEAD, build_shared, load_checked
 
 _C_BODY = Template(r"""
 INL void act_$S($R z, $R *s, $R *ds) {
@@ -166,21 +166,7 @@ def _build(d: int, act: str) -> ctypes.CDLL:
 def library(d: int, act: str) -> ctypes.CDLL | None:
     """The compiled, self-checked kernel for input dimension ``d`` and activation ``act``, or None
     (the reason is in :func:`status`)."""
-    key = (int(d), act)
-    with _LOCK:
-        if key not in _LIBS:
-            if act not in _ACT_CODES:
-                _LIBS[key] = f"activation {act!r} has no kernel"
-            elif os.environ.get("NTK_RNN_NO_KERNEL"):
-                _LIBS[key] = "disabled by NTK_RNN_NO_KERNEL"
-            else:
-                try:
-                    _LIBS[key] = _build(*key)
-                    _self_check(key)  # may replace the entry by a reason
-                except Exception as exc:  # noqa: BLE001 - any failure means: the torch path
-                    _LIBS[key] = f"{type(exc).__name__}: {exc}"
-        lib = _LIBS[key]
-    return lib if isinstance(lib, ctypes.CDLL) else None
+    return load_checked(_LIBS, _LOCK, (int(d), act), _build, _self_check)
 
 
 def status(d: int = 4, act: str = "tanh") -> str:
