@@ -84,6 +84,9 @@ def collect(out: Path) -> list[dict]:
     paths = [*runs.glob("*/metrics.json"), *runs.glob("*/member_*/metrics.json")]
     for mpath in sorted(paths):
         m = json.loads(mpath.read_text())
+        if not (mpath.parent / "config.yaml").exists():  # failed before the run was built
+            rows.append({"dir": mpath.parent, **m, "status": m.get("status", "failed")})
+            continue
         cfg = yaml.safe_load((mpath.parent / "config.yaml").read_text())
         rows.append({"dir": mpath.parent, "width": cfg["model"]["width"],
                      "beta": cfg["model"]["beta"], "seed": cfg["seed"], **m})

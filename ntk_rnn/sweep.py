@@ -54,9 +54,20 @@ def find_job_dirs(sweep_dir: Path) -> list[Path]:
     one row each; its own directory only when no member wrote ``metrics.json``."""
     found = {p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml")}
     found |= {p.parent for p in sweep_dir.rglob("metrics.json")}
+    found |= {p for d in list(found) for p in d.glob("member_*") if _member(p) is not None}
     found = {d for d in found if ".submitit" not in d.relative_to(sweep_dir).parts}
-    found -= {d.parent for d in found if _member(d) is not None}
+    # an ensemble directory is its members' rows, unless it failed before they could run
+    found -= {d.parent for d in found if _member(d) is not None
+              and not _failed_early(d.parent)}
     return sorted(found, key=lambda d: (_num(d) is None, _num(d) or 0, _member(d) or 0, str(d)))
+
+
+def _failed_early(ens_dir: Path) -> bool:
+    """An ensemble directory whose own metrics.json reports a failure (e.g. a config error)."""
+    try:
+        return json.loads((ens_dir / "metrics.json").read_text()).get("status") != "completed"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _member(job_dir: Path) -> int | None:
@@ -75,8 +86,6 @@ def read_job(job_dir: Path) -> Job:
     overrides: dict[str, str] = {}
     member = _member(job_dir)
     ov = (job_dir.parent if member is not None else job_dir) / ".hydra" / "overrides.yaml"
-    if member is not None:
-        overrides["member"] = str(member)
     if ov.exists():
         try:
             for item in yaml.safe_load(ov.read_text()) or []:
@@ -84,6 +93,15 @@ def read_job(job_dir: Path) -> Job:
                 overrides[key] = value
         except (yaml.YAMLError, OSError) as exc:
             overrides["<overrides>"] = f"unreadable ({exc})"
+    if member is not None:  # the job's overrides, with the member's own seeds
+        overrides["member"] = str(member)
+        try:
+            cfg = yaml.safe_load((job_dir / "config.yaml").read_text()) or {}
+            for key in ("seed", "data_seed"):
+                if cfg.get(key) is not None:
+                    overrides[key] = str(cfg[key])
+        except (yaml.YAMLError, OSError, AttributeError):
+            pass
     steps = [int(m.group(1)) for p in (job_dir / "checkpoints").glob("step_*.pt")
              if (m := re.fullmatch(r"step_(\d+)\.pt", p.name))]
     last = max(steps) if steps else None

@@ -102,11 +102,16 @@ def test_summary_lists_ensemble_members(tmp_path, capsys):
     assert r.returncode == 0, r.stderr[-3000:]
     jobs = sweep.collect(d)
     assert [(j.num, j.overrides["seed"], j.overrides["member"]) for j in jobs] == [
-        (0, "0", "0"), (0, "0", "1"), (0, "0", "2"), (1, "5", "0"), (1, "5", "1"), (1, "5", "2")]
+        (0, "0", "0"), (0, "1", "1"), (0, "2", "2"), (1, "5", "0"), (1, "6", "1"), (1, "7", "2")]
     assert all(j.ok and j.metrics["steps"] == 20 for j in jobs)
     assert len({j.metrics["running_mse"] for j in jobs}) == 6
     assert sweep.main([str(d)]) == 0
     assert "6 completed" in capsys.readouterr().out
+    # a member that never wrote metrics.json (killed) is still listed, as crashed
+    member = Path(jobs[4].dir)
+    (member / "metrics.json").unlink()
+    jobs = sweep.collect(d)
+    assert len(jobs) == 6 and jobs[4].status == "crashed" and jobs[4].overrides["seed"] == "6"
 
 
 @pytest.mark.slow

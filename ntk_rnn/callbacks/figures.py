@@ -10,16 +10,16 @@ global matplotlib backend of a notebook that imports ntk_rnn is left alone.
 from __future__ import annotations
 
 import numpy as np
-import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from ..ntk.metrics import _eigvals
+
 
 def spectrum(K: Tensor) -> np.ndarray:
     """Eigenvalues of the symmetric part of K, descending, floored at 1e-16 (for a log axis)."""
-    ev = torch.linalg.eigvalsh(0.5 * (K + K.T).detach().double().cpu()).flip(0)
-    return ev.clamp_min(1e-16).numpy()
+    return _eigvals(K.detach().double().cpu()).clamp_min(1e-16).numpy()
 
 
 class _Heatmap:

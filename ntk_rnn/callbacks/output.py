@@ -71,17 +71,21 @@ class OutputTrackingCallback(Callback):
                 "tol": self.limit_tol, "probe_seed": self.probe_seed, "dtype": cfg.dtype,
                 "run_seed": int(cfg.seed) if self.probe_seed is None else None}
 
+        solved: list[LimitODE] = []  # the ode kernels() solved, so reduced() need not again
+
         def kernels() -> dict:
             ode = LimitODE.from_source(state.model, state.source, self.probes, alpha, M=self.M,
                                        samples=self.samples, generator=self._gen,
                                        tol=self.limit_tol)
+            solved.append(ode)
             return {"K_MM": ode.K_MM, "Y_M": ode.Y_M, "K_xM": ode.K_xM,
                     "kernel_error": ode.kernel_error}
 
         def reduced() -> dict:  # solved once: the eigendecomposition of K_MM is O(M³)
             d = cached(self.cache_dir, "limit_ode", spec, kernels)
-            return LimitODE.from_kernels(d["K_MM"], d["Y_M"], d["K_xM"], alpha,
-                                         float(d["kernel_error"])).reduced()
+            ode = solved[0] if solved else LimitODE.from_kernels(
+                d["K_MM"], d["Y_M"], d["K_xM"], alpha, float(d["kernel_error"]))
+            return ode.reduced()
 
         return LimitODE.from_reduced(cached(self.cache_dir, "limit_ode_solved", spec, reduced),
                                      alpha)

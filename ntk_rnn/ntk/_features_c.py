@@ -151,6 +151,15 @@ _LOCK = threading.RLock()
 _POOL: ThreadPoolExecutor | None = None
 
 
+def _forget_pool() -> None:  # a forked child inherits the pool but not its threads
+    global _POOL
+    _POOL = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _build(d: int, act: str) -> ctypes.CDLL:
     """Compile (or load from the cache) the shared object for (d, act); fast.py's recipe."""
     lib = build_shared(_c_source(), f"features_d{d}_{act}",
