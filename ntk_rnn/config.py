@@ -87,6 +87,12 @@ class Config:
     dtype: str = "float32"
 
 
+
+def opt(node: Any, key: str, default: Any = None) -> Any:
+    """``node.key`` of a DictConfig, dict or dataclass config, or ``default`` when absent (keys
+    added after a run's config was saved, e.g. ``train.ensemble_size``)."""
+    return node.get(key, default) if hasattr(node, "get") else getattr(node, key, default)
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
@@ -133,20 +139,20 @@ def validate(cfg: DictConfig | Config) -> None:
     _require(int(t.mse_window) >= 0, f"train.mse_window={t.mse_window} must be >= 0")
     _require(float(t.divergence_threshold) > 0,
              f"train.divergence_threshold={t.divergence_threshold} must be > 0")
-    resume = t.get("resume", False) if hasattr(t, "get") else getattr(t, "resume", False)
+    resume = opt(t, "resume", False)
     _require(isinstance(resume, bool) or resume == "auto",
              f"train.resume={resume!r}: choose true, false or auto")
     init = m.init
     for key in ("c_scale", "w_scale", "rho"):
-        value = init.get(key, 1.0) if hasattr(init, "get") else getattr(init, key, 1.0)
+        value = opt(init, key, 1.0)
         _require(_finite(value) and float(value) >= 0,
                  f"model.init.{key}={value} must be a finite number >= 0")
     _require(cfg.dtype in _DTYPES, f"dtype={cfg.dtype!r}: choose one of {list(_DTYPES)}")
     _require(int(cfg.seed) >= 0, f"seed={cfg.seed} must be >= 0")
-    data_seed = cfg.get("data_seed") if hasattr(cfg, "get") else getattr(cfg, "data_seed", None)
+    data_seed = opt(cfg, "data_seed")
     _require(data_seed is None or int(data_seed) >= 0,
              f"data_seed={data_seed} must be >= 0 (or null: the stream of `seed`)")
-    size = t.get("ensemble_size", 1) if hasattr(t, "get") else getattr(t, "ensemble_size", 1)
+    size = opt(t, "ensemble_size", 1)
     _require(isinstance(size, int) and not isinstance(size, bool) and size >= 1,
              f"train.ensemble_size={size} must be an integer >= 1 (the number of networks "
              "trained together; 1 = a single run)")

@@ -37,7 +37,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from .callbacks.progress import ProgressCallback
-from .config import validate
+from .config import opt, validate
 from .ensemble import EnsembleStepper
 from .errors import ConfigError, TrainingDiverged
 from .train import Chunk, StopSignals, Trainer, TrainingInterrupted
@@ -47,15 +47,11 @@ def member_dir(e: int) -> str:
     return f"member_{e:03d}"
 
 
-def _opt(node: Any, key: str, default: Any = None) -> Any:
-    return node.get(key, default) if hasattr(node, "get") else getattr(node, key, default)
-
-
 def member_config(cfg: Any, e: int) -> Any:
     """The config of member e: the single run with seed + e (see the module docstring)."""
     c = copy.deepcopy(cfg)
-    data_seed = _opt(cfg, "data_seed")
-    if bool(_opt(cfg.train, "shared_stream", False)):
+    data_seed = opt(cfg, "data_seed")
+    if bool(opt(cfg.train, "shared_stream", False)):
         data_seed = int(cfg.seed) if data_seed is None else int(data_seed)
     elif data_seed is not None:
         data_seed = int(data_seed) + e
@@ -98,8 +94,8 @@ class EnsembleTrainer:
         validate(cfg)
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.E = int(cfg.train.ensemble_size)
-        self.shared_stream = bool(_opt(cfg.train, "shared_stream", False))
-        if _opt(cfg.train, "resume", False) not in (False, None) and \
+        self.shared_stream = bool(opt(cfg.train, "shared_stream", False))
+        if opt(cfg.train, "resume", False) not in (False, None) and \
                 (self.run_dir / "checkpoints").is_dir():
             raise ConfigError(f"train.resume: {self.run_dir} holds a single run (checkpoints/), "
                               f"not an ensemble; resume it without train.ensemble_size={self.E}")
@@ -115,7 +111,7 @@ class EnsembleTrainer:
         for m in self.members:
             m.trainer.callbacks = [cb for cb in m.trainer.callbacks
                                    if not isinstance(cb, ProgressCallback)]
-        self.backend = str(_opt(cfg.train, "backend", "auto"))
+        self.backend = str(opt(cfg.train, "backend", "auto"))
         # one thread: segments between events are short, and a thread per call costs more than
         # it saves there (EnsembleStepper(threads=...) splits members for long segments)
         self.threads = 1

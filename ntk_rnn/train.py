@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from .callbacks.base import Callback, TrainState
 from .callbacks.checkpoint import CheckpointCallback
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .config import check_callback_args, num_steps, register_configs, validate
+from .config import check_callback_args, num_steps, opt, register_configs, validate
 from .data.base import check_chunk, check_source, source_name
 from .errors import ConfigError, TrainingDiverged
 from .fast import FastStepper
@@ -59,7 +59,7 @@ def run_seeds(cfg: Any) -> dict[str, int]:
     """The run's seeds: all from ``seed``, except the data stream's from ``data_seed`` when set
     (the stream of run seed ``data_seed``: an ensemble's shared stream)."""
     seeds = derive_seeds(cfg.seed)
-    data_seed = cfg.get("data_seed") if hasattr(cfg, "get") else getattr(cfg, "data_seed", None)
+    data_seed = opt(cfg, "data_seed")
     if data_seed is not None:
         seeds["data"] = derive_seeds(data_seed)["data"]
     return seeds
@@ -174,7 +174,7 @@ class Trainer:
 
     def __init__(self, cfg: Any, run_dir: str | Path) -> None:
         validate(cfg)  # nothing is written before the whole run is built and checked
-        size = cfg.train.get("ensemble_size", 1) if hasattr(cfg.train, "get") else 1
+        size = opt(cfg.train, "ensemble_size", 1)
         if size != 1:
             raise ConfigError(f"train.ensemble_size={size}: a Trainer runs one network; "
                               "ntk_rnn.train.train(cfg, run_dir) runs an ensemble")
@@ -681,8 +681,7 @@ _MISSING = object()
 def train(cfg: Any, run_dir: str | Path) -> dict:
     """Build and run one training job; returns its final metrics (also in metrics.json). With
     ``train.ensemble_size`` > 1: the ensemble's summary (also in ensemble.json)."""
-    if int(cfg.train.get("ensemble_size", 1) if hasattr(cfg.train, "get") else
-           getattr(cfg.train, "ensemble_size", 1)) != 1:
+    if int(opt(cfg.train, "ensemble_size", 1)) != 1:
         from .ensemble_train import EnsembleTrainer
 
         return EnsembleTrainer(cfg, run_dir).fit()
