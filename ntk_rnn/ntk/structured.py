@@ -237,8 +237,10 @@ def structured_ntk(
     if unit_chunk is None and torch.get_num_threads() > 1 and USE_C and \
             _features_c.usable(model, x):
         # threaded C features hand over to torch's GEMM threads once per block: larger blocks
-        # amortise that (on a loaded 2-core box: 256 units/block 8x GEMM, 1024 3.5x)
-        Nb = min(N, max(Nb, 1024))
+        # amortise that (on a loaded 2-core box: 256 units/block 8x GEMM, 1024 3.5x), as long
+        # as the two sides' buffers (φ, and the coefficients when factorised) stay ≤ 2^24 entries
+        per_unit = (n + m) * (d + 2 + (max(L1, L2) if factorise else 0))
+        Nb = min(N, max(Nb, min(1024, 2**24 // max(1, per_unit))))
     G = None
     if factorise:  # X_k · X'_{k'} for all window pairs and steps
         G = torch.mm(x.reshape(n * L1, d), x2.reshape(m * L2, d).T).view(n, L1, m, L2)
