@@ -87,11 +87,11 @@ class Config:
     dtype: str = "float32"
 
 
-
 def opt(node: Any, key: str, default: Any = None) -> Any:
     """``node.key`` of a DictConfig, dict or dataclass config, or ``default`` when absent (keys
     added after a run's config was saved, e.g. ``train.ensemble_size``)."""
     return node.get(key, default) if hasattr(node, "get") else getattr(node, key, default)
+
 
 def register_configs() -> None:
     cs = ConfigStore.instance()

@@ -51,7 +51,8 @@ def find_job_dirs(sweep_dir: Path) -> list[Path]:
     """Job directories under ``sweep_dir`` (recursively; submitit's own folders are skipped).
 
     An ensemble job (``train.ensemble_size`` > 1) is reported by its members ``member_{e:03d}/``,
-    one row each; its own directory only when no member wrote ``metrics.json``."""
+    one row each (with or without ``metrics.json``); its own directory too when its own
+    ``metrics.json`` reports a failure (e.g. a config error before the members ran)."""
     found = {p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml")}
     found |= {p.parent for p in sweep_dir.rglob("metrics.json")}
     found |= {p for d in list(found) for p in d.glob("member_*") if _member(p) is not None}
