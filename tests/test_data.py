@@ -248,9 +248,13 @@ def test_file_series_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"does not exist"):
         FileSeries(tmp_path / "missing.csv")
     p = write_csv(tmp_path / "nan.csv", ["a,temp", "1,2", "2,", "3,4"])
-    with pytest.raises(ConfigError, match=r"column 'temp' has a missing or non-numeric value "
-                       r"at row 1"):
+    with pytest.raises(ConfigError, match=r"column 'temp' has a missing value at row 1 .*set "
+                       r"data.missing to one of drop, ffill, interpolate"):
         FileSeries(p)
+    p = write_csv(tmp_path / "text.csv", ["a,temp", "1,2", "2,abc", "3,4"])
+    with pytest.raises(ConfigError, match=r"column 'temp' has a non-numeric or infinite value "
+                       r"'abc' at row 1"):
+        FileSeries(p, missing="drop")  # text is not a gap, whatever data.missing says
     p = write_csv(tmp_path / "ok.csv", ["a,b"] + [f"{k},{k}" for k in range(5)])
     with pytest.raises(ConfigError, match=r"column 'c' is not in .*available columns: "
                        r"\['a', 'b'\]"):
@@ -259,6 +263,124 @@ def test_file_series_errors(tmp_path):
         FileSeries(write_csv(tmp_path / "short.csv", ["a", "1", "2"]))
     with pytest.raises(ConfigError, match=r"do not fit"):
         FileSeries(p).windows(3, 10, gen())
+
+
+def test_file_series_missing_modes(tmp_path):
+    rows = ["date,x,y", "2000-01-01,,10", "2000-01-02,1,NA", "2000-01-03,2,12",
+            "2000-01-04,,13", "2000-01-05,,14", "2000-01-06,5,15", "2000-01-07,6,"]
+    p = write_csv(tmp_path / "gaps.csv", rows)
+    for bad in ("fill", None, "Drop"):
+        with pytest.raises(ConfigError, match=r"data.missing=.* must be one of error, drop, "
+                           r"ffill, interpolate"):
+            FileSeries(p, missing=bad)
+    with pytest.raises(ConfigError, match=r"column 'x' has a missing value at row 0 \(0-based, "
+                       r"header excluded; 5 missing cells in all\); set data.missing"):
+        FileSeries(p)  # the date column is skipped; x, whose first cell is empty, is numeric
+
+    def table(src):
+        return torch.cat([src.X, src.Y[:, None]], 1).numpy()
+
+    src = FileSeries(p, missing="drop", standardize=False, horizon=0)
+    assert src.columns == ["x", "y"] and src.dropped_rows == 5 and src.missing_cells == 5
+    assert np.array_equal(table(src)[:, :2], [[2, 12], [5, 15]])
+    src = FileSeries(p, missing="ffill", standardize=False, horizon=0)  # row 0 has no x before
+    assert src.dropped_rows == 1
+    assert np.array_equal(table(src)[:, :2], [[1, 10], [2, 12], [2, 13], [2, 14], [5, 15],
+                                              [6, 15]])
+    src = FileSeries(p, missing="interpolate", standardize=False, horizon=0)  # no y after row 5
+    assert src.dropped_rows == 2
+    assert np.allclose(table(src)[:, :2], [[1, 11], [2, 12], [3, 13], [4, 14], [5, 15]])
+    src = FileSeries(p, columns=["y"], target_column="x", missing="interpolate",
+                     standardize=False)
+    assert np.allclose(src.X[:, 0].numpy(), [11, 12, 13, 14]) and \
+        np.allclose(src.Y.numpy(), [2, 3, 4, 5])
+    with pytest.raises(ConfigError, match=r"has 2 rows after data.missing=drop dropped 6"):
+        FileSeries(write_csv(tmp_path / "few.csv", rows + ["2000-01-08,,1"]), missing="drop",
+                   columns=["x", "y"])
+    npy = tmp_path / "gaps.npy"
+    np.save(npy, np.array([0.0, np.nan, 2.0, 3.0, np.nan, 5.0]))
+    src = FileSeries(npy, missing="interpolate", standardize=False, horizon=0)
+    assert np.allclose(src.X[:, 0].numpy(), np.arange(6.0))
+
+
+def trainer_class():
+    try:
+        from ntk_rnn.run.trainer import Trainer
+    except ImportError:  # the layout before ntk_rnn.run
+        from ntk_rnn.train import Trainer
+    return Trainer
+
+
+def test_file_series_cycle_is_unbounded(tmp_path):
+    """A cycling file reports num_steps=None (the stream never ends), so a run longer than the
+    file is accepted; without cycle the trainer refuses it before training."""
+    from .conftest import make_cfg
+
+    p = write_csv(tmp_path / "year.csv", ["year,v"] + [f"{1700 + k}-12-31,{np.sin(0.5 * k)}"
+                                                       for k in range(309)])
+    src = FileSeries(p, cycle=True)
+    assert src.columns == ["v"] and src.num_steps is None and src.length == 308
+    assert FileSeries(p).num_steps == 308
+    run = ["data=csv", f"data.path={p}", "model.width=8", "train.steps=400", "callbacks=none"]
+    Trainer = trainer_class()
+    with pytest.raises(ConfigError, match=r"holds 308; .*set data.cycle=true"):
+        Trainer(make_cfg(*run), tmp_path / "a")
+    metrics = Trainer(make_cfg(*run, "data.cycle=true"), tmp_path / "b").fit()
+    assert metrics["status"] == "completed" and metrics["steps"] == 400
+
+
+def statsmodels_csv(tmp_path: Path, name: str) -> Path:
+    """A statsmodels dataset written as a csv with a date column first."""
+    datasets = pytest.importorskip("statsmodels.datasets")
+    pd = pytest.importorskip("pandas")
+    if name == "co2":  # weekly CO2 at Mauna Loa, 1958-2001, 59 weeks missing
+        df = datasets.co2.load_pandas().data
+        df.index = df.index.strftime("%Y-%m-%d")
+    else:  # yearly sunspot numbers 1700-2008
+        df = datasets.sunspots.load_pandas().data
+        df.index = pd.Index([f"{int(y)}-12-31" for y in df.pop("YEAR")])
+    path = tmp_path / f"{name}.csv"
+    df.to_csv(path, index_label="date")
+    return path
+
+
+def test_real_series_with_gaps_and_dates(tmp_path):
+    co2 = statsmodels_csv(tmp_path, "co2")
+    lines = co2.read_text().splitlines()
+    assert lines[0] == "date,co2" and len(lines) == 2285 and lines[7] == "1958-05-10,"
+    with pytest.raises(ConfigError, match=r"column 'co2' has a missing value at row 6 .*59 "
+                       r"missing cells.*data.missing to one of drop, ffill, interpolate"):
+        FileSeries(co2)
+    raw = np.array([float(v.split(",")[1] or "nan") for v in lines[1:]])
+    for mode, rows in (("drop", 2284 - 59), ("ffill", 2284), ("interpolate", 2284)):
+        src = FileSeries(co2, missing=mode)
+        assert src.columns == ["co2"] and src.length == rows - 1 and src.dropped_rows == 2284 - rows
+        X, Y = take(src, src.length, chunk=128)
+        assert torch.equal(X[1:, 0], Y[:-1]) and abs(float(X.mean())) < 0.01
+        assert float((X[:, 0] * Y).mean()) > 0.95  # smooth trend + seasonal cycle
+        Xw, Yw = src.windows(32, 52, gen(1))
+        check_windows(src, Xw, Yw, 32, 52)
+    src = FileSeries(co2, missing="interpolate", standardize=False)
+    gap = np.flatnonzero(np.isnan(raw))[0]  # 1958-05-10, between 316.9 and 317.5
+    assert gap == 6 and np.isclose(float(src.X[gap, 0]), (raw[5] + raw[7]) / 2)
+    sun = statsmodels_csv(tmp_path, "sunspots")
+    src = FileSeries(sun, cycle=True)
+    assert src.columns == ["SUNACTIVITY"] and src.length == 308 and src.num_steps is None
+    X, _ = take(src, 700, chunk=100)
+    assert torch.equal(X[:308], X[308:616])
+
+
+@pytest.mark.parametrize("name,extra", [("co2", ["data.missing=interpolate"]),
+                                        ("sunspots", ["data.cycle=true"])])
+def test_train_on_real_series(tmp_path, name, extra):
+    from .conftest import make_cfg
+
+    path = statsmodels_csv(tmp_path, name)
+    cfg = make_cfg("data=csv", f"data.path={path}", "model.width=16", "train.steps=600",
+                   "callbacks=none", "dtype=float64", *extra)
+    metrics = trainer_class()(cfg, tmp_path / "run").fit()
+    assert metrics["status"] == "completed" and metrics["steps"] == 600
+    assert np.isfinite(metrics["running_mse"])
 
 
 def test_seattle_temps_offline():

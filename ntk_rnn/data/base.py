@@ -9,7 +9,9 @@ A source is one ergodic sequence (X_k ∈ R^d, Y_k ∈ R). It must provide
   targets ``(n,)`` of their last step, for probes and for the limit;
 
 and may provide ``num_steps`` (int or None), the number of elements the stream can deliver
-(None = unbounded). Any class with these members plugs into the trainer by ``data._target_``.
+(None = unbounded, e.g. a recorded series that cycles), and ``length`` (int), the number of
+distinct steps behind a finite or cycled series (the windows are drawn from these). Any class
+with these members plugs into the trainer by ``data._target_``.
 """
 
 from __future__ import annotations
