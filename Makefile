@@ -32,6 +32,16 @@ bench: install
 lint: install
 	$(VENV)/bin/ruff check ntk_rnn tests benchmarks experiments
 
+# the documentation site (docs/, mkdocs.yml) into site/; fails on any warning
+DOCS_STAMP := $(VENV)/.docs-installed
+.PHONY: docs
+docs: install $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d site
+
+$(DOCS_STAMP): $(STAMP) setup.cfg
+	$(PY) -m pip install --quiet -e ".[docs]"
+	touch $(DOCS_STAMP)
+
 LOGDIR ?= outputs
 tensorboard: install
 	$(VENV)/bin/tensorboard --logdir $(LOGDIR) --host 127.0.0.1
