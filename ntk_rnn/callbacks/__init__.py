@@ -5,6 +5,8 @@ from .checkpoint import CheckpointCallback
 from .ntk import NTKCallback
 from .output import OutputTrackingCallback
 from .progress import ProgressCallback
+from .linearized import LinearizedCallback  # noqa: F401  (linearized shadow model)
 
 __all__ = ["Callback", "TrainState", "CheckpointCallback", "NTKCallback", "OutputTrackingCallback",
            "ProgressCallback"]
+__all__ += ["LinearizedCallback"]
