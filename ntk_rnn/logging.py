@@ -1,13 +1,43 @@
-"""TensorBoard: the run's writer and its HParams entry (written into the run directory itself)."""
+"""TensorBoard: the run's writer, its HParams entry and its custom-scalars layout.
+
+Everything is written into the run directory itself (one run = one TensorBoard run). The HParams
+metrics are the live curves' tags (HParams shows the last value of a scalar tag), so no one-point
+duplicate tags are written. Time Series groups cards by the tag's first component, sorted: the
+NTK curves (``ntk/``) sort before ``ntk_images/``, ``output/``, ``params/`` and ``train/``.
+"""
 
 from __future__ import annotations
 
+import re
+import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
-from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+# --- HParams --------------------------------------------------------------------------------
+# (config key, column name, description): the hyper-parameters of a single run, in this order
+MAIN_HPARAMS: tuple[tuple[str, str, str], ...] = (
+    ("model.width", "width", "N, the number of hidden units"),
+    ("model.beta", "beta", "β, the mean-field exponent"),
+    ("train.alpha", "alpha", "α, the learning-rate scale"),
+    ("train.gradient", "gradient", "rtrl (exact) or truncated"),
+    ("seed", "seed", "the run seed"),
+    ("train.horizon", "horizon", "limit time t = steps / N reached by the run"),
+)
+# (tag, column name, key in the run's metrics that says the tag was logged), in this order
+HPARAMS_METRICS: tuple[tuple[str, str, str], ...] = (
+    ("ntk/drift_from_init", "drift from init", "ntk_drift_from_init"),
+    ("ntk/distance_to_limit", "distance to limit", "ntk_distance_to_limit"),
+    ("ntk/log10_kernel_distance_to_limit", "log10 kernel distance to limit",
+     "ntk_kernel_distance_to_limit"),
+    ("output/rmse_to_limit", "output error", "output_rmse_final"),
+    ("train/running_mse", "running MSE", "running_mse"),
+)
+INT_WIDTH = 9  # integers are written as right-aligned strings (shown as "128", sorted as numbers)
+_NOT_SWEPT = ("hydra.", "train.resume")
 
 
 def tensorboard_enabled(cfg: Any) -> bool:
@@ -26,40 +56,281 @@ def make_writer(cfg: Any, run_dir: str | Path,
     return SummaryWriter(log_dir=str(run_dir), flush_secs=flush, purge_step=purge_step)
 
 
-def run_hparams(cfg: Any) -> dict[str, Any]:
-    """The hyper-parameters a sweep compares: width, β, α, gradient, seed, data, activation."""
-    data = cfg.data
-    target = data.get("_target_", type(data).__name__) if hasattr(data, "get") else str(data)
-    out = {
-        "width": int(cfg.model.width),
-        "beta": float(cfg.model.beta),
-        "alpha": float(cfg.train.alpha),
-        "gradient": str(cfg.train.gradient),
-        "activation": str(cfg.model.activation),
-        "recurrence": str(cfg.model.recurrence),
-        "seed": int(cfg.seed),
-        "data": str(target).rsplit(".", 1)[-1],
-        "dtype": str(cfg.dtype),
-    }
+def _select(cfg: Any, key: str) -> Any:
+    try:
+        return OmegaConf.select(cfg, key, default=None)
+    except Exception:  # a dataclass or plain object
+        node = cfg
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else getattr(node, part, None)
+            if node is None:
+                return None
+        return node
+
+
+def _hparam_value(v: Any, override: Optional[str] = None) -> Any:
+    """A value HParams can show: integers as right-aligned strings (HParams prints numbers with 5
+    significant digits: "128.00"; padded strings read "128" and still sort as numbers), floats
+    as numbers, config groups (a ``data=csv`` override) by the override's value."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int):
+        return f"{v:>{INT_WIDTH}d}" if v >= 0 else str(v)
+    if isinstance(v, float):
+        return v
+    if isinstance(v, str):
+        return v
+    if v is None:
+        return override if override is not None else "None"
+    if override is not None:
+        return override
+    if OmegaConf.is_config(v):
+        v = OmegaConf.to_container(v, resolve=True)
+    if isinstance(v, dict) and "_target_" in v:
+        return str(v["_target_"]).rsplit(".", 1)[-1]
+    return str(v)
+
+
+def run_hparams(cfg: Any, metrics: Optional[dict] = None) -> dict[str, Any]:
+    """The main hyper-parameters of a run (config key → value): width, β, α, gradient, seed and
+    the horizon t actually reached (``metrics["t"]`` when given, else ``train.horizon``)."""
+    out = {}
+    for key, _, _ in MAIN_HPARAMS:
+        v = _select(cfg, key)
+        if key == "train.horizon":
+            t = (metrics or {}).get("t")
+            v = float(t) if isinstance(t, (int, float)) else (None if v is None else float(v))
+            if v is None:
+                continue
+        out[key] = _hparam_value(v)
     return out
 
 
-def write_hparams(writer: SummaryWriter, cfg: Any, metrics: dict[str, Any]) -> None:
-    """HParams entry plus its metric scalars, in the writer's own directory.
+def parse_swept(swept: Optional[Iterable[str]]) -> dict[str, Optional[str]]:
+    """``["model.width=32", "+x=1", "seed"]`` → ``{"model.width": "32", "x": "1", "seed": None}``
+    (Hydra override strings or bare keys; hydra.* and train.resume dropped)."""
+    out: dict[str, Optional[str]] = {}
+    for item in swept or ():
+        key, eq, value = str(item).partition("=")
+        key = key.lstrip("+~").strip()
+        if key and not key.startswith(_NOT_SWEPT):
+            out[key] = value if eq else None
+    return out
 
-    ``SummaryWriter.add_hparams`` would open a timestamped sub-run, which splits the run in the
-    HParams dashboard; writing the three hparams summaries to the run's own file avoids that.
+
+def _sweep_pattern(value: str) -> bool:
+    """Does a Hydra override value sweep (``a,b``, ``range(...)``, ``choice(...)``, ...)?"""
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        return OverridesParser.create().parse_overrides([f"k={value}"])[0].is_sweep_override()
+    except Exception:
+        return "," in value or bool(re.match(r"\s*(range|choice|glob|interval)\(", value))
+
+
+def hydra_swept() -> tuple[Optional[list[str]], Optional[set[str]]]:
+    """(this job's task overrides, the keys the sweep varies) from Hydra, when in a multirun job;
+    (None, None) otherwise. The varying keys come from ``<sweep dir>/multirun.yaml`` (the sweep's
+    own overrides, e.g. ``model.width=32,64``); None when it cannot be read."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return None, None
+        hc = HydraConfig.get()
+        if str(hc.mode.name) != "MULTIRUN":
+            return None, None
+        task = list(hc.overrides.task)
+    except Exception:
+        return None, None
+    varying = None
+    try:
+        import yaml
+
+        sweep = yaml.safe_load((Path(hc.sweep.dir) / "multirun.yaml").read_text()) or {}
+        items = sweep["hydra"]["overrides"]["task"]
+        varying = {k for k, v in parse_swept(items).items() if v is not None and _sweep_pattern(v)}
+    except Exception:
+        pass
+    return task, varying
+
+
+def hparams_layout(cfg: Any, metrics: dict[str, Any], swept: Optional[Iterable[str]] = None,
+                   varying: Optional[set[str]] = None) -> tuple[list, dict[str, Any], list]:
+    """(HParamInfo list, name → value, MetricInfo list) of a run.
+
+    The hparams are the overridden keys of a sweep (``swept``) then width, β, α, gradient, seed
+    and horizon; the keys that vary across the sweep's jobs (``varying``; all of ``swept`` when
+    None) are marked ``differs``, which TensorBoard lists first (then by name, the config key);
+    the HParams tab shows the first five hparams and the first five metrics by default. Constant
+    settings (activation, data, dtype, ...) are left out unless overridden."""
+    from tensorboard.plugins.hparams import api_pb2
+
+    ov = parse_swept(swept)
+    differs = set(ov) if varying is None else (set(ov) & set(varying)) | (set(varying) - set(ov))
+    values = run_hparams(cfg, metrics)
+    names = {k: (n, d) for k, n, d in MAIN_HPARAMS}
+    for key in list(ov) + sorted(set(differs) - set(ov)):
+        if key not in values:
+            values[key] = _hparam_value(_select(cfg, key), ov.get(key))
+    infos = []
+    for key, v in values.items():
+        name, desc = names.get(key, (key.rsplit(".", 1)[-1], f"{key} (overridden)"))
+        typ = ("DATA_TYPE_BOOL" if isinstance(v, bool) else "DATA_TYPE_STRING"
+               if isinstance(v, str) else "DATA_TYPE_FLOAT64")
+        infos.append(api_pb2.HParamInfo(name=key, display_name=name, description=desc,
+                                        type=api_pb2.DataType.Value(typ),
+                                        differs=key in differs))
+    infos.sort(key=lambda h: (not h.differs, h.name))  # as TensorBoard's backend orders them
+    mets = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=name,
+                               description=f"last value of {tag}")
+            for tag, name, key in HPARAMS_METRICS if key in metrics]
+    return infos, values, mets
+
+
+def _plugin_summary(tag: str, plugin_data: Any) -> Any:
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.plugins.hparams import metadata
+
+    smd = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(
+        plugin_name=metadata.PLUGIN_NAME, content=plugin_data.SerializeToString()))
+    return Summary(value=[Summary.Value(tag=tag, metadata=smd)])
+
+
+def write_hparams(writer: SummaryWriter, cfg: Any, metrics: dict[str, Any],
+                  swept: Optional[Sequence[str]] = None) -> None:
+    """The run's HParams entry, in the writer's own directory (``SummaryWriter.add_hparams``
+    would open a timestamped sub-run, which splits the run in the HParams dashboard).
+
+    ``swept``: the overridden keys of a sweep (``key`` or Hydra's ``key=value`` task overrides);
+    None: read from Hydra in a multirun job (``HydraConfig``), none in a single run. The metrics
+    are the live tags (drift, distance to limit, kernel distance to limit, output error when
+    logged, running MSE): HParams shows their last value. ``metrics`` (the run's final numbers)
+    says which of them were logged and gives the horizon t reached.
     """
-    final = {f"final/{k}": float(v) for k, v in metrics.items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
-    exp, ssi, sei = hparams_summary(run_hparams(cfg), final)
+    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+
+    varying = None
+    if swept is None:
+        swept, varying = hydra_swept()
+    elif any("=" in str(s) for s in swept):
+        _, varying = hydra_swept()
+        if varying is not None and not set(parse_swept(swept)) & varying:
+            varying = None  # another sweep's file: trust ``swept``
+    infos, values, mets = hparams_layout(cfg, metrics, swept, varying)
+    now = time.time()
+    exp = api_pb2.Experiment(time_created_secs=now, hparam_infos=infos, metric_infos=mets)
+    ssi = plugin_data_pb2.SessionStartInfo(start_time_secs=now)
+    for k, v in values.items():
+        if isinstance(v, bool):
+            ssi.hparams[k].bool_value = v
+        elif isinstance(v, str):
+            ssi.hparams[k].string_value = v
+        else:
+            ssi.hparams[k].number_value = float(v)
+    sei = plugin_data_pb2.SessionEndInfo(status=api_pb2.Status.Value("STATUS_SUCCESS"),
+                                         end_time_secs=now)
+    V = metadata.PLUGIN_DATA_VERSION
     fw = writer._get_file_writer()
-    for summ in (exp, ssi, sei):
-        fw.add_summary(summ)
-    step = int(metrics.get("steps", 0))
-    for k, v in final.items():
-        writer.add_scalar(k, v, step)
+    for tag, data in ((metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(
+            experiment=exp, version=V)),
+            (metadata.SESSION_START_INFO_TAG, plugin_data_pb2.HParamsPluginData(
+                session_start_info=ssi, version=V)),
+            (metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(
+                session_end_info=sei, version=V))):
+        fw.add_summary(_plugin_summary(tag, data))
     writer.flush()
+
+
+def trial_name(override_dirname: str) -> str:
+    """A short job directory name from Hydra's ``override_dirname``:
+    ``model.width=32,seed=0,train.horizon=1`` → ``width=32,seed=0,horizon=1`` (each key's last
+    component). Meant as an OmegaConf resolver for ``hydra.sweep.subdir`` (see
+    :func:`register_resolvers`)."""
+    parts = []
+    for item in str(override_dirname).split(","):
+        key, eq, value = item.partition("=")
+        parts.append(f"{key.lstrip('+~').rsplit('.', 1)[-1]}{eq}{value}" if eq else item)
+    return ",".join(parts)
+
+
+def register_resolvers() -> None:
+    """``${ntk_trial:${hydra.job.override_dirname}}`` → :func:`trial_name` (idempotent)."""
+    if not OmegaConf.has_resolver("ntk_trial"):
+        OmegaConf.register_new_resolver("ntk_trial", trial_name)
+
+
+# --- custom scalars ---------------------------------------------------------------------------
+def _one(tag: str) -> list:
+    return ["Multiline", [f"^{re.escape(tag)}$"]]
+
+
+def custom_scalar_layout(top_k: int = 0, ntk: bool = True, output: bool = False,
+                         blocks: Sequence[str] = ("c", "w", "b")) -> dict:
+    """TensorBoard custom-scalars layout: one quantity per chart (a chart's lines are the runs,
+    one colour each), titled by what it plots."""
+    layout: dict[str, dict] = {}
+    if ntk:
+        layout["NTK"] = {
+            "drift from init ‖K_t − K_0‖/‖K_0‖": _one("ntk/drift_from_init"),
+            "distance to limit ‖K_t − K_∞‖/‖K_∞‖": _one("ntk/distance_to_limit"),
+            "log10 cosine distance to K_∞": _one("ntk/log10_kernel_distance_to_limit"),
+            "log10 cosine distance to K_0": _one("ntk/log10_kernel_distance"),
+            "velocity": _one("ntk/velocity"),
+            "target alignment": _one("ntk/target_alignment"),
+            "effective rank": _one("ntk/effective_rank"),
+        }
+        layout["NTK spectrum (log10 eigenvalues)"] = {
+            f"log10 λ{i + 1}": _one(f"ntk/spectrum/log10_eig_{i + 1}") for i in range(top_k)}
+        layout["NTK per-block drift"] = {
+            f"drift of the {b} block": _one(f"ntk/per_block/drift_{b}") for b in blocks}
+    if output:
+        layout["Output vs limit"] = {
+            "output error rms(Ŷ − h_t)": _one("output/rmse_to_limit"),
+            "error of h_t (floor)": _one("output/limit_error"),
+            "rms of h_t": _one("output/limit_rms"),
+            "rms of Ŷ": _one("output/network_rms"),
+        }
+    layout["Training"] = {
+        "running MSE": _one("train/running_mse"),
+        "loss": _one("train/loss"),
+    }
+    if ntk:
+        layout["Parameter displacement"] = {
+            f"‖θ_t − θ_0‖/‖θ_0‖ of {b}": _one(f"params/displacement_{b}") for b in blocks}
+    return layout
+
+
+def _has_callback(cfg: Any, name: str, target: str) -> bool:
+    cbs = _select(cfg, "callbacks")
+    if cbs is None:
+        return False
+    if OmegaConf.is_config(cbs):
+        cbs = OmegaConf.to_container(cbs, resolve=False)
+    if isinstance(cbs, dict):
+        return any(k == name or target in str((v or {}).get("_target_", "") if isinstance(
+            v, dict) else v) for k, v in cbs.items())
+    return any(target in str(c) for c in (cbs or ()))
+
+
+def write_layout(state: Any, top_k: int = 0) -> None:
+    """The run's custom-scalars layout, written once per run by the first callback that calls it
+    (TensorBoard reads one layout per run): NTK charts when the NTK callback is configured,
+    output charts when the output callback is."""
+    w = getattr(state, "writer", None)
+    if w is None or getattr(state, "_ntk_rnn_layout_written", False):
+        return
+    cfg = state.cfg
+    ntk = _has_callback(cfg, "ntk", "NTKCallback")
+    if ntk and not top_k:
+        top_k = int(_select(cfg, "callbacks.ntk.top_k") or 5)
+    layout = custom_scalar_layout(top_k, ntk=ntk,
+                                  output=_has_callback(cfg, "output", "OutputTracking"))
+    w.add_custom_scalars(layout)
+    try:
+        state._ntk_rnn_layout_written = True
+    except AttributeError:
+        pass
 
 
 def resolved_yaml(cfg: Any) -> str:

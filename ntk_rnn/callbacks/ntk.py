@@ -3,6 +3,11 @@
 At the start it draws ``n_probes`` stationary windows, computes K_0 = K^N_{θ_0} and (if
 ``limit``) the limit kernel K_∞ with its error estimate. Every ``every_n_steps`` it computes
 K_t = K^N_{θ_t} and logs how far it has moved from K_0, how far it is from K_∞, and its shape.
+
+Tags (``ntk/`` sorts first in TensorBoard's Time Series, and within it ``distance_to_limit`` and
+``drift_from_init`` come first): quantities spanning decades or of order 1e−4 (eigenvalues,
+cosine kernel distances) are logged as log10 so their axes can be read. ``metrics.json`` keeps
+the plain values (``ntk_kernel_distance``, ``ntk_eig_1``, ...).
 """
 
 from __future__ import annotations
@@ -14,22 +19,45 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..ntk import limit_ntk, ntk_blocks, training_kernel
+from ..limit import limit_ntk
+from ..logging import write_layout
 from ..ntk import metrics as M
+from ..ntk import ntk_blocks, training_kernel
 from .base import Callback, TrainState, generator_from_seed
 from .cache import cached
 
 BLOCKS = ("c", "w", "b")
 
 
+def scalar_tags(s: dict[str, float], step: int) -> dict[str, float]:
+    """The TensorBoard tags and values of one NTK log point ``s`` (plain names → values): the
+    cosine kernel distances (~1e−4) and the eigenvalues as log10 (not logged when ≤ 0, nor the
+    distance to K_0 at step 0, which is 0 by definition), the per-block drifts under
+    ``ntk/per_block/``, the eigenvalues under ``ntk/spectrum/``."""
+    out = {}
+    for k, v in s.items():
+        if k in ("kernel_distance", "kernel_distance_to_limit"):
+            if v > 0 and math.isfinite(v) and not (k == "kernel_distance" and step == 0):
+                out[f"ntk/log10_{k}"] = math.log10(v)
+        elif k.startswith("eig_"):
+            if v > 0 and math.isfinite(v):
+                out[f"ntk/spectrum/log10_{k}"] = math.log10(v)
+        elif k.startswith("drift_") and k[len("drift_"):] in BLOCKS:
+            out[f"ntk/per_block/{k}"] = v
+        else:
+            out[f"ntk/{k}"] = v
+    return out
+
+
 class NTKCallback(Callback):
-    """Logs ``ntk/*`` scalars (see the README's tag table), images and parameter histograms."""
+    """Logs ``ntk/*`` scalars (see the README's tag table and :func:`scalar_tags`), images and
+    parameter histograms."""
 
     name = "ntk"
 
     def __init__(
         self,
-        every_n_steps: int = 50,
+        every_n_steps: int = 128,
         n_probes: int = 64,
         probe_length: int = 24,
         method: str = "auto",
@@ -37,8 +65,8 @@ class NTKCallback(Callback):
         limit_tol: float = 5e-4,
         limit_method: str = "auto",
         top_k: int = 5,
-        image_every_n_steps: int = 0,
-        histogram_every_n_steps: int = 0,
+        image_every_n_steps: int = 1024,
+        histogram_every_n_steps: int = 1024,
         every_t: Optional[float] = None,
         probe_seed: Optional[int] = None,
         cache_dir: Optional[str] = None,
@@ -64,6 +92,7 @@ class NTKCallback(Callback):
         self._images = None  # KernelImages, made at the first image event
         self._spec_inf = None
         self._logged_inf = False
+        self.width = 0
 
     # --- validation, before any step --------------------------------------------------------
     def setup(self, state: TrainState) -> None:
@@ -112,12 +141,14 @@ class NTKCallback(Callback):
                 self.K_inf = lim["value"].to(self.K0)
                 self.K_inf_error = float(lim["error"])
         w = state.writer
-        if w is not None:
-            w.add_custom_scalars(custom_scalar_layout(self.top_k))
-            if self.K_inf is not None:
-                w.add_scalar("ntk/limit_error_estimate", self.K_inf_error, 0)
-                w.add_scalar("ntk/initial_distance_to_limit",
-                             float(M.relative_frobenius(self.K0, self.K_inf)), 0)
+        if w is not None and state.step == 0:  # (a resumed run wrote them before)
+            write_layout(state, self.top_k)
+            if self.K_inf is not None:  # two constants of the run: text, not one-point curves
+                w.add_text("ntk/limit_kernel", (
+                    f"K_∞ on the probes: estimated largest absolute error "
+                    f"{self.K_inf_error:.3g}; initial distance ‖K_0 − K_∞‖/‖K_∞‖ = "
+                    f"{float(M.relative_frobenius(self.K0, self.K_inf)):.4g} (the step-0 "
+                    f"value of ntk/distance_to_limit)"), 0)
         if state.step == 0:
             self.log(state, 0, self.K0, self.K0_blocks)
 
@@ -188,8 +219,8 @@ class NTKCallback(Callback):
         s = {k: float(v) for k, v in s.items()}
         w = state.writer
         if w is not None:
-            for k, v in s.items():
-                w.add_scalar(f"ntk/{k}", v, step)
+            for k, v in scalar_tags(s, step).items():
+                w.add_scalar(k, v, step)
             for name, p in state.model.named_parameters():
                 if name in self.theta0:
                     d = (p.detach() - self.theta0[name])
@@ -198,28 +229,33 @@ class NTKCallback(Callback):
                     if self.hist_every and step % self.hist_every == 0:
                         w.add_histogram(f"params/abs_displacement_{name}", d.abs().cpu(), step)
             if self.image_every and (step % self.image_every == 0 or step == state.n_steps):
+                self.width = state.model.width
                 self.log_images(w, step, K)
         self.last = s
         self.K_prev, self.t_prev = K, t
 
     def log_images(self, writer, step: int, K: Tensor) -> None:
-        """Heatmaps of K_t, K_t − K_0 (and K_∞, once: it does not change) and the spectrum of
-        K_t against K_∞'s, as TensorBoard images."""
+        """Heatmaps of K_t, K_t − K_0 (not at step 0, where it is 0) and K_∞ (once: it does not
+        change), K_t and K_∞ on one colour scale (that of K_0 and K_∞), K_t − K_0 on its own
+        symmetric one; and the spectrum of K_t against K_∞'s, as TensorBoard images."""
         from .figures import KernelImages, spectrum
 
         if self._images is None:
             self._images = KernelImages()
+            self._images.set_scale(*[k for k in (self.K0, self.K_inf) if k is not None])
             self._spec_inf = None if self.K_inf is None else spectrum(self.K_inf)
         img = self._images
+        t = step / self.width if self.width else float("nan")
 
         def add(tag, arr):
             writer.add_image(f"ntk_images/{tag}", arr, step, dataformats="HWC")
 
-        add("K_t", img.heatmap("K_t", K, f"K_t (step {step})"))
-        add("K_t_minus_K_0", img.heatmap("dK", K - self.K0, f"K_t − K_0 (step {step})",
-                                          diverging=True))
+        add("K_t", img.heatmap("K_t", K, f"K_t (step {step}, t = {t:.3g})"))
+        if step > 0:
+            add("K_t_minus_K_0", img.heatmap("dK", K - self.K0, f"K_t − K_0 (step {step})",
+                                              diverging=True))
         if self.K_inf is not None and not self._logged_inf:
-            add("K_inf", img.heatmap("K_inf", self.K_inf, "K_∞ (limit)"))
+            add("K_inf", img.heatmap("K_inf", self.K_inf, "K_∞ (limit, same colour scale)"))
             self._logged_inf = True
         spectra = {"K_t": spectrum(K)}
         if self._spec_inf is not None:
@@ -232,7 +268,7 @@ class NTKCallback(Callback):
             return {}
         d = {"probes": self.probes, "probe_y": self.probe_y, "K0": self.K0,
              "K_prev": self.K_prev, "t_prev": self.t_prev, "K_inf_error": self.K_inf_error,
-             "K0_blocks": self.K0_blocks, "theta0": self.theta0}
+             "K0_blocks": self.K0_blocks, "theta0": self.theta0, "logged_inf": self._logged_inf}
         if self.K_inf is not None:
             d["K_inf"] = self.K_inf
         return {k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in d.items()}
@@ -247,26 +283,14 @@ class NTKCallback(Callback):
         self.K_inf, self.K_inf_error = mv(d.get("K_inf")), float(d["K_inf_error"])
         self.K0_blocks = {k: mv(v) for k, v in d["K0_blocks"].items()}
         self.theta0 = {k: mv(v) for k, v in d["theta0"].items()}
+        self._logged_inf = bool(d.get("logged_inf", False))  # K_∞'s image: once per run
 
 
 def custom_scalar_layout(top_k: int) -> dict:
-    """TensorBoard custom-scalars layout grouping the NTK plots."""
-    return {
-        "NTK": {
-            "kernel vs init and limit": ["Multiline", ["ntk/drift_from_init",
-                                                       "ntk/distance_to_limit"]],
-            "cosine distances": ["Multiline", ["ntk/kernel_distance",
-                                               "ntk/kernel_distance_to_limit"]],
-            "per-block drift (c, w, b)": ["Multiline", [f"ntk/drift_{b}" for b in BLOCKS]],
-            "velocity": ["Multiline", ["ntk/velocity"]],
-            "spectrum": ["Multiline", [f"ntk/eig_{i + 1}" for i in range(top_k)]],
-            "alignment and rank": ["Multiline", ["ntk/target_alignment", "ntk/effective_rank"]],
-        },
-        "Training": {
-            "loss": ["Multiline", ["train/loss", "train/running_mse"]],
-            "parameter displacement": ["Multiline", [f"params/displacement_{b}" for b in BLOCKS]],
-        },
-    }
+    """TensorBoard custom-scalars layout of the NTK plots (one quantity per chart)."""
+    from ..logging import custom_scalar_layout as layout
+
+    return layout(top_k, ntk=True, blocks=BLOCKS)
 
 
 def _finite(x: float) -> bool:

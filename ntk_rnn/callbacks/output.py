@@ -3,9 +3,10 @@
 On a fixed probe set it compares the network output Ŷ_θ(x̄) (window read from zero memory, θ as
 trained so far) with the limit solution h_t(x̄) at t = k / N, and logs
 
-    limit/output_rmse  = rms over probes of Ŷ_θ(x̄) − h_t(x̄)
-    limit/output_rms   = rms over probes of h_t(x̄)            (the scale of the signal)
-    limit/h_error      = rms over probes of the π-sample error estimate of h_t
+    output/rmse_to_limit = rms over probes of Ŷ_θ(x̄) − h_t(x̄)
+    output/limit_rms     = rms over probes of h_t(x̄)            (the scale of the signal)
+    output/network_rms   = rms over probes of Ŷ_θ(x̄)
+    output/limit_error   = rms over probes of the π-sample error estimate of h_t (the floor)
 
 The limit solution (``LimitODE.from_source``: ``samples`` independent sets of M stationary windows)
 depends on the data, α, σ and μ0 but not on N, β or the run seed, so it is cached on disk under
@@ -22,6 +23,7 @@ import torch
 
 from ..errors import ConfigError
 from ..limit import LimitODE
+from ..logging import write_layout
 from .base import Callback, TrainState, generator_from_seed
 from .cache import cached
 
@@ -123,6 +125,7 @@ class OutputTrackingCallback(Callback):
             self.ode = (self._build_feedback(state) if state.model.recurrence == "feedback"
                         else self._build_ode(state))
         if state.step == 0:
+            write_layout(state)  # (the NTK callback's, when it runs too: one layout per run)
             self.on_step_end(0, state)
 
     @torch.no_grad()
@@ -132,10 +135,10 @@ class OutputTrackingCallback(Callback):
         h = self.ode.h(t)[0]
         err = self.ode.error(t)[0]
         rmse = float((y_net - h).pow(2).mean().sqrt())
-        scalars = {"limit/output_rmse": rmse,
-                   "limit/output_rms": float(h.pow(2).mean().sqrt()),
-                   "limit/network_output_rms": float(y_net.pow(2).mean().sqrt()),
-                   "limit/h_error": float(err.pow(2).mean().sqrt())}
+        scalars = {"output/rmse_to_limit": rmse,
+                   "output/limit_rms": float(h.pow(2).mean().sqrt()),
+                   "output/network_rms": float(y_net.pow(2).mean().sqrt()),
+                   "output/limit_error": float(err.pow(2).mean().sqrt())}
         if state.writer is not None:
             for k, v in scalars.items():
                 state.writer.add_scalar(k, v, step)
