@@ -1,19 +1,29 @@
 """Checkpoint files: atomic, checksummed writes and safe loads.
 
 A checkpoint is a dict of tensors, numbers and strings only, so ``torch.load(weights_only=True)``
-reads it and loading never unpickles arbitrary objects. On disk it is a short text header and the
-``torch.save`` bytes of the payload::
+reads it and loading never unpickles arbitrary objects. On disk (v3) it is the plain
+``torch.save`` zip archive of the payload, so ``torch.load(path, weights_only=True)`` reads it
+as is, with one addition: the archive comment, which the zip format puts at the very end of the
+file (after the end-of-central-directory record) and which zip readers, torch's included, skip::
 
-    NTK_RNN-CHECKPOINT v2\\n
-    sha256=<64 hex digits> bytes=<length of the payload>\\n
-    <payload>
+    <torch.save zip of the payload ... end-of-central-directory record, comment length 93>
+    NTK_RNN-CHECKPOINT v3 sha256=<64 hex digits>
 
-so a truncated file (length), a corrupt one (sha256) and a foreign one (magic line) are told apart
-and reported as ``CheckpointError`` before anything is unpickled. Writes go to a temporary file in
-the same directory, are fsynced, then renamed over the target (atomic on POSIX) and the directory
-is fsynced: a crash leaves either the old file or the new one, never half of one. Files of the
-earlier format (v1: a bare ``torch.save`` zip with ``format`` = ``ntk_rnn-checkpoint-v1``) are
-still read, without a checksum.
+The digest is the sha256 of every byte of the file before the 64 hex digits (the whole archive,
+its end record and the comment's tag), so one file carries both data and checksum and the atomic
+rename below covers both. ``load_checkpoint`` checks it before anything is unpickled: a file cut
+short loses its end record or part of the digest ("truncated"), a flipped byte anywhere changes
+the digest ("corrupt: sha256"), bytes appended after the digest are counted ("bytes more than"),
+and a file that is neither an ntk_rnn checkpoint nor a torch zip is refused ("not an ntk_rnn
+checkpoint"). The loaded dict carries a ``format`` tag (``ntk_rnn-checkpoint-v1``; the payload
+layout has not changed since v1) and, for trainer checkpoints, the parameters ``c``, ``w``, ``b``
+at the top level as well (aliases of ``model[...]``: stored once, the tensors share storage).
+
+Writes go to a temporary file in the same directory, are fsynced, then renamed over the target
+(atomic on POSIX) and the directory is fsynced: a crash leaves either the old file or the new
+one, never half of one. Files of the earlier formats are still read: v2 (a text header
+``NTK_RNN-CHECKPOINT v2`` / ``sha256=... bytes=...`` in front of the ``torch.save`` bytes, which
+plain ``torch.load`` cannot read) with its checksum, and v1 (a bare ``torch.save`` zip) without.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import hashlib
 import io
 import os
 import re
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,29 +40,55 @@ from typing import Any
 import torch
 
 FORMAT = "ntk_rnn-checkpoint-v1"  # the ``format`` tag inside the payload (unchanged since v1)
-MAGIC = b"NTK_RNN-CHECKPOINT v2\n"
+MAGIC = b"NTK_RNN-CHECKPOINT v2\n"  # v2 files start with it (read only; v3 is written)
+TRAILER = b"NTK_RNN-CHECKPOINT v3 sha256="  # v3: the zip comment, then 64 hex digits, then EOF
+ALIASES = ("c", "w", "b")  # model parameters also stored at the top level of the payload
 _HEADER = re.compile(rb"sha256=([0-9a-f]{64}) bytes=([0-9]{1,15})\n")
 _HEADER_MAX = 128
+_ZIP_LOCAL = b"PK\x03\x04"
+_ZIP_EOCD = b"PK\x05\x06"  # end of central directory record: 22 bytes + the comment
+_EOCD_LEN = 22
+_COMMENT_LEN = len(TRAILER) + 64
+_TAIL_SEARCH = 1 << 16  # how far from the end a v3 trailer is looked for (appended junk)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, truncated, corrupt or not ours."""
 
 
+def with_aliases(payload: dict[str, Any]) -> dict[str, Any]:
+    """``payload`` plus top-level ``c``, ``w``, ``b`` taken from ``payload["model"]`` (those
+    present there and not already top-level keys), so a plain ``torch.load`` finds the weights."""
+    model = payload.get("model")
+    if not isinstance(model, dict):
+        return payload
+    extra = {k: model[k] for k in ALIASES if k in model and k not in payload}
+    return {**payload, **extra} if extra else payload
+
+
+def encode_checkpoint(payload: dict[str, Any]) -> bytes:
+    """The bytes of a v3 checkpoint file: ``torch.save`` zip + comment with the sha256."""
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, **with_aliases(payload)}, buf)
+    blob = buf.getvalue()
+    eocd = blob[-_EOCD_LEN:]
+    if eocd[:4] != _ZIP_EOCD or eocd[-2:] != b"\0\0":  # torch writes no comment of its own
+        raise RuntimeError("torch.save did not end its archive with a comment-free zip end record"
+                           f" (got {eocd!r}); cannot append the checkpoint digest")
+    body = blob[:-2] + struct.pack("<H", _COMMENT_LEN) + TRAILER
+    return body + hashlib.sha256(body).hexdigest().encode()
+
+
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
-    """Atomically write ``payload`` (plus a format tag) to ``path``, with its sha256."""
+    """Atomically write ``payload`` (plus a format tag and the c/w/b aliases) to ``path``, with
+    its sha256; the file is a ``torch.save`` archive that ``torch.load`` reads directly."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    torch.save({"format": FORMAT, **payload}, buf)
-    blob = buf.getvalue()
-    header = MAGIC + b"sha256=%s bytes=%d\n" % (hashlib.sha256(blob).hexdigest().encode(),
-                                                 len(blob))
+    data = encode_checkpoint(payload)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(header)
-            fh.write(blob)
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -85,11 +122,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except OSError as exc:
         raise CheckpointError(f"checkpoint {path} cannot be read ({exc})") from None
-    if raw.startswith(MAGIC):
-        blob = _verified_blob(path, raw)
-        kind = "corrupt"
-    elif raw.startswith(b"PK\x03\x04"):  # v1: a bare torch.save zip, no checksum
-        blob, kind = raw, "unreadable"
+    if raw.startswith(MAGIC):  # v2
+        blob, kind = _verified_v2(path, raw), "corrupt"
+    elif raw.startswith(_ZIP_LOCAL):
+        blob, kind = _verified_zip(path, raw)
     else:
         raise CheckpointError(f"checkpoint {path} is not an ntk_rnn checkpoint (unknown header "
                               f"{raw[:16]!r}; {len(raw)} bytes)")
@@ -103,7 +139,40 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return data
 
 
-def _verified_blob(path: Path, raw: bytes) -> bytes:
+def _verified_zip(path: Path, raw: bytes) -> tuple[bytes, str]:
+    """A v3 file (digest checked) or a v1 / foreign ``torch.save`` zip (no digest)."""
+    start = max(0, len(raw) - _TAIL_SEARCH)
+    at = raw.rfind(TRAILER, start)
+    eocd = at - _EOCD_LEN
+    if at < 0 or eocd < 0 or raw[eocd:eocd + 4] != _ZIP_EOCD or \
+            raw[at - 2:at] != struct.pack("<H", _COMMENT_LEN):
+        # No intact v3 trailer. A complete zip ends with its end record (torch writes no
+        # comment): a v1 checkpoint or a foreign torch file, told apart by the format tag.
+        tail = raw[-_EOCD_LEN:]
+        if len(raw) >= _EOCD_LEN and tail[:4] == _ZIP_EOCD and tail[-2:] == b"\0\0":
+            return raw, "unreadable"
+        v3_end = raw[-_EOCD_LEN - _COMMENT_LEN:-_COMMENT_LEN]
+        if at >= 0 or (len(raw) >= _EOCD_LEN + _COMMENT_LEN and v3_end[:4] == _ZIP_EOCD
+                       and v3_end[-2:] == struct.pack("<H", _COMMENT_LEN)):
+            raise CheckpointError(f"checkpoint {path} is corrupt: its zip end record or digest "
+                                  "tag is damaged")
+        raise CheckpointError(f"checkpoint {path} is truncated: the zip archive ends without its "
+                              f"end record and checkpoint digest ({len(raw)} bytes)")
+    end = at + _COMMENT_LEN
+    if len(raw) < end:
+        raise CheckpointError(f"checkpoint {path} is truncated: {len(raw)} of {end} bytes")
+    if len(raw) > end:
+        raise CheckpointError(f"checkpoint {path} has {len(raw) - end} bytes more than its end "
+                              f"record says ({end}); it is corrupt")
+    recorded = raw[end - 64:].decode("ascii", "replace")
+    actual = hashlib.sha256(raw[:end - 64]).hexdigest()
+    if actual != recorded:
+        raise CheckpointError(f"checkpoint {path} is corrupt: sha256 {actual[:12]}… does not match "
+                              f"the recorded {recorded[:12]}…")
+    return raw, "corrupt"
+
+
+def _verified_v2(path: Path, raw: bytes) -> bytes:
     rest = raw[len(MAGIC):]
     m = _HEADER.match(rest[:_HEADER_MAX])
     if m is None:
