@@ -1,0 +1,269 @@
+"""Build, cache and load the C kernels of this folder: the one place that runs a compiler.
+
+Each kernel is one ``.c`` file here (``fast.c``: online training, ``features.c``: structured NTK
+features) that includes the shared header ``ntk_rnn.h`` (σ, σ' and Model D's S/P/Q recursion,
+written once). :func:`build` compiles a kernel for one input dimension ``d`` and activation with
+``-DD=<d> -DACT=<code>``, once for float64 and once with ``-DNTK_FLOAT``, and links both into one
+shared object whose exported names end in ``_f64`` / ``_f32``. Flags are tried in order
+(``_FLAG_SETS``): ``-march=native`` with glibc's vector math (libmvec), then without libmvec, then
+portable.
+
+**Cache.** Shared objects are cached on disk, named by a hash of the sources, compiler, flags and
+CPU: in ``$NTK_RNN_KERNEL_CACHE`` if set, else ``$XDG_CACHE_HOME/ntk_rnn/kernels`` (default
+``~/.cache/ntk_rnn/kernels``). The folder is created with mode 0700; a folder (or a cached file)
+not owned by this user, or writable by group or others, is refused — another user could plant a
+library there — and the kernel is not used. When the folder cannot be created at all (read-only
+home), a private folder under the system temp dir is used, with the same checks.
+
+**Fallback.** :func:`load_checked` builds a kernel once per process and key, runs its self-check
+against the torch path, and on any failure (no compiler, build or load error, refused cache,
+self-check mismatch) records why and returns None, so that the caller falls back to eager torch
+— with one :class:`KernelFallbackWarning` per process and reason. ``NTK_RNN_NO_KERNEL=1`` turns
+the kernels off (no warning: a choice, not a failure); ``CC`` picks the compiler.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+#: σ's code for ``-DACT`` (the activations with a compiled kernel)
+ACT_CODES = {"tanh": 0, "sigmoid": 1, "erf": 2}
+#: where the ``.c`` / ``.h`` files live (shipped as package data)
+SOURCE_DIR = Path(__file__).resolve().parent
+HEADER = "ntk_rnn.h"
+
+_CFLAGS = ("-O3", "-fPIC", "-fno-math-errno", "-fopenmp-simd", "-std=gnu11")
+_FLAG_SETS = (  # (compile flags, link flags), tried in order
+    (("-march=native", "-DUSE_MVEC"), ("-lmvec", "-lm")),
+    (("-march=native",), ("-lm",)),
+    ((), ("-lm",)),
+)
+
+
+class KernelFallbackWarning(RuntimeWarning):
+    """A compiled kernel is not used (see the message for why); the eager torch path runs."""
+
+
+class KernelUnavailable(RuntimeError):
+    """Why a kernel cannot be built or loaded here."""
+
+
+# --- compiler and sources -----------------------------------------------------------------------
+def compiler() -> str | None:
+    """The C compiler: ``$CC``, else cc, gcc or clang on PATH; None when there is none."""
+    for cand in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cand and shutil.which(cand):
+            return shutil.which(cand)
+    return None
+
+
+def sources() -> list[Path]:
+    """Every kernel file (``*.c``) in this folder."""
+    return sorted(SOURCE_DIR.glob("*.c"))
+
+
+def source(kernel: str) -> Path:
+    """The file of ``kernel``: ``<kernel>.c`` in this folder."""
+    path = SOURCE_DIR / f"{kernel}.c"
+    if not path.is_file():
+        raise ValueError(f"unknown kernel {kernel!r}; the kernels are "
+                         f"{[p.stem for p in sources()]}")
+    return path
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU's model and feature flags."""
+    ident = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith(("model name", "flags", "Features")):
+                    ident += line
+                    if line.startswith(("flags", "Features")):
+                        break
+    except OSError:
+        pass
+    return ident
+
+
+def _compiler_id(cc: str) -> str:
+    real = os.path.realpath(cc)
+    try:
+        st = os.stat(real)
+        return f"{real}:{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        return real
+
+
+# --- the cache folder ---------------------------------------------------------------------------
+def cache_dir() -> Path:
+    """The configured kernel cache folder (not yet created or checked)."""
+    env = os.environ.get("NTK_RNN_KERNEL_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ntk_rnn" / "kernels"
+
+
+def _uid() -> int | None:
+    return os.getuid() if hasattr(os, "getuid") else None
+
+
+def check_private(path: Path, what: str = "kernel cache folder") -> None:
+    """Raise :class:`KernelUnavailable` unless ``path`` is owned by this user and not writable
+    by group or others (a library loaded from it runs with this user's rights)."""
+    st = os.stat(path)
+    uid = _uid()
+    if uid is not None and st.st_uid != uid:
+        raise KernelUnavailable(
+            f"refused the {what} {path}: it is owned by uid {st.st_uid}, not by this user "
+            f"(uid {uid}); remove it or set NTK_RNN_KERNEL_CACHE to a folder of your own")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise KernelUnavailable(
+            f"refused the {what} {path}: it is writable by group or others (mode "
+            f"{stat.S_IMODE(st.st_mode):#o}); `chmod go-w` it or set NTK_RNN_KERNEL_CACHE")
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` created (mode 0700) if missing, then checked with :func:`check_private`.
+    OSError when it cannot be created."""
+    if not path.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+    check_private(path)
+    return path
+
+
+def _folders() -> list[Path]:
+    """The cache folder, or where it cannot be created, a private one in the temp dir."""
+    try:
+        return [private_dir(cache_dir())]
+    except OSError as exc:
+        tmp = Path(tempfile.gettempdir()) / f"ntk_rnn_kernels_{_uid() or 'user'}"
+        try:
+            return [private_dir(tmp)]
+        except OSError as exc2:
+            raise KernelUnavailable(f"no usable kernel cache folder: {cache_dir()}: {exc}; "
+                                    f"{tmp}: {exc2}") from None
+
+
+# --- build --------------------------------------------------------------------------------------
+def _compile(cc: str, src: Path, out: Path, cflags: list[str], lflags: tuple[str, ...],
+             workdir: Path) -> str | None:
+    """Compile ``src`` for float64 and float32 and link into ``out``; the error text or None."""
+    objs = []
+    for prec, extra in (("f64", []), ("f32", ["-DNTK_FLOAT"])):
+        obj = workdir / f"{prec}.o"
+        cmd = [cc, *cflags, *extra, f"-I{SOURCE_DIR}", "-c", str(src), "-o", str(obj)]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if res.returncode != 0:
+            return res.stderr.strip()[-400:] or f"{cc} exited with {res.returncode}"
+        objs.append(str(obj))
+    res = subprocess.run([cc, "-shared", *objs, "-o", str(out), *lflags], capture_output=True,
+                         text=True, timeout=300)
+    if res.returncode != 0:
+        return res.stderr.strip()[-400:] or f"{cc} exited with {res.returncode}"
+    return None
+
+
+def build(kernel: str, d: int, act: str, what: str = "") -> ctypes.CDLL:
+    """The shared object of ``kernel`` (a ``.c`` file here) for input dimension ``d`` and
+    activation ``act``, from the cache or compiled now. Raises :class:`KernelUnavailable`
+    saying why when nothing builds or the cache is refused."""
+    what = what or f"the {kernel} kernel"
+    if act not in ACT_CODES:
+        raise KernelUnavailable(f"activation {act!r} has no compiled kernel")
+    cc = compiler()
+    if cc is None:
+        raise KernelUnavailable("no C compiler (set CC, or install cc/gcc/clang)")
+    src = source(kernel)
+    text = src.read_text() + "".join(h.read_text() for h in sorted(SOURCE_DIR.glob("*.h")))
+    defines = [f"-DD={int(d)}", f"-DACT={ACT_CODES[act]}"]
+    errors = []
+    for folder in _folders():
+        for comp, link in _FLAG_SETS:
+            cflags = [*_CFLAGS, *defines, *comp]
+            key = hashlib.sha256("\0".join([text, _compiler_id(cc), *cflags, *link, _cpu_id(),
+                                            sys.platform]).encode()).hexdigest()[:20]
+            path = folder / f"{kernel}_d{int(d)}_{act}_{key}.so"
+            try:
+                if not path.exists():
+                    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+                        so = Path(tmp) / "k.so"
+                        err = _compile(cc, src, so, cflags, link, Path(tmp))
+                        if err is not None:
+                            errors.append(f"[{' '.join(comp + link)}] {err}")
+                            continue  # these flags do not build here: try the next set
+                        os.chmod(so, 0o700)
+                        os.replace(so, path)  # atomic: concurrent builders are safe
+                check_private(path, "cached kernel")
+                return ctypes.CDLL(str(path))
+            except (OSError, subprocess.SubprocessError) as exc:  # unwritable, or does not load
+                errors.append(f"[{' '.join(comp + link)}] in {folder}: {exc}")
+    raise KernelUnavailable(f"could not build {what}: " + " | ".join(errors))
+
+
+# --- load once, self-check, fall back -----------------------------------------------------------
+_WARNED: set[str] = set()
+_WARN_LOCK = threading.Lock()
+
+
+def warn_fallback(what: str, reason: str) -> None:
+    """One :class:`KernelFallbackWarning` per process and reason."""
+    with _WARN_LOCK:
+        if reason in _WARNED:
+            return
+        _WARNED.add(reason)
+    warnings.warn(f"ntk_rnn: {what} is not used, the eager torch path runs instead (same "
+                  f"results, slower): {reason}", KernelFallbackWarning, stacklevel=3)
+
+
+def load_checked(table: dict, lock: Any, key: tuple[int, str],
+                 build: Callable[[int, str], ctypes.CDLL],
+                 self_check: Callable[[tuple[int, str]], None], what: str = "a compiled kernel"
+                 ) -> ctypes.CDLL | None:
+    """``table[key]`` for key = (d, activation): the library ``build(*key)`` made and
+    ``self_check(key)`` kept, else None with the reason stored in ``table[key]`` instead (no
+    kernel for the activation, ``NTK_RNN_NO_KERNEL``, or a failure: these warn once). The
+    library is in the table while its self-check runs (so the check can reach it); the check
+    raises to reject it. Built once per key and process."""
+    d, act = key
+    with lock:
+        if key not in table:
+            if act not in ACT_CODES:
+                table[key] = f"activation {act!r} has no compiled kernel"
+            elif os.environ.get("NTK_RNN_NO_KERNEL"):
+                table[key] = "disabled by NTK_RNN_NO_KERNEL"
+            else:
+                try:
+                    table[key] = build(d, act)
+                    self_check(key)
+                except Exception as exc:  # noqa: BLE001 - any failure means: the fallback
+                    reason = str(exc) if isinstance(exc, KernelUnavailable) else \
+                        f"{type(exc).__name__}: {exc}"
+                    table[key] = reason
+                    warn_fallback(what, reason)
+        lib = table[key]
+    return lib if isinstance(lib, ctypes.CDLL) else None
+
+
+def status(table: dict, key: tuple[int, str], lib: ctypes.CDLL | None) -> str:
+    """'ok (<path>)' or 'unavailable: <why>' for a :func:`load_checked` result."""
+    if lib is not None:
+        return f"ok ({getattr(lib, '_name', '')})"
+    return f"unavailable: {table.get(key, 'not built')}"
