@@ -7,6 +7,12 @@ or "no metrics.json" for one that crashed, was killed or is still running (with 
 checkpoint, from which ``train.resume=auto`` continues). The table is printed and written next to
 the jobs as ``summary.csv`` and ``summary.json``.
 
+With ``--plot`` (or :func:`plot_sweep`, which :class:`PlotSweepCallback` calls at the end of a
+multirun) it also draws drift from init, distance to the limit and the output error against the
+limit time t = step / N, one line per width (the seeds' mean) with the seeds' min–max band, into
+``sweep_vs_t.png`` and as the TensorBoard image ``sweep/vs_t`` of the sweep root: widths whose
+runs have different numbers of steps become comparable.
+
 Exit status: 0 when every job completed, 1 when some did not, 2 when there is no job to report.
 """
 
@@ -23,11 +29,19 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from hydra.experimental.callback import Callback as HydraCallback
 
 # metrics shown in the printed table (all of them go to summary.csv / summary.json)
 SHOWN = ("steps", "t", "running_mse", "final_loss", "ntk_drift_from_init",
          "ntk_distance_to_limit", "wall_s")
 NOT_RUN = "crashed"  # the status of a job directory without metrics.json
+# the curves of ``--plot``: (tag, panel title)
+PLOTTED = (("ntk/drift_from_init", "drift from init ‖K_t − K_0‖/‖K_0‖"),
+           ("ntk/distance_to_limit", "distance to limit ‖K_t − K_∞‖/‖K_∞‖"),
+           ("output/rmse_to_limit", "output error rms(Ŷ − h_t)"))
+PLOT_PNG = "sweep_vs_t.png"
+PLOT_TAG = "sweep/vs_t"
+PLOT_SUFFIX = ".sweep_plot"  # the sweep root's event file (replaced by each plot)
 
 
 @dataclass
@@ -197,6 +211,156 @@ def report(jobs: list[Job]) -> str:
     return "\n".join(lines)
 
 
+# --- curves against t ------------------------------------------------------------------------
+def _job_config(job: Job) -> dict:
+    try:
+        cfg = yaml.safe_load((Path(job.dir) / "config.yaml").read_text())
+        return cfg if isinstance(cfg, dict) else {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def _width(job: Job) -> int | None:
+    w = (_job_config(job).get("model") or {}).get("width", job.overrides.get("model.width"))
+    try:
+        return int(w)
+    except (TypeError, ValueError):
+        return None
+
+
+def job_curves(job_dir: str | Path, tags: tuple[str, ...] | None = None) -> dict:
+    """``{tag: (steps, values)}`` of a job's scalar tags, read with TensorBoard's own reader
+    (which drops what a resumed run's purge_step discarded)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(job_dir), size_guidance={"scalars": 0, "images": 1,
+                                                       "histograms": 1, "tensors": 1})
+    ea.Reload()
+    out = {}
+    for tag in ea.Tags().get("scalars", []):
+        if tags is None or tag in tags:
+            ev = ea.Scalars(tag)
+            out[tag] = ([e.step for e in ev], [e.value for e in ev])
+    return out
+
+
+def sweep_curves(sweep_dir: str | Path, tags: tuple[str, ...] = tuple(t for t, _ in PLOTTED)
+                 ) -> dict[str, dict[int, list[tuple[list[float], list[float]]]]]:
+    """``{tag: {width: [(t, values) per job]}}`` for the sweep's completed jobs (all jobs when none
+    completed), t = step / N."""
+    import numpy as np
+
+    jobs = collect(sweep_dir)
+    done = [j for j in jobs if j.ok] or jobs
+    out: dict[str, dict[int, list]] = {}
+    for job in done:
+        N = _width(job)
+        if not N:
+            continue
+        for tag, (steps, vals) in job_curves(job.dir, tags).items():
+            t = np.asarray(steps, dtype=float) / N
+            out.setdefault(tag, {}).setdefault(N, []).append((t, np.asarray(vals, dtype=float)))
+    return out
+
+
+def _band(runs: list) -> tuple:
+    """(t, mean, min, max) of several runs' curves on their common t range (interpolated onto
+    the union of their t's there: exact when they were logged at the same steps)."""
+    import numpy as np
+
+    if len(runs) == 1:
+        t, v = runs[0]
+        return t, v, v, v
+    lo = max(float(t[0]) for t, _ in runs)
+    hi = min(float(t[-1]) for t, _ in runs)
+    grid = np.unique(np.concatenate([t[(t >= lo) & (t <= hi)] for t, _ in runs]))
+    if grid.size == 0:
+        grid = np.asarray([lo])
+    V = np.stack([np.interp(grid, t, v) for t, v in runs])
+    return grid, V.mean(0), V.min(0), V.max(0)
+
+
+def plot_sweep(sweep_dir: str | Path, tags: tuple[tuple[str, str], ...] = PLOTTED,
+               tensorboard: bool = True) -> Path:
+    """Drift from init, distance to the limit and the output error (when logged) against the
+    limit time t = step / N: one line per width (the mean over seeds) with the seeds' min–max
+    band. Writes ``<sweep_dir>/sweep_vs_t.png`` (returned) and, with ``tensorboard``, the same
+    picture as the image ``sweep/vs_t`` of the sweep root's TensorBoard run (an event file in
+    ``sweep_dir`` itself, replaced on each call). ValueError when no job logged these tags."""
+    import numpy as np
+    from matplotlib import colormaps, rc_context
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    sweep_dir = Path(sweep_dir)
+    curves = sweep_curves(sweep_dir, tuple(t for t, _ in tags))
+    panels = [(tag, title) for tag, title in tags if curves.get(tag)]
+    if not panels:
+        raise ValueError(f"no job under {sweep_dir} logged any of "
+                         f"{', '.join(t for t, _ in tags)} (NTK / output callbacks off?)")
+    widths = sorted({N for tag, _ in panels for N in curves[tag]})
+    cmap = colormaps["viridis"]
+    colour = {N: cmap(0.85 * i / max(len(widths) - 1, 1)) for i, N in enumerate(widths)}
+    with rc_context({"axes.unicode_minus": True, "font.size": 11}):
+        fig = Figure(figsize=(5.2 * len(panels), 4.4), dpi=100)
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        for ax, (tag, title) in zip(axes, panels):
+            bands = {N: (len(curves[tag][N]), _band(curves[tag][N]))
+                     for N in widths if curves[tag].get(N)}
+            pos = np.concatenate([b[1][b[1] > 0] for _, b in bands.values()])
+            log = bool(pos.size) and pos.max() > 20 * pos.min()  # decades apart: a log axis
+            for N, (n, (t, mean, lo, hi)) in bands.items():
+                keep = (lo > 0) if log else np.ones_like(t, bool)  # (drift is 0 at t = 0)
+                label = f"N = {N}" + (f" ({n} seeds)" if n > 1 else "")
+                ax.plot(t[keep], mean[keep], color=colour[N], lw=1.8, label=label)
+                if n > 1:
+                    ax.fill_between(t[keep], lo[keep], hi[keep], color=colour[N], alpha=0.25,
+                                    lw=0)
+            if log:
+                ax.set_yscale("log")
+            ax.set_title(title, fontsize=11)
+            ax.set_xlabel("t = step / N")
+            ax.set_ylabel(tag)
+            ax.grid(True, alpha=0.3)
+        axes[0].legend(fontsize=9)
+        fig.suptitle(f"{sweep_dir.name}: mean over seeds, band = min–max", fontsize=11)
+        fig.tight_layout()
+        png = sweep_dir / PLOT_PNG
+        fig.savefig(png)
+        if tensorboard:
+            fig.canvas.draw()
+            arr = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+            from torch.utils.tensorboard import SummaryWriter
+
+            for old in sweep_dir.glob(f"events.out.tfevents.*{PLOT_SUFFIX}"):
+                old.unlink()
+            with SummaryWriter(str(sweep_dir), filename_suffix=PLOT_SUFFIX) as w:
+                w.add_image(PLOT_TAG, arr, 0, dataformats="HWC")
+    return png
+
+
+class PlotSweepCallback(HydraCallback):
+    """Hydra callback: at the end of a multirun, the sweep summary (summary.csv / .json) and
+    :func:`plot_sweep`. In ``conf/config.yaml``::
+
+        hydra:
+          callbacks:
+            sweep_plot:
+              _target_: ntk_rnn.sweep.PlotSweepCallback
+    """
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        try:
+            jobs = collect(sweep_dir)
+            if jobs:
+                write(jobs, sweep_dir)
+            print(f"ntk_rnn.sweep: wrote {plot_sweep(sweep_dir)}")
+        except Exception as exc:  # a plot must not fail the sweep
+            print(f"ntk_rnn.sweep: no plot for {sweep_dir}: {exc}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ntk_rnn.sweep", description=__doc__.split(
         "\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -204,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
                     "multirun/<date>/<time>)")
     ap.add_argument("--no-write", action="store_true", help="print only; do not write "
                     "summary.csv / summary.json")
+    ap.add_argument("--plot", action="store_true", help=f"also draw drift, distance to the "
+                    f"limit and output error against t = step/N per width ({PLOT_PNG} and the "
+                    f"TensorBoard image {PLOT_TAG} at the sweep root)")
     args = ap.parse_args(argv)
     sweep_dir = Path(args.sweep_dir)
     if not sweep_dir.is_dir():
@@ -218,6 +385,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         csv_path, json_path = write(jobs, sweep_dir)
         print(f"wrote {csv_path} and {json_path}")
+    if args.plot:
+        try:
+            print(f"wrote {plot_sweep(sweep_dir)}")
+        except ValueError as exc:
+            print(f"ntk_rnn.sweep: no plot: {exc}", file=sys.stderr)
     return 0 if all(j.ok for j in jobs) else 1
 
 
