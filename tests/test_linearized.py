@@ -113,7 +113,7 @@ def naive_shadow(model, X, Y, lr, gradient):
     for k in range(X.shape[0]):
         G = jacrev(out)(theta0, k)
         U = G if gradient == "rtrl" else jacrev(
-            lambda th: truncated_output(model, unflat(th, N, d), X[:k + 1]))(theta0)
+            lambda th, x: truncated_output(model, unflat(th, N, d), x))(theta0, X[:k + 1])
         yl = out(theta0, k).detach() + G @ delta
         delta = delta + lr * (Y[k] - yl) * U
         y_lin.append(yl)

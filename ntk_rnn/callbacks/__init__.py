@@ -2,10 +2,10 @@
 
 from .base import Callback, TrainState
 from .checkpoint import CheckpointCallback
+from .linearized import LinearizedCallback  # noqa: F401  (linearized shadow model)
 from .ntk import NTKCallback
 from .output import OutputTrackingCallback
 from .progress import ProgressCallback
-from .linearized import LinearizedCallback  # noqa: F401  (linearized shadow model)
 
 __all__ = ["Callback", "TrainState", "CheckpointCallback", "NTKCallback", "OutputTrackingCallback",
            "ProgressCallback"]

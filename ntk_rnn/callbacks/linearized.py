@@ -276,26 +276,33 @@ class LinearizedCallback(Callback):
         act, scale = m0.act, m0.output_scale
         B, N, d = X.shape[0], m0.width, m0.input_dim
         f = self.feat
-        S, P, Q = f["S"], f["P"], f["Q"]
         u = X @ w0.T  # (B, N)
-        Sb, Pb, Qb = u.new_empty(B, N), u.new_empty(B, N, d), u.new_empty(B, N)
-        trunc = self.gradient == "truncated"
-        if trunc:
-            dsb, Sprev = u.new_empty(B, N), u.new_empty(B, N)
+        Sb, Pb, Qb, dsb = (u.new_empty(B, N), u.new_empty(B, N, d), u.new_empty(B, N),
+                           u.new_empty(B, N))
+        Sprev = torch.cat([f["S"].unsqueeze(0), Sb[:-1]])  # S_k; rows 1.. filled after the loop
+        S, P, Q = f["S"], f["P"], f["Q"]
         bcol = b0.unsqueeze(1)
-        for j in range(B):
-            S_new, ds = act.value_and_deriv(torch.addcmul(u[j], b0, S))
-            P.mul_(bcol).add_(X[j]).mul_(ds.unsqueeze(1))
-            Q.mul_(b0).add_(S).mul_(ds)
-            if trunc:
-                Sprev[j] = S
-                dsb[j] = ds
-            S.copy_(S_new)
-            Sb[j], Pb[j], Qb[j] = S, P, Q
+        tanh, one = act.name == "tanh", u.new_ones(N)
+        for j in range(B):  # the rows of Sb, Pb, Qb are the states: no copies
+            z = torch.addcmul(u[j], b0, S)
+            if tanh:
+                s = torch.tanh(z, out=Sb[j])
+                ds = torch.addcmul(one, s, s, value=-1.0, out=dsb[j])
+            else:
+                s, ds = act.value_and_deriv(z)
+                Sb[j], dsb[j] = s, ds
+            # P ← σ'(z)(X_k + b P), Q ← σ'(z)(S_k + b Q)
+            torch.addcmul(X[j], bcol, P, out=Pb[j]).mul_(ds.unsqueeze(1))
+            torch.addcmul(S, b0, Q, out=Qb[j]).mul_(ds)
+            S, P, Q = Sb[j], Pb[j], Qb[j]
+        Sprev[1:] = Sb[:-1]
+        f["S"].copy_(S)
+        f["P"].copy_(P)
+        f["Q"].copy_(Q)
         cs = c0 * scale
         y0 = Sb @ cs
         G = torch.cat([Sb * scale, (Pb * cs.view(1, N, 1)).reshape(B, N * d), Qb * cs], dim=1)
-        if not trunc:
+        if self.gradient != "truncated":
             return y0, G, G
         Pt = (dsb * cs).unsqueeze(2) * X.unsqueeze(1)  # N^{-β} c σ'(z) X_k
         U = torch.cat([Sb * scale, Pt.reshape(B, N * d), dsb * Sprev * cs], dim=1)
@@ -306,30 +313,26 @@ class LinearizedCallback(Callback):
         c0, w0, b0 = m0.c, m0.w, m0.b
         act, scale = m0.act, m0.output_scale
         B, N, d = X.shape[0], m0.width, m0.input_dim
-        m, G = self.feat["m"], self.feat["G"]
-        Gc, Gw, Gb = G[:N], G[N:N + N * d].view(N, d), G[N + N * d:]
         cs = c0 * scale
         u = X @ w0.T
-        Gbuf = u.new_empty(B, G.numel())
-        y0, mb = u.new_empty(B), u.new_empty(B)
-        trunc = self.gradient == "truncated"
-        if trunc:
-            Hb, cdb = u.new_empty(B, N), u.new_empty(B, N)
-        for j in range(B):
+        Gbuf, y0 = u.new_empty(B, N * (d + 2)), u.new_empty(B)
+        Hb, cdb = u.new_empty(B, N), u.new_empty(B, N)
+        mb = torch.cat([self.feat["m"].view(1), y0[:-1]])  # m_k; rows 1.. filled after the loop
+        m, G = self.feat["m"], self.feat["G"]
+        for j in range(B):  # row j of Gbuf is ∂Ŷ_k/∂θ = D_k + g_k ∂m_k/∂θ (∂m_k/∂θ = row j−1)
             H, dH = act.value_and_deriv(torch.addcmul(u[j], b0, m))
-            cd = cs * dH  # N^{-β} c σ'(z)
-            g = torch.dot(cd, b0)  # ∂f/∂s
-            G.mul_(g)  # G ← D_k + g ∂m_k/∂θ
-            Gc.add_(H, alpha=scale)
-            Gw.addr_(cd, X[j])
-            Gb.addcmul_(cd, m)
-            Gbuf[j] = G
-            mb[j] = m
-            if trunc:
-                Hb[j], cdb[j] = H, cd
-            m.copy_(torch.dot(cs, H))  # m_{k+1} = Ŷ^(0)_k
-            y0[j] = m
-        if not trunc:
+            cd = torch.mul(cs, dH, out=cdb[j])  # N^{-β} c σ'(z)
+            Gj = torch.mul(G, torch.dot(cd, b0), out=Gbuf[j])  # g = ∂f/∂s
+            Gj[:N].add_(H, alpha=scale)
+            Gj[N:N + N * d].view(N, d).addr_(cd, X[j])
+            Gj[N + N * d:].addcmul_(cd, m)
+            Hb[j] = H
+            m = torch.dot(cs, H, out=y0[j])  # m_{k+1} = Ŷ^(0)_k
+            G = Gj
+        mb[1:] = y0[:-1]
+        self.feat["m"].copy_(m)
+        self.feat["G"].copy_(G)
+        if self.gradient != "truncated":
             return y0, Gbuf, Gbuf
         U = torch.cat([Hb * scale, (cdb.unsqueeze(2) * X.unsqueeze(1)).reshape(B, N * d),
                        cdb * mb.unsqueeze(1)], dim=1)
