@@ -62,27 +62,27 @@ the gap starts at order 2, which is odd:
     lazy/output_gap ≈ A (αt)² N^{β−3/2}  +  B (αt)³ N^{2β−2}            (A, B = O(1))
                       (order 2, odd, √N)     (order 3, even, coherent)
 
-Equivalently, in function space the gap obeys ∂_t δ = −α K_0 δ + α E_π[(Y − f_t)(K_t − K_0)], so
-it is α t times the kernel drift, whose first-order part is odd (ε N^{−1/2} = α t N^{β−3/2}) and
-whose second-order part is coherent (ε² = (αt)² N^{2β−2}): the two terms above again, and the same
-two exponents as ``ntk/drift_from_init`` (theory §5): the ratio output_gap / drift should not
-depend on N. Since β − 3/2 < 2β − 2 for β > 1/2, the coherent term wins at large N: the predicted
-asymptotic slope of lazy/output_gap in N is 2β − 2 (−0.8, −0.5, −0.2 at β = 0.6, 0.75, 0.9),
-reached from the steeper β − 3/2 (−0.9, −0.75, −0.6) beyond the crossover
-N* ≈ (A / (B α t))^{1/(β−1/2)}; at small α t (or tiny learning rates, the tests' check) the order-2
-term dominates and the gap is quadratic in α. (At β = 0.6 the two slopes differ by only 0.1.)
-Corrections from the random initial output (N^{1/2−β}) and SGD noise enter at relative orders
-N^{1/2−β} and N^{−1/2}, i.e. as (αt)² N^{−1} and α² t^{3/2} N^{β−2}: subleading. If μ0 gives c
-a nonzero odd moment (E c ≠ 0 or E c³ ≠ 0), order 2 is coherent and the gap becomes
-(αt)² N^{β−1} (−0.4, −0.25, −0.1). ``lazy/param_gap``: per unit θ − θ^lin comes from the change of
-the gradient, O(ε) relative, a norm with no sign cancellation, so lazy/param_gap ≈ C α t N^{β−1}
-(slopes −0.4, −0.25, −0.1): a direct reading of the displacement scale ε. The same holds under
+Equivalently, in function space the gap obeys ∂_t δ = −α K_0 δ + α E_π[(Y − f_t)(K_t − K_0)], so it
+is α t times the kernel drift, whose first-order part is odd (ε N^{−1/2} = α t N^{β−3/2}) and whose
+second-order part is coherent (ε² = (αt)² N^{2β−2}): the two terms above again, and the same two
+exponents as ``ntk/drift_from_init`` (theory §5), each with its own coefficients (so their ratio is
+N-independent only where one term dominates both). Since β − 3/2 < 2β − 2 for β > 1/2, the coherent
+term wins at large N: the predicted asymptotic slope of lazy/output_gap in N is 2β − 2 (−0.8, −0.5,
+−0.2 at β = 0.6, 0.75, 0.9), reached from the steeper β − 3/2 (−0.9, −0.75, −0.6) beyond the
+crossover N* ≈ (A / (B α t))^{1/(β−1/2)}; at small α t (or tiny learning rates, the tests' check)
+the order-2 term dominates and the gap is quadratic in α. (At β = 0.6 the two slopes differ by only
+0.1.) Corrections from the random initial output (N^{1/2−β}) and SGD noise enter at relative orders
+N^{1/2−β} and N^{−1/2}, i.e. as (αt)² N^{−1} and α² t^{3/2} N^{β−2}: subleading. If μ0 gives c a
+nonzero odd moment (E c ≠ 0 or E c³ ≠ 0), order 2 is coherent and the gap becomes (αt)² N^{β−1}
+(−0.4, −0.25, −0.1). ``lazy/param_gap``: per unit θ − θ^lin comes from the change of the gradient,
+O(ε) relative, a norm with no sign cancellation, so lazy/param_gap ≈ C α t N^{β−1} (slopes −0.4,
+−0.25, −0.1): a direct reading of the displacement scale ε. The same holds under
 ``gradient=truncated`` (its directions have the same parity in c).
 
 Model F: the window map's gradient D_k + g_k ∂m_k/∂θ involves g = ∂_s f, O(N^{1/2−β}) at θ_0 but
 ∂_s h_t = O(1) after training, and the memory m itself moves O(1); its window kernel moves O(1)
-(the measured ≈ 0.4 at t = 2). Prediction: the window-level gap does not vanish with N (slope 0);
-Model F is lazy in its cell f_θ(x, s), not in its window map.
+(the project's width sweeps: ≈ 0.4 at t = 2). Prediction: the window-level gap does not vanish
+with N (slope 0); Model F is lazy in its cell f_θ(x, s), not in its window map.
 """
 
 from __future__ import annotations
