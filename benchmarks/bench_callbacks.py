@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ntk_rnn.train import Trainer
+from ntk_rnn.run import Trainer
 
 from .common import machine
 
@@ -17,7 +17,7 @@ from .common import machine
 def _compose(*overrides: str):
     from hydra import compose, initialize_config_dir
 
-    from ntk_rnn.config import register_configs
+    from ntk_rnn.run.config import register_configs
 
     register_configs()
     conf = str(Path(__file__).resolve().parent.parent / "conf")
@@ -29,7 +29,7 @@ def run_wall(*overrides: str) -> tuple[float, dict]:
     """Wall time of building the run and training it (limit kernel included)."""
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
-        m = Trainer(_compose(*overrides), d).fit()
+        m = Trainer.from_config(_compose(*overrides), d).fit()
         return time.perf_counter() - t, m
 
 
@@ -60,7 +60,7 @@ def main(repeats: int = 2) -> None:
     from ntk_rnn.callbacks import NTKCallback
 
     with tempfile.TemporaryDirectory() as d:
-        tr = Trainer(_compose("model.width=4096", "train.steps=1", "callbacks=[ntk]",
+        tr = Trainer.from_config(_compose("model.width=4096", "train.steps=1", "callbacks=[ntk]",
                               "callbacks.ntk.n_probes=128", "callbacks.ntk.limit=false",
                               "callbacks.ntk.image_every_n_steps=0",
                               "callbacks.ntk.histogram_every_n_steps=0",

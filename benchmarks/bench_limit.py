@@ -16,7 +16,7 @@ import time
 import torch
 
 from ntk_rnn import InitLaw, MeanFieldRNN
-from ntk_rnn.ntk.limit import limit_ntk
+from ntk_rnn.limit.kernel import limit_ntk
 
 
 def ar1_windows(n: int, L: int, d: int, a: float = 0.8, seed: int = 0) -> torch.Tensor:

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from ntk_rnn import MeanFieldRNN, OnlineState, rtrl_step
-from ntk_rnn.ensemble import EnsembleStepper
-from ntk_rnn.fast import FastStepper, kernel_status
+from ntk_rnn.online.ensemble import EnsembleStepper
+from ntk_rnn.online.fast import FastStepper, kernel_status
 
 from .bench_train import naive_runner
 from .common import machine

@@ -16,7 +16,7 @@ import time
 import torch
 
 from ntk_rnn import MeanFieldRNN, OnlineState, rtrl_step
-from ntk_rnn.fast import FastStepper
+from ntk_rnn.online.fast import FastStepper
 
 from .common import machine
 

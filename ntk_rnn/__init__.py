@@ -5,24 +5,23 @@ Sequences*, arXiv:2308.14555.
 """
 
 # the public API, re-exported from the modules that implement it
-from .activations import ACTIVATIONS, Activation, get_activation
-from .ensemble import EnsembleStepper
-from .errors import ConfigError, TrainingDiverged
-from .fast import FastStepper
-from .init import InitLaw
-from .limit import LimitODE, limit_cell_ntk, solve_feedback_limit
-from .model import MeanFieldRNN
-from .ntk import (
-    LimitKernel,
-    empirical_ntk,
-    limit_ntk,
-    ntk_blocks,
-    structured_ntk,
-    training_kernel,
+from .callbacks import (
+    Callback,
+    CheckpointCallback,
+    NTKCallback,
+    OutputTrackingCallback,
+    ProgressCallback,
 )
-from .rtrl import OnlineState, rtrl_step
+from .errors import ConfigError, TrainingDiverged
+from .limit import LimitKernel, LimitODE, limit_cell_ntk, limit_ntk, solve_feedback_limit
+from .models import ACTIVATIONS, Activation, InitLaw, MeanFieldRNN, get_activation
+from .ntk import empirical_ntk, ntk_blocks, structured_ntk, training_kernel
+from .online import EnsembleStepper, FastStepper, OnlineState, rtrl_step
+from .run import Trainer, TrainingInterrupted
 
 __all__ = [
+    "Trainer", "TrainingInterrupted", "Callback", "NTKCallback", "OutputTrackingCallback",
+    "CheckpointCallback", "ProgressCallback",
     "ACTIVATIONS", "Activation", "get_activation", "ConfigError", "TrainingDiverged", "InitLaw",
     "MeanFieldRNN", "OnlineState", "rtrl_step", "FastStepper", "EnsembleStepper",
     "empirical_ntk", "ntk_blocks", "training_kernel", "structured_ntk", "limit_ntk",

@@ -12,7 +12,7 @@ CONF = str(ROOT / "conf")
 
 def make_cfg(*overrides: str):
     """Compose the real conf/ tree with overrides, as the CLI would."""
-    from ntk_rnn.config import register_configs
+    from ntk_rnn.run.config import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):

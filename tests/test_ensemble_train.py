@@ -17,9 +17,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from ntk_rnn.callbacks.base import Callback
 from ntk_rnn.checkpoint import load_checkpoint, save_checkpoint
-from ntk_rnn.ensemble_train import EnsembleIncomplete, EnsembleTrainer, member_config
+from ntk_rnn.run.build import member_config, run_seeds
+from ntk_rnn.run.trainer import EnsembleIncomplete
 from ntk_rnn.errors import ConfigError
-from ntk_rnn.train import Trainer, TrainingInterrupted, run_seeds, train
+from ntk_rnn.run import Trainer, TrainingInterrupted
 
 from .conftest import ROOT, make_cfg, run_cli
 
@@ -79,13 +80,13 @@ def assert_same_run(member: Path, solo: Path, logs: bool = True) -> None:
 
 
 def solo(d: Path, *overrides: str, base=BASE) -> Path:
-    Trainer(make_cfg(*base, *overrides), d).fit()
+    Trainer.from_config(make_cfg(*base, *overrides), d).fit()
     return d
 
 
 def test_member_equals_solo_run_own_streams(tmp_path):
     ens = tmp_path / "ens"
-    summary = train(make_cfg(*BASE, "seed=5", "train.ensemble_size=3"), ens)
+    summary = Trainer.from_config(make_cfg(*BASE, "seed=5", "train.ensemble_size=3"), ens).fit()
     for e in range(3):
         assert_same_run(ens / f"member_{e:03d}", solo(tmp_path / f"solo{e}", f"seed={5 + e}"))
         cfg = (ens / f"member_{e:03d}/config.yaml").read_text()
@@ -109,8 +110,8 @@ def test_shared_stream_members_read_the_stream_of_the_base_seed(tmp_path):
     stream of run seed ``seed``); its model and probes still come from seed + e."""
     ens = tmp_path / "ens"
     over = ["train.steps=200"]
-    train(make_cfg(*NO_CALLBACKS, *over, "seed=2", "train.ensemble_size=3",
-                   "train.shared_stream=true"), ens)
+    Trainer.from_config(make_cfg(*NO_CALLBACKS, *over, "seed=2", "train.ensemble_size=3",
+                   "train.shared_stream=true"), ens).fit()
     for e in (0, 2):
         assert_same_run(ens / f"member_{e:03d}",
                         solo(tmp_path / f"solo{e}", *over, f"seed={2 + e}", "data_seed=2",
@@ -141,9 +142,9 @@ def test_member_config_seeds():
 
 def test_a_diverging_member_is_dropped_and_the_others_go_on(tmp_path):
     over = ["train.divergence_threshold=1e3"]
-    tr = EnsembleTrainer(make_cfg(*NO_CALLBACKS, *over, "train.ensemble_size=3"), tmp_path / "ens")
+    tr = Trainer.from_config(make_cfg(*NO_CALLBACKS, *over, "train.ensemble_size=3"), tmp_path / "ens")
     with torch.no_grad():
-        tr.members[1].trainer.model.c.mul_(1e6)  # member 1 blows up at once
+        tr.members[1].model.c.mul_(1e6)  # member 1 blows up at once
     with pytest.raises(EnsembleIncomplete, match="1 of 3 members did not complete.*diverged"):
         tr.fit()
     bad = tmp_path / "ens/member_001"
@@ -174,10 +175,10 @@ class SignalAt(Callback):
 def test_sigterm_then_resume_as_ensemble_and_as_single_run(tmp_path):
     over = ["callbacks.ntk.histogram_every_n_steps=0"]
     ref = tmp_path / "ref"
-    train(make_cfg(*BASE, *over, "train.ensemble_size=3"), ref)
+    Trainer.from_config(make_cfg(*BASE, *over, "train.ensemble_size=3"), ref).fit()
     d = tmp_path / "ens"
-    tr = EnsembleTrainer(make_cfg(*BASE, *over, "train.ensemble_size=3"), d)
-    tr.members[1].trainer.callbacks.append(SignalAt(137))
+    tr = Trainer.from_config(make_cfg(*BASE, *over, "train.ensemble_size=3"), d)
+    tr.members[1].callbacks.append(SignalAt(137))
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(TrainingInterrupted, match="train.resume=true") as info:
         tr.fit()
@@ -189,26 +190,26 @@ def test_sigterm_then_resume_as_ensemble_and_as_single_run(tmp_path):
     assert json.loads((d / "ensemble.json").read_text())["status"] == "interrupted"
     # a member directory is a single run: resume member 1 alone ...
     with pytest.raises(ConfigError, match="holds an ensemble"):
-        Trainer(make_cfg(*BASE, *over, "train.resume=true"), d)
-    one = Trainer(make_cfg(*BASE, *over, "seed=1", "train.resume=true"), d / "member_001")
+        Trainer.from_config(make_cfg(*BASE, *over, "train.resume=true"), d)
+    one = Trainer.from_config(make_cfg(*BASE, *over, "seed=1", "train.resume=true"), d / "member_001")
     assert one.step == 137
     one.fit()
     # ... and the rest as the ensemble (member 1 is done and skipped)
-    s = train(make_cfg(*BASE, *over, "train.ensemble_size=3", "train.resume=true"), d)
+    s = Trainer.from_config(make_cfg(*BASE, *over, "train.ensemble_size=3", "train.resume=true"), d).fit()
     assert s["status"] == "completed" and s["network_steps"] == 2 * (300 - 137)
     for e in range(3):
         assert_same_run(d / f"member_{e:03d}", ref / f"member_{e:03d}")
         m = json.loads((d / f"member_{e:03d}/metrics.json").read_text())
         assert m["resumed_from_step"] == 137
     with pytest.raises(ConfigError, match="holds a single run"):
-        EnsembleTrainer(make_cfg(*BASE, "train.ensemble_size=2", "train.resume=auto"),
+        Trainer.from_config(make_cfg(*BASE, "train.ensemble_size=2", "train.resume=auto"),
                         d / "member_000")
 
 
 def test_checkpoints_from_before_the_ensemble_keys_still_resume(tmp_path):
     cfg = ["model.width=8", "train.steps=100", "dtype=float64", "callbacks=[checkpoint]",
            "callbacks.checkpoint.every_n_steps=40"]
-    Trainer(make_cfg(*cfg), tmp_path).fit()
+    Trainer.from_config(make_cfg(*cfg), tmp_path).fit()
     ck = tmp_path / "checkpoints/step_000000080.pt"
     payload = load_checkpoint(ck)
     old = "\n".join(ln for ln in payload["config"].splitlines()
@@ -218,20 +219,18 @@ def test_checkpoints_from_before_the_ensemble_keys_still_resume(tmp_path):
     save_checkpoint(ck, {**payload, "config": old + "\n"})
     (tmp_path / "metrics.json").unlink()
     (tmp_path / "checkpoints/final.pt").unlink()
-    assert Trainer(make_cfg(*cfg, "train.resume=true"), tmp_path).step == 80
+    assert Trainer.from_config(make_cfg(*cfg, "train.resume=true"), tmp_path).step == 80
     with pytest.raises(ConfigError, match="data_seed: '<absent>' -> 5"):  # not the default
-        Trainer(make_cfg(*cfg, "train.resume=true", "data_seed=5"), tmp_path)
-    with pytest.raises(ConfigError, match="a Trainer runs one network"):
-        Trainer(make_cfg(*cfg, "train.ensemble_size=2"), tmp_path)
+        Trainer.from_config(make_cfg(*cfg, "train.resume=true", "data_seed=5"), tmp_path)
 
 
 @pytest.mark.parametrize("bad", ["0", "-3"])
 def test_invalid_ensemble_size_is_one_clear_error(tmp_path, bad):
     with pytest.raises(ConfigError, match=rf"train\.ensemble_size={bad} must be an integer >= 1"):
-        train(make_cfg(*BASE, f"train.ensemble_size={bad}"), tmp_path / "run")
+        Trainer.from_config(make_cfg(*BASE, f"train.ensemble_size={bad}"), tmp_path / "run").fit()
     assert not (tmp_path / "run").exists()
     with pytest.raises(ConfigError, match=r"data_seed=-1 must be >= 0"):
-        Trainer(make_cfg(*BASE, "data_seed=-1"), tmp_path / "run")
+        Trainer.from_config(make_cfg(*BASE, "data_seed=-1"), tmp_path / "run")
 
 
 def test_cli_ensemble_with_default_callbacks(tmp_path):
@@ -287,6 +286,6 @@ def test_cli_sigterm_stops_every_member_with_one_message(tmp_path):
 
 def test_resuming_a_completed_ensemble_redoes_nothing(tmp_path):
     cfg = [*NO_CALLBACKS, "train.steps=50", "train.ensemble_size=2"]
-    first = train(make_cfg(*cfg), tmp_path)
-    again = train(make_cfg(*cfg, "train.resume=auto"), tmp_path)
+    first = Trainer.from_config(make_cfg(*cfg), tmp_path).fit()
+    again = Trainer.from_config(make_cfg(*cfg, "train.resume=auto"), tmp_path).fit()
     assert again == json.loads(json.dumps(first, default=float))

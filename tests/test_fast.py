@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from ntk_rnn import ConfigError, MeanFieldRNN, OnlineState, rtrl_step
-from ntk_rnn.ensemble import EnsembleStepper, make_ensemble
-from ntk_rnn.fast import FastStepper, fast_step, kernel_library, kernel_status
+from ntk_rnn.online.ensemble import EnsembleStepper, make_ensemble
+from ntk_rnn.online.fast import FastStepper, fast_step, kernel_library, kernel_status
 
 f64 = torch.float64
 D = 3

@@ -11,10 +11,11 @@ from torch.func import functional_call, jacrev, vmap
 
 from ntk_rnn import ConfigError, InitLaw, MeanFieldRNN, OnlineState, rtrl_step
 from ntk_rnn.data import VAR1
-from ntk_rnn.feedback import FeedbackState, cell_ntk, feedback_step
+from ntk_rnn.ntk import cell_ntk
+from ntk_rnn.online.feedback import FeedbackState, feedback_step
 from ntk_rnn.limit import limit_cell_ntk, solve_feedback_limit
 from ntk_rnn.limit.feedback import ContractionWarning, FeedbackLimit
-from ntk_rnn.train import Trainer
+from ntk_rnn.run.trainer import Trainer
 
 from .conftest import make_cfg
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ntk_rnn import ConfigError, InitLaw, MeanFieldRNN
-from ntk_rnn.ntk.limit import LimitAccuracyWarning, LimitKernel, limit_ntk, unit_features_from
+from ntk_rnn.limit.kernel import LimitAccuracyWarning, LimitKernel, limit_ntk, unit_features_from
 
 F64 = torch.float64
 

@@ -9,7 +9,7 @@ import torch
 from ntk_rnn import MeanFieldRNN
 from ntk_rnn.data import LagNonlinear, MarkovChain
 from ntk_rnn.limit import KernelSolution, LimitODE
-from ntk_rnn.ntk.limit import limit_ntk
+from ntk_rnn.limit.kernel import limit_ntk
 
 f64 = torch.float64
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ntk_rnn import ConfigError
-from ntk_rnn.metrics import (
+from ntk_rnn.ntk.metrics import (
     effective_rank,
     intrinsic_dimension,
     kernel_distance,
@@ -89,10 +89,3 @@ def test_shape_checks():
         effective_rank(torch.ones(3))
     with pytest.raises(ConfigError, match="k=4"):
         top_eigenvalues(K, 4)
-
-
-def test_both_import_paths():
-    import ntk_rnn.metrics as a
-    import ntk_rnn.ntk.metrics as b
-
-    assert a.effective_rank is b.effective_rank and set(a.__all__) == set(b.__all__)

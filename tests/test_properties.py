@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf, open_dict
 
 from ntk_rnn.errors import ConfigError, TrainingDiverged
-from ntk_rnn.train import Trainer
+from ntk_rnn.run import Trainer
 
 from .conftest import make_cfg
 
@@ -99,7 +99,7 @@ def check_outcome(cfg, fields: list[str]) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
         try:
-            tr = Trainer(cfg, run)
+            tr = Trainer.from_config(cfg, run)
         except ConfigError as exc:
             assert_names(exc, fields)
             assert not run.exists(), "a rejected config wrote files"

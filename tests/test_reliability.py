@@ -19,7 +19,7 @@ from ntk_rnn import sweep
 from ntk_rnn.callbacks.base import Callback
 from ntk_rnn.checkpoint import MAGIC, CheckpointError, load_checkpoint, save_checkpoint
 from ntk_rnn.errors import ConfigError
-from ntk_rnn.train import Trainer, TrainingInterrupted
+from ntk_rnn.run import Trainer, TrainingInterrupted
 
 from .conftest import ROOT, make_cfg, run_cli
 
@@ -158,11 +158,11 @@ class SignalAt(Callback):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     d = tmp_path_factory.mktemp("reference")
-    return d, Trainer(make_cfg(*RUN), d).fit()
+    return d, Trainer.from_config(make_cfg(*RUN), d).fit()
 
 
 def interrupted_run(d: Path, at: int, sig=signal.SIGTERM) -> TrainingInterrupted:
-    tr = Trainer(make_cfg(*RUN), d)
+    tr = Trainer.from_config(make_cfg(*RUN), d)
     cb = SignalAt(at, sig)
     tr.callbacks.append(cb)
     before = signal.getsignal(sig)
@@ -230,8 +230,8 @@ def test_sigterm_checkpoints_and_resume_is_bit_identical(tmp_path, reference):
     m = json.loads((d / "metrics.json").read_text())
     assert m["status"] == "interrupted" and "train.resume=true" in m["error"]
     assert not (d / "checkpoints" / "final.pt").exists()
-    tr = Trainer(make_cfg(*RUN, "train.resume=true"), d)
-    assert tr.step == 237 and tr.resumed_from == exc.checkpoint
+    tr = Trainer.from_config(make_cfg(*RUN, "train.resume=true"), d)
+    assert tr.step == 237 and tr.members[0].resumed_from == exc.checkpoint
     metrics = tr.fit()
     assert metrics["resumed_from_step"] == 237
     assert_same_run(ref, ref_metrics, d, metrics)
@@ -240,7 +240,7 @@ def test_sigterm_checkpoints_and_resume_is_bit_identical(tmp_path, reference):
 def test_sigint_is_handled_like_sigterm(tmp_path, reference):
     exc = interrupted_run(tmp_path, at=100, sig=signal.SIGINT)
     assert isinstance(exc, KeyboardInterrupt) and exc.step == 100
-    metrics = Trainer(make_cfg(*RUN, "train.resume=auto"), tmp_path).fit()
+    metrics = Trainer.from_config(make_cfg(*RUN, "train.resume=auto"), tmp_path).fit()
     assert_same_run(*reference, tmp_path, metrics)
 
 
@@ -255,8 +255,8 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, reference, c
     stale.write_bytes(b"partial")
     with pytest.raises(CheckpointError, match="truncated"):
         load_checkpoint(latest)
-    tr = Trainer(make_cfg(*RUN, "train.resume=true"), d)
-    assert tr.step == 200 and tr.resumed_from.name == "step_000000200.pt"
+    tr = Trainer.from_config(make_cfg(*RUN, "train.resume=true"), d)
+    assert tr.step == 200 and tr.members[0].resumed_from.name == "step_000000200.pt"
     assert "step_000000237.pt is truncated" in capsys.readouterr().err
     assert not stale.exists()
     assert_same_run(*reference, d, tr.fit())
@@ -264,20 +264,20 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, reference, c
 
 def test_resume_modes_and_mismatched_config(tmp_path, reference):
     with pytest.raises(ConfigError, match=r"train\.resume=true but .* holds no"):
-        Trainer(make_cfg(*RUN, "train.resume=true"), tmp_path / "empty")
+        Trainer.from_config(make_cfg(*RUN, "train.resume=true"), tmp_path / "empty")
     assert not (tmp_path / "empty").exists()
-    fresh = Trainer(make_cfg(*RUN, "train.resume=auto"), tmp_path / "auto")
-    assert fresh.step == 0 and fresh.resumed_from is None
+    fresh = Trainer.from_config(make_cfg(*RUN, "train.resume=auto"), tmp_path / "auto")
+    assert fresh.step == 0 and fresh.members[0].resumed_from is None
     d = tmp_path / "run"
     interrupted_run(d, at=120)
     with pytest.raises(ConfigError, match=r"different config \(model\.beta: 0\.75 -> 0\.8"):
-        Trainer(make_cfg(*RUN, "model.beta=0.8", "train.resume=true"), d)
+        Trainer.from_config(make_cfg(*RUN, "model.beta=0.8", "train.resume=true"), d)
     with pytest.raises(ConfigError, match="train.resume='yes': choose true, false or auto"):
-        Trainer(make_cfg(*RUN, "train.resume=yes"), d)
+        Trainer.from_config(make_cfg(*RUN, "train.resume=yes"), d)
     # a finished run asked to resume is not redone
     ref, ref_metrics = reference
-    done = Trainer(make_cfg(*RUN, "train.resume=auto"), ref)
-    assert done.completed is not None and done.fit() == json.loads(
+    done = Trainer.from_config(make_cfg(*RUN, "train.resume=auto"), ref)
+    assert done.members[0].completed is not None and done.fit() == json.loads(
         (ref / "metrics.json").read_text())
 
 
@@ -288,7 +288,7 @@ def test_a_second_signal_stops_at_once(tmp_path):
                 os.kill(os.getpid(), signal.SIGTERM)
                 os.kill(os.getpid(), signal.SIGTERM)
 
-    tr = Trainer(make_cfg(*RUN), tmp_path)
+    tr = Trainer.from_config(make_cfg(*RUN), tmp_path)
     tr.callbacks.append(Twice(60))
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(TrainingInterrupted, match="second SIGTERM") as info:

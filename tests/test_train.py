@@ -9,9 +9,9 @@ import torch
 import yaml
 
 from ntk_rnn.checkpoint import load_checkpoint
-from ntk_rnn.config import num_steps
+from ntk_rnn.run.config import num_steps
 from ntk_rnn.errors import ConfigError, TrainingDiverged
-from ntk_rnn.train import Trainer, train
+from ntk_rnn.run import Trainer
 
 from .conftest import CONF, make_cfg, run_cli
 
@@ -37,7 +37,7 @@ def test_every_config_composes(group, option):
 def test_short_run_reduces_running_mse(tmp_path):
     cfg = make_cfg(*SINE, "model.width=256", "train.horizon=8", "dtype=float64",
                    "train.mse_window=128")
-    tr = Trainer(cfg, tmp_path)
+    tr = Trainer.from_config(cfg, tmp_path)
     m = tr.fit()
     first = float(tr.sq_err[:128].mean())
     assert m["status"] == "completed" and m["steps"] == 8 * 256
@@ -53,8 +53,8 @@ def test_steps_horizon_and_reproducibility(tmp_path):
     cfg = make_cfg(*SINE, "model.width=64", "train.horizon=1.5")
     assert num_steps(cfg) == 96
     assert num_steps(make_cfg(*SINE, "train.steps=7")) == 7
-    a = train(cfg, tmp_path / "a")
-    b = train(cfg, tmp_path / "b")
+    a = Trainer.from_config(cfg, tmp_path / "a").fit()
+    b = Trainer.from_config(cfg, tmp_path / "b").fit()
     assert a["running_mse"] == b["running_mse"]
     pa = load_checkpoint(tmp_path / "a/checkpoints/final.pt")["model"]
     pb = load_checkpoint(tmp_path / "b/checkpoints/final.pt")["model"]
@@ -74,27 +74,27 @@ def test_steps_horizon_and_reproducibility(tmp_path):
 )
 def test_config_validation_names_field(tmp_path, override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        Trainer(make_cfg(*SINE, override), tmp_path)
+        Trainer.from_config(make_cfg(*SINE, override), tmp_path)
 
 
 def test_custom_source_with_wrong_shape_fails_clearly(tmp_path):
     cfg = make_cfg("data=custom", "data._target_=tests.custom_sources.WrongShape",
                    "callbacks=none", "model.width=8")
     with pytest.raises(ConfigError, match=r"expected X \(T, 1\)"):
-        train(cfg, tmp_path)
+        Trainer.from_config(cfg, tmp_path).fit()
 
 
 def test_builtin_keys_with_foreign_target_fail_clearly(tmp_path):
     cfg = make_cfg("data._target_=tests.custom_sources.SineChain", "callbacks=none")
     with pytest.raises(ConfigError, match="data=custom"):
-        Trainer(cfg, tmp_path)
+        Trainer.from_config(cfg, tmp_path)
 
 
 def test_divergence_stops_with_logs_and_last_good_checkpoint(tmp_path):
     cfg = make_cfg(*SINE, "model.width=32", "train.alpha=1e6", "train.horizon=20",
                    "train.divergence_threshold=1e3")
     with pytest.raises(TrainingDiverged, match="lower train.alpha"):
-        train(cfg, tmp_path)
+        Trainer.from_config(cfg, tmp_path).fit()
     ck = load_checkpoint(tmp_path / "checkpoints/last_good.pt")
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "diverged"
@@ -138,7 +138,7 @@ def test_trainer_backends_agree_with_reference_loop(tmp_path, gradient):
     for backend in ("auto", "eager", "reference"):
         cfg = make_cfg("callbacks=none", "model.width=48", "train.steps=1000", "dtype=float64",
                        f"train.gradient={gradient}", f"train.backend={backend}")
-        train(cfg, tmp_path / backend)
+        Trainer.from_config(cfg, tmp_path / backend).fit()
         finals[backend] = load_checkpoint(tmp_path / backend / "checkpoints/final.pt")["model"]
     ref = finals.pop("reference")
     for params in finals.values():

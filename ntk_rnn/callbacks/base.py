@@ -90,6 +90,14 @@ class Callback:
     def on_train_end(self, state: TrainState) -> None:
         pass
 
+    def on_segment(self, X: Tensor, Y: Tensor, y_hat: Tensor, state: TrainState) -> None:
+        """Called after every stepper call with the elements just trained on: X (L, d), Y (L,)
+        and the predictions Ŷ (L,) (made before each step), ``state.step`` already advanced by L.
+        Together the segments are the whole stream, in order, each element once (a resumed run
+        continues where the checkpoint left off). Override it only when a callback must see every
+        element (e.g. a shadow model trained on the same stream); the default does nothing and
+        the trainer does not call it then."""
+
     def state_dict(self) -> dict:
         return {}
 

@@ -1,8 +1,9 @@
-"""The infinite-width limit dynamics: the limit ODE and its closed-form solution (theory §5), and
-Model F's cell kernel and coupled limit (theory §6)."""
+"""Everything infinite-width: Model D's limit kernel K_∞ (theory §5), Model F's cell kernel and
+coupled limit (theory §6), and the limit ODE with its closed-form solution."""
 
 from .feedback import FeedbackLimit, FeedbackSolution, limit_cell_ntk, solve_feedback_limit
+from .kernel import LimitAccuracyWarning, LimitKernel, limit_ntk
 from .ode import KernelSolution, LimitODE
 
-__all__ = ["KernelSolution", "LimitODE", "FeedbackLimit", "FeedbackSolution", "limit_cell_ntk",
-           "solve_feedback_limit"]
+__all__ = ["LimitKernel", "LimitAccuracyWarning", "limit_ntk", "KernelSolution", "LimitODE",
+           "FeedbackLimit", "FeedbackSolution", "limit_cell_ntk", "solve_feedback_limit"]

@@ -63,11 +63,11 @@ from scipy.special import roots_hermitenorm
 from scipy.stats import qmc
 from torch import Tensor
 
-from ..activations import Activation
+from ..models.activations import Activation
 from ..errors import ConfigError
-from ..feedback import cell_gram, check_cell_inputs
-from ..init import InitLaw
-from ..ntk.limit import LimitAccuracyWarning, LimitKernel, _axes, _inverse_cdf
+from ..ntk.cell import cell_gram, check_cell_inputs
+from ..models.init import InitLaw
+from .kernel import LimitAccuracyWarning, LimitKernel, _axes, _inverse_cdf
 
 _F64 = torch.float64
 METHODS = ("auto", "closed", "quadrature", "rqmc", "mc")

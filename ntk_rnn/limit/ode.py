@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..ntk.limit import limit_ntk
+from .kernel import limit_ntk
 
 _F64 = torch.float64
 

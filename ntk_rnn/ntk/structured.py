@@ -36,7 +36,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..model import MeanFieldRNN
+from ..models.mean_field import MeanFieldRNN
 from . import _features_c
 
 #: Use the compiled per-unit features (:mod:`._features_c`) on the CPU where they build and pass

@@ -14,32 +14,8 @@ from typing import Any, Dict, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-from .activations import ACTIVATIONS
-from .errors import ConfigError
-
-
-@dataclass
-class InitConfig:
-    """μ0 (theory §2): kinds and scales of c, w, b; rho bounds |b|."""
-
-    c: str = "uniform"
-    c_scale: float = 1.0
-    w: str = "normal"
-    w_scale: float = 1.0
-    b: str = "uniform"
-    rho: float = 0.5
-    # custom μ0: a callable (width, input_dim, generator, dtype) -> (c, w, b), given as
-    # {_target_: my_module.my_sampler, _partial_: true}; analytic limits then need Monte Carlo
-    sampler: Optional[Any] = None
-
-
-@dataclass
-class ModelConfig:
-    width: int = 1024  # N >= 1
-    beta: float = 0.75  # in [0.5, 1]
-    activation: str = "tanh"  # tanh | sigmoid | erf
-    recurrence: str = "diagonal"  # diagonal (Model D) | feedback (Model F)
-    init: InitConfig = field(default_factory=InitConfig)
+from ..models.activations import ACTIVATIONS
+from ..errors import ConfigError
 
 
 @dataclass
@@ -47,7 +23,7 @@ class TrainConfig:
     alpha: float = 4.0  # α > 0; the step size is α N^{2β-2}
     horizon: Optional[float] = 4.0  # limit time t; steps = round(horizon * N)
     steps: Optional[int] = None  # overrides horizon when set
-    gradient: str = "rtrl"  # rtrl | truncated
+    gradient: str = "rtrl"  # rtrl (exact RTRL) | truncated (memory treated as an input)
     chunk_size: int = 256  # stream chunk; the NaN/divergence check runs once per chunk
     log_every: int = 0  # 0 = about 200 points per run
     mse_window: int = 0  # running-MSE window in steps; 0 = N
@@ -74,7 +50,9 @@ class LoggerConfig:
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # the network, built from its _target_ (conf/model/*.yaml: MeanFieldRNN for Models D and F);
+    # its defaults are the class's signature, the presets only override them
+    model: Any = MISSING
     data: Any = MISSING  # a SequenceSource built from its _target_
     train: TrainConfig = field(default_factory=TrainConfig)
     callbacks: Dict[str, Any] = field(default_factory=dict)
@@ -112,14 +90,19 @@ def _require(ok: bool, msg: str) -> None:
 def validate(cfg: DictConfig | Config) -> None:
     """Range checks that types alone cannot express. Raises ConfigError naming the key."""
     m, t = cfg.model, cfg.train
-    _require(int(m.width) >= 1, f"model.width={m.width} must be an integer >= 1")
-    _require(0.5 <= float(m.beta) <= 1.0,
-             f"model.beta={m.beta} is outside [0.5, 1] (0.5 = NTK scaling, 1 = mean-field)")
-    _require(m.activation in ACTIVATIONS,
-             f"model.activation={m.activation!r} is not supported; choose one of "
-             f"{sorted(ACTIVATIONS)}")
-    _require(m.recurrence in ("diagonal", "feedback"),
-             f"model.recurrence={m.recurrence!r}: choose 'diagonal' or 'feedback'")
+    _require(m is not None and "_target_" in m,
+             "model has no _target_; use a preset (model=diagonal|feedback) or "
+             "model._target_=my_module.MyRNN")
+    if "width" in m:
+        _require(isinstance(m.width, int) and int(m.width) >= 1,
+                 f"model.width={m.width} must be an integer >= 1")
+    if "beta" in m:
+        _require(_finite(m.beta) and 0.5 <= float(m.beta) <= 1.0,
+                 f"model.beta={m.beta} is outside [0.5, 1] (0.5 = NTK scaling, 1 = mean-field)")
+    if "activation" in m:
+        _require(m.activation in ACTIVATIONS,
+                 f"model.activation={m.activation!r} is not supported; choose one of "
+                 f"{sorted(ACTIVATIONS)}")
     _require(_finite(t.alpha) and float(t.alpha) > 0,
              f"train.alpha={t.alpha} must be a finite number > 0")
     _require(t.gradient in ("rtrl", "truncated"),
@@ -131,9 +114,10 @@ def validate(cfg: DictConfig | Config) -> None:
                  f"train.horizon={t.horizon} must be a finite number > 0 (or set train.steps)")
     else:
         _require(int(t.steps) >= 1, f"train.steps={t.steps} must be >= 1")
-    steps = num_steps(cfg)
-    _require(steps <= MAX_STEPS, f"train.steps={steps} (train.horizon · model.width) is above "
-             f"the limit {MAX_STEPS:.0e}; train in several runs or lower train.horizon")
+    if t.steps is not None or "width" in m:
+        steps = num_steps(cfg)
+        _require(steps <= MAX_STEPS, f"train.steps={steps} (train.horizon · model.width) is "
+                 f"above the limit {MAX_STEPS:.0e}; train in several runs or lower train.horizon")
     _require(int(t.chunk_size) >= 1, f"train.chunk_size={t.chunk_size} must be >= 1")
     _require(int(t.log_every) >= 0, f"train.log_every={t.log_every} must be >= 0")
     _require(int(t.mse_window) >= 0, f"train.mse_window={t.mse_window} must be >= 0")
@@ -142,7 +126,7 @@ def validate(cfg: DictConfig | Config) -> None:
     resume = opt(t, "resume", False)
     _require(isinstance(resume, bool) or resume == "auto",
              f"train.resume={resume!r}: choose true, false or auto")
-    init = m.init
+    init = m.get("init") or {}
     for key in ("c_scale", "w_scale", "rho"):
         value = opt(init, key, 1.0)
         _require(_finite(value) and float(value) >= 0,
@@ -210,8 +194,10 @@ def check_callback_args(name: str, node: Any, cls: Any) -> None:
             raise ConfigError(f"{field}={value!r} must be {want}")
 
 
-def num_steps(cfg: DictConfig | Config) -> int:
-    """Training steps: train.steps if set, else round(train.horizon · N) (time t = k / N)."""
+def num_steps(cfg: DictConfig | Config, width: Optional[int] = None) -> int:
+    """Training steps: train.steps if set, else round(train.horizon · N) (time t = k / N); N is
+    ``width`` (the built model's) or ``model.width`` of the config."""
     if cfg.train.steps is not None:
         return int(cfg.train.steps)
-    return max(1, round(float(cfg.train.horizon) * int(cfg.model.width)))
+    N = int(width if width is not None else cfg.model.width)
+    return max(1, round(float(cfg.train.horizon) * N))

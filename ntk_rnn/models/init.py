@@ -8,7 +8,7 @@ from typing import Callable, Literal, Optional
 import torch
 from torch import Tensor
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 Kind = Literal["uniform", "normal", "rademacher", "constant"]
 _KINDS = ("uniform", "normal", "rademacher", "constant")

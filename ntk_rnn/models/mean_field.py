@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .activations import Activation, get_activation
-from .errors import ConfigError
+from ..errors import ConfigError
 from .init import InitLaw
 
 Recurrence = Literal["diagonal", "feedback"]
@@ -94,17 +94,29 @@ class MeanFieldRNN(nn.Module):
         if generator is None:
             generator = torch.Generator()
             generator.manual_seed(0 if seed is None else int(seed))
-        c, w, b = init.sample(width, input_dim, generator, dtype=dtype, device=device)
-        if recurrence == "diagonal" and init.is_custom:
+        self.c, self.w, self.b = (nn.Parameter(t) for t in self._draw(generator, dtype, device))
+
+    def _draw(self, generator: torch.Generator, dtype: torch.dtype,
+              device: torch.device | str) -> tuple[Tensor, Tensor, Tensor]:
+        """θ_0 = (c, w, b) ~ μ0 (theory §2), with Model D's contraction checked on a custom draw."""
+        c, w, b = self.init_law.sample(self.width, self.input_dim, generator, dtype=dtype,
+                                       device=device)
+        if self.recurrence == "diagonal" and self.init_law.is_custom:
             bound = float(b.abs().max()) * self.act.sup_deriv
             if not bound < 1.0:
                 raise ConfigError(
                     f"model.init.sampler drew max|b|·sup|σ'| = {bound:.4g} >= 1: the contraction "
                     "of Model D fails; draw |b| < 1/sup|σ'|"
                 )
-        self.c = nn.Parameter(c)
-        self.w = nn.Parameter(w)
-        self.b = nn.Parameter(b)
+        return c, w, b
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        """Redraw θ_0 ~ μ0 from ``generator`` in place (the trainer does this with the run's model
+        seed, so a run is determined by its seed whichever way the model was built)."""
+        for p, v in zip((self.c, self.w, self.b),
+                        self._draw(generator, self.c.dtype, self.c.device), strict=True):
+            p.copy_(v)
 
     # --- scalings -------------------------------------------------------------------------
     @property
@@ -140,29 +152,49 @@ class MeanFieldRNN(nn.Module):
         """f_θ(x, s) = N^{-β} Σ_i c_i σ(w_i·x + b_i s) for x (..., d), s (...) → (...)."""
         return self.act(x @ self.w.T + s.unsqueeze(-1) * self.b) @ self.c * self.output_scale
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, last_only: bool = False) -> Tensor:
         """Ŷ_k for k = 1..L from zero memory: Model D Ŷ_k = N^{-β} Σ_i c_i S_{i,k+1} (S_0 = 0),
-        Model F Ŷ_k = f_θ(X_k, m_k), m_{k+1} = Ŷ_k (m_0 = 0)."""
+        Model F Ŷ_k = f_θ(X_k, m_k), m_{k+1} = Ŷ_k (m_0 = 0).
+
+        ``last_only=True``: only Ŷ_L, shape (batch,) (a 0-d tensor for one (L, d) window) — what
+        the NTK needs; Model D then skips the other L − 1 read-outs.
+
+        Written for torch.func (``vmap(jacrev)``, ``jvp``): w·X_k for all steps comes from one
+        GEMM split by ``unbind`` (one backward node that stacks the step gradients), no in-place
+        ops. Indexing the (B, L, N) product per step instead, ``u[:, k]``, made every step's
+        backward build a zero-filled gradient of all of u and add it up — O(L²·N) per window,
+        14× slower than a plain loop under vmap(jacrev).
+        """
         self.check_windows(x)
         single = x.dim() == 2
-        if single:
-            x = x.unsqueeze(0)
+        u = torch.matmul(x.unsqueeze(0) if single else x, self.w.T).unbind(-2)  # L × (B, N)
         if self.recurrence == "feedback":
-            m = torch.zeros_like(x[:, 0, 0])  # (B,); zeros_like keeps vmap/functional_call happy
-            outs = []
-            for k in range(x.shape[1]):
-                m = self.cell(x[:, k], m)
-                outs.append(m)
-            y = torch.stack(outs, dim=-1)
-            return y.squeeze(0) if single else y
-        u = x @ self.w.T  # (B, L, N): w_i · X_k for all steps at once
-        S = torch.zeros_like(u[:, 0])
-        outs = []
-        for k in range(x.shape[1]):
-            S = self.act(u[:, k] + self.b * S)
-            outs.append(S @ self.c)
-        y = torch.stack(outs, dim=-1) * self.output_scale
+            y = self._forward_feedback(u, last_only)
+        else:
+            y = self._forward_diagonal(u, last_only)
         return y.squeeze(0) if single else y
+
+    def _forward_diagonal(self, u: tuple[Tensor, ...], last_only: bool) -> Tensor:
+        """Model D on the input drives u_k = w·X_k (B, N): (B,) or (B, L)."""
+        S = self.act(u[0])  # S_0 = 0
+        outs = [] if last_only else [S @ self.c]
+        for uk in u[1:]:
+            S = self.act(uk + self.b * S)
+            if not last_only:
+                outs.append(S @ self.c)
+        if last_only:
+            return (S @ self.c) * self.output_scale
+        return torch.stack(outs, dim=-1) * self.output_scale
+
+    def _forward_feedback(self, u: tuple[Tensor, ...], last_only: bool) -> Tensor:
+        """Model F on u_k = w·X_k (B, N): m_{k+1} = N^{-β} Σ_i c_i σ(u_{i,k} + b_i m_k)."""
+        scale = self.output_scale
+        m = (self.act(u[0]) @ self.c) * scale  # m_0 = 0
+        outs = [m]
+        for uk in u[1:]:
+            m = (self.act(uk + m.unsqueeze(-1) * self.b) @ self.c) * scale
+            outs.append(m)
+        return m if last_only else torch.stack(outs, dim=-1)
 
     def unit_features(
         self, x: Tensor, truncated: bool = False
@@ -171,7 +203,7 @@ class MeanFieldRNN(nn.Module):
 
         P_{k+1} = σ'(z_k)(X_k + b P_k),  Q_{k+1} = σ'(z_k)(S_k + b Q_k), P_0 = Q_0 = 0;
         ``truncated=True`` drops the b P and b Q terms. Shapes (B, N), (B, N, d), (B, N).
-        Model D only (Model F's per-window gradients are not per-unit: see ``ntk_rnn.feedback``).
+        Model D only (Model F's per-window gradients are not per-unit: see ``ntk_rnn.online.feedback``).
         """
         if self.recurrence != "diagonal":
             raise ConfigError("unit_features needs model.recurrence='diagonal' (Model D)")

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)

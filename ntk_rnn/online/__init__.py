@@ -1,0 +1,10 @@
+"""Online SGD steps along the stream: the reference RTRL step (theory §3), the fast steppers
+(compiled kernel / batched torch) and the ensemble stepper."""
+
+from .ensemble import EnsembleStepper
+from .fast import FastStepper
+from .feedback import FeedbackState, feedback_step
+from .rtrl import GRADIENTS, OnlineState, ReferenceStepper, rtrl_step
+
+__all__ = ["GRADIENTS", "OnlineState", "FeedbackState", "rtrl_step", "feedback_step",
+           "ReferenceStepper", "FastStepper", "EnsembleStepper"]

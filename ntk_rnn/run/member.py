@@ -1,0 +1,405 @@
+"""One network's run inside the training loop: its model and online state, its share of the
+stream, its errors, logs, callbacks and files. The :class:`~ntk_rnn.run.Trainer` owns E >= 1 of
+these and one stepper that moves all of them; a single run is E = 1.
+
+Files of a member (``run_dir`` given; ``None`` writes nothing): ``config.yaml``, the event file,
+``checkpoints/{init,step_*,final,last_good}.pt`` and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..callbacks.base import Callback, TrainState
+from ..callbacks.checkpoint import CheckpointCallback
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..data.base import check_chunk, source_name
+from ..errors import ConfigError, TrainingDiverged
+from ..logging import make_writer, tensorboard_enabled, write_hparams
+from .build import generator
+from .resume import check_same_config, completed_metrics, find_checkpoint
+from .signals import TrainingInterrupted
+from .writer import RunWriter
+
+
+@dataclass
+class Chunk:
+    """A chunk of the stream being trained on: X (T, d), Y (T,), the predictions Ŷ made so far,
+    its first step ``k0``, the state before it (``snapshot``) and the steps done in it (``j``)."""
+
+    X: torch.Tensor
+    Y: torch.Tensor
+    y_hat: torch.Tensor
+    k0: int
+    snapshot: dict
+    j: int = 0
+
+    @property
+    def T(self) -> int:
+        return self.X.shape[0]
+
+    @property
+    def done(self) -> bool:
+        return self.j >= self.T
+
+
+class Member:
+    """One network's run (see the module docstring). ``online`` is whatever carries the online
+    gradient between steps (RTRL's S, P, Q; a BPTT window), with ``state_dict``/``load_state_dict``.
+    """
+
+    def __init__(self, e: int, cfg: Any, run_dir: Optional[Path], source: Any,
+                 model: torch.nn.Module, online: Any, lr: float, callbacks: list[Callback],
+                 seeds: dict[str, int], n_steps: int) -> None:
+        self.e, self.cfg, self.run_dir = e, cfg, run_dir
+        self.source, self.model, self.online, self.lr = source, model, online, float(lr)
+        self.callbacks, self.seeds, self.n_steps = callbacks, seeds, n_steps
+        t = cfg.train
+        self.width = int(getattr(model, "width", 1))
+        self.log_every = int(t.log_every) or max(1, n_steps // 200)
+        self.mse_window = int(t.mse_window) or self.width
+        thr = float(t.divergence_threshold)  # (read once: config access is slow per event)
+        self.err2_bound = thr * thr  # (inf for a huge threshold; ** would raise OverflowError)
+        self.chunk_size = int(t.chunk_size)
+        self.sq_err = torch.full((n_steps,), float("nan"), dtype=torch.float64)
+        self.step = 0
+        self.status = "pending"  # pending|running|completed|diverged|failed|interrupted
+        self.error = ""
+        self.metrics: dict = {}
+        self.chunk: Optional[Chunk] = None
+        self.stream: Optional[Iterator] = None
+        self.writer = RunWriter(None)
+        self.state = TrainState(
+            model=model, online=online, source=source, cfg=cfg, run_dir=run_dir,
+            n_steps=n_steps, lr=self.lr, generators={"probe": generator(seeds["probe"])},
+            save_checkpoint=self.save, writer=self.writer,
+        )
+        for cb in callbacks:  # bad callback settings fail here, before any step
+            cb.setup(self.state)
+        self.resumed_from: Optional[Path] = None
+        self.completed: Optional[dict] = None  # metrics of a finished run asked to resume
+        self._fresh_logs = False  # starting over in a directory that holds older event files
+        self.resume_hint = (f"run the same command again with train.resume=true and "
+                            f"hydra.run.dir={run_dir} (a sweep: hydra.sweep.dir=<its dir> "
+                            "train.resume=auto)")
+
+    @property
+    def seed(self) -> int:
+        return int(self.cfg.seed)
+
+    @property
+    def history(self) -> dict[str, list[tuple[int, float]]]:
+        return self.writer.history
+
+    # --- state and files ----------------------------------------------------------------
+    def state_payload(self) -> dict:
+        model = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        return {
+            **{k: model[k] for k in ("c", "w", "b") if k in model},  # plain torch.load: c, w, b
+            "step": self.step,
+            "model": model,
+            "online": {k: v.detach().cpu().clone() for k, v in self.online.state_dict().items()},
+            "sq_err": self.sq_err[: self.step].clone(),
+            "probe_rng": self.state.generators["probe"].get_state(),
+            "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
+            "config": self.config_yaml(),
+            "seed": self.seed,
+        }
+
+    def config_yaml(self) -> str:
+        return (OmegaConf.to_yaml(self.cfg, resolve=True) if isinstance(self.cfg, DictConfig)
+                else str(self.cfg))
+
+    def snapshot(self) -> dict:
+        """Step, parameters and online state (cheap: O(N d)); see ``record``."""
+        return {
+            "step": self.step,
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "online": {k: v.detach().clone() for k, v in self.online.state_dict().items()},
+        }
+
+    def save(self, path: str | Path, payload: Optional[dict] = None) -> Optional[Path]:
+        """Write a checkpoint (none without a run directory); the event files are flushed first,
+        so every logged step up to the checkpoint's is on disk whenever the checkpoint is."""
+        if self.run_dir is None:
+            return None
+        self.writer.flush()
+        return save_checkpoint(path, payload if payload is not None else self.state_payload())
+
+    def restore(self, payload: dict) -> None:
+        dev = next(self.model.parameters()).device
+        self.model.load_state_dict({k: v.to(dev) for k, v in payload["model"].items()})
+        self.online.load_state_dict({k: v.to(dev) for k, v in payload["online"].items()})
+        self.step = int(payload["step"])
+        self.sq_err[: self.step] = payload["sq_err"]
+        self.state.step, self.state.running_mse = self.step, self.running_mse()
+        self.state.generators["probe"].set_state(payload["probe_rng"])
+        for cb in self.callbacks:
+            cb.load_state_dict(payload["callbacks"].get(cb.name, {}))
+
+    def write_metrics(self, metrics: dict) -> None:
+        if self.run_dir is None:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                 for k, v in metrics.items()}
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "metrics.json").write_text(json.dumps(clean, indent=2, default=float))
+
+    # --- resume ---------------------------------------------------------------------------
+    def resume(self, mode: Any = True) -> bool:
+        """Continue from the newest good checkpoint (``mode``: True = one must exist, "auto" =
+        if one exists, False = start at step 0). A run that already completed is not redone."""
+        rd = self.run_dir
+        if rd is None:
+            if mode not in (False, None):
+                raise ConfigError("train.resume needs a run directory (run_dir=None keeps no "
+                                  "checkpoints)")
+            return False
+        if mode is False or mode is None:
+            self._fresh_logs = any(rd.glob("events.out.tfevents.*"))
+            return False
+        if (rd / "ensemble.json").exists():
+            raise ConfigError(f"train.resume: {rd} holds an ensemble (ensemble.json); "
+                              "resume it with the same train.ensemble_size, or one member as a "
+                              "single run in its member_<e> directory (README, Ensembles)")
+        for stale in (rd / "checkpoints").glob(".*.tmp"):  # a write cut short
+            stale.unlink(missing_ok=True)
+        done = completed_metrics(rd)
+        if done is not None:
+            check_same_config(self.cfg, load_checkpoint(rd / "checkpoints" / "final.pt"), rd)
+            self.completed = done
+            print(f"ntk_rnn: {rd} already completed {done.get('steps')} steps; "
+                  "nothing to resume", file=sys.stderr)
+            return True
+        found = find_checkpoint(rd, self.n_steps)
+        if found is None:
+            if mode is True:
+                raise ConfigError(f"train.resume=true but {rd / 'checkpoints'} holds no "
+                                  "readable step_*.pt checkpoint; use train.resume=auto to start "
+                                  "fresh when there is none")
+            self._fresh_logs = any(rd.glob("events.out.tfevents.*"))
+            return False
+        path, payload = found
+        check_same_config(self.cfg, payload, rd)
+        if int(payload["step"]) > self.n_steps:
+            raise ConfigError(f"train.resume: {path} is at step {payload['step']}, past the "
+                              f"{self.n_steps} steps of this run")
+        self.restore(payload)
+        self.resumed_from = path
+        print(f"ntk_rnn: resuming from {path} (step {self.step} of {self.n_steps})",
+              file=sys.stderr)
+        return True
+
+    # --- the pieces of the loop -------------------------------------------------------------
+    def begin(self) -> None:
+        """Start-up: the writer, callbacks' on_train_start, config.yaml, ``init.pt``."""
+        self.status = "running"
+        self.writer = self.state.writer = self._make_writer()
+        self.start_step = self.step
+        self.segment_callbacks = [cb for cb in self.callbacks
+                                  if type(cb).on_segment is not Callback.on_segment]
+        # at a step boundary checkpoints come after the other callbacks, so a checkpoint at step
+        # k holds everything done for step k (and a resumed run redoes none of it)
+        self.step_callbacks = sorted(self.callbacks,
+                                     key=lambda cb: isinstance(cb, CheckpointCallback))
+        for cb in self.callbacks:
+            cb.on_train_start(self.state)
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.writer.open()  # the run has started: from here on it has logs
+            (self.run_dir / "config.yaml").write_text(self.config_yaml())
+            if self.step == 0:
+                self.save(self.run_dir / "checkpoints" / "init.pt")
+        self.t_start = time.perf_counter()
+        self.t_cb = 0.0
+        self.last_log = (self.step - self.step % self.log_every, self.t_start)
+        self.next_event = self._next_event()
+
+    def _make_writer(self) -> RunWriter:
+        """Resumed from step k: readers drop what older event files hold after k (purge_step)
+        and nothing is logged again for <= k."""
+        if self.resumed_from is not None:
+            purge, floor = self.step + 1, self.step
+        else:  # starting over where older event files lie: hide them all
+            purge, floor = (0 if self._fresh_logs else None), -1
+        if self.run_dir is None or not tensorboard_enabled(self.cfg):
+            return RunWriter(None, floor)
+        cfg, rd = self.cfg, self.run_dir
+        return RunWriter(lambda: make_writer(cfg, rd, purge_step=purge), floor)
+
+    def open_stream(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The data sequence from the current step on (replayed from its seed: exact resume)."""
+        start = self.step
+        if start >= self.n_steps:
+            return
+        gen = generator(self.seeds["data"])
+        seen = 0
+        for X, Y in self.source.stream(gen, self.chunk_size):
+            check_chunk(self.source, X, Y, self.chunk_size)
+            if seen + X.shape[0] > start:
+                lo = max(0, start - seen)
+                yield X[lo:], Y[lo:]
+            seen += X.shape[0]
+            if seen >= self.n_steps:
+                return
+        raise ConfigError(f"data: {source_name(self.source)}.stream ended after {seen} "
+                          f"elements; the run needs {self.n_steps}")
+
+    def start_chunk(self, X: torch.Tensor, Y: torch.Tensor) -> Chunk:
+        """A chunk of the stream (cut at the last step), on the model's device and dtype."""
+        p = next(self.model.parameters())
+        X = X[: self.n_steps - self.step].to(p.device, p.dtype)
+        Y = Y[: self.n_steps - self.step].to(p.device, p.dtype)
+        # the state before the chunk: the last good one, in case it diverges
+        self.chunk = Chunk(X, Y, torch.empty_like(Y), self.step, self.snapshot())
+        return self.chunk
+
+    def steps_to_event(self) -> int:
+        """Steps until the next event (log, callback, end of run) or the end of the chunk."""
+        return min(self.chunk.T - self.chunk.j, self.next_event - self.step)
+
+    def running_mse(self) -> float:
+        lo = max(0, self.step - self.mse_window)
+        return float(self.sq_err[lo: self.step].mean()) if self.step > lo else float("nan")
+
+    def _next_event(self) -> int:
+        s = self.step
+        nxt = [self.n_steps, (s // self.log_every + 1) * self.log_every]
+        nxt += [(s // cb.every_n_steps + 1) * cb.every_n_steps for cb in self.callbacks]
+        return min(nxt)
+
+    def advance(self, L: int) -> None:
+        """The stepper has run L more steps of the chunk: segment callbacks see them; at an event
+        or the chunk's end the errors are recorded (divergence stops the run); at an event the
+        trainer logs and the callbacks run."""
+        chunk = self.chunk
+        j0, j1 = chunk.j, chunk.j + L
+        self.step += L
+        chunk.j = j1
+        st = self.state
+        st.step = self.step
+        for cb in self.segment_callbacks:
+            cb.on_segment(chunk.X[j0:j1], chunk.Y[j0:j1], chunk.y_hat[j0:j1], st)
+        if self.step == self.next_event or chunk.done:
+            self.record()
+        if self.step != self.next_event:
+            return
+        st.x, st.y, st.y_hat = chunk.X[j1 - 1], chunk.Y[j1 - 1], chunk.y_hat[j1 - 1]
+        st.running_mse = self.running_mse()
+        if self.step % self.log_every == 0 or self.step == self.n_steps:
+            now = time.perf_counter()
+            self._log_train(now)
+            self.last_log = (self.step, now)
+        tc = time.perf_counter()
+        for cb in self.step_callbacks:
+            if cb.due(self.step) or self.step == self.n_steps:
+                cb.on_step_end(self.step, st)
+        self.t_cb += time.perf_counter() - tc
+        self.next_event = self._next_event()
+
+    def record(self) -> None:
+        """Store (Y − Ŷ)² of the chunk so far; stop with the last good state on NaN/Inf/blow-up."""
+        chunk = self.chunk
+        k0, snapshot = chunk.k0, chunk.snapshot
+        err2 = (chunk.Y[: chunk.j] - chunk.y_hat[: chunk.j]).double().cpu() ** 2
+        self.sq_err[k0: k0 + err2.shape[0]] = err2
+        bad = ~torch.isfinite(err2) | (err2 > self.err2_bound)
+        if bad.any():
+            k_bad = k0 + int(bad.nonzero()[0, 0])
+            where = ""
+            if self.run_dir is not None:
+                payload = self.state_payload()
+                payload.update(snapshot)
+                payload["sq_err"] = self.sq_err[: snapshot["step"]].clone()
+                self.save(self.run_dir / "checkpoints" / "last_good.pt", payload)
+                where = (f". Logs and the last good state (step {snapshot['step']}) are in "
+                         f"{self.run_dir}")
+            what = ("NaN/Inf" if not torch.isfinite(err2).all()
+                    else f"above {self.cfg.train.divergence_threshold}")
+            msg = (f"training diverged at step {k_bad} (t={k_bad / self.width:.4g}): "
+                   f"|Y - Ŷ| is {what}{where}; lower train.alpha (now {self.cfg.train.alpha})")
+            self.write_metrics({"status": "diverged", "steps": k_bad, "error": msg})
+            raise TrainingDiverged(msg)
+
+    def _log_train(self, now: float) -> None:
+        s0, t0 = self.last_log
+        seg = self.sq_err[s0: self.step]
+        w = self.writer
+        w.add_scalar("train/loss", 0.5 * float(seg.mean()), self.step)
+        w.add_scalar("train/running_mse", self.state.running_mse, self.step)
+        w.add_scalar("train/t", self.step / self.width, self.step)
+        if now > t0:
+            w.add_scalar("train/steps_per_s", (self.step - s0) / (now - t0), self.step)
+
+    def interrupt(self, signum: int) -> TrainingInterrupted:
+        """A signal: checkpoint the current state (a step boundary) and record why."""
+        if self.chunk is not None:
+            self.record()
+        name = signal.Signals(signum).name
+        path = (self.save(self.run_dir / "checkpoints" / f"step_{self.step:09d}.pt")
+                if self.run_dir is not None else None)
+        msg = (f"stopped by {name} at step {self.step} of {self.n_steps}"
+               + (f"; the state is saved in {path}. To continue, {self.resume_hint}"
+                  if path is not None else ""))
+        self.write_metrics({"status": "interrupted", "steps": self.step, "signal": name,
+                            "checkpoint": str(path), "error": msg})
+        self.error = msg
+        return TrainingInterrupted(msg, signum=signum, step=self.step, checkpoint=path)
+
+    def abort(self, exc: BaseException, status: str) -> None:
+        """This member stops on ``exc``: callbacks end (divergence, signal), the event file
+        closes, and a failure is recorded in metrics.json."""
+        if isinstance(exc, (TrainingDiverged, TrainingInterrupted)):
+            for cb in self.callbacks:
+                try:
+                    cb.on_train_end(self.state)
+                except Exception as err:  # never mask the divergence message
+                    print(f"warning: callback {cb.name} failed at shutdown: {err}",
+                          file=sys.stderr)
+        self.writer.close()
+        if status == "failed":
+            self.write_metrics({"status": "failed", "steps": self.step, "error": str(exc)})
+        self.status, self.error = status, self.error or str(exc)
+        self.chunk = self.stream = None
+
+    def end(self, info: dict) -> dict:
+        """The run completed: callbacks end, ``final.pt``, HParams, ``metrics.json``. ``info``:
+        what the trainer adds (backend, gradient mode)."""
+        wall = time.perf_counter() - self.t_start
+        st = self.state
+        st.step, st.running_mse = self.step, self.running_mse()
+        for cb in self.callbacks:
+            cb.on_train_end(st)
+        if self.run_dir is not None:
+            self.save(self.run_dir / "checkpoints" / "final.pt")
+        metrics = {
+            "status": "completed",
+            "steps": self.step,
+            "t": self.step / self.width,
+            "running_mse": st.running_mse,
+            "final_loss": 0.5 * float(self.sq_err[self.step - 1]),
+            "wall_s": wall,
+            "steps_per_s": (self.step - self.start_step) / wall if wall > 0 else float("nan"),
+            "callback_s": self.t_cb,
+            **info,
+            **({"resumed_from_step": self.start_step} if self.resumed_from is not None else {}),
+            **{k: v for k, v in st.metrics.items() if not k.startswith("_")},
+        }
+        if self.writer.writes_files:  # (the same HParams with or without a resume)
+            write_hparams(self.writer.open(), self.cfg,
+                          {k: v for k, v in metrics.items()
+                           if k != "resumed_from_step" and isinstance(v, (int, float))})
+        self.writer.close()
+        self.write_metrics(metrics)
+        self.status, self.metrics, self.chunk, self.stream = "completed", metrics, None, None
+        return metrics

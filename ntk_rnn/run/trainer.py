@@ -1,0 +1,491 @@
+"""The training loop: online SGD along one long ergodic sequence (theory §3), for E >= 1 networks.
+
+    from ntk_rnn import MeanFieldRNN, Trainer, NTKCallback
+    from ntk_rnn.data import VAR1
+    trainer = Trainer(model=MeanFieldRNN(input_dim=1, width=256), data=VAR1(), alpha=4.0,
+                      horizon=2.0, callbacks=[NTKCallback(every_n_steps=64)], seed=0)
+    metrics = trainer.fit()                    # the metrics.json dict
+    trainer.history["ntk/drift_from_init"]     # [(step, value), ...]
+
+Each step k reads (X_k, Y_k), predicts Ŷ_k with the current θ, then moves every parameter at once:
+
+    θ ← θ + α_N (Y_k − Ŷ_k) ∂Ŷ_k/∂θ,     α_N = α N^{2β−2},     t = k / N,
+
+with ∂Ŷ_k/∂θ exact by RTRL (Models D and F: ``N^{-β} (S, c P, c Q)``, see
+:mod:`ntk_rnn.online.rtrl`) or truncated. The stepper runs many steps per call (a compiled
+kernel); the loop stops it at every event — a log point, a callback, the end of a chunk of the
+stream — where errors are recorded and callbacks see the state.
+
+A run is determined by its config and seed: θ_0 is drawn from the seed's model stream whichever
+way the model was built, so the same settings from the CLI and from Python give the same numbers.
+With ``ensemble_size`` E > 1 member e is exactly the single run with seed + e, each in
+``<run_dir>/member_{e:03d}/``, all moved by one batched stepper; ``ensemble.json`` sums them up.
+``run_dir=None`` writes nothing (no event file, config, checkpoint or metrics.json).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ..callbacks.base import Callback
+from ..callbacks.progress import ProgressCallback
+from ..data.base import source_name
+from ..errors import ConfigError, TrainingDiverged
+from ..models.mean_field import MeanFieldRNN
+from ..online.ensemble import EnsembleStepper
+from ..online.fast import FastStepper
+from ..online.rtrl import OnlineState, ReferenceStepper
+from .build import (
+    build_callbacks,
+    build_model,
+    build_source,
+    describe,
+    member_config,
+    member_dir,
+    model_node,
+    run_seeds,
+    seed_model,
+)
+from .config import Config, num_steps, opt, validate
+from .member import Member
+from .signals import StopSignals, TrainingInterrupted
+
+
+class EnsembleIncomplete(TrainingDiverged):
+    """Some members diverged or failed; the others completed (their results are written)."""
+
+
+class Trainer:
+    """Online SGD for E >= 1 networks (see the module docstring).
+
+    Python: ``Trainer(model=..., data=..., alpha=..., horizon=..., callbacks=[...], seed=0,
+    run_dir=None, ensemble_size=1, ...)``: any other keyword is a ``train.*`` setting of
+    :class:`~ntk_rnn.run.config.TrainConfig` (its defaults apply). The CLI calls
+    :meth:`from_config`. Nothing is written before every member is built and checked.
+    """
+
+    def __init__(self, model: torch.nn.Module | None = None, data: Any = None, *,
+                 callbacks: Sequence[Callback] = (), seed: int = 0,
+                 data_seed: Optional[int] = None, run_dir: str | Path | None = None,
+                 tensorboard: bool = True, _cfg: Any = None, **train: Any) -> None:
+        if _cfg is None:  # the Python API: a config describing the objects given
+            if model is None or data is None:
+                raise ConfigError("Trainer needs model= and data= (or Trainer.from_config(cfg))")
+            _cfg = python_config(model, data, callbacks, seed, data_seed, tensorboard, train)
+            models, source, cbs = model, data, list(callbacks)
+        else:
+            models = source = cbs = None
+        self.cfg = cfg = _cfg
+        validate(cfg)  # nothing is written before the whole run is built and checked
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.E = int(opt(cfg.train, "ensemble_size", 1))
+        self.gradient = str(cfg.train.gradient)
+        self.backend_asked = str(opt(cfg.train, "backend", "auto"))
+        self.members: list[Member] = []
+        for e in range(self.E):
+            cfg_e = member_config(cfg, e) if self.E > 1 else cfg
+            dir_e = (None if self.run_dir is None else
+                     self.run_dir / member_dir(e) if self.E > 1 else self.run_dir)
+            self.members.append(self._member(e, cfg_e, dir_e, source, models, cbs))
+        self._check_resume_mode()
+        self.stepper: Any = None
+        self._stepper_ids: list[int] = []
+        self.network_steps, self.stepper_s, self.wall_s = 0, 0.0, 0.0
+        self.status = "pending"
+        # one progress bar for the ensemble instead of one per member
+        self.progress = [cb for cb in self.members[0].callbacks if isinstance(cb, ProgressCallback)]
+        if self.E > 1:
+            for m in self.members:
+                m.callbacks = [cb for cb in m.callbacks if not isinstance(cb, ProgressCallback)]
+
+    @classmethod
+    def from_config(cls, cfg: Any, run_dir: str | Path | None) -> Trainer:
+        """The run a composed config describes (what ``python -m ntk_rnn.train`` does)."""
+        if not isinstance(cfg, DictConfig):
+            cfg = OmegaConf.structured(cfg)
+        return cls(_cfg=cfg, run_dir=run_dir)
+
+    # --- building -----------------------------------------------------------------------
+    def _member(self, e: int, cfg: Any, run_dir: Optional[Path], source: Any, model: Any,
+                callbacks: Optional[list]) -> Member:
+        seeds = run_seeds(cfg)
+        if model is None:  # from the config
+            source = build_source(cfg.data)
+            model = build_model(cfg, source.input_dim, seeds["model"])
+            callbacks = build_callbacks(cfg)
+        else:  # Python objects: member 0 uses them, the others deep copies (θ_0 from the seed)
+            source = build_source(source) if e == 0 else source
+            model = model if e == 0 else copy.deepcopy(model)
+            seed_model(model, seeds["model"], cfg.dtype, cfg.device)
+            callbacks = callbacks if e == 0 else copy.deepcopy(callbacks)
+            for i, cb in enumerate(callbacks):
+                if not isinstance(cb, Callback):
+                    raise ConfigError(f"callbacks[{i}] is a {type(cb).__name__}, not an "
+                                      "ntk_rnn.callbacks.Callback")
+                cb.name = cb.name if cb.name != "callback" else type(cb).__name__.lower()
+        complete_model_config(cfg, model)
+        if not isinstance(model, MeanFieldRNN):
+            raise ConfigError(f"model._target_={type(model).__qualname__}: this version trains "
+                              "MeanFieldRNN (model=diagonal|feedback) only")
+        n_steps = num_steps(cfg, width=int(getattr(model, "width", 0)) or None)
+        available = getattr(source, "num_steps", None)
+        if available is not None and n_steps > available:
+            hint = ("set data.cycle=true" if not getattr(source, "cycle", False)
+                    else "the source cannot supply more")
+            raise ConfigError(
+                f"train: the run needs {n_steps} steps but data ({source_name(source)}) holds "
+                f"{available}; lower train.horizon/train.steps or {hint}")
+        online = OnlineState.zeros(model)
+        lr = model.learning_rate(cfg.train.alpha)
+        return Member(e, cfg, run_dir, source, model, online, lr, callbacks, seeds, n_steps)
+
+    def _check_resume_mode(self) -> None:
+        mode = opt(self.cfg.train, "resume", False)
+        if self.E > 1 and mode not in (False, None) and self.run_dir is not None and \
+                (self.run_dir / "checkpoints").is_dir():
+            raise ConfigError(f"train.resume: {self.run_dir} holds a single run (checkpoints/), "
+                              f"not an ensemble; resume it without train.ensemble_size={self.E}")
+        for m in self.members:
+            m.resume(mode)
+            if self.E > 1:
+                m.resume_hint = (f"run the ensemble's command again with train.resume=true and "
+                                 f"hydra.run.dir={self.run_dir}")
+
+    # --- what a notebook reads ------------------------------------------------------------
+    @property
+    def model(self) -> torch.nn.Module:
+        """The network of a single run (member 0 of an ensemble)."""
+        return self.members[0].model
+
+    @property
+    def step(self) -> int:
+        """Steps done (member 0 of an ensemble)."""
+        return self.members[0].step
+
+    @property
+    def n_steps(self) -> int:
+        return self.members[0].n_steps
+
+    @property
+    def online(self) -> Any:
+        """The online gradient state (RTRL's S, P, Q; member 0)."""
+        return self.members[0].online
+
+    @property
+    def sq_err(self) -> torch.Tensor:
+        """(Y_k − Ŷ_k)² of every step done (member 0)."""
+        return self.members[0].sq_err
+
+    @property
+    def callbacks(self) -> list[Callback]:
+        return self.members[0].callbacks
+
+    @property
+    def history(self) -> dict[str, list[tuple[int, float]]]:
+        """Every scalar logged: tag -> [(step, value), ...] (member 0 of an ensemble; each
+        member's is ``trainer.members[e].history``)."""
+        return self.members[0].history
+
+    @property
+    def active(self) -> list[Member]:
+        return [m for m in self.members if m.status == "running"]
+
+    # --- the loop -----------------------------------------------------------------------
+    def fit(self) -> dict:
+        """Train to the end of the horizon; returns metrics.json's dict (E = 1) or the
+        ensemble's summary (E > 1)."""
+        for m in self.members:
+            if m.completed is not None:  # resumed after it completed: nothing to redo
+                m.status, m.metrics = "completed", dict(m.completed)
+        if all(m.status == "completed" for m in self.members):
+            return self._finished()
+        self.status = "running"
+        self._write_summary()
+        t0, bar = time.perf_counter(), None
+        with StopSignals() as stop:  # SIGTERM/SIGINT: checkpoint at the next boundary, then stop
+            try:
+                for m in self.members:
+                    if m.status == "pending":
+                        m.begin()
+                self._open_streams()
+                bar = self._progress_bar()
+                while self._refill():  # each member's next chunk of the stream; ends finish here
+                    if stop.signum is not None:
+                        self._interrupt(stop.signum)
+                    active = self.active
+                    L = min(m.steps_to_event() for m in active)
+                    # L online SGD steps for every active network, in one call:
+                    #   Ŷ_k = f_θ(X_k);  θ ← θ + α_N (Y_k − Ŷ_k) ∂Ŷ_k/∂θ
+                    ts = time.perf_counter()
+                    self._run_segment(active, L)
+                    self.stepper_s += time.perf_counter() - ts
+                    self.network_steps += L * len(active)
+                    for m in active:  # errors, divergence, logs and callbacks at events
+                        try:
+                            m.advance(L)
+                        except TrainingDiverged as exc:
+                            self._drop(m, "diverged", exc)
+                    if bar is not None:
+                        self._update_bar(bar)
+            except BaseException as exc:
+                status = "interrupted" if isinstance(exc, TrainingInterrupted) else "failed"
+                for m in self.active:
+                    m.abort(exc, "interrupted" if status == "interrupted" else "aborted")
+                self.status, self.wall_s = status, time.perf_counter() - t0
+                self._write_summary()
+                raise
+            finally:
+                if bar is not None:
+                    bar.close()
+        self.wall_s = time.perf_counter() - t0
+        return self._finished()
+
+    def _finished(self) -> dict:
+        done = [m for m in self.members if m.status == "completed"]
+        self.status = "completed" if len(done) == self.E else "incomplete"
+        if self.E == 1:
+            return self.members[0].metrics
+        summary = self._write_summary()
+        if self.status != "completed":
+            bad = [m for m in self.members if m.status != "completed"]
+            shown = "; ".join(f"{member_dir(m.e)} {m.status}: {m.error}" for m in bad[:3])
+            where = f" (see {self.run_dir / 'ensemble.json'})" if self.run_dir else ""
+            raise EnsembleIncomplete(f"{len(bad)} of {self.E} members did not complete, the "
+                                     f"others did{where}: {shown}")
+        return summary
+
+    def _open_streams(self) -> None:
+        """Each member's stream from its step; members that read the same stream from the same
+        step (a shared stream) share one generator (``itertools.tee``)."""
+        groups: dict[tuple, list[Member]] = {}
+        for m in self.active:
+            groups.setdefault((m.seeds["data"], m.step), []).append(m)
+        for ms in groups.values():
+            its = itertools.tee(ms[0].open_stream(), len(ms))
+            for m, it in zip(ms, its, strict=True):
+                m.stream = it
+
+    def _refill(self) -> bool:
+        """A member whose chunk is done gets its next one, or ends (its last step); a data error
+        fails that member alone. False when no member is left running."""
+        for m in self.active:
+            if m.chunk is not None and not m.chunk.done:
+                continue
+            if m.step < m.n_steps:
+                try:
+                    X, Y = next(m.stream)
+                except StopIteration:
+                    self._drop(m, "failed", ConfigError(
+                        f"data: the stream ended at step {m.step}; the run needs {m.n_steps}"))
+                    continue
+                except ConfigError as exc:
+                    self._drop(m, "failed", exc)
+                    continue
+                m.start_chunk(X, Y)
+                continue
+            m.end(self._run_info())
+        return bool(self.active)
+
+    def _run_info(self) -> dict:
+        return {"backend": self.backend, "gradient": self.gradient}
+
+    @property
+    def backend(self) -> str:
+        """The stepper that ran: 'kernel' (compiled C), 'eager', 'graphs' or 'reference'."""
+        if self.backend_asked == "reference":
+            return "reference"
+        return self.stepper.backend if self.stepper is not None else self.backend_asked
+
+    def _drop(self, m: Member, status: str, exc: BaseException) -> None:
+        """Member m stops (its metrics.json says why; a diverged one keeps last_good.pt)."""
+        m.abort(exc, status)
+        if self.E == 1:
+            raise exc
+        print(f"ntk_rnn: {member_dir(m.e)} (seed {m.seed}) {status}: {exc}", file=sys.stderr)
+
+    def _run_segment(self, active: list[Member], L: int) -> None:
+        """Steps j..j+L of every active member's chunk, as one stepper call."""
+        if self.backend_asked == "reference":  # one network, one rtrl_step at a time
+            for m in active:
+                c, j = m.chunk, m.chunk.j
+                ReferenceStepper(m.model, m.online, m.lr, self.gradient).run_chunk(
+                    c.X[j:j + L], c.Y[j:j + L], out=c.y_hat[j:j + L])
+            return
+        stepper = self._stepper(active)
+        if len(active) == 1 and isinstance(stepper, FastStepper):
+            c, j = active[0].chunk, active[0].chunk.j
+            stepper.run_chunk(c.X[j:j + L], c.Y[j:j + L], out=c.y_hat[j:j + L])
+            return
+        c0, j0 = active[0].chunk, active[0].chunk.j
+        same = all(m.chunk.j == j0 and m.chunk.X.data_ptr() == c0.X.data_ptr() and
+                   m.chunk.Y.data_ptr() == c0.Y.data_ptr() for m in active)
+        if same:  # one shared stream at the same place: X (L, d), Y (L,)
+            X, Y = c0.X[j0:j0 + L], c0.Y[j0:j0 + L]
+        else:
+            X = torch.stack([m.chunk.X[m.chunk.j:m.chunk.j + L] for m in active])
+            Y = torch.stack([m.chunk.Y[m.chunk.j:m.chunk.j + L] for m in active])
+        out = torch.empty(len(active), L, dtype=c0.y_hat.dtype, device=c0.y_hat.device)
+        stepper.run_chunk(X, Y, out=out)
+        for i, m in enumerate(active):
+            m.chunk.y_hat[m.chunk.j:m.chunk.j + L] = out[i]
+
+    def _stepper(self, active: list[Member]) -> Any:
+        """The stepper of the active members (rebuilt when one leaves). E = 1: FastStepper on the
+        model's own tensors; E > 1: the batched EnsembleStepper, whose stacked buffers the
+        members' parameters and online states become views of."""
+        ids = [m.e for m in active]
+        if self.stepper is None or ids != self._stepper_ids:
+            if self.E == 1:
+                m = active[0]
+                self.stepper = FastStepper(m.model, m.lr, self.gradient, state=m.online,
+                                           backend=self.backend_asked)
+            else:
+                # one thread: segments between events are short, and a thread per call costs
+                # more than it saves there
+                self.stepper = EnsembleStepper(
+                    [m.model for m in active], lr=[m.lr for m in active], gradient=self.gradient,
+                    states=[m.online for m in active], backend=self.backend_asked, bind=True,
+                    threads=1)
+            self._stepper_ids = ids
+        return self.stepper
+
+    def _interrupt(self, signum: int) -> None:
+        """A signal: every active member checkpoints its current step and records why."""
+        errs = []
+        for m in self.active:
+            try:
+                errs.append(m.interrupt(signum))
+            except TrainingDiverged as exc:
+                self._drop(m, "diverged", exc)
+        if self.E == 1 and errs:
+            raise errs[0]
+        steps = [e.step for e in errs]
+        raise TrainingInterrupted(
+            f"stopped by {signal.Signals(signum).name}; {len(steps)} members saved their state at step "
+            f"{min(steps) if steps else '-'} in {self.run_dir}/member_*/checkpoints. To continue, "
+            f"run the same command again with train.resume=true and hydra.run.dir={self.run_dir}",
+            signum=signum, step=min(steps) if steps else -1, checkpoint=None)
+
+    # --- progress and the ensemble's summary ----------------------------------------------
+    def _progress_bar(self) -> Any:
+        if self.E == 1 or not self.progress:  # a single run: its own ProgressCallback
+            return None
+        from tqdm.auto import tqdm
+
+        steps = [m.step for m in self.active]
+        n = self.members[0].n_steps
+        return tqdm(total=n, initial=min(steps) if steps else n, unit="step",
+                    file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+
+    def _update_bar(self, bar: Any) -> None:
+        active = self.active
+        if not active:
+            return
+        bar.update(min(m.step for m in active) - bar.n)
+        mse = [m.state.running_mse for m in active]
+        bar.set_postfix(members=f"{len(active)}/{self.E}",
+                        mse=f"{sum(mse) / len(mse):.4g}", refresh=False)
+
+    def summary(self) -> dict:
+        """The ensemble's summary (``ensemble.json``): status and metrics of every member."""
+        members = []
+        for m in self.members:
+            row = {"member": m.e, "dir": member_dir(m.e), "seed": m.seed,
+                   "data_seed": opt(m.cfg, "data_seed"), "status": m.status,
+                   "steps": m.metrics.get("steps", m.step)}
+            for k in ("running_mse", "final_loss", "ntk_drift_from_init",
+                      "ntk_distance_to_limit"):
+                if k in m.metrics:
+                    row[k] = m.metrics[k]
+            if m.error:
+                row["error"] = m.error
+            members.append(row)
+        done = [r["running_mse"] for r in members
+                if r["status"] == "completed" and isinstance(r.get("running_mse"), float)]
+        counts: dict[str, int] = {}
+        for r in members:
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        wall = self.wall_s
+        return {
+            "status": self.status,
+            "ensemble_size": self.E,
+            "seeds": [r["seed"] for r in members],
+            "shared_stream": bool(opt(self.cfg.train, "shared_stream", False)),
+            "data_seeds": [r["data_seed"] for r in members],
+            "steps": self.members[0].n_steps,
+            "wall_s": wall,
+            "network_steps": self.network_steps,
+            "network_steps_per_s": self.network_steps / wall if wall > 0 else None,
+            "stepper_s": self.stepper_s,
+            "stepper_network_steps_per_s": (self.network_steps / self.stepper_s
+                                            if self.stepper_s > 0 else None),
+            "backend": self.backend,
+            "gradient": self.gradient,
+            "threads": 1,
+            "counts": counts,
+            "running_mse": sum(done) / len(done) if done else None,  # mean over completed
+            "members": members,
+        }
+
+    def _write_summary(self) -> dict:
+        s = self.summary()
+        if self.E == 1 or self.run_dir is None:
+            return s
+        if self.status == "completed" and all(m.completed is not None for m in self.members):
+            try:  # resumed after everything completed: the summary on disk stands
+                done = json.loads((self.run_dir / "ensemble.json").read_text())
+                if done.get("status") == "completed" and done.get("ensemble_size") == self.E:
+                    return done
+            except (OSError, ValueError):
+                pass
+        clean = json.loads(json.dumps(s, default=float), parse_constant=lambda _: None)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / "ensemble.json"
+        tmp = path.with_name(".ensemble.json.tmp")
+        tmp.write_text(json.dumps(clean, indent=2))
+        tmp.replace(path)
+        return s
+
+
+def complete_model_config(cfg: DictConfig, model: torch.nn.Module) -> None:
+    """Fill ``cfg.model`` with every setting of the built model (the class defaults a preset did
+    not set), so config.yaml, HParams and callbacks see the whole model."""
+    full = OmegaConf.merge(OmegaConf.create(model_node(model)), cfg.model)
+    with open_dict(cfg):
+        cfg.model = full
+
+
+def python_config(model: Any, data: Any, callbacks: Iterable[Callback], seed: int,
+                  data_seed: Optional[int], tensorboard: bool, train: dict) -> DictConfig:
+    """The config a Python-built run is described by (config.yaml, HParams, resume checks):
+    the schema's defaults, ``train`` overrides, and the objects' own settings."""
+    cfg = OmegaConf.structured(Config)
+    known = set(cfg.train.keys())
+    unknown = sorted(set(train) - known)
+    if unknown:
+        raise ConfigError(f"Trainer got unknown settings {unknown}; train settings are "
+                          f"{sorted(known)}")
+    p = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    dtype = {torch.float32: "float32", torch.float64: "float64"}.get(
+        p.dtype if p is not None else torch.float32, "float32")
+    with open_dict(cfg):
+        cfg.model = model_node(model)
+        cfg.data = describe(data)
+        cfg.callbacks = {(cb.name if cb.name != "callback" else type(cb).__name__.lower()):
+                         describe(cb) for cb in callbacks}
+        cfg.seed, cfg.data_seed = int(seed), data_seed
+        cfg.dtype, cfg.device = dtype, str(p.device) if p is not None else "cpu"
+        cfg.logger.tensorboard = bool(tensorboard)
+        for k, v in train.items():
+            cfg.train[k] = v
+    return cfg
