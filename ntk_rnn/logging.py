@@ -143,34 +143,25 @@ def hydra_swept() -> tuple[Optional[list[str]], Optional[set[str]]]:
         task = list(hc.overrides.task)
     except Exception:
         return None, None
-    varying = None
-    try:
-        import yaml
-
-        sweep = yaml.safe_load((Path(hc.sweep.dir) / "multirun.yaml").read_text()) or {}
-        items = sweep["hydra"]["overrides"]["task"]
-        varying = {k for k, v in parse_swept(items).items() if v is not None and _sweep_pattern(v)}
-    except Exception:
-        pass
-    return task, varying
+    return task, _varying_in(hc.sweep.dir)
 
 
 def hparams_layout(cfg: Any, metrics: dict[str, Any], swept: Optional[Iterable[str]] = None,
                    varying: Optional[set[str]] = None) -> tuple[list, dict[str, Any], list]:
     """(HParamInfo list, name → value, MetricInfo list) of a run.
 
-    The hparams are the overridden keys of a sweep (``swept``) then width, β, α, gradient, seed
-    and horizon; the keys that vary across the sweep's jobs (``varying``; all of ``swept`` when
-    None) are marked ``differs``, which TensorBoard lists first (then by name, the config key);
-    the HParams tab shows the first five hparams and the first five metrics by default. Constant
-    settings (activation, data, dtype, ...) are left out unless overridden."""
+    The hparams are the keys a sweep varies, marked ``differs`` (``varying``; when None, every
+    key of ``swept``, the sweep's overrides), then width, β, α, gradient, seed and horizon.
+    TensorBoard lists ``differs`` first (then by name, the config key) and its HParams tab shows
+    the first five hparams and the first five metrics by default. Constants (activation, data,
+    dtype, an override every job shares, ...) are left out."""
     from tensorboard.plugins.hparams import api_pb2
 
     ov = parse_swept(swept)
-    differs = set(ov) if varying is None else (set(ov) & set(varying)) | (set(varying) - set(ov))
+    differs = set(ov) if varying is None else set(varying)
     values = run_hparams(cfg, metrics)
     names = {k: (n, d) for k, n, d in MAIN_HPARAMS}
-    for key in list(ov) + sorted(set(differs) - set(ov)):
+    for key in sorted(differs):
         if key not in values:
             values[key] = _hparam_value(_select(cfg, key), ov.get(key))
     infos = []
@@ -213,9 +204,9 @@ def write_hparams(writer: SummaryWriter, cfg: Any, metrics: dict[str, Any],
     varying = None
     if swept is None:
         swept, varying = hydra_swept()
-    elif any("=" in str(s) for s in swept):
+    else:  # the CLI's task overrides: Hydra's multirun.yaml says which of them vary
         _, varying = hydra_swept()
-        if varying is not None and not set(parse_swept(swept)) & varying:
+        if varying is not None and not set(parse_swept(swept)) >= varying:
             varying = None  # another sweep's file: trust ``swept``
     infos, values, mets = hparams_layout(cfg, metrics, swept, varying)
     now = time.time()
@@ -242,22 +233,47 @@ def write_hparams(writer: SummaryWriter, cfg: Any, metrics: dict[str, Any],
     writer.flush()
 
 
-def trial_name(override_dirname: str) -> str:
-    """A short job directory name from Hydra's ``override_dirname``:
-    ``model.width=32,seed=0,train.horizon=1`` → ``width=32,seed=0,horizon=1`` (each key's last
-    component). Meant as an OmegaConf resolver for ``hydra.sweep.subdir`` (see
-    :func:`register_resolvers`)."""
+def _varying_in(sweep_dir: Any) -> Optional[set[str]]:
+    """The keys the sweep in ``sweep_dir`` varies (its ``multirun.yaml``); None if unreadable."""
+    try:
+        import yaml
+
+        sweep = yaml.safe_load((Path(str(sweep_dir)) / "multirun.yaml").read_text()) or {}
+        items = sweep["hydra"]["overrides"]["task"]
+        return {k for k, v in parse_swept(items).items() if v is not None and _sweep_pattern(v)}
+    except Exception:
+        return None
+
+
+def trial_name(*args: Any) -> str:
+    """A short job directory name (Hydra ``hydra.sweep.subdir``, through the OmegaConf resolver
+    ``ntk_trial``): ``trial_name([sweep_dir,] override_dirname)``. Each key is cut to its last
+    component and, when ``<sweep_dir>/multirun.yaml`` says which keys the sweep varies, only those
+    are kept: with ``-m model.width=32,64 seed=0,1 train.horizon=1``,
+    ``model.width=32,seed=0,train.horizon=1`` → ``width=32,seed=0``. In conf/config.yaml::
+
+        subdir: ${hydra.job.num}_${ntk_trial:${hydra.sweep.dir},${hydra.job.override_dirname}}
+    """
+    *rest, override_dirname = args
+    varying = _varying_in(rest[0]) if rest else None
     parts = []
     for item in str(override_dirname).split(","):
         key, eq, value = item.partition("=")
-        parts.append(f"{key.lstrip('+~').rsplit('.', 1)[-1]}{eq}{value}" if eq else item)
-    return ",".join(parts)
+        key = key.lstrip("+~")
+        if eq and varying is not None and key not in varying:
+            continue
+        parts.append(f"{key.rsplit('.', 1)[-1]}={value}" if eq else item)
+    return ",".join(parts) or "job"
 
 
 def register_resolvers() -> None:
-    """``${ntk_trial:${hydra.job.override_dirname}}`` → :func:`trial_name` (idempotent)."""
+    """``${ntk_trial:...}`` → :func:`trial_name` (idempotent; done when this module is imported,
+    which ``python -m ntk_rnn.train`` does before Hydra composes its config)."""
     if not OmegaConf.has_resolver("ntk_trial"):
         OmegaConf.register_new_resolver("ntk_trial", trial_name)
+
+
+register_resolvers()
 
 
 # --- custom scalars ---------------------------------------------------------------------------

@@ -77,15 +77,20 @@ def test_hydra_callback_plots_at_the_end_of_a_multirun(tmp_path):
     assert (d / sweep.PLOT_PNG).exists() and (d / "summary.csv").exists()
 
 
+SUBDIR = "${hydra.job.num}_${ntk_trial:${hydra.sweep.dir},${hydra.job.override_dirname}}"
+
+
 def test_cli_sweep_hparams_mark_what_varies(tmp_path):
     d = tmp_path / "sw"
     r = run_cli("-m", "model.width=8,16", "train.steps=16", "callbacks=[ntk]",
                 "callbacks.ntk.every_n_steps=8", "callbacks.ntk.n_probes=4",
                 "callbacks.ntk.probe_length=4", "callbacks.ntk.limit=false",
-                "callbacks.ntk.top_k=2", "seed=3", f"hydra.sweep.dir={d}")
+                "callbacks.ntk.top_k=2", "seed=3", f"hydra.sweep.dir={d}",
+                f"hydra.sweep.subdir='{SUBDIR}'")  # short trial names: the swept values only
     assert r.returncode == 0, r.stderr[-2000:]
     jobs = sweep.collect(d)
     assert [j.status for j in jobs] == ["completed", "completed"]
+    assert [Path(j.dir).name for j in jobs] == ["0_width=8", "1_width=16"]
     ea = EventAccumulator(jobs[1].dir)
     ea.Reload()
     exp = plugin_data_pb2.HParamsPluginData.FromString(
@@ -93,6 +98,6 @@ def test_cli_sweep_hparams_mark_what_varies(tmp_path):
     infos = [(h.display_name, h.differs) for h in exp.hparam_infos]
     # swept first (differs), then the other overrides and width, β, α, gradient, seed, horizon
     assert infos[0] == ("width", True)
-    assert ("seed", False) in infos and ("steps", False) in infos
+    assert ("seed", False) in infos and "steps" not in dict(infos)  # a shared override
     assert [m.name.tag for m in exp.metric_infos] == ["ntk/drift_from_init", "train/running_mse"]
     assert sweep.plot_sweep(d).exists()
