@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from ntk_rnn import ConfigError, MeanFieldRNN, fast
+from ntk_rnn import ConfigError, MeanFieldRNN
 from ntk_rnn.ntk import (
     choose_method,
     empirical_ntk,
@@ -197,6 +197,129 @@ def test_frozen_parameters_are_excluded():
         assert rel(empirical_ntk(rnn_, x, x2, method=method), K_fd) < 1e-7
 
 
+# --- every method on every kind of model: vs finite differences and vs each other -------------
+class TorchRNN(nn.Module):
+    """nn.RNN / nn.GRU with a linear read-out, (B, L, d) → (B, L, 1), as a user would write it
+    (no initial state: nn.RNN's own zero state does not batch under vmap — the engine falls back
+    to a loop, with a warning; ``h0_from_input`` is the vmap-friendly way)."""
+
+    def __init__(self, cell, d: int, H: int, h0_from_input: bool = False):
+        super().__init__()
+        torch.manual_seed(1)
+        self.rnn = cell(d, H, batch_first=True, dtype=F64)
+        self.out = nn.Linear(H, 1, dtype=F64)
+        self.h0_from_input = h0_from_input
+
+    def forward(self, x):
+        h0 = None
+        if self.h0_from_input:
+            h0 = torch.zeros_like(x[:, :1, :1]).expand(-1, -1, self.rnn.hidden_size)
+            h0 = h0.transpose(0, 1).contiguous()
+        return self.out(self.rnn(x, h0)[0])
+
+
+def model_zoo():
+    """name → (model, d, L): MeanFieldRNN D and F, an MLP, nn.RNN, nn.GRU, a user Elman loop."""
+    return {
+        "mean_field_D": (rnn(N=6, d=3), 3, 5),
+        "mean_field_F": (MeanFieldRNN(3, 6, beta=0.7, recurrence="feedback", dtype=F64,
+                                      seed=2), 3, 5),
+        "mlp": (MLP(5, 2), 2, 5),
+        "nn_rnn": (TorchRNN(nn.RNN, 2, 4), 2, 5),
+        "nn_gru": (TorchRNN(nn.GRU, 2, 3, h0_from_input=True), 2, 5),
+        "elman": (Elman(d=2, H=4), 2, 5),
+    }
+
+
+ZOO = list(model_zoo())
+
+
+@pytest.mark.filterwarnings("ignore:empirical NTK.*fails under torch.func.vmap")
+@pytest.mark.parametrize("name", ZOO)
+def test_every_method_vs_finite_differences_and_each_other(name):
+    model, d, L = model_zoo()[name]
+    x, x2 = windows(4, L, d, 40), windows(3, L, d, 41)
+    methods = METHODS if emp.st.supports_structured(model) else GENERIC
+    K_fd = sum(fd_blocks(model, x, x2).values())
+    Ks = {m: empirical_ntk(model, x, x2, method=m) for m in (*methods, "auto")}
+    Kxx = {m: empirical_ntk(model, x, method=m) for m in methods}
+    for m in methods:
+        assert rel(Ks[m], K_fd) < 1e-7, m  # central differences, h = 1e-6: O(h²) + round-off
+        assert rel(Ks[m], Ks[methods[0]]) <= 1e-10, m
+        assert rel(Kxx[m], Kxx[methods[0]]) <= 1e-10, m
+        assert torch.allclose(Kxx[m], Kxx[m].T, rtol=0, atol=1e-12), m
+        assert rel(Kxx[m][:, :3], empirical_ntk(model, x, x[:3], method=m)) <= 1e-10, m
+    assert rel(Ks["auto"], Ks[methods[0]]) <= 1e-10
+    B = ntk_blocks(model, x, x2, method=methods[-1])
+    assert rel(sum(B.values()), Ks[methods[0]]) <= 1e-10
+
+
+def test_nn_rnn_without_vmap_support_falls_back_with_a_warning():
+    model = TorchRNN(nn.RNN, 2, 3)
+    x = windows(3, 4, 2, 42)
+    with pytest.warns(RuntimeWarning, match="loop over windows"):
+        K = empirical_ntk(model, x, method="jacobian")
+    ok = TorchRNN(nn.RNN, 2, 3, h0_from_input=True)  # same weights (seeded), vmap-friendly
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert rel(empirical_ntk(ok, x, method="jacobian"), K) <= 1e-12
+
+
+@pytest.mark.parametrize("recurrence", ["diagonal", "feedback"])
+def test_forward_last_only(recurrence):
+    model = MeanFieldRNN(3, 7, recurrence=recurrence, dtype=F64, seed=3)
+    x = windows(4, 6, 3, 43)
+    y = model(x)
+    assert y.shape == (4, 6)
+    assert torch.equal(model(x, last_only=True), y[:, -1])
+    assert model(x[0], last_only=True).shape == ()
+    torch.testing.assert_close(model(x[0]), y[0], rtol=1e-14, atol=1e-15)  # (L, d): one window
+    torch.testing.assert_close(model(x[0], last_only=True), y[0, -1], rtol=1e-14, atol=1e-15)
+    # the torch.func path: no per-step indexing of a (B, L, N) tensor in the graph (each
+    # SelectBackward of it built a zero gradient of the whole tensor: O(L²) under vmap(jacrev))
+    names, stack, seen = [], [model(x, last_only=True).sum().grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            names.append(fn.name())
+            stack.extend(g for g, _ in fn.next_functions)
+    assert not [n for n in names if n.startswith("SelectBackward")], names
+
+
+@pytest.mark.parametrize("name", ["mean_field_F", "elman", "nn_gru"])
+def test_ntk_vp_chunks_of_rows_and_columns(monkeypatch, name):
+    """A budget small enough that ntk_vp works on 1-2 windows at a time gives the same K."""
+    model, d, L = model_zoo()[name]
+    x, x2 = windows(7, L, d, 44), windows(5, L, d, 45)
+    K, Kxx = (empirical_ntk(model, x, x2, method="ntk_vp"),
+              empirical_ntk(model, x, method="ntk_vp"))
+    fp = emp.footprint(model, x)
+    monkeypatch.setattr(emp, "MEMORY_BUDGET", 3 * (fp.param_bytes + fp.act_bytes))
+    assert emp._vp_chunks(fp, 7, 5, None)[1] <= 2
+    assert rel(empirical_ntk(model, x, x2, method="ntk_vp"), K) <= 1e-12
+    assert rel(empirical_ntk(model, x, method="ntk_vp"), Kxx) <= 1e-12
+    assert emp._jacobian_chunk(fp, None) == 1
+    assert rel(empirical_ntk(model, x, x2, method="jacobian"), K) <= 1e-10
+
+
+def test_footprint():
+    mlp = MLP(4, 3)  # Linear(12, 7), tanh, Linear(7, 1)
+    x = windows(2, 4, 3, 46)
+    fp = emp.footprint(mlp, x)
+    assert fp.params == 12 * 7 + 7 + 7 + 1 and fp.param_bytes == 8 * fp.params
+    matmul = 2 * 12 * 7 + 2 * 7  # the two layers' multiply-adds for one window
+    assert matmul < fp.flops <= matmul + fp.act_bytes / 8
+    assert 0 < fp.act_bytes < 1000
+    assert emp.footprint(mlp, x) is fp  # cached
+    model = rnn(N=50, d=3)
+    fp = emp.footprint(model, windows(2, 10, 3, 47))
+    assert fp.params == 50 * 5
+    assert fp.flops >= 2 * 10 * 50 * 3  # w·X_k for the 10 steps
+    assert 10 * 50 * 8 <= fp.act_bytes <= 4 * 10 * 50 * 8  # a few (N,) vectors per step
+
+
 # --- truncated training kernel -----------------------------------------------------------------
 def detached_memory_grads(model: MeanFieldRNN, xs: torch.Tensor) -> torch.Tensor:
     """Autograd through the window with S_{k−1} detached at every step: the truncated gradient."""
@@ -311,12 +434,24 @@ def test_single_window_dtype_cast_and_empty():
 def test_auto_choice(monkeypatch):
     assert choose_method(rnn(), 10) == "structured"
     mlp = MLP(4, 3)
-    assert choose_method(mlp, 10, 5) == "jacobian"
-    monkeypatch.setattr(emp, "MEMORY_BUDGET", 100)
-    assert choose_method(mlp, 10, 5) == "ntk_vp"
     x = windows(3, 4, 3, 21)
+    assert choose_method(mlp, 10, 5) == "jacobian"
+    assert choose_method(mlp, 10, 5, x=x) == "jacobian"
+    assert choose_method(MeanFieldRNN(3, 8, recurrence="feedback", dtype=F64), 10, x=x) \
+        == "jacobian"
+    costs = emp.method_costs(mlp, 10, 5, x=x)
+    assert costs["jacobian"][0] < costs["ntk_vp"][0]
+    monkeypatch.setattr(emp, "MEMORY_BUDGET", 100)  # the Jacobians do not fit: recomputed
+    costs_small = emp.method_costs(mlp, 10, 5, x=x)
+    assert costs_small["jacobian"][0] > costs["jacobian"][0]
+    assert choose_method(mlp, 10, 5) == "ntk_vp"
+    assert choose_method(mlp, 10, 5, x=x) == "ntk_vp"
     K_chunked = empirical_ntk(mlp, x, method="jacobian", chunk_size=3)
     assert rel(empirical_ntk(mlp, x), K_chunked) < 1e-12
+    # a model that uses each parameter less than once per window: ntk_vp is cheaper in FLOPs
+    big = emp.Footprint(params=10**6, param_bytes=8 * 10**6, act_bytes=800, flops=1e3)
+    monkeypatch.setattr(emp, "MEMORY_BUDGET", 2**40)
+    assert choose_method(mlp, 100, 100, fp=big) == "ntk_vp"
 
 
 # --- bad input ---------------------------------------------------------------------------------
@@ -440,9 +575,12 @@ def test_c_features_threads():
     assert torch.equal(F1, F2)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the loader's KernelFallbackWarning
 def test_c_features_fallback_without_compiler(monkeypatch):
+    from ntk_rnn.csrc import loader
     monkeypatch.setattr(_features_c, "_LIBS", {})
-    monkeypatch.setattr(fast, "_compiler", lambda: None)
+    monkeypatch.setattr(loader, "compiler", lambda: None)
+    monkeypatch.setattr(loader, "_WARNED", set())
     monkeypatch.delenv("NTK_RNN_NO_KERNEL", raising=False)
     model = rnn(N=8, d=2)
     x = windows(3, 4, 2, 34)

@@ -6,15 +6,25 @@ for windows x (n, L, d), x2 (m, L', d), an (n, m) tensor. f is the model's outpu
 of the window (per window a scalar, or a time series whose last entry is taken), θ its trainable
 parameters, frozen. Methods (``Method``):
 
-* ``"jacobian"``  — any nn.Module: per-window Jacobians ``vmap(jacrev(f))`` (torch.func), then
-  K = Σ_params J Jᵀ. Cost (n+m) backward passes + n m P; memory (chunk) × P per side.
-* ``"ntk_vp"``    — any nn.Module: NTK-vector products K v = J (J'ᵀ v) (a vjp then a jvp) on the
-  columns of the identity, ``chunk_size`` columns at a time. Memory O(chunk × P), no Jacobian
-  is stored: for when the parameter count P dwarfs the number of windows.
+* ``"jacobian"``  — any nn.Module: per-window Jacobians ``vmap(jacrev(f))`` (torch.func, the
+  PyTorch tutorial's recipe), then K = Σ_params J Jᵀ. Cost (n+m) window gradients + 2nmP;
+  memory ≈ 2·chunk·(P + A) (A: the activations one window saves for backward) + the result.
+* ``"ntk_vp"``    — any nn.Module: NTK-vector products, column j = J(x) g_j with g_j = J(x2)ᵀ e_j
+  the gradient of window j of x2 (a vjp), pushed through the windows of x by a jvp; chunks of
+  columns and of rows, so memory ≈ chunk·(P + A) + chunk·rows·A ≤ ``MEMORY_BUDGET`` (+ the
+  (n, m) result) whatever n, m and P. Cost m window gradients + n·m window jvps: for when
+  the Jacobians do not fit, not for speed.
 * ``"structured"`` — MeanFieldRNN only: per-unit features φ_i = (S_i, c_i P_i, c_i Q_i) in one
   vectorised pass, then K = (1/N) Φ Φ'ᵀ (see ``structured.py``). Cost O((n+m) N L d + n m N d).
-* ``"auto"``      — ``choose_method``: structured where available; otherwise jacobian when the
-  Jacobians of both inputs fit ``MEMORY_BUDGET`` bytes, else ntk_vp.
+* ``"auto"``      — ``choose_method``: structured where available; otherwise whichever of
+  jacobian and ntk_vp has the lower FLOP estimate (``method_costs``) given the memory budget —
+  jacobian unless its Jacobians must be recomputed so often (P huge against the budget) that
+  the n·m jvps of ntk_vp are cheaper, or the forward uses fewer FLOPs than ~2P/3 per window.
+
+Models that accept ``forward(x, last_only=True)`` (MeanFieldRNN) are asked for the last output
+only. A module that fails under ``vmap`` (e.g. nn.RNN/GRU/LSTM with their own zero initial
+state) is handled a window at a time, with a warning. ``memory_budget`` (bytes) overrides
+``MEMORY_BUDGET`` per call; kernels on probe sets too large for one call: ``ntk.large``.
 
 The model is evaluated as it is (call ``.eval()`` first for dropout/batch-norm models); windows
 must not interact inside a batch. Inputs are cast to the model's dtype; everything is computed
@@ -23,12 +33,16 @@ on the model's device.
 
 from __future__ import annotations
 
+import inspect
+import math
 import warnings
+import weakref
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, jvp, vjp, vmap
+from torch.func import functional_call, jacrev, jvp, vmap
 
 from ..errors import ConfigError
 from . import structured as st
@@ -38,7 +52,8 @@ METHODS: tuple[str, ...] = get_args(Method)
 Gradient = Literal["rtrl", "truncated"]
 GRADIENTS: tuple[str, ...] = get_args(Gradient)
 
-#: Bytes of Jacobian (or of NTK-vector-product tangents) held at once by the generic methods.
+#: Bytes of working memory (Jacobians, tangents, saved activations) the generic methods size their
+#: chunks to, besides the (n, m) result; also the threshold in ``choose_method``.
 MEMORY_BUDGET = 2**29
 
 
@@ -124,8 +139,17 @@ def _last_step(out: Tensor, n: int) -> Tensor:
     return y
 
 
-def _outputs(model: nn.Module, params: dict, buffers: dict, xs: Tensor) -> Tensor:
-    return _last_step(functional_call(model, (params, buffers), (xs,)), xs.shape[0])
+def _forward_kwargs(model: nn.Module) -> dict:
+    """{"last_only": True} when ``forward`` takes it (MeanFieldRNN: only Ŷ_L is computed)."""
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return {}
+    return {"last_only": True} if "last_only" in sig.parameters else {}
+
+
+def _outputs(model: nn.Module, params: dict, buffers: dict, xs: Tensor, kw: dict) -> Tensor:
+    return _last_step(functional_call(model, (params, buffers), (xs,), kw), xs.shape[0])
 
 
 def _check_chunk(chunk_size: object) -> None:
@@ -135,33 +159,195 @@ def _check_chunk(chunk_size: object) -> None:
         raise ConfigError(f"chunk_size={chunk_size!r} must be a positive integer or None")
 
 
-def _auto_chunk(n_params: int, itemsize: int, chunk_size: int | None) -> int:
+@dataclass(frozen=True)
+class Footprint:
+    """Per-window cost of a model for the generic methods, measured on one window.
+
+    ``params``: trainable parameter count P; ``param_bytes``: P × itemsize; ``act_bytes`` A: bytes
+    of the activations the forward saves for backward (``saved_tensors_hooks``; parameters and
+    buffers excluded) — the reverse-mode memory per window, and our proxy for the tangents a jvp
+    keeps alive; ``flops`` F: the forward's matmul FLOPs read off the autograd graph (mm, addmm,
+    bmm, baddbmm, mv, dot, convolution) plus one per saved activation entry (elementwise work).
+    """
+
+    params: int
+    param_bytes: int
+    act_bytes: int
+    flops: float
+
+
+_MATMUL_OPERANDS = {  # autograd node name prefix → (first, second operand) attribute stems
+    "MmBackward": ("self", "mat2"), "BmmBackward": ("self", "mat2"),
+    "AddmmBackward": ("mat1", "mat2"), "BaddbmmBackward": ("batch1", "batch2"),
+    "MvBackward": ("self", "vec"), "DotBackward": ("self", "tensor"),
+}
+
+
+def _saved_shape(fn: object, stem: str) -> tuple[int, ...] | None:
+    for attr in (f"_saved_{stem}_sym_sizes", f"_saved_{stem}"):
+        try:
+            v = getattr(fn, attr)
+        except (AttributeError, RuntimeError):
+            continue
+        if isinstance(v, Tensor):
+            return tuple(v.shape)
+        if v is not None:
+            return tuple(int(s) for s in v)
+    return None
+
+
+def _node_flops(fn: object) -> float:
+    """Multiply-add FLOPs of one autograd node's forward op (0 for non-matmul ops)."""
+    name = fn.name()
+    for prefix, (a, b) in _MATMUL_OPERANDS.items():
+        if name.startswith(prefix):
+            sa, sb = _saved_shape(fn, a), _saved_shape(fn, b)
+            if sa is None:
+                return 0.0
+            cols = sb[-1] if sb is not None and len(sb) >= 2 else 1
+            return 2.0 * math.prod(sa) * cols
+    if name.startswith("ConvolutionBackward"):  # ≈ 2 |weight| × output positions (stride 1)
+        sw, sx = _saved_shape(fn, "weight"), _saved_shape(fn, "input")
+        if sw is None or sx is None:
+            return 0.0
+        return 2.0 * math.prod(sw) * sx[0] * math.prod(sx[2:])
+    return 0.0
+
+
+def _graph_flops(root: object) -> float:
+    seen, stack, total = set(), [root], 0.0
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        total += _node_flops(fn)
+        stack.extend(g for g, _ in fn.next_functions)
+    return total
+
+
+_FOOTPRINTS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def footprint(model: nn.Module, x: Tensor | None = None, only: str | None = None) -> Footprint:
+    """Measure :class:`Footprint` by one forward on the window x[:1] (grad on the parameters);
+    cached per model, window shape, dtype and trainable set.
+
+    Without x (or with no windows) a dense net is assumed: A = P entries, F = 2P.
+    """
+    params, buffers = _trainable(model), dict(model.named_buffers())
+    params_d = params if only is None else {only: params[only]}
+    n_params = sum(p.numel() for p in params_d.values())
+    itemsize = next(iter(params.values())).element_size()
+    if x is None or x.shape[0] == 0:
+        return Footprint(n_params, n_params * itemsize, n_params * itemsize, 2.0 * n_params)
+    key = (tuple(x.shape[1:]), x.dtype, x.device, tuple(params), only)
+    cache = _FOOTPRINTS.setdefault(model, {})
+    if key in cache:
+        return cache[key]
+    leaf = {k: v.clone().requires_grad_(k in params_d) for k, v in params.items()}
+    skip = {t.untyped_storage().data_ptr() for t in (*leaf.values(), *buffers.values())}
+    saved: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = _outputs(model, leaf, buffers, x[:1], _forward_kwargs(model))
+    flops = 0.0 if y.grad_fn is None else _graph_flops(y.grad_fn)
+    act = sum(saved.values())
+    fp = cache[key] = Footprint(n_params, n_params * itemsize, act, flops + act / itemsize)
+    return fp
+
+
+def _budget(memory_budget: int | None) -> int:
+    if memory_budget is None:
+        return MEMORY_BUDGET
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1:
+        raise ConfigError(f"memory_budget={memory_budget!r} must be a positive number of bytes")
+    return memory_budget
+
+
+def _jacobian_chunk(fp: Footprint, chunk_size: int | None, budget: int | None = None) -> int:
+    """Windows per Jacobian chunk: a chunk's Jacobian and saved activations, both sides,
+    within the budget (default MEMORY_BUDGET)."""
     if chunk_size is not None:
         return chunk_size
-    return max(1, MEMORY_BUDGET // (2 * n_params * itemsize))
+    return max(1, _budget(budget) // (2 * (fp.param_bytes + fp.act_bytes)))
+
+
+def _vp_chunks(
+    fp: Footprint, n: int, m: int, chunk_size: int | None, budget: int | None = None
+) -> tuple[int, int]:
+    """(columns, rows) per NTK-vector-product batch: the columns' tangents and vjp activations
+    take ≤ budget/2, the vmapped jvp over rows × columns (≈ A per pair) the other half."""
+    half = _budget(budget) // 2
+    per_col = fp.param_bytes + fp.act_bytes
+    if chunk_size is not None:
+        c = chunk_size
+    else:  # balanced c ≈ r, so that neither a long loop of tiny jvps nor of tiny vjps results
+        balanced = math.isqrt(max(1, half // max(1, fp.act_bytes)))
+        c = min(m, max(1, half // per_col), max(1, balanced))
+    r = min(n, max(1, half // max(1, c * fp.act_bytes)))
+    return max(1, c), max(1, r)
+
+
+def _jacobian_fn(model: nn.Module, params: dict, buffers: dict, diff: list[str]):
+    """xs (c, L, d) → {name: (c, numel)}: per-window gradients ``vmap(jacrev(f))`` w.r.t. ``diff``
+    (the torch.func tutorial's recipe; f is one window's last output)."""
+    kw = _forward_kwargs(model)
+    rest = {k: v for k, v in params.items() if k not in diff}
+
+    def one(p: dict, xi: Tensor) -> Tensor:
+        return _outputs(model, {**rest, **p}, buffers, xi.unsqueeze(0), kw)[0]
+
+    jac = vmap(jacrev(one), in_dims=(None, 0))
+    sub = {k: params[k] for k in diff}
+
+    def J(xs: Tensor) -> dict[str, Tensor]:
+        try:
+            out = jac(sub, xs)
+        except RuntimeError as e:  # an op without a batching rule: one window at a time
+            _warn_no_vmap(model, e)
+            rows = [jacrev(one)(sub, xi) for xi in xs]
+            out = {k: torch.stack([r[k] for r in rows]) for k in sub}
+        return {k: v.reshape(xs.shape[0], -1) for k, v in out.items()}
+
+    return J
+
+
+def _warn_no_vmap(model: nn.Module, err: Exception) -> None:
+    warnings.warn(
+        f"empirical NTK: {type(model).__name__} fails under torch.func.vmap ({str(err)[:120]!r}); "
+        "falling back to a loop over windows (slower). nn.RNN/GRU/LSTM: pass an initial state "
+        "made from the input, e.g. torch.zeros_like(x[:, :1, :1]).expand(...), not None",
+        RuntimeWarning, stacklevel=4,
+    )
 
 
 def jacobian_blocks(
     model: nn.Module, x: Tensor, x2: Tensor | None = None, chunk_size: int | None = None,
+    fp: Footprint | None = None, memory_budget: int | None = None,
 ) -> dict[str, Tensor]:
     """{name: J_name(x) J_name(x2)ᵀ} (unscaled) from per-window Jacobians vmap(jacrev(f)).
 
-    Windows are taken ``chunk_size`` at a time on each side (default: as many as fit
-    MEMORY_BUDGET); the x2 chunks' Jacobians are recomputed once per x chunk when more than one
-    chunk is needed. x2=None: symmetric, only the upper block triangle is computed.
+    Windows are taken ``chunk_size`` at a time on each side (default: as many as keep a chunk's
+    Jacobian and saved activations, both sides, within ``memory_budget`` bytes, default
+    MEMORY_BUDGET); the x2 chunks' Jacobians
+    are recomputed once per x chunk when more than one chunk is needed. x2=None: symmetric, only
+    the upper block triangle is computed. Memory ≈ 2 chunk (P + A) (see ``Footprint``) + the result.
     """
     params, buffers = _trainable(model), dict(model.named_buffers())
-    n_params = sum(p.numel() for p in params.values())
-    one = lambda p, xi: _outputs(model, p, buffers, xi.unsqueeze(0))[0]
-    jac = vmap(jacrev(one), in_dims=(None, 0))
-
-    def J(xs: Tensor) -> dict[str, Tensor]:
-        return {k: v.reshape(xs.shape[0], -1) for k, v in jac(params, xs).items()}
-
+    J = _jacobian_fn(model, params, buffers, list(params))
     sym = x2 is None
     x2 = x if sym else x2
     n, m = x.shape[0], x2.shape[0]
-    c = _auto_chunk(n_params, x.element_size(), chunk_size)
+    if chunk_size is None:
+        fp = fp or footprint(model, x)
+    c = _jacobian_chunk(fp, chunk_size, memory_budget)
     K = {k: x.new_zeros(n, m) for k in params}
     cache = J(x2) if not sym and m <= c else None  # x2 side fits: compute it once
     for i0 in range(0, n, c):
@@ -183,32 +369,58 @@ def jacobian_blocks(
 
 def ntk_vp_kernel(
     model: nn.Module, x: Tensor, x2: Tensor | None = None, chunk_size: int | None = None,
-    only: str | None = None,
+    only: str | None = None, fp: Footprint | None = None, memory_budget: int | None = None,
 ) -> Tensor:
-    """J(x) J(x2)ᵀ (unscaled) by NTK-vector products: column j is jvp_x(vjp_{x2}(e_j)).
+    """J(x) J(x2)ᵀ (unscaled) by NTK-vector products, no Jacobian of x stored.
 
-    ``chunk_size`` identity columns are vmapped at once (default: as many as fit MEMORY_BUDGET).
-    ``only``: restrict θ to one named parameter (its block of the kernel).
+    Column j of K is K e_j = J(x) (J(x2)ᵀ e_j): the vjp J(x2)ᵀ e_j is window j's gradient g_j
+    (computed for ``chunk_size`` windows of x2 at once, ``vmap(jacrev)`` over those windows only),
+    then J(x) g_j is one jvp over the windows of x, vmapped over the chunk's g_j and taken a block
+    of rows at a time. Memory ≈ chunk (P + A) + chunk·rows·A ≤ ``memory_budget`` (default
+    MEMORY_BUDGET; P parameters, A
+    saved activations per window, see ``Footprint``) + the (n, m) result; cost ≈ m backward
+    passes over one window + n·m jvp passes over one window. x2=None: symmetric, the blocks
+    above the diagonal are mirrored. ``only``: restrict θ to one named parameter (its block of
+    the kernel).
     """
     params, buffers = _trainable(model), dict(model.named_buffers())
-    diff = params if only is None else {only: params[only]}
-    n_params = sum(p.numel() for p in diff.values())
-    x2 = x if x2 is None else x2
-    m = x2.shape[0]
-    f1 = lambda p: _outputs(model, {**params, **p}, buffers, x)
-    f2 = lambda p: _outputs(model, {**params, **p}, buffers, x2)
-    _, vjp_fn = vjp(f2, diff)
-
-    def column(v: Tensor) -> Tensor:  # K v = J1 (J2ᵀ v)
-        (tangent,) = vjp_fn(v)
-        return jvp(f1, (diff,), (tangent,))[1]
-
-    c = _auto_chunk(n_params, x.element_size(), chunk_size)
-    eye = torch.eye(m, dtype=x.dtype, device=x.device)
+    diff = list(params) if only is None else [only]
+    kw = _forward_kwargs(model)
+    sym = x2 is None
+    x2 = x if sym else x2
+    n, m = x.shape[0], x2.shape[0]
+    fp = fp or footprint(model, x, only)
+    c, r = _vp_chunks(fp, n, m, chunk_size, memory_budget)
+    J = _jacobian_fn(model, params, buffers, diff)
+    rest = {k: v for k, v in params.items() if k not in diff}
+    primal = {k: params[k] for k in diff}
+    K = x.new_zeros(n, m)
     with warnings.catch_warnings():  # torch's forward-AD decompositions use torch.jit.script once
         warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", DeprecationWarning)
-        cols = [vmap(column)(eye[j0:j0 + c]) for j0 in range(0, m, c)]
-    return torch.cat(cols).T
+        for j0 in range(0, m, c):
+            j1 = min(m, j0 + c)
+            g = J(x2[j0:j1])  # {name: (c, numel)}: the vjps J(x2)ᵀ e_j of the chunk
+            g = {k: v.view(j1 - j0, *primal[k].shape) for k, v in g.items()}
+            for i0 in range(0, j1 if sym else n, r):
+                i1 = min(j1 if sym else n, i0 + r)
+                xs = x[i0:i1]
+
+                def push(t: dict, xs=xs) -> Tensor:  # J(xs) t
+                    f = lambda p: _outputs(model, {**rest, **p}, buffers, xs, kw)  # noqa: E731
+                    return jvp(f, (primal,), (t,))[1]
+
+                try:
+                    blk = vmap(push)(g).T  # (rows, c)
+                except RuntimeError as e:  # no batching rule: one column at a time
+                    _warn_no_vmap(model, e)
+                    blk = torch.stack([push({k: v[j] for k, v in g.items()})
+                                       for j in range(j1 - j0)], dim=1)
+                K[i0:i1, j0:j1] = blk
+                if sym:
+                    K[j0:j1, i0:i1] = blk.T
+    if sym:  # the diagonal blocks were computed both ways round: make K exactly symmetric
+        K = (K + K.T).mul_(0.5)
+    return K
 
 
 # --- structured engine, restricted to the trainable blocks -------------------------------------
@@ -229,20 +441,62 @@ def _structured(
 
 
 # --- public API ---------------------------------------------------------------------------------
-def choose_method(model: nn.Module, n: int, m: int | None = None) -> str:
+def method_costs(
+    model: nn.Module, n: int, m: int | None = None, fp: Footprint | None = None,
+    x: Tensor | None = None, memory_budget: int | None = None,
+) -> dict[str, tuple[float, float]]:
+    """{"jacobian": (flops, bytes), "ntk_vp": (flops, bytes)}: the estimates ``choose_method``
+    compares, for n × m windows (m=None: symmetric), from the model's :class:`Footprint`
+    (P parameters, A saved-activation bytes and F forward FLOPs per window; measured on x[:1]).
+
+    jacobian: per-window gradients cost ≈ 3F each (forward + backward), the contraction 2nmP.
+    If both sides' Jacobians, (n + m)·P entries, and their activations fit MEMORY_BUDGET they
+    are computed once: 3F(n + m) + 2nmP. Otherwise chunks of c = budget / 2(P + A) windows, and
+    the x2 side is recomputed for every x chunk: 3F(n + m⌈n/c⌉) + 2nmP.
+    ntk_vp: m window gradients (3F each) and n·m jvps over one window (≈ 3F: primal and tangent):
+    3F m (n + 1), in memory ≈ MEMORY_BUDGET whatever n and m. (Symmetric: both ≈ halved, as is.)
+    """
+    fp = fp or footprint(model, x)
+    budget = _budget(memory_budget)
+    m_ = n if m is None else m
+    F, P = fp.flops, fp.params
+    gemm = 2.0 * n * m_ * P
+    per_window = fp.param_bytes + fp.act_bytes
+    full = (n + m_) * per_window
+    if full <= budget:
+        jac = (3 * F * (n + m_) + gemm, float(full))
+    else:
+        c = _jacobian_chunk(fp, None, budget)
+        jac = (3 * F * (n + m_ * math.ceil(n / c)) + gemm, float(2 * c * per_window))
+    vp = (3 * F * m_ * (n + 1), float(min(full, budget)))
+    return {"jacobian": jac, "ntk_vp": vp}
+
+
+def choose_method(
+    model: nn.Module, n: int, m: int | None = None, *, x: Tensor | None = None,
+    fp: Footprint | None = None, memory_budget: int | None = None,
+) -> str:
     """The method "auto" picks for n × m windows (m=None: symmetric K(x, x)).
 
-    structured if the model has it (cost O((n+m) N L d + n m N d), no Jacobian); else jacobian
-    when the Jacobians of both sides, (n + m) P entries, fit MEMORY_BUDGET bytes (fewest passes:
-    n + m backward passes); else ntk_vp (memory O(chunk × P), but m vjp+jvp passes over n windows).
+    Rule (the choice neural-tangents makes between its implementations, from cost estimates):
+
+    1. ``structured`` if the model has it (MeanFieldRNN, Model D): O((n+m) N L d + n m N d)
+       FLOPs and no Jacobian — always cheapest.
+    2. else the cheaper in FLOPs of ``jacobian`` and ``ntk_vp`` as estimated by
+       ``method_costs`` (ties: jacobian). Both keep to MEMORY_BUDGET by chunking, so the budget
+       enters through the FLOPs: jacobian is picked whenever both sides' Jacobians fit
+       (unless the forward costs less than ~2P/3 FLOPs per window, i.e. few parameters are
+       used per window), ntk_vp when P is so large that the chunked jacobian would recompute
+       the x2 side's Jacobians more often than ntk_vp's n jvps per column cost.
+
+    ``x``: windows to measure the footprint on (one window is run); without it a dense net's
+    footprint is assumed (A = P entries, F = 2P). ``memory_budget``: bytes (default
+    MEMORY_BUDGET).
     """
     if st.supports_structured(model):
         return "structured"
-    dtype, _ = _model_dtype_device(model)
-    n_params = sum(p.numel() for p in _trainable(model).values())
-    rows = n + (0 if m is None else m)
-    fits = rows * n_params * torch.empty((), dtype=dtype).element_size() <= MEMORY_BUDGET
-    return "jacobian" if fits else "ntk_vp"
+    costs = method_costs(model, n, m, fp=fp, x=x, memory_budget=memory_budget)
+    return "jacobian" if costs["jacobian"][0] <= costs["ntk_vp"][0] else "ntk_vp"
 
 
 def _empty(x: Tensor, x2: Tensor | None) -> bool:
@@ -250,25 +504,30 @@ def _empty(x: Tensor, x2: Tensor | None) -> bool:
 
 
 def _resolve(
-    model: nn.Module, method: str, x: Tensor, x2: Tensor | None, chunk_size: object
+    model: nn.Module, method: str, x: Tensor, x2: Tensor | None, chunk_size: object,
+    memory_budget: int | None = None,
 ) -> str:
     _check_method(model, method)
     _check_chunk(chunk_size)
+    _budget(memory_budget)
     if method == "auto":
-        return choose_method(model, x.shape[0], None if x2 is None else x2.shape[0])
+        if _empty(x, x2):
+            return "structured" if st.supports_structured(model) else "jacobian"
+        return choose_method(model, x.shape[0], None if x2 is None else x2.shape[0], x=x,
+                             memory_budget=memory_budget)
     return method
 
 
 def ntk_blocks(
     model: nn.Module, x: Tensor, x2: Tensor | None = None, method: Method = "auto",
-    chunk_size: int | None = None,
+    chunk_size: int | None = None, memory_budget: int | None = None,
 ) -> dict[str, Tensor]:
     """Per-parameter-block kernels K_θb = s ∇_θb f(x̄)·∇_θb f(x̄'); they sum to ``empirical_ntk``.
 
     Keys: "c", "w", "b" for MeanFieldRNN; the parameter names for other modules.
     """
     x, x2 = check_inputs(model, x, x2)
-    method = _resolve(model, method, x, x2, chunk_size)
+    method = _resolve(model, method, x, x2, chunk_size, memory_budget)
     if _empty(x, x2):
         names = _trainable(model)
         return {k: x.new_zeros(x.shape[0], (x if x2 is None else x2).shape[0]) for k in names}
@@ -276,15 +535,16 @@ def ntk_blocks(
         return _structured(model, x, x2, chunk_size, blocks=True)
     scale = float(getattr(model, "ntk_scale", 1.0))
     if method == "jacobian":
-        blocks = jacobian_blocks(model, x, x2, chunk_size)
+        blocks = jacobian_blocks(model, x, x2, chunk_size, memory_budget=memory_budget)
     else:
-        blocks = {k: ntk_vp_kernel(model, x, x2, chunk_size, only=k) for k in _trainable(model)}
+        blocks = {k: ntk_vp_kernel(model, x, x2, chunk_size, only=k, memory_budget=memory_budget)
+                  for k in _trainable(model)}
     return {k: v.mul_(scale) for k, v in blocks.items()}
 
 
 def empirical_ntk(
     model: nn.Module, x: Tensor, x2: Tensor | None = None, method: Method = "auto",
-    chunk_size: int | None = None,
+    chunk_size: int | None = None, memory_budget: int | None = None,
 ) -> Tensor:
     """Normalised empirical NTK K(x̄, x̄') = s ∇_θ f(x̄)·∇_θ f(x̄'), (n, m) (theory §4).
 
@@ -294,16 +554,16 @@ def empirical_ntk(
     block for "structured" (default: automatic). See the module docstring for the methods.
     """
     x, x2 = check_inputs(model, x, x2)
-    method = _resolve(model, method, x, x2, chunk_size)
+    method = _resolve(model, method, x, x2, chunk_size, memory_budget)
     if _empty(x, x2):
         return x.new_zeros(x.shape[0], (x if x2 is None else x2).shape[0])
     if method == "structured":
         return _structured(model, x, x2, chunk_size)
     scale = float(getattr(model, "ntk_scale", 1.0))
     if method == "jacobian":
-        K = sum(jacobian_blocks(model, x, x2, chunk_size).values())
+        K = sum(jacobian_blocks(model, x, x2, chunk_size, memory_budget=memory_budget).values())
     else:
-        K = ntk_vp_kernel(model, x, x2, chunk_size)
+        K = ntk_vp_kernel(model, x, x2, chunk_size, memory_budget=memory_budget)
     return K.mul_(scale)
 
 
