@@ -5,9 +5,10 @@ the model's own ``forward`` run on it from the kept memory (the same truncation 
 so both compute the same numbers), ``torch.autograd.grad`` of ½(Y_k − Ŷ_k)², the SGD update, the
 memory moved on — the graph of the whole window rebuilt every step. Both sides do one forward and
 one backward of W steps per element (θ changes every step, so the window forward cannot be
-reused); the stepper saves the dispatch and graph overhead (Elman: compiled kernel / hand-written
-batched torch; GRU and custom modules: plain autograd, so ≈ 1x). Same inputs, float32, one
-process, the same torch thread count for both columns.
+reused); the stepper saves the dispatch and graph overhead: engine "kernel" (ElmanRNN, GRURNN:
+compiled C forward/backward/update), "eager" (ElmanRNN: hand-written batched torch) and
+"autograd" (the generic path of custom modules: plain autograd, so ≈ 1x). Same inputs, float32,
+one process, the same torch thread count for both columns.
 
     python -m benchmarks.bench_bptt [--width 256] [--window 32] [--steps 200] [--threads 1]
 """
@@ -19,7 +20,7 @@ import time
 
 import torch
 
-from ntk_rnn.models import ElmanRNN, GRURNN
+from ntk_rnn.models import GRURNN, ElmanRNN
 from ntk_rnn.online.bptt import BPTTStepper, kernel_status
 
 from .common import machine
@@ -59,7 +60,8 @@ def stepper_seconds(model, lr: float, window: int, X, Y, engine: str) -> float:
 
 def main(width: int = 256, window: int = 32, d: int = 1, steps: int = 200,
          threads: int = 1, repeats: int = 3) -> dict:
-    """Prints steps/s of both and the ratio per model and engine; returns {(model, engine): ratio}."""
+    """Prints steps/s of both and the ratio per model and engine; returns
+    {(model, engine): ratio}."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     ratios = {}
@@ -72,8 +74,8 @@ def main(width: int = 256, window: int = 32, d: int = 1, steps: int = 200,
         X = torch.randn(steps, d, generator=g)
         Y = torch.tanh(X[:, 0])
         for name, make in MODELS.items():
-            engines = ["kernel", "eager"] if name.startswith("elman") else ["autograd"]
-            if name.startswith("elman") and not kernel_status().startswith("ok"):
+            engines = ["kernel", "eager" if name.startswith("elman") else "autograd"]
+            if not kernel_status().startswith("ok"):
                 engines.remove("kernel")
             lr = make(d, width).learning_rate(1.0)
             warm = min(steps, 2 * window)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ntk_rnn.errors import ConfigError
-from ntk_rnn.models import ElmanRNN, GRURNN
+from ntk_rnn.models import GRURNN, ElmanRNN
 from ntk_rnn.online import bptt
 from ntk_rnn.online.bptt import BPTTEnsembleStepper, BPTTStepper
 
@@ -80,11 +80,15 @@ def make(kind, seed=3, dtype=F64):
         return ElmanRNN(2, 10, activation="sigmoid", A_std=3.0, seed=seed, dtype=dtype)
     if kind == "gru":
         return GRURNN(2, 8, bias_std=0.3, seed=seed, dtype=dtype)
+    if kind == "gru_nobias":
+        return GRURNN(2, 8, recurrent_scaling="mean_field", hh_std=3.0, bias=False, seed=seed,
+                      dtype=dtype)
     return TinyRNN(2)
 
 
+GRU_ENGINES = ["autograd"] + (["kernel"] if KERNEL else [])
 CASES = ([(k, e) for k in ("elman_mf", "elman_ntk", "elman_sigmoid") for e in ELMAN_ENGINES]
-         + [("gru", "autograd"), ("tiny", "autograd")])
+         + [(k, e) for k in ("gru", "gru_nobias") for e in GRU_ENGINES] + [("tiny", "autograd")])
 
 
 @pytest.mark.parametrize("kind,engine", CASES)
@@ -129,13 +133,15 @@ def test_chunks_and_out_argument(engine):
 
 
 @pytest.mark.skipif(not KERNEL, reason="no compiled BPTT kernel here")
-def test_kernel_float32_matches_eager():
+@pytest.mark.parametrize("kind,other", [("elman_mf", "eager"), ("gru", "autograd")])
+def test_kernel_float32_matches_torch(kind, other):
     X, Y = stream(40)
-    m1, m2 = make("elman_mf", dtype=torch.float32), make("elman_mf", dtype=torch.float32)
+    m1, m2 = make(kind, dtype=torch.float32), make(kind, dtype=torch.float32)
     o1 = BPTTStepper(m1, 0.5, 8, engine="kernel").run_chunk(X.float(), Y.float())
-    o2 = BPTTStepper(m2, 0.5, 8, engine="eager").run_chunk(X.float(), Y.float())
+    o2 = BPTTStepper(m2, 0.5, 8, engine=other).run_chunk(X.float(), Y.float())
     torch.testing.assert_close(o1, o2, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(m1.A, m2.A, rtol=1e-4, atol=1e-5)
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
 def _resume_equal(build, X, Y, T):
@@ -162,7 +168,7 @@ def _resume_equal(build, X, Y, T):
 
 
 @pytest.mark.parametrize("kind,engine", [("elman_mf", e) for e in ELMAN_ENGINES]
-                         + [("gru", "autograd"), ("tiny", "autograd")])
+                         + [("gru", e) for e in GRU_ENGINES] + [("tiny", "autograd")])
 def test_resume_is_bit_identical(kind, engine):
     X, Y = stream(2 * 9)
 
@@ -174,7 +180,7 @@ def test_resume_is_bit_identical(kind, engine):
 
 
 @pytest.mark.parametrize("kind,engine", [("elman_ntk", e) for e in ELMAN_ENGINES]
-                         + [("gru", "autograd"), ("tiny", "autograd")])
+                         + [("gru", e) for e in GRU_ENGINES] + [("tiny", "autograd")])
 def test_ensemble_equals_separate_steppers(kind, engine):
     E, lrs = 3, [0.2, 0.6, 0.4]
     X, Y = stream(17, E=E, seed=5)
@@ -219,8 +225,10 @@ def test_errors():
     m = make("elman_mf")
     with pytest.raises(ConfigError, match=r"train\.bptt_window=0"):
         BPTTStepper(m, 0.1, window=0)
-    with pytest.raises(ConfigError, match=r"engine='kernel' needs an ElmanRNN"):
-        BPTTStepper(make("gru"), 0.1, engine="kernel")
+    with pytest.raises(ConfigError, match=r"engine='kernel' needs an ElmanRNN .* or a GRURNN"):
+        BPTTStepper(TinyRNN(2), 0.1, engine="kernel")
+    with pytest.raises(ConfigError, match=r"engine='eager' needs an ElmanRNN"):
+        BPTTStepper(make("gru"), 0.1, engine="eager")
     with pytest.raises(ConfigError, match=r"engine="):
         BPTTStepper(m, 0.1, engine="jit")
     with pytest.raises(ConfigError, match=r"lr="):

@@ -8,7 +8,7 @@ import torch
 from scipy.special import erf
 
 from ntk_rnn.errors import ConfigError
-from ntk_rnn.models import ElmanRNN, GRURNN, MeanFieldRNN
+from ntk_rnn.models import GRURNN, ElmanRNN, MeanFieldRNN
 from ntk_rnn.ntk import empirical_ntk
 
 F64 = torch.float64
@@ -16,7 +16,8 @@ NP_ACT = {"tanh": np.tanh, "sigmoid": lambda z: 1.0 / (1.0 + np.exp(-z)), "erf":
 
 
 def elman_numpy(m: ElmanRNN, x: np.ndarray, h0=None) -> tuple[np.ndarray, np.ndarray]:
-    """Explicit loop over windows, steps and units: S_{k+1,i} = σ(Σ_p w_ip X_kp + N^-γ Σ_l A_il S_kl)."""
+    """Explicit loop over windows, steps and units:
+    S_{k+1,i} = σ(Σ_p w_ip X_kp + N^-γ Σ_l A_il S_kl), Ŷ_k = N^-β Σ_i c_i S_{k+1,i}."""
     c, w, A = (p.detach().numpy() for p in (m.c, m.w, m.A))
     N, gam, beta = m.width, m.gamma, m.beta
     sig = NP_ACT[m.act.name]

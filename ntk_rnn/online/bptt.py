@@ -20,15 +20,19 @@ The forward of the window with the new θ is unavoidable for exact truncated BPT
 step), so each step costs one forward and one backward over n ≤ W steps. What is saved is
 everything else (``engine``):
 
-``"kernel"`` (ElmanRNN on CPU, float32/float64, where a C compiler is present; the default
-    there) — a C loop (``cc -O3 -march=native``, built once per activation and cached, checked
-    against ``"eager"`` once per process) runs a whole chunk: per step W row-dot-product
-    mat-vecs forward, W − 1 transposed mat-vecs backward, the rank-n update of A fused per row,
-    no allocation and no dispatch.
+``"kernel"`` (ElmanRNN and GRURNN on CPU, float32/float64, where a C compiler is present; the
+    default there) — a C loop (``cc -O3 -march=native``, built once per activation and cached in
+    the kernel cache of :mod:`ntk_rnn.csrc.loader`, checked once per process against a torch
+    engine) runs a whole chunk: per step n mat-vecs forward, n − 1 transposed mat-vecs backward
+    and the rank-n update of the recurrent matrix, each blocked four rows (or four rank-one
+    terms) per pass; no allocation and no dispatch. Single-threaded: per member and step the
+    arithmetic is ~3 n N² (Elman) or ~9 n N² (GRU) multiply-adds.
 ``"eager"`` (ElmanRNN, any device) — the same hand-written forward/backward as batched torch ops
     (bmm / baddbmm on an ensemble axis E), preallocated buffers.
-``"autograd"`` (any module) — ``torch.func.grad`` of the window loss through ``functional_call``
-    (``vmap`` over the ensemble axis), from the kept memory where the model has one.
+``"autograd"`` (any module; the fallback) — one model: ``torch.autograd.grad`` of the window loss
+    on the model's own parameters; an ensemble: ``vmap(torch.func.grad(...))`` through
+    ``functional_call`` over the stacked parameters. From the kept memory where the model has
+    one. This saves nothing over a hand-written autograd loop: it is what any module gets.
 
 :class:`BPTTStepper` trains one model, :class:`BPTTEnsembleStepper` E models of the same
 architecture (parameters stacked with ``torch.func.stack_module_state``, each model bound to its
@@ -48,9 +52,9 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from string import Template
-from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
@@ -60,6 +64,7 @@ from torch.func import functional_call, grad, stack_module_state, vmap
 from ..csrc import loader
 from ..errors import ConfigError
 from ..models.elman import ElmanRNN
+from ..models.gru import GRURNN
 
 ENGINES = ("auto", "kernel", "eager", "autograd")
 _ACT_CODES = {"tanh": 0, "sigmoid": 1, "erf": 2}
@@ -130,7 +135,68 @@ INL void act_$S($R z, $R *s, $R *ds) {
 #endif
 }
 
-/* One member, T steps (see the Python module docstring). work: S (W+1)N, DS WN, DL WN. */
+/* y[i] = sum_l M[i, l] v[l] for i < m (rows of length N); four rows share each load of v */
+INL void mv_$S(long m, long N, const $R *restrict M, const $R *restrict v, $R *restrict y) {
+    long i = 0;
+    for (; i + 4 <= m; i += 4) {
+        const $R *restrict r0 = M + i * N, *restrict r1 = r0 + N, *restrict r2 = r1 + N,
+                 *restrict r3 = r2 + N;
+        $R a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+        #pragma omp simd reduction(+:a0, a1, a2, a3)
+        for (long l = 0; l < N; l++) {
+            const $R x = v[l];
+            a0 += r0[l] * x; a1 += r1[l] * x; a2 += r2[l] * x; a3 += r3[l] * x;
+        }
+        y[i] = a0; y[i + 1] = a1; y[i + 2] = a2; y[i + 3] = a3;
+    }
+    for (; i < m; i++) {
+        const $R *restrict r0 = M + i * N;
+        $R a0 = 0;
+        #pragma omp simd reduction(+:a0)
+        for (long l = 0; l < N; l++) a0 += r0[l] * v[l];
+        y[i] = a0;
+    }
+}
+
+/* y[l] += sum_i a[i] M[i, l] over i < m: four rows per pass over y */
+INL void mtv_$S(long m, long N, const $R *restrict M, const $R *restrict a, $R *restrict y) {
+    long i = 0;
+    for (; i + 4 <= m; i += 4) {
+        const $R *restrict r0 = M + i * N, *restrict r1 = r0 + N, *restrict r2 = r1 + N,
+                 *restrict r3 = r2 + N;
+        const $R c0 = a[i], c1 = a[i + 1], c2 = a[i + 2], c3 = a[i + 3];
+        #pragma omp simd
+        for (long l = 0; l < N; l++) y[l] += c0 * r0[l] + c1 * r1[l] + c2 * r2[l] + c3 * r3[l];
+    }
+    for (; i < m; i++) {
+        const $R *restrict r0 = M + i * N;
+        const $R c0 = a[i];
+        #pragma omp simd
+        for (long l = 0; l < N; l++) y[l] += c0 * r0[l];
+    }
+}
+
+/* row[l] -= sum_j coef[j] V[j, l] over j < n: four rank-one terms per pass over the row */
+INL void rowupd_$S(long n, long N, $R *restrict row, const $R *restrict coef,
+                   const $R *restrict V) {
+    long j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const $R *restrict v0 = V + j * N, *restrict v1 = v0 + N, *restrict v2 = v1 + N,
+                 *restrict v3 = v2 + N;
+        const $R c0 = coef[j], c1 = coef[j + 1], c2 = coef[j + 2], c3 = coef[j + 3];
+        #pragma omp simd
+        for (long l = 0; l < N; l++) row[l] -= c0 * v0[l] + c1 * v1[l] + c2 * v2[l] + c3 * v3[l];
+    }
+    for (; j < n; j++) {
+        const $R *restrict v0 = V + j * N;
+        const $R c0 = coef[j];
+        #pragma omp simd
+        for (long l = 0; l < N; l++) row[l] -= c0 * v0[l];
+    }
+}
+
+/* ElmanRNN, T steps of one member (see the Python module docstring).
+   work: S (W+1)N | DS W N | DL W N | Z N | CF W */
 static void member_$S(long N, long d, long W, long T, long cnt,
                       $R *restrict c, $R *restrict w, $R *restrict A, $R *restrict mem,
                       $R *restrict buf, const $R *restrict X, const $R *restrict Y,
@@ -138,29 +204,27 @@ static void member_$S(long N, long d, long W, long T, long cnt,
     $R *restrict S = work;
     $R *restrict DS = S + (W + 1) * N;
     $R *restrict DL = DS + W * N;
+    $R *restrict Z = DL + W * N;
+    $R *restrict CF = Z + N;
     for (long t = 0; t < T; t++) {
         const long n = cnt + 1;
         for (long p = 0; p < d; p++) buf[(n - 1) * d + p] = X[t * d + p];
         memcpy(S, mem, (size_t)N * sizeof($R));
         /* forward: z_j = w x_j + g A S_j, S_{j+1} = s(z_j), DS_j = s'(z_j) */
         for (long j = 0; j < n; j++) {
-            const $R *restrict Sj = S + j * N;
+            const $R *restrict xj = buf + j * d;
             $R *restrict Sn = S + (j + 1) * N;
             $R *restrict dsj = DS + j * N;
-            const $R *restrict xj = buf + j * d;
+            mv_$S(N, N, A, S + j * N, Z);
             for (long i = 0; i < N; i++) {
-                const $R *restrict Ai = A + i * N;
-                $R acc = 0;
-                #pragma omp simd reduction(+:acc)
-                for (long l = 0; l < N; l++) acc += Ai[l] * Sj[l];
                 $R u = 0;
                 for (long p = 0; p < d; p++) u += w[i * d + p] * xj[p];
-                Sn[i] = u + g * acc;
+                Z[i] = u + g * Z[i];
             }
             #pragma omp simd
             for (long i = 0; i < N; i++) {
                 $R s, ds;
-                act_$S(Sn[i], &s, &ds);
+                act_$S(Z[i], &s, &ds);
                 Sn[i] = s;
                 dsj[i] = ds;
             }
@@ -180,31 +244,20 @@ static void member_$S(long N, long d, long W, long T, long cnt,
             for (long i = 0; i < N; i++) dl[i] = es * c[i] * ds[i];
         }
         for (long j = n - 1; j > 0; j--) {
-            const $R *restrict dj = DL + j * N;
             $R *restrict dp = DL + (j - 1) * N;
             const $R *restrict dsp = DS + (j - 1) * N;
             for (long l = 0; l < N; l++) dp[l] = 0;
-            for (long i = 0; i < N; i++) {
-                const $R a = dj[i];
-                const $R *restrict Ai = A + i * N;
-                #pragma omp simd
-                for (long l = 0; l < N; l++) dp[l] += a * Ai[l];
-            }
+            mtv_$S(N, N, A, DL + j * N, dp);
             #pragma omp simd
             for (long l = 0; l < N; l++) dp[l] *= g * dsp[l];
         }
-        /* update with the gradients of theta_k: c -= lr es S_n, w -= lr sum_j DL_j x_j^T,
+        /* update with the gradients at theta_k: c -= lr es S_n, w -= lr sum_j DL_j x_j^T,
            A -= lr g sum_j DL_j S_j^T */
         #pragma omp simd
         for (long i = 0; i < N; i++) c[i] -= lr * (es * SL[i]);
         for (long i = 0; i < N; i++) {
-            $R *restrict Ai = A + i * N;
-            for (long j = 0; j < n; j++) {
-                const $R coef = lr * (g * DL[j * N + i]);
-                const $R *restrict Sj = S + j * N;
-                #pragma omp simd
-                for (long l = 0; l < N; l++) Ai[l] -= coef * Sj[l];
-            }
+            for (long j = 0; j < n; j++) CF[j] = lr * (g * DL[j * N + i]);
+            rowupd_$S(n, N, A + i * N, CF, S);
             for (long p = 0; p < d; p++) {
                 $R gw = 0;
                 for (long j = 0; j < n; j++) gw += DL[j * N + i] * buf[j * d + p];
@@ -219,6 +272,127 @@ static void member_$S(long N, long d, long W, long T, long cnt,
             cnt = n;
         }
     }
+}
+
+/* GRURNN (gates r, z, n as nn.GRUCell; W_hh enters as g W_hh), T steps of one member.
+   work: H (W+1)N | R, Z, NN, QN: W N each | DA W 3N | DH N | A3, Q3, DQ: 3N each | CF W */
+static void gru_member_$S(long N, long d, long W, long T, long cnt, long bias,
+                          $R *restrict c, $R *restrict Wi, $R *restrict Wh, $R *restrict bi,
+                          $R *restrict bh, $R *restrict mem, $R *restrict buf,
+                          const $R *restrict X, const $R *restrict Y, $R *restrict out,
+                          $R lr, $R so, $R g, $R *restrict work) {
+    const long N3 = 3 * N;
+    $R *restrict H = work;
+    $R *restrict Rg = H + (W + 1) * N;
+    $R *restrict Zg = Rg + W * N;
+    $R *restrict Ng = Zg + W * N;
+    $R *restrict Qn = Ng + W * N;
+    $R *restrict DA = Qn + W * N;
+    $R *restrict DH = DA + W * N3;
+    $R *restrict A3 = DH + N;
+    $R *restrict Q3 = A3 + N3;
+    $R *restrict DQ = Q3 + N3;
+    $R *restrict CF = DQ + N3;
+    for (long t = 0; t < T; t++) {
+        const long n = cnt + 1;
+        for (long p = 0; p < d; p++) buf[(n - 1) * d + p] = X[t * d + p];
+        memcpy(H, mem, (size_t)N * sizeof($R));
+        /* forward */
+        for (long j = 0; j < n; j++) {
+            const $R *restrict xj = buf + j * d;
+            const $R *restrict hj = H + j * N;
+            $R *restrict hn = H + (j + 1) * N;
+            mv_$S(N3, N, Wh, hj, Q3);
+            for (long i = 0; i < N3; i++) {
+                $R u = bias ? bi[i] : ($R)0;
+                for (long p = 0; p < d; p++) u += Wi[i * d + p] * xj[p];
+                A3[i] = u;
+                Q3[i] = g * Q3[i] + (bias ? bh[i] : ($R)0);
+            }
+            #pragma omp simd
+            for (long i = 0; i < N; i++) {
+                const $R r = ($R)1 / (($R)1 + $exp(-(A3[i] + Q3[i])));
+                const $R z = ($R)1 / (($R)1 + $exp(-(A3[N + i] + Q3[N + i])));
+                const $R v = $tanh(A3[2 * N + i] + r * Q3[2 * N + i]);
+                Rg[j * N + i] = r;
+                Zg[j * N + i] = z;
+                Ng[j * N + i] = v;
+                Qn[j * N + i] = Q3[2 * N + i];
+                hn[i] = v + z * (hj[i] - v);
+            }
+        }
+        const $R *restrict HL = H + n * N;
+        $R acc = 0;
+        #pragma omp simd reduction(+:acc)
+        for (long i = 0; i < N; i++) acc += c[i] * HL[i];
+        const $R yh = acc * so;
+        out[t] = yh;
+        const $R es = (yh - Y[t]) * so;
+        /* backward: DH = dL/dh_{j+1}; DA_j = dL/d(gate pre-activations) [r, z, n] */
+        #pragma omp simd
+        for (long i = 0; i < N; i++) DH[i] = es * c[i];
+        for (long j = n - 1; j >= 0; j--) {
+            const $R *restrict hj = H + j * N;
+            $R *restrict da = DA + j * N3;
+            #pragma omp simd
+            for (long i = 0; i < N; i++) {
+                const $R r = Rg[j * N + i], z = Zg[j * N + i], v = Ng[j * N + i];
+                const $R dh = DH[i];
+                const $R dan = dh * (($R)1 - z) * (($R)1 - v * v);
+                const $R dr = dan * Qn[j * N + i];
+                da[i] = dr * r * (($R)1 - r);
+                da[N + i] = dh * (hj[i] - v) * z * (($R)1 - z);
+                da[2 * N + i] = dan;
+                DH[i] = dh * z;
+                DQ[2 * N + i] = g * (dan * r);
+            }
+            if (j > 0) { /* DH += g W_hh^T dq, dq = [da_r, da_z, da_n r] */
+                #pragma omp simd
+                for (long i = 0; i < 2 * N; i++) DQ[i] = g * da[i];
+                mtv_$S(N3, N, Wh, DQ, DH);
+            }
+        }
+        /* update with the gradients at theta_k */
+        #pragma omp simd
+        for (long i = 0; i < N; i++) c[i] -= lr * (es * HL[i]);
+        for (long i = 0; i < N3; i++) {
+            $R sa = 0, sq = 0;
+            for (long j = 0; j < n; j++) {
+                const $R a = DA[j * N3 + i];
+                const $R q = i < 2 * N ? a : a * Rg[j * N + i - 2 * N];
+                sa += a;
+                sq += q;
+                CF[j] = lr * (g * q);
+            }
+            rowupd_$S(n, N, Wh + i * N, CF, H);
+            for (long p = 0; p < d; p++) {
+                $R gw = 0;
+                for (long j = 0; j < n; j++) gw += DA[j * N3 + i] * buf[j * d + p];
+                Wi[i * d + p] -= lr * gw;
+            }
+            if (bias) {
+                bi[i] -= lr * sa;
+                bh[i] -= lr * sq;
+            }
+        }
+        if (n == W) {
+            memcpy(mem, H + N, (size_t)N * sizeof($R));
+            memmove(buf, buf + d, (size_t)((W - 1) * d) * sizeof($R));
+            cnt = W - 1;
+        } else {
+            cnt = n;
+        }
+    }
+}
+
+void gru_bptt_$S(long E, long N, long d, long W, long T, long cnt, long bias, $R *c, $R *Wi,
+                 $R *Wh, $R *bi, $R *bh, $R *mem, $R *buf, const $R *X, long xs, const $R *Y,
+                 long ys, $R *out, long os, const double *lr, double so, double g, $R *work) {
+    for (long e = 0; e < E; e++)
+        gru_member_$S(N, d, W, T, cnt, bias, c + e * N, Wi + e * 3 * N * d, Wh + e * 3 * N * N,
+                      bias ? bi + e * 3 * N : bi, bias ? bh + e * 3 * N : bh, mem + e * N,
+                      buf + e * W * d, X + e * xs, Y + e * ys, out + e * os, ($R)lr[e],
+                      ($R)so, ($R)g, work);
 }
 
 void elman_bptt_$S(long E, long N, long d, long W, long T, long cnt, $R *c, $R *w, $R *A,
@@ -240,7 +414,7 @@ def _c_source() -> str:
 
 _KERNELS: dict = {}
 _LOCK = threading.RLock()
-_WHAT = "the compiled BPTT kernel (ElmanRNN)"
+_WHAT = "the compiled BPTT kernel (ElmanRNN, GRURNN)"
 _CFLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-fopenmp-simd", "-std=gnu11")
 _FLAG_SETS = (  # (compile flags, link flags), tried in order, as ntk_rnn.csrc.loader does
     (("-march=native", "-DUSE_MVEC"), ("-lmvec", "-lm")),
@@ -286,7 +460,7 @@ def _build(_d: int, act: str) -> ctypes.CDLL:
         args = [*_CFLAGS, f"-DACT={_ACT_CODES[act]}", *comp]
         key = hashlib.sha256("\0".join([src, os.path.realpath(cc), *args, *link, cpu,
                                         sys.platform]).encode()).hexdigest()[:20]
-        path = folder / f"bptt_elman_{act}_{key}.so"
+        path = folder / f"bptt_{act}_{key}.so"
         try:
             if not path.exists():
                 with tempfile.TemporaryDirectory(dir=folder) as tmp:
@@ -311,34 +485,43 @@ def _build(_d: int, act: str) -> ctypes.CDLL:
         fn = getattr(lib, f"elman_bptt_{sfx}")
         fn.argtypes = [L] * 6 + [P] * 5 + [P, L, P, L, P, L, P, Dbl, Dbl, P]
         fn.restype = None
+        fn = getattr(lib, f"gru_bptt_{sfx}")
+        fn.argtypes = [L] * 7 + [P] * 7 + [P, L, P, L, P, L, P, Dbl, Dbl, P]
+        fn.restype = None
     return lib
 
 
 def _self_check(key: tuple[int, str]) -> None:
-    """Kernel vs the eager engine on a small ensemble (float64 and float32); a mismatch
-    disables the kernel for this activation."""
+    """The kernel vs a torch engine on small ensembles, float64 and float32: ElmanRNN of this
+    activation against "eager", and (in the tanh library, which serves GRURNN) GRURNN against
+    "autograd"; raises on a mismatch, so the kernel is not used."""
     _, act = key
+    X = torch.randn(2, 11, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    Y = torch.randn(2, 11, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    cases = [(f"elman {scaling}", "eager",
+              lambda dt, s, sc=scaling: ElmanRNN(2, 13, beta=0.7, recurrent_scaling=sc,
+                                                 activation=act, A_mean=0.3, seed=s, dtype=dt))
+             for scaling in ("mean_field", "ntk")]
+    if act == "tanh":
+        cases += [(f"gru bias={bias}", "autograd",
+                   lambda dt, s, b=bias: GRURNN(2, 7, beta=0.7, bias=b, bias_std=0.5, seed=s,
+                                                dtype=dt)) for bias in (True, False)]
     for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
-        for scaling in ("mean_field", "ntk"):
+        for name, other, make in cases:
             runs = []
-            for engine in ("kernel", "eager"):
-                ms = [ElmanRNN(2, 13, beta=0.7, recurrent_scaling=scaling, activation=act,
-                               A_mean=0.3, seed=s, dtype=dtype) for s in (1, 2)]
-                st = BPTTEnsembleStepper(ms, [0.3, 0.2], window=4, engine=engine,
-                                         _unchecked=True)
-                X = torch.randn(2, 11, 2, generator=torch.Generator().manual_seed(7),
-                                dtype=torch.float64).to(dtype)
-                Y = torch.randn(2, 11, generator=torch.Generator().manual_seed(8),
-                                dtype=torch.float64).to(dtype)
-                o = torch.cat([st.run_chunk(X[:, :6], Y[:, :6]), st.run_chunk(X[:, 6:], Y[:, 6:])],
-                              1)
+            for engine in ("kernel", other):
+                st = BPTTEnsembleStepper([make(dtype, 1), make(dtype, 2)], [0.3, 0.2], window=4,
+                                         engine=engine, _unchecked=True)
+                Xd, Yd = X.to(dtype), Y.to(dtype)
+                o = torch.cat([st.run_chunk(Xd[:, :6], Yd[:, :6]),
+                               st.run_chunk(Xd[:, 6:], Yd[:, 6:])], 1)
                 runs.append([o] + [p.detach() for p in st.params.values()] + [st.memory])
             for a, b in zip(*runs, strict=True):
                 a, b = a.double(), b.double()
                 if not torch.isfinite(a).all() or float((a - b).abs().max()) > tol * (
                         1 + float(b.abs().max())):
-                    raise RuntimeError(f"self-check failed ({scaling}, {dtype}): the kernel "
-                                       "disagrees with the eager engine")
+                    raise RuntimeError(f"self-check failed ({name}, {dtype}): the kernel "
+                                       f"disagrees with the {other} engine")
 
 
 def kernel_library(act: str) -> Optional[ctypes.CDLL]:
@@ -382,38 +565,45 @@ class _BPTTBase:
             self._DS = torch.zeros(E, W, N, dtype=self.dtype, device=self.device)
             self._D = torch.zeros(E, W, N, dtype=self.dtype, device=self.device)
         elif self.engine == "kernel":
-            N = model0.width
-            self._work = torch.zeros((3 * W + 1) * N, dtype=self.dtype)
+            N = model0.width  # elman: (3W + 2) N + W; gru: (8W + 11) N + W (see the C source)
+            self._work = torch.zeros((8 * W + 11) * N + W, dtype=self.dtype)
         else:
             self._gradfn = self._make_gradfn()
 
-    def _manual_ok(self) -> bool:
+    def _model_kind(self) -> Optional[str]:
+        """'elman' / 'gru' for the models with hand-written engines, else None."""
         m = self.model0
-        return (type(m) is ElmanRNN and all(p.requires_grad for p in m.parameters())
-                and m.act.name in _ACT_CODES and self.dtype in (torch.float32, torch.float64))
+        if not (all(p.requires_grad for p in m.parameters())
+                and self.dtype in (torch.float32, torch.float64)):
+            return None
+        if type(m) is ElmanRNN and m.act.name in _ACT_CODES:
+            return "elman"
+        if type(m) is GRURNN:
+            return "gru"
+        return None
 
     def _choose_engine(self, engine: str, unchecked: bool) -> str:
+        kind = self._kind = self._model_kind()
         if engine == "autograd":
             return engine
-        if not self._manual_ok():
+        if kind is None or (engine == "eager" and kind != "elman"):
             if engine != "auto":
-                raise ConfigError(f"engine={engine!r} needs an ElmanRNN (activation tanh, sigmoid "
-                                  "or erf; all parameters trainable; float32/float64); "
-                                  f"{type(self.model0).__name__} trains with engine='autograd'")
+                raise ConfigError(
+                    f"engine={engine!r} needs an ElmanRNN (activation tanh, sigmoid or erf)"
+                    + (" or a GRURNN" if engine == "kernel" else "") + " with all parameters "
+                    f"trainable in float32/float64; {type(self.model0).__name__} trains with "
+                    "engine='autograd'")
             return "autograd"
         if engine == "eager":
             return engine
+        act = self.model0.act.name if kind == "elman" else "tanh"
         cpu = self.device.type == "cpu"
-        lib = None
-        if cpu:
-            lib = (_build(0, self.model0.act.name) if unchecked
-                   else kernel_library(self.model0.act.name))
+        lib = (_build(0, act) if unchecked else kernel_library(act)) if cpu else None
         if lib is None:
             if engine == "kernel":
-                why = "the model is not on the CPU" if not cpu else kernel_status(
-                    self.model0.act.name)
+                why = "the model is not on the CPU" if not cpu else kernel_status(act)
                 raise ConfigError(f"engine='kernel' is unavailable: {why}")
-            return "eager"
+            return "eager" if kind == "elman" else "autograd"
         self._lib = lib
         return "kernel"
 
@@ -512,14 +702,25 @@ class _BPTTBase:
         Yc = Y.contiguous() if Y.stride(0) != 0 else Y[0].contiguous()
         ys = 0 if Y.stride(0) == 0 else T
         oc = out if out.is_contiguous() else torch.empty_like(out)
-        ts = [P["c"], P["w"], P["A"], self.memory, self.inputs]
-        if not all(t.is_contiguous() for t in ts):
-            raise ConfigError("the BPTT kernel needs contiguous parameters (use engine='eager')")
+        if self._kind == "elman":
+            ts = [P["c"], P["w"], P["A"], self.memory, self.inputs]
+            head = [E, m.width, self.d, self.window, T, self.count]
+            name = "elman_bptt"
+        else:
+            bias = m.bias
+            ts = [P["c"], P["cell.weight_ih"], P["cell.weight_hh"],
+                  P["cell.bias_ih"] if bias else None, P["cell.bias_hh"] if bias else None,
+                  self.memory, self.inputs]
+            head = [E, m.width, self.d, self.window, T, self.count, int(bias)]
+            name = "gru_bptt"
+        if not all(t is None or t.is_contiguous() for t in ts):
+            raise ConfigError("the BPTT kernel needs contiguous parameters (use engine='eager' "
+                              "or 'autograd')")
         lr = (ctypes.c_double * E)(*self.lr)
-        fn = self._lib.elman_bptt_f64 if self.dtype == torch.float64 else self._lib.elman_bptt_f32
-        fn(E, m.width, self.d, self.window, T, self.count, *(t.data_ptr() for t in ts),
-           Xc.data_ptr(), xs, Yc.data_ptr(), ys, oc.data_ptr(), T, lr, m.output_scale,
-           m.recurrent_scale, self._work.data_ptr())
+        fn = getattr(self._lib, name + ("_f64" if self.dtype == torch.float64 else "_f32"))
+        fn(*head, *(None if t is None else t.data_ptr() for t in ts), Xc.data_ptr(), xs,
+           Yc.data_ptr(), ys, oc.data_ptr(), T, lr, m.output_scale, m.recurrent_scale,
+           self._work.data_ptr())
         if oc is not out:
             out.copy_(oc)
         self.count = min(self.count + T, self.window - 1)
