@@ -54,3 +54,26 @@ experiment-full: install
 
 clean:
 	rm -rf outputs multirun .pytest_cache
+
+# TensorBoard in a real browser (tests/test_browser.py): headless Chromium + chromedriver from the
+# OS packages, selenium from PyPI. `make test-browser` fails (does not skip) when they are missing.
+CHROMIUM ?= /usr/bin/chromium
+CHROMEDRIVER ?= /usr/bin/chromedriver
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+.PHONY: browser-deps test-browser screenshots
+
+browser-deps: install
+	@if [ ! -x $(CHROMIUM) ] || [ ! -x $(CHROMEDRIVER) ]; then \
+	  echo "installing chromium and chromium-driver (apt-get)"; \
+	  $(SUDO) apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	fi
+	@$(PY) -c "import selenium" 2>/dev/null || $(PY) -m pip install --quiet selenium
+
+test-browser: install browser-deps
+	CHROMIUM=$(CHROMIUM) CHROMEDRIVER=$(CHROMEDRIVER) $(PY) -m pytest -q -m browser
+
+# the docs' TensorBoard screenshots (docs/img/tensorboard_<tab>.png), made by the browser test
+screenshots: install browser-deps
+	CHROMIUM=$(CHROMIUM) CHROMEDRIVER=$(CHROMEDRIVER) NTK_RNN_SCREENSHOTS=docs/img \
+	  $(PY) -m pytest -q -m browser tests/test_browser.py
