@@ -265,3 +265,9 @@ def test_state_dict_contents():
     assert int(sd["count"]) == 3 and int(sd["steps"]) == 6
     torch.testing.assert_close(sd["inputs"][:3], X[3:6])
     assert "memory" not in BPTTStepper(TinyRNN(2), 0.1).state_dict()
+    # a module without an input_dim attribute: given to the stepper
+    bare = TinyRNN(2)
+    del bare.input_dim
+    with pytest.raises(ConfigError, match=r"pass input_dim"):
+        BPTTStepper(bare, 0.1)
+    assert BPTTStepper(bare, 0.1, window=3, input_dim=2).run_chunk(X, Y).shape == (6,)

@@ -540,16 +540,18 @@ class _BPTTBase:
 
     backend = "bptt"
 
-    def _setup(self, model0: nn.Module, window: int, engine: str, unchecked: bool) -> None:
+    def _setup(self, model0: nn.Module, window: int, engine: str, unchecked: bool,
+               input_dim: Optional[int]) -> None:
         self.window = check_window(window)
         if engine not in ENGINES:
             raise ConfigError(f"engine={engine!r} is not known; choose one of {list(ENGINES)}")
         self.model0 = model0
         p0 = _first_param(model0)
         self.dtype, self.device = p0.dtype, p0.device
-        d = getattr(model0, "input_dim", None)
+        d = getattr(model0, "input_dim", None) if input_dim is None else input_dim
         if isinstance(d, bool) or not isinstance(d, int) or d < 1:
-            raise ConfigError(f"{type(model0).__name__} needs an integer attribute input_dim >= 1")
+            raise ConfigError(f"input_dim={d!r}: pass input_dim (an integer >= 1) for a "
+                              f"{type(model0).__name__} without an input_dim attribute")
         self.d = d
         self.memory_dim = int(model0.memory_dim) if has_memory(model0) else None
         E, W = self.E, self.window
@@ -721,6 +723,11 @@ class _BPTTBase:
         fn(*head, *(None if t is None else t.data_ptr() for t in ts), Xc.data_ptr(), xs,
            Yc.data_ptr(), ys, oc.data_ptr(), T, lr, m.output_scale, m.recurrent_scale,
            self._work.data_ptr())
+        bump = getattr(torch.autograd.graph, "increment_version", None)
+        if bump is not None:  # written through raw pointers: tell autograd
+            for t in ts:
+                if t is not None:
+                    bump(t)
         if oc is not out:
             out.copy_(oc)
         self.count = min(self.count + T, self.window - 1)
@@ -823,19 +830,20 @@ class BPTTStepper(_BPTTBase):
         y_hat = stepper.run_chunk(X, Y)              # X (T, d), Y (T,) -> Ŷ (T,)
         stepper.run_chunk(X[j0:j1], Y[j0:j1], out=y_hat[j0:j1])
 
-    The model's parameters are updated in place. ``state_dict()`` / ``load_state_dict()`` hold
-    the window buffer, the memory at the window start and the step counters (not the
-    parameters: save the model's own state_dict with them). ``engine`` says which engine runs.
+    ``input_dim`` (d) defaults to ``model.input_dim``. The model's parameters are updated in
+    place. ``state_dict()`` / ``load_state_dict()`` hold the window buffer, the memory at the
+    window start and the step counters (not the parameters: save the model's own state_dict
+    with them). ``engine`` says which engine runs; ``backend`` is "bptt".
     """
 
     def __init__(self, model: nn.Module, lr: float, window: int = 32, *, engine: str = "auto",
-                 _unchecked: bool = False) -> None:
+                 input_dim: Optional[int] = None, _unchecked: bool = False) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"BPTTStepper needs an nn.Module, not {type(model).__name__}")
         self.model, self.E = model, 1
         self.lr = _check_lr(lr, 1)
         self._bind_views()
-        self._setup(model, window, engine, _unchecked)
+        self._setup(model, window, engine, _unchecked, input_dim)
 
     def _bind_views(self) -> None:
         """(1, ...) views of the model's own parameters (re-made if one was replaced)."""
@@ -880,7 +888,8 @@ class BPTTEnsembleStepper(_BPTTBase):
     """
 
     def __init__(self, models: Sequence[nn.Module], lrs: Any, window: int = 32, *,
-                 engine: str = "auto", _unchecked: bool = False) -> None:
+                 engine: str = "auto", input_dim: Optional[int] = None,
+                 _unchecked: bool = False) -> None:
         models = list(models)
         if not models:
             raise ConfigError("an ensemble needs at least one model")
@@ -908,7 +917,7 @@ class BPTTEnsembleStepper(_BPTTBase):
             self._bind(e)
         p0 = next(iter(self.params.values()))
         self._lr_t = torch.tensor(self.lr, dtype=p0.dtype, device=p0.device)
-        self._setup(m0, window, engine, _unchecked)
+        self._setup(m0, window, engine, _unchecked, input_dim)
 
     def _bind(self, e: int) -> None:
         m = self.models[e]
