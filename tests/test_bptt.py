@@ -1,10 +1,13 @@
 """Truncated-BPTT online SGD: against an independent naive implementation (autograd through a
 window rebuilt from scratch at every step), ensembles against separate steppers, resume."""
 
+import os
+
 import pytest
 import torch
 from torch import nn
 
+from ntk_rnn.csrc import loader
 from ntk_rnn.errors import ConfigError
 from ntk_rnn.models import GRURNN, ElmanRNN
 from ntk_rnn.online import bptt
@@ -81,7 +84,7 @@ def make(kind, seed=3, dtype=F64):
     if kind == "gru":
         return GRURNN(2, 8, bias_std=0.3, seed=seed, dtype=dtype)
     if kind == "gru_nobias":
-        return GRURNN(2, 8, recurrent_scaling="mean_field", hh_std=3.0, bias=False, seed=seed,
+        return GRURNN(2, 7, recurrent_scaling="mean_field", hh_std=3.0, bias=False, seed=seed,
                       dtype=dtype)
     return TinyRNN(2)
 
@@ -219,6 +222,15 @@ def test_ensemble_resume_and_rebinding(engine):
     ens.run_chunk(X[:, 3:4], Y[:, 3:4])
     assert ms[1].c.data_ptr() == ens.params["c"][1].data_ptr()
     assert ens.params["c"][1].abs().max() > 0  # zero c: the step moved it from the new value
+
+
+@pytest.mark.skipif(loader.compiler() is None or bool(os.environ.get("NTK_RNN_NO_KERNEL")),
+                    reason="no C compiler, or kernels disabled")
+@pytest.mark.parametrize("act", ["tanh", "sigmoid", "erf"])
+def test_kernel_builds_and_passes_its_self_check(act):
+    """With a compiler the kernel must be in use: a failed self-check would otherwise only
+    show up as skipped kernel tests."""
+    assert bptt.kernel_status(act).startswith("ok"), bptt.kernel_status(act)
 
 
 def test_errors():
