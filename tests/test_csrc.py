@@ -47,9 +47,9 @@ def test_sources_are_files_with_one_header():
         text = src.read_text()
         assert '#include "ntk_rnn.h"' in text
         assert "$" not in text  # no templating layer left
-        assert "INL void act_eval" not in text and "INL real spq_step" not in text  # header's
+        assert "INL void act_eval" not in text and "INL void spq_step" not in text  # header's
     header = (loader.SOURCE_DIR / "ntk_rnn.h").read_text()
-    assert "INL real spq_step(" in header and "INL void act_eval(" in header
+    assert "INL void spq_step(" in header and "INL void act_eval(" in header
 
 
 @needs_cc
@@ -200,3 +200,41 @@ def test_explicit_opt_out_does_not_warn(fresh, monkeypatch):
     monkeypatch.setenv("NTK_RNN_FAST_BACKEND", "eager")
     st = fast.FastStepper(MeanFieldRNN(3, 8, seed=0, dtype=F64), 0.1)
     assert st.backend_reason == "requested (NTK_RNN_FAST_BACKEND=eager)"
+
+
+# --- structured NTK on several threads ----------------------------------------------------------
+@needs_cc
+@pytest.mark.parametrize("blocks", [False, True])
+def test_structured_threads_split_units_and_agree(monkeypatch, blocks):
+    """T threads split the units (each its own features and GEMMs), the partial kernels are
+    summed: equal to one thread and to the torch path; torch's thread setting is restored."""
+    from ntk_rnn.ntk import structured as st
+
+    model = MeanFieldRNN(3, 1000, dtype=F64, seed=4, init={"b": "uniform", "rho": 0.8})
+    g = torch.Generator().manual_seed(5)
+    x, x2 = torch.randn(6, 9, 3, generator=g, dtype=F64), torch.randn(5, 7, 3, generator=g,
+                                                                       dtype=F64)
+    monkeypatch.setattr(st, "C_BLOCK_UNITS", 128)  # several blocks per thread, a partial one
+    old = torch.get_num_threads()
+    calls = []
+    real = st._unit_range
+    monkeypatch.setattr(st, "_unit_range", lambda *a, **k: calls.append(a[7:9]) or real(*a, **k))
+    try:
+        torch.set_num_threads(1)
+        K1 = st.structured_ntk(model, x, x2, blocks=blocks)
+        assert calls == [(0, 1000)]
+        torch.set_num_threads(2)
+        calls.clear()
+        K2 = st.structured_ntk(model, x, x2, blocks=blocks)
+        assert torch.get_num_threads() == 2 and sorted(calls) == [(0, 512), (512, 1000)]
+        K2s = st.structured_ntk(model, x, blocks=blocks)
+    finally:
+        torch.set_num_threads(old)
+    monkeypatch.setattr(st, "USE_C", False)
+    Kt, Kts = st.structured_ntk(model, x, x2, blocks=blocks), st.structured_ntk(model, x,
+                                                                                 blocks=blocks)
+    if blocks:
+        K1, K2, K2s, Kt, Kts = (torch.stack(list(v.values())) for v in (K1, K2, K2s, Kt, Kts))
+    assert float((K2 - K1).abs().max()) <= 1e-13 * float(K1.abs().max())
+    assert float((K2 - Kt).abs().max()) <= 1e-12 * float(Kt.abs().max())
+    assert float((K2s - Kts).abs().max()) <= 1e-12 * float(Kts.abs().max())

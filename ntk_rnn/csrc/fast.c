@@ -8,19 +8,22 @@
    after step k-1, as the reference (online/rtrl.py, online/feedback.py) does. */
 #include "ntk_rnn.h"
 
-/* Model D: the step of unit i (the shared recursion, spq_step); returns c_i S'_i. grad: 0 exact
+/* Model D: the step of unit i (the shared recursion spq_step, its state carried as P_i = Dl_i U_i,
+   Q_i = Dl_i V_i: the arrays P, Q hold U, V during a call); returns c_i S'_i. grad: 0 exact
    (RTRL), 1 truncated. */
 INL real dfwd(const int grad, long i, const real *restrict c, const real *restrict w,
-              const real *restrict b, real *restrict S, real *restrict P, real *restrict Q,
-              const real *restrict x) {
-    spq_step(w + i * D, 1, b[i], grad ? (real)0 : b[i], x, S + i, P + i * D, Q + i);
+              const real *restrict b, real *restrict S, real *restrict Dl, real *restrict P,
+              real *restrict Q, const real *restrict x) {
+    spq_step(w + i * D, 1, b[i], grad ? (real)0 : b[i], x, S + i, Dl + i, P + i * D, Q + i, 1);
     return c[i] * S[i];
 }
 
-/* θ_i += g (S_i, c_i P_i, c_i Q_i), g = α_N N^{-β} (Y - Ŷ), with c from before the step */
+/* θ_i += g (S_i, c_i P_i, c_i Q_i), g = α_N N^{-β} (Y - Ŷ), with c from before the step and
+   (P_i, Q_i) = Dl_i (U_i, V_i) */
 INL void dupd(long i, real g, real *restrict c, real *restrict w, real *restrict b,
-              const real *restrict S, const real *restrict P, const real *restrict Q) {
-    real gc = g * c[i];
+              const real *restrict S, const real *restrict Dl, const real *restrict P,
+              const real *restrict Q) {
+    real gc = g * c[i] * Dl[i];
     for (int j = 0; j < D; j++) w[i * D + j] += gc * P[i * D + j];
     b[i] += gc * Q[i];
     c[i] += g * S[i];
@@ -28,12 +31,15 @@ INL void dupd(long i, real g, real *restrict c, real *restrict w, real *restrict
 
 INL void dmember(const int grad, long N, long T, real *restrict c, real *restrict w,
                  real *restrict b, real *restrict S, real *restrict P, real *restrict Q,
-                 const real *restrict X, const real *restrict Y, real *restrict out, real eta,
-                 real sc) {
+                 real *restrict Dl, const real *restrict X, const real *restrict Y,
+                 real *restrict out, real eta, real sc) {
     if (T <= 0) return;
     real acc = 0;
 #pragma omp simd reduction(+ : acc)
-    for (long i = 0; i < N; i++) acc += dfwd(grad, i, c, w, b, S, P, Q, X);
+    for (long i = 0; i < N; i++) {
+        Dl[i] = 1; /* the given P, Q are U, V with Dl = 1 */
+        acc += dfwd(grad, i, c, w, b, S, Dl, P, Q, X);
+    }
     for (long k = 0; k < T; k++) {
         const real yh = acc * sc;
         out[k] = yh;
@@ -43,12 +49,16 @@ INL void dmember(const int grad, long N, long T, real *restrict c, real *restric
             acc = 0;
 #pragma omp simd reduction(+ : acc)
             for (long i = 0; i < N; i++) {
-                dupd(i, g, c, w, b, S, P, Q);
-                acc += dfwd(grad, i, c, w, b, S, P, Q, x);
+                dupd(i, g, c, w, b, S, Dl, P, Q);
+                acc += dfwd(grad, i, c, w, b, S, Dl, P, Q, x);
             }
         } else {
 #pragma omp simd
-            for (long i = 0; i < N; i++) dupd(i, g, c, w, b, S, P, Q);
+            for (long i = 0; i < N; i++) {
+                dupd(i, g, c, w, b, S, Dl, P, Q);
+                for (int j = 0; j < D; j++) P[i * D + j] *= Dl[i]; /* back to P, Q */
+                Q[i] *= Dl[i];
+            }
         }
     }
 }
@@ -129,15 +139,17 @@ INL void fmember(const int grad, long N, long T, real *restrict c, real *restric
 }
 
 /* Exported: E members, parameters (E, N), (E, N, D), (E, N); per-member lr and scale (float64).
-   diag_{rtrl,trunc}: state S, P, Q. fb_{rtrl,trunc}: state dc, dw, db, m (E,) and scratch H, dH. */
+   diag_{rtrl,trunc}: state S, P, Q and scratch Dl (E, N). fb_{rtrl,trunc}: state dc, dw, db,
+   m (E,) and scratch H, dH. */
 #define DARGS                                                                                  \
-    long E, long N, long T, real *c, real *w, real *b, real *S, real *P, real *Q, const real *X, \
-        long xs, const real *Y, long ys, real *out, long os, const double *lr,                 \
+    long E, long N, long T, real *c, real *w, real *b, real *S, real *P, real *Q, real *Dl,     \
+        const real *X, long xs, const real *Y, long ys, real *out, long os, const double *lr,  \
         const double *scale
 #define DLOOP(G)                                                                               \
     for (long e = 0; e < E; e++)                                                               \
     dmember(G, N, T, c + e * N, w + e * N * D, b + e * N, S + e * N, P + e * N * D, Q + e * N, \
-            X + e * xs, Y + e * ys, out + e * os, (real)(lr[e] * scale[e]), (real)scale[e])
+            Dl + e * N, X + e * xs, Y + e * ys, out + e * os, (real)(lr[e] * scale[e]),        \
+            (real)scale[e])
 void EXPORT(diag_rtrl)(DARGS) { DLOOP(0); }
 void EXPORT(diag_trunc)(DARGS) { DLOOP(1); }
 

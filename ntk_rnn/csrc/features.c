@@ -3,20 +3,24 @@
 
    For a block of units i and every window x̄ = (X_0..X_{L-1}) it computes, fused per (window,
    unit), φ_i = (S_L, c_i Q_L, c_i P_L) with the recursion of spq_step (ntk_rnn.h) from
-   S_0 = P_0 = Q_0 = 0 — in the forward form, so S, Q, P stay in registers and nothing of length L
-   is stored. With `coef` (the factorised P·P' term) the cP rows are skipped (left untouched) and
+   S_0 = P_0 = Q_0 = 0 — in the forward form, so the state of a chunk of units stays in L1 and
+   nothing of length L is stored. With `coef` (the factorised P·P' term) the cP rows are skipped (left untouched) and
    the coefficients c_i a_{i,k} of P_L = Σ_k a_k X_k, Q_L = Σ_k a_k S_k go to coef (n, L, Nb):
    a_{L-1} = D_{L-1}, a_{k-1} = g D_{k-1} a_k, D_k = σ'(z_k); D_k is stored there going forward
    and turned into c a_k by the backward recursion in place.
 
-   Units are processed in chunks of VL (two AVX-512 vectors, for latency hiding), each loop over
-   the VL lanes of a chunk, so that `cc -O3` turns it into vector code and σ into libmvec calls. */
+   Units are processed in chunks of VL lanes (float: 128, double: 64, i.e. 8 AVX-512 vectors:
+   the recursion is a chain through σ at every step, so several independent vectors keep the
+   FP units busy), each loop over the lanes of a chunk, so that `cc -O3` turns it into vector code.
+   tanh in float32 is the inline rational approximation of ntk_rnn.h (NTK_RATIONAL_TANH: a libm
+   call would spill the chunk's registers at every step). */
+#define NTK_RATIONAL_TANH
 #include "ntk_rnn.h"
 
 #ifdef NTK_FLOAT
-#define VL 32
+#define VL 128
 #else
-#define VL 16
+#define VL 64
 #endif
 
 /* One chunk of VL units, one window xr (L, D): out rows (stride ld) [S_L, c Q_L, c P_L]; with
@@ -25,34 +29,40 @@
 INL void chunk(long L, int trunc, const real *restrict xr, const real *restrict wt, long ldw,
                const real *restrict bt, const real *restrict ct, real *restrict out,
                real *restrict co, long ld) {
-    real W[D * VL], B[VL], G[VL], S[VL], Q[VL], P[D * VL]; /* W, P: coordinate j at [j * VL] */
+    /* W, U: coordinate j of lane v at [j * VL + v]; P = Dl U, Q = Dl V (spq_step) */
+    real W[D * VL], B[VL], G[VL], S[VL], Dl[VL], U[D * VL], V[VL];
     for (int v = 0; v < VL; v++) {
         for (int j = 0; j < D; j++) {
             W[j * VL + v] = wt[j * ldw + v];
-            P[j * VL + v] = 0;
+            U[j * VL + v] = 0;
         }
         B[v] = bt[v];
         G[v] = trunc ? 0 : bt[v];
         S[v] = 0;
-        Q[v] = 0;
+        Dl[v] = 0;
+        V[v] = 0;
     }
     for (long k = 0; k < L; k++) {
         const real *restrict xk = xr + k * D;
         if (co) { /* keep D_k for the coefficients */
 #pragma omp simd
-            for (int v = 0; v < VL; v++)
-                co[k * ld + v] = spq_step(W + v, VL, B[v], G[v], xk, S + v, 0, Q + v);
+            for (int v = 0; v < VL; v++) {
+                spq_step(W + v, VL, B[v], G[v], xk, S + v, Dl + v, U + v, V + v, 0);
+                co[k * ld + v] = Dl[v];
+            }
         } else {
 #pragma omp simd
             for (int v = 0; v < VL; v++)
-                spq_step(W + v, VL, B[v], G[v], xk, S + v, P + v, Q + v);
+                spq_step(W + v, VL, B[v], G[v], xk, S + v, Dl + v, U + v, V + v, 1);
         }
     }
+#pragma omp simd
     for (int v = 0; v < VL; v++) {
+        const real cd = ct[v] * Dl[v];
         out[v] = S[v];
-        out[ld + v] = ct[v] * Q[v];
+        out[ld + v] = cd * V[v];
         if (!co)
-            for (int j = 0; j < D; j++) out[(2 + j) * ld + v] = ct[v] * P[j * VL + v];
+            for (int j = 0; j < D; j++) out[(2 + j) * ld + v] = cd * U[j * VL + v];
     }
     if (co) { /* a_{L-1} = D_{L-1}, a_{k-1} = g D_{k-1} a_k; then c a_k */
         for (int v = 0; v < VL; v++) co[(L - 1) * ld + v] *= ct[v];

@@ -18,16 +18,18 @@ Built by :mod:`ntk_rnn.csrc.loader` (one shared object per (d, activation), cach
 checked once per process against the torch recursion (:func:`_reference`); any failure means
 ``None`` here, i.e. the torch path, with one warning. ``NTK_RNN_NO_KERNEL=1`` disables it (as
 for the training kernel); ``structured.USE_C = False`` does too, at run time.
-The windows are split over ``torch.get_num_threads()`` Python threads (ctypes drops the GIL).
+The windows are split over ``torch.get_num_threads()`` Python threads (ctypes drops the GIL);
+:func:`run_parallel` also serves ``structured_ntk``, which splits the units over threads.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -83,11 +85,32 @@ def usable(model: Any, x: Tensor) -> bool:
             and library(x.shape[-1], model.act.name) is not None)
 
 
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
+                                       thread_name_prefix="ntk-features")
+        return _POOL
+
+
+def run_parallel(tasks: list[Callable[[], Any]]) -> list[Any]:
+    """The results of ``tasks``: the first in this thread, the others on the module's pool
+    (C calls and torch's BLAS drop the GIL). The tasks must not use the pool themselves."""
+    if len(tasks) <= 1:
+        return [t() for t in tasks]
+    futures = [_pool().submit(t) for t in tasks[1:]]
+    first = tasks[0]()
+    return [first] + [f.result() for f in futures]
+
+
 def block_features(model: Any, x: Tensor, units: slice, truncated: bool, phi: Tensor,
-                   coef: Tensor | None, lib: ctypes.CDLL | None = None) -> None:
+                   coef: Tensor | None, lib: ctypes.CDLL | None = None,
+                   threads: int | None = None) -> None:
     """φ of ``units`` for windows x (n, L, d) into phi (n, d+2, Nb) (rows [S, cQ, cP], c applied),
     or with ``coef`` (n, L, Nb) the c-scaled coefficients there instead of the cP rows. phi and
-    coef must be contiguous; call only when :func:`usable`."""
+    coef must be contiguous; call only when :func:`usable`. The windows are split over
+    ``threads`` threads (default ``torch.get_num_threads()``)."""
     n, L, d = x.shape
     lib = lib or library(d, model.act.name)
     x = x.contiguous()
@@ -97,18 +120,11 @@ def block_features(model: Any, x: Tensor, units: slice, truncated: bool, phi: Te
     fn = lib.features_f32 if x.dtype == torch.float32 else lib.features_f64
     args = (L, Nb, int(truncated), x.data_ptr(), wT.data_ptr(), Nb, b.data_ptr(), c.data_ptr(),
             phi.data_ptr(), 0 if coef is None else coef.data_ptr())
-    parts = max(1, min(torch.get_num_threads(), os.cpu_count() or 1, n, (n * L * Nb) // 2**16))
-    if parts == 1:
-        codes = [fn(0, n, *args)]
-    else:  # windows split over threads: ctypes releases the GIL during the call
-        global _POOL
-        with _LOCK:
-            if _POOL is None:
-                _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
-                                           thread_name_prefix="ntk-features")
-        cuts = [n * t // parts for t in range(parts + 1)]
-        futures = [_POOL.submit(fn, cuts[t], cuts[t + 1], *args) for t in range(1, parts)]
-        codes = [fn(0, cuts[1], *args)] + [f.result() for f in futures]  # this thread: part 0
+    threads = torch.get_num_threads() if threads is None else threads
+    parts = max(1, min(threads, os.cpu_count() or 1, n, (n * L * Nb) // 2**16))
+    cuts = [n * t // parts for t in range(parts + 1)]  # windows split over threads
+    codes = run_parallel([functools.partial(fn, cuts[t], cuts[t + 1], *args)
+                          for t in range(parts)])
     if any(codes):
         raise MemoryError("features kernel: could not allocate its work buffer")
 

@@ -24,14 +24,21 @@ per-step slices in cache. tanh is evaluated as 2·sigmoid(2z) − 1, equal to ro
 times faster than ``torch.tanh`` on CPU.
 
 On the CPU (float32/float64, tanh/sigmoid/erf) the features of a block come from a compiled C
-kernel instead (:mod:`._features_c`: the same recursions fused per unit, in registers; the whole
-kernel ~2.5× faster at the bench's sizes); the torch path below stays the reference and the CUDA
-path. ``USE_C = False`` (or ``NTK_RNN_NO_KERNEL=1``) turns the kernel off.
+kernel instead (:mod:`._features_c`, ``csrc/features.c``: the same recursion fused per unit, the
+state of 128 units in L1, tanh inline in float32); the torch path below stays the reference and
+the CUDA path. With T = ``torch.get_num_threads()`` > 1 the units are split into T ranges, one
+per thread, each doing its features and its own Gram GEMMs single-threaded; the T partial kernels
+are summed (no hand-over between a threaded feature pass and a threaded GEMM per block).
+``USE_C = False`` (or ``NTK_RNN_NO_KERNEL=1``) turns the kernel off.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import os
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -46,6 +53,12 @@ USE_C = True
 #: Entries per (windows × steps × units) work buffer: 2^19 (2 MiB in float32) keeps buffers
 #: below glibc's mmap threshold (no page faults on reuse) and the per-step slices in cache.
 BLOCK_ELEMENTS = 2**19
+
+#: Units per block with the compiled features (per thread: the φ of both sides, (n + m)(d + 2)
+#: entries per unit, then one Gram GEMM per block; 512: 1.5 MiB at n = m = 128, d = 4).
+C_BLOCK_UNITS = 512
+#: The C kernel's chunk of units (float32): thread ranges are cut on its multiples.
+C_CHUNK = 128
 
 BLOCK_NAMES = ("c", "w", "b")
 
@@ -157,12 +170,13 @@ def _window_chunk(
 
 def _block_features(
     model: MeanFieldRNN, x: Tensor, xT: Tensor, units: slice, truncated: bool, factorised: bool,
-    ws: _Workspace, side: str = "1", use_c: bool | None = None,
+    ws: _Workspace, side: str = "1", use_c: bool | None = None, threads: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """φ for one block of units, all windows: (n, d+2, Nb) with rows [S, cQ, cP], and the
     c-scaled coefficients c_i a_{i,k} (n, L, Nb) when ``factorised`` (the cP rows are then not
     written). Views into ``ws``. ``use_c``: the compiled kernel (default: ``USE_C`` and usable
-    here, i.e. CPU, float32/64, tanh/sigmoid/erf, a C compiler) or the torch path (False)."""
+    here, i.e. CPU, float32/64, tanh/sigmoid/erf, a C compiler) or the torch path (False);
+    ``threads``: the C kernel's threads over windows (default ``torch.get_num_threads()``)."""
     n, L, d = x.shape
     c = model.c.detach()[units]
     Nb = c.shape[0]
@@ -171,7 +185,7 @@ def _block_features(
     if use_c is None:
         use_c = USE_C and _features_c.usable(model, x)
     if use_c:
-        _features_c.block_features(model, x, units, truncated, phi, coef)
+        _features_c.block_features(model, x, units, truncated, phi, coef, threads=threads)
         return phi, coef
     step = max(1, BLOCK_ELEMENTS // (L * Nb))
     for i0 in range(0, n, step):
@@ -214,6 +228,71 @@ def _pp_factorised(A1: Tensor, A2: Tensor, G: Tensor) -> Tensor:
     return (T * G).sum((1, 3))
 
 
+def _accumulate(K: Tensor | dict[str, Tensor], F1: Tensor, A1: Tensor | None, F2: Tensor,
+                A2: Tensor | None, G: Tensor | None) -> None:
+    """K += the contribution of one block of units (features F, coefficients A; G = X·X')."""
+    n, m = F1.shape[0], F2.shape[0]
+    if isinstance(K, dict):
+        K["c"].addmm_(F1[:, 0], F2[:, 0].T)
+        K["b"].addmm_(F1[:, 1], F2[:, 1].T)
+        if G is not None:
+            K["w"].add_(_pp_factorised(A1, A2, G))
+        else:
+            K["w"].addmm_(F1[:, 2:].reshape(n, -1), F2[:, 2:].reshape(m, -1).T)
+    elif G is not None:
+        K.addmm_(F1[:, :2].reshape(n, -1), F2[:, :2].reshape(m, -1).T)
+        K.add_(_pp_factorised(A1, A2, G))
+    else:
+        K.addmm_(F1.view(n, -1), F2.view(m, -1).T)
+
+
+def _unit_range(
+    model: MeanFieldRNN, x: Tensor, x2: Tensor, truncated2: bool, same: bool, G: Tensor | None,
+    blocks: bool, u0: int, u1: int, Nb: int, use_c: bool | None, single: bool = False,
+) -> Tensor | dict[str, Tensor]:
+    """Σ over units u0..u1-1 of φ_i(x̄)·φ_i(x̄') (not yet /N), in blocks of Nb units. ``single``:
+    this runs on one of several threads that split the units (torch and the C kernel use one
+    thread here)."""
+    if single:
+        torch.set_num_threads(1)  # this thread's OpenMP setting (a pool thread keeps its own)
+    threads = 1 if single else None
+    n, m = x.shape[0], x2.shape[0]
+    factorise = G is not None
+    K = {k: x.new_zeros(n, m) for k in BLOCK_NAMES} if blocks else x.new_zeros(n, m)
+    ws = _Workspace()
+    xT = x.transpose(1, 2).contiguous()
+    x2T = xT if x2 is x else x2.transpose(1, 2).contiguous()
+    with torch.inference_mode():  # K stays a normal tensor; the work skips autograd bookkeeping
+        for b0 in range(u0, u1, Nb):
+            units = slice(b0, min(b0 + Nb, u1))
+            F1, A1 = _block_features(model, x, xT, units, False, factorise, ws, "1", use_c,
+                                     threads)
+            F2, A2 = (F1, A1) if same else _block_features(
+                model, x2, x2T, units, truncated2, factorise, ws, "2", use_c, threads)
+            _accumulate(K, F1, A1, F2, A2, G)
+    return K
+
+
+@contextlib.contextmanager
+def _torch_threads(k: int) -> Iterator[None]:
+    """torch (and its BLAS) on ``k`` threads inside the block, the old setting restored after."""
+    old = torch.get_num_threads()
+    if old == k:
+        yield
+        return
+    torch.set_num_threads(k)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _thread_ranges(N: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous unit ranges, the cuts on multiples of the C kernel's chunk."""
+    cuts = [0] + [min(N, round(N * t / parts / C_CHUNK) * C_CHUNK) for t in range(1, parts)] + [N]
+    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+
 def structured_ntk(
     model: MeanFieldRNN, x: Tensor, x2: Tensor | None = None, *, truncated2: bool = False,
     unit_chunk: int | None = None, blocks: bool = False, factorise: bool | None = None,
@@ -221,10 +300,16 @@ def structured_ntk(
     """K = (1/N) Σ_i φ_i(x̄) · φ_i(x̄') for windows x (n, L, d), x2 (m, L', d) (default x2 = x).
 
     ``truncated2``: use the truncated-gradient features g on the x2 side (training kernel of
-    ``gradient: truncated``). ``unit_chunk``: units per block (default: ``unit_block_size``).
-    ``blocks``: return {"c": S·S', "w": c² P·P', "b": c² Q·Q'} (each /N) instead of the sum.
-    ``factorise``: force the coefficient factorisation of P·P' on/off (default ``use_factorised``).
-    Inputs must already be validated, in the model's dtype and device.
+    ``gradient: truncated``). ``unit_chunk``: units per block (default: ``unit_block_size``, or
+    ``C_BLOCK_UNITS`` with the compiled features). ``blocks``: return {"c": S·S', "w": c² P·P',
+    "b": c² Q·Q'} (each /N) instead of the sum. ``factorise``: force the coefficient
+    factorisation of P·P' on/off (default ``use_factorised``). Inputs must already be validated,
+    in the model's dtype and device.
+
+    With the compiled features and ``torch.get_num_threads()`` = T > 1 the units are split into T
+    ranges, one per thread, each computing its features and its own Gram GEMMs (torch on one
+    thread there), and the T partial kernels are summed: no hand-over between a threaded feature
+    pass and a threaded GEMM per block, so both scale with T.
     """
     n, L1, d = x.shape
     same = (x2 is None or x2 is x) and not truncated2
@@ -233,39 +318,31 @@ def structured_ntk(
     N = model.width
     if factorise is None:
         factorise = use_factorised(L1, L2, d)
-    Nb = unit_chunk or unit_block_size(model, max(n, m), max(L1, L2))
-    if unit_chunk is None and torch.get_num_threads() > 1 and USE_C and \
-            _features_c.usable(model, x):
-        # threaded C features hand over to torch's GEMM threads once per block: larger blocks
-        # amortise that (on a loaded 2-core box: 256 units/block 8x GEMM, 1024 3.5x), as long
-        # as the two sides' buffers (φ, and the coefficients when factorised) stay ≤ 2^24 entries
-        per_unit = (n + m) * (d + 2 + (max(L1, L2) if factorise else 0))
-        Nb = min(N, max(Nb, min(1024, 2**24 // max(1, per_unit))))
     G = None
     if factorise:  # X_k · X'_{k'} for all window pairs and steps
         G = torch.mm(x.reshape(n * L1, d), x2.reshape(m * L2, d).T).view(n, L1, m, L2)
-    K = {k: x.new_zeros(n, m) for k in BLOCK_NAMES} if blocks else x.new_zeros(n, m)
-    ws = _Workspace()
-    xT = x.transpose(1, 2).contiguous()
-    x2T = xT if x2 is x else x2.transpose(1, 2).contiguous()
-    with torch.inference_mode():  # K stays a normal tensor; the work skips autograd bookkeeping
-        for u0 in range(0, N, Nb):
-            units = slice(u0, min(u0 + Nb, N))
-            F1, A1 = _block_features(model, x, xT, units, False, factorise, ws, "1")
-            F2, A2 = (F1, A1) if same else _block_features(
-                model, x2, x2T, units, truncated2, factorise, ws, "2")
-            if blocks:
-                K["c"].addmm_(F1[:, 0], F2[:, 0].T)
-                K["b"].addmm_(F1[:, 1], F2[:, 1].T)
-                if factorise:
-                    K["w"].add_(_pp_factorised(A1, A2, G))
+    use_c = USE_C and _features_c.usable(model, x) and (x2 is x or _features_c.usable(model, x2))
+    if not use_c:
+        Nb = unit_chunk or unit_block_size(model, max(n, m), max(L1, L2))
+        K = _unit_range(model, x, x2, truncated2, same, G, blocks, 0, N, Nb, False)
+    else:
+        Nb = unit_chunk or C_BLOCK_UNITS
+        parts = max(1, min(torch.get_num_threads(), os.cpu_count() or 1, N // Nb))
+        if parts == 1:
+            K = _unit_range(model, x, x2, truncated2, same, G, blocks, 0, N, Nb, True)
+        else:
+            tasks = [functools.partial(_unit_range, model, x, x2, truncated2, same, G, blocks,
+                                       u0, u1, Nb, True, True)
+                     for u0, u1 in _thread_ranges(N, parts)]
+            with _torch_threads(1):
+                Ks = _features_c.run_parallel(tasks)
+            K = Ks[0]
+            for other in Ks[1:]:
+                if blocks:
+                    for k in K:
+                        K[k].add_(other[k])
                 else:
-                    K["w"].addmm_(F1[:, 2:].reshape(n, -1), F2[:, 2:].reshape(m, -1).T)
-            elif factorise:
-                K.addmm_(F1[:, :2].reshape(n, -1), F2[:, :2].reshape(m, -1).T)
-                K.add_(_pp_factorised(A1, A2, G))
-            else:
-                K.addmm_(F1.view(n, -1), F2.view(m, -1).T)
+                    K.add_(other)
     if blocks:
         return {k: v.div_(N) for k, v in K.items()}
     return K.div_(N)

@@ -80,7 +80,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     tail = [P, L, P, L, P, L, P, P]  # X, xs, Y, ys, out, os, lr, scale
     for sfx in ("f32", "f64"):
         for g in ("rtrl", "trunc"):
-            for kind, n_ptr in (("diag", 6), ("fb", 9)):  # c w b S P Q | c w b dc dw db m H dH
+            for kind, n_ptr in (("diag", 7), ("fb", 9)):  # c w b S P Q Dl | c w b dc dw db m H dH
                 fn = getattr(lib, f"{kind}_{g}_{sfx}")
                 fn.argtypes = [L, L, L] + [P] * n_ptr + tail
                 fn.restype = None
@@ -214,9 +214,11 @@ class _KernelEngine:
         kind = "fb" if buf.recurrence == "feedback" else "diag"
         self.fn = getattr(lib, f"{kind}_{g}_{sfx}")
         self.item = buf.t["c"].element_size()
-        if kind == "fb":
+        if kind == "fb":  # scratch: σ(z), σ'(z)
             self.H = torch.empty(buf.E, buf.N, dtype=buf.dtype)
             self.dH = torch.empty(buf.E, buf.N, dtype=buf.dtype)
+        else:  # scratch: σ'(z) of the last step (fast.c carries P, Q as σ'·U, σ'·V)
+            self.Dl = torch.empty(buf.E, buf.N, dtype=buf.dtype)
 
     def run(self, X3: Tensor, Y2: Tensor, out2: Tensor) -> None:
         buf = self.buf
@@ -266,7 +268,7 @@ class _KernelEngine:
                     p(self.dH, N), *tail)
         else:
             self.fn(e1 - e0, N, T, p(t["c"], N), p(t["w"], N * d), p(t["b"], N), p(t["S"], N),
-                    p(t["P"], N * d), p(t["Q"], N), *tail)
+                    p(t["P"], N * d), p(t["Q"], N), p(self.Dl, N), *tail)
 
 
 class _EagerEngine:
