@@ -54,6 +54,9 @@ def test_elman_forward_matches_explicit_loop(scaling, act):
     y1, H1 = m(x[2], h0=h0[2], return_states=True)
     assert y1.shape == (6,) and H1.shape == (6, 9)
     np.testing.assert_allclose(y1.detach().numpy(), y0_ref[2], atol=1e-13)
+    # last_only (what empirical_ntk asks for): Ŷ_L alone
+    np.testing.assert_allclose(m(x, last_only=True).detach().numpy(), y_ref[:, -1], atol=1e-13)
+    assert m(x[0], last_only=True).shape == ()
 
 
 def gru_numpy(m: GRURNN, x: np.ndarray) -> np.ndarray:
@@ -97,6 +100,7 @@ def test_gru_forward_matches_grucell_and_explicit_loop(scaling):
     y_s, H = m(x[0], return_states=True)
     assert y_s.shape == (7,) and H.shape == (7, 11)
     torch.testing.assert_close(y_s, y[0])
+    torch.testing.assert_close(m(x, last_only=True), y[:, -1])
 
 
 def test_gru_without_bias():

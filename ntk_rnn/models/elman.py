@@ -175,24 +175,35 @@ class ElmanRNN(nn.Module):
     def check_windows(self, x: Tensor, name: str = "x") -> None:
         check_windows(self, x, name)
 
-    def forward(self, x: Tensor, h0: Optional[Tensor] = None, return_states: bool = False):
-        """Ŷ_k for k = 1..L of each window, from memory h0 (default zero)."""
+    def forward(self, x: Tensor, h0: Optional[Tensor] = None, return_states: bool = False,
+                last_only: bool = False):
+        """Ŷ_k for k = 1..L of each window, from memory h0 (default zero).
+
+        ``last_only=True``: only Ŷ_L, shape (B,) (0-d for one (L, d) window) — what the NTK
+        needs (``ntk_rnn.ntk.empirical_ntk`` asks for it). ``return_states=True``: also the
+        memories S_1..S_L, (B, L, N) (or (L, N)).
+        """
         self.check_windows(x)
         single = x.dim() == 2
         if single:
             x = x.unsqueeze(0)
-        u = x @ self.w.T  # (B, L, N)
+        u = (x @ self.w.T).unbind(1)  # L × (B, N); unbind: a cheap backward under torch.func
         if h0 is None:
-            S = torch.zeros_like(u[:, 0])
+            S = torch.zeros_like(u[0])
         else:
-            S = check_h0(h0.to(u.dtype), u.shape[0], self.width, single)
+            S = check_h0(h0.to(u[0].dtype), u[0].shape[0], self.width, single)
         At, g = self.A.T, self.recurrent_scale
         states = []
-        for k in range(x.shape[1]):
-            S = self.act(torch.addmm(u[:, k], S, At, alpha=g))
+        for uk in u:
+            S = self.act(torch.addmm(uk, S, At, alpha=g))
             states.append(S)
-        H = torch.stack(states, dim=1)  # (B, L, N)
-        y = (H @ self.c) * self.output_scale
+        if last_only:
+            y = (S @ self.c) * self.output_scale
+            H = torch.stack(states, dim=1) if return_states else None
+        else:
+            H = torch.stack(states, dim=1)  # (B, L, N)
+            y = (H @ self.c) * self.output_scale
         if single:
-            y, H = y.squeeze(0), H.squeeze(0)
+            y = y.squeeze(0)
+            H = None if H is None else H.squeeze(0)
         return (y, H) if return_states else y

@@ -111,9 +111,10 @@ class GRURNN(nn.Module):
     def check_windows(self, x: Tensor, name: str = "x") -> None:
         check_windows(self, x, name)
 
-    def forward(self, x: Tensor, h0: Optional[Tensor] = None, return_states: bool = False):
-        """Ŷ_k for k = 1..L of each window from memory h0 (default zero); with
-        ``return_states`` also the memories h_1..h_L, (B, L, N) (or (L, N))."""
+    def forward(self, x: Tensor, h0: Optional[Tensor] = None, return_states: bool = False,
+                last_only: bool = False):
+        """Ŷ_k for k = 1..L of each window from memory h0 (default zero); ``last_only``: Ŷ_L
+        only, (B,); ``return_states``: also the memories h_1..h_L, (B, L, N) (or (L, N))."""
         self.check_windows(x)
         single = x.dim() == 2
         if single:
@@ -122,25 +123,31 @@ class GRURNN(nn.Module):
         gi = x @ cell.weight_ih.T  # (B, L, 3N)
         if self.bias:
             gi = gi + cell.bias_ih
+        gi = gi.unbind(1)
         if h0 is None:
-            h = torch.zeros_like(gi[:, 0, :N])
+            h = torch.zeros_like(gi[0][:, :N])
         else:
-            h = check_h0(h0.to(gi.dtype), gi.shape[0], N, single)
+            h = check_h0(h0.to(gi[0].dtype), gi[0].shape[0], N, single)
         Wt = cell.weight_hh.T
         states = []
-        for k in range(x.shape[1]):
+        for gk in gi:
             gh = h @ Wt * g
             if self.bias:
                 gh = gh + cell.bias_hh
-            i_r, i_z, i_n = gi[:, k].chunk(3, dim=-1)
+            i_r, i_z, i_n = gk.chunk(3, dim=-1)
             h_r, h_z, h_n = gh.chunk(3, dim=-1)
             r = torch.sigmoid(i_r + h_r)
             z = torch.sigmoid(i_z + h_z)
             n = torch.tanh(i_n + r * h_n)
             h = n + z * (h - n)
             states.append(h)
-        H = torch.stack(states, dim=1)
-        y = (H @ self.c) * self.output_scale
+        if last_only:
+            y = (h @ self.c) * self.output_scale
+            H = torch.stack(states, dim=1) if return_states else None
+        else:
+            H = torch.stack(states, dim=1)
+            y = (H @ self.c) * self.output_scale
         if single:
-            y, H = y.squeeze(0), H.squeeze(0)
+            y = y.squeeze(0)
+            H = None if H is None else H.squeeze(0)
         return (y, H) if return_states else y
