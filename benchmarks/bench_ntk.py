@@ -19,6 +19,8 @@ each method is measured in a fresh subprocess (``resource.getrusage`` ru_maxrss,
 
 Run: ``python -m benchmarks.bench_ntk`` (N = 4096, n = m = 128, L = 32, d = 4, float32, a few
 minutes); ``--quick`` (or ``NTK_BENCH_QUICK=1`` for ``make bench``): N = 1024, n = m = 32, L = 16.
+``--large [--quick] [--threads 1]``: ``blocked_ntk`` on n = 4096 windows at N = 65536 within a
+2 GiB budget (structured and jacobian; tens of minutes on one core), time and peak RSS.
 """
 
 from __future__ import annotations
@@ -247,6 +249,54 @@ def peak_memory(label: str, size: dict, recurrence: str = "diagonal") -> dict | 
         return None
 
 
+LARGE = dict(N=65536, n=4096, L=32, d=4)
+
+
+def _large_child(method: str, size: dict, budget: int, threads: int) -> None:
+    """blocked_ntk(x, x) on one large probe set in this fresh process: time and peak RSS."""
+    from ntk_rnn.ntk import blocked_ntk
+
+    torch.set_num_threads(threads)
+    model, _, x, _ = setup(**size)
+    blocked_ntk(model, x[:8], method=method, memory_budget=budget)  # warm-up
+    gc.collect()
+    reset = _reset_peak()
+    before = _vm("VmRSS") or 0.0
+    t = time.perf_counter()
+    K = blocked_ntk(model, x, method=method, memory_budget=budget)
+    t = time.perf_counter() - t
+    peak = (_vm("VmHWM") if reset else None) or resource.getrusage(
+        resource.RUSAGE_SELF).ru_maxrss / 1024
+    sub = torch.randperm(size["n"], generator=torch.Generator().manual_seed(0))[:64]
+    check = relative_frobenius(K[sub][:, sub], empirical_ntk(model, x[sub], method="structured"))
+    print(json.dumps({"peak_mb": peak, "before_mb": before, "seconds": t, "reset": reset,
+                      "check": check}))
+
+
+def large_main(quick: bool = False, budget: int = 2 * 2**30, threads: int = 1,
+               methods: tuple[str, ...] = ("structured", "jacobian")) -> None:
+    """The kernel of n = 4096 windows at N = 65536 (Φ alone: 6 GB in float32) by ``blocked_ntk``
+    within ``budget`` bytes, each method in a fresh process; ``quick``: n = 1024, N = 16384."""
+    size = dict(N=16384, n=1024, L=32, d=4) if quick else LARGE
+    phi = size["n"] * size["N"] * (size["d"] + 2) * 4
+    print(f"\n== blocked NTK K(x, x), N={size['N']}, n={size['n']}, L={size['L']}, d={size['d']}, "
+          f"float32, memory_budget={budget / 2**30:.2f} GiB, {threads} thread(s); Φ alone would be "
+          f"{phi / 2**30:.1f} GiB — {machine()}")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for method in methods:
+        cmd = [sys.executable, "-m", "benchmarks.bench_ntk", "--large-child", method,
+               "--size", json.dumps(size), "--budget", str(budget), "--threads", str(threads)]
+        try:
+            out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=7200)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+        except (subprocess.SubprocessError, ValueError, IndexError):
+            print(f"{method:<12} failed: {out.stderr.strip()[-300:] if 'out' in dir() else ''}")
+            continue
+        print(f"{method:<12} {r['seconds']:8.1f} s   peak RSS {r['peak_mb']:7.0f} MB (before the "
+              f"call {r['before_mb']:.0f} MB, +{r['peak_mb'] - r['before_mb']:.0f} MB)   "
+              f"64x64 sub-block vs structured: rel. diff {r['check']:.1e}")
+
+
 def main(quick: bool | None = None, threads: tuple[int, ...] = (1, 2), repeats: int = 5,
          memory: bool = True, skip: tuple[str, ...] = ()) -> None:
     """The fair table for Model D (and Model F) at each thread count, then peak memory."""
@@ -292,12 +342,23 @@ if __name__ == "__main__":
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--skip", nargs="*", default=[], help="row labels not to run")
+    ap.add_argument("--large", action="store_true",
+                    help="blocked_ntk on n=4096 windows at N=65536 (with --quick: n=1024, N=16384)")
+    ap.add_argument("--budget", type=int, default=2 * 2**30, help="memory budget for --large")
+    ap.add_argument("--methods", nargs="+", default=["structured", "jacobian"],
+                    help="methods for --large")
+    ap.add_argument("--large-child", help=argparse.SUPPRESS)
     ap.add_argument("--measure", help=argparse.SUPPRESS)
     ap.add_argument("--size", help=argparse.SUPPRESS)
     ap.add_argument("--recurrence", default="diagonal", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure:
         _measure_child(args.measure, json.loads(args.size), args.recurrence)
+    elif args.large_child:
+        _large_child(args.large_child, json.loads(args.size), args.budget, args.threads[0])
+    elif args.large:
+        large_main(quick=args.quick, budget=args.budget, threads=args.threads[0],
+                   methods=tuple(args.methods))
     else:
         main(quick=args.quick or None, threads=tuple(args.threads), repeats=args.repeats,
              memory=not args.no_memory, skip=tuple(args.skip))

@@ -1,20 +1,30 @@
-"""NTK engine: the empirical kernel (generic torch.func and structured), metrics, Model F's cell kernel."""
+"""NTK engine: empirical kernel (generic torch.func, structured), metrics, Model F's cell kernel.
 
+Large probe sets: ``blocked_ntk`` (the kernel within a memory budget) and ``KernelOperator`` with
+the matrix-free metrics of ``ntk.large`` (``large.trace``, ``large.frobenius_norm``,
+``large.top_eigenvalues``, ``large.target_alignment``, ``large.intrinsic_dimension``).
+"""
+
+from . import large
+from .cell import cell_ntk
 from .empirical import (
     GRADIENTS,
     MEMORY_BUDGET,
     METHODS,
+    Footprint,
     Gradient,
     Method,
     check_inputs,
     choose_method,
     empirical_ntk,
+    footprint,
     jacobian_blocks,
+    method_costs,
     ntk_blocks,
     ntk_vp_kernel,
     training_kernel,
 )
-from .cell import cell_ntk
+from .large import DEFAULT_MEMORY_BUDGET, Estimate, KernelOperator, blocked_ntk
 from .metrics import (
     effective_rank,
     intrinsic_dimension,
@@ -31,5 +41,6 @@ __all__ = [
     "choose_method", "empirical_ntk", "jacobian_blocks", "ntk_blocks", "ntk_vp_kernel",
     "training_kernel", "cell_ntk", "structured_ntk", "supports_structured", "unit_feature_matrix",
     "effective_rank", "intrinsic_dimension", "kernel_distance", "kernel_velocity",
-    "relative_frobenius", "target_alignment", "top_eigenvalues",
+    "relative_frobenius", "target_alignment", "top_eigenvalues", "Footprint", "footprint",
+    "method_costs", "large", "DEFAULT_MEMORY_BUDGET", "Estimate", "KernelOperator", "blocked_ntk",
 ]
