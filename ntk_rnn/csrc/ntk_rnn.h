@@ -103,7 +103,7 @@ INL void act_eval(real z, real *s, real *ds) {
 }
 
 /* Model D, one unit, one step: the forward pass and its RTRL recursion (theory §3), written once
-   for both kernels. The textbook form (online/rtrl.py's spq_step) is
+   for both kernels. The textbook form (the torch spq_step of ntk_rnn/models/recurrence.py) is
 
        z = w·x + b S,   S ← σ(z),   P ← σ'(z) (x + g P),   Q ← σ'(z) (S + g Q)
 

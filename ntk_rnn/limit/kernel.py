@@ -48,7 +48,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..models.activations import Activation
 from ..models.init import InitLaw
-from ..online.rtrl import spq_step
+from ..models.recurrence import spq_step
 
 METHODS = ("auto", "rqmc", "quadrature", "mc")
 _F64 = torch.float64

@@ -3,7 +3,7 @@
 
 For one block of units i and every window x̄ = (X_0..X_{L−1}) the kernel computes, fused per
 (window, unit), the features φ_i = (S_L, c_i Q_L, c_i P_L) of theory §4 with the recursion
-``spq_step`` of ``csrc/ntk_rnn.h`` (the C twin of :func:`ntk_rnn.online.rtrl.spq_step`):
+``spq_step`` of ``csrc/ntk_rnn.h`` (the C twin of :func:`ntk_rnn.models.recurrence.spq_step`):
 
     z_k = w_i·X_k + b_i S_k,   S_{k+1} = σ(z_k),   D_k = σ'(z_k),   S_0 = P_0 = Q_0 = 0
     Q_{k+1} = D_k (S_k + g Q_k),   P_{k+1} = D_k (X_k + g P_k),   g = b_i  (truncated: g = 0)
@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ..csrc import loader
 from ..models.mean_field import MeanFieldRNN
-from ..online.rtrl import spq_step
+from ..models.recurrence import spq_step
 
 _WHAT = "the compiled NTK features kernel"
 
@@ -131,7 +131,7 @@ def block_features(model: Any, x: Tensor, units: slice, truncated: bool, phi: Te
 
 def _reference(model: MeanFieldRNN, x: Tensor, units: slice, truncated: bool
                ) -> tuple[Tensor, Tensor]:
-    """What the kernel computes, from the shared torch recursion (``online.rtrl.spq_step``):
+    """What the kernel computes, from the shared torch recursion (``models.recurrence.spq_step``):
     phi (n, d+2, Nb) rows [S_L, c Q_L, c P_L] and the coefficients c a_k (n, L, Nb) from the
     stored D_k (a_{L-1} = D_{L-1}, a_{k-1} = g D_{k-1} a_k, g = b or 0 when truncated)."""
     n, L, d = x.shape

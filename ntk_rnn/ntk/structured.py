@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from ..models.mean_field import MeanFieldRNN
+from ..models.recurrence import recurrence_of
 from . import _features_c
 
 #: Use the compiled per-unit features (:mod:`._features_c`) on the CPU where they build and pass
@@ -67,7 +68,7 @@ _TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
 
 def supports_structured(model: object) -> bool:
     """True for models with the per-unit feature path: MeanFieldRNN with diagonal recurrence."""
-    return isinstance(model, MeanFieldRNN) and model.recurrence == "diagonal"
+    return isinstance(model, MeanFieldRNN) and recurrence_of(model).unit_features
 
 
 def unit_block_size(model: MeanFieldRNN, n: int, L: int) -> int:
@@ -327,7 +328,7 @@ def structured_ntk(
         K = _unit_range(model, x, x2, truncated2, same, G, blocks, 0, N, Nb, False)
     else:
         Nb = unit_chunk or C_BLOCK_UNITS
-        parts = max(1, min(torch.get_num_threads(), os.cpu_count() or 1, N // Nb))
+        parts = max(1, min(torch.get_num_threads(), os.cpu_count() or 1, N // C_CHUNK))
         if parts == 1:
             K = _unit_range(model, x, x2, truncated2, same, G, blocks, 0, N, Nb, True)
         else:

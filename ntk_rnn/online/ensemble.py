@@ -25,9 +25,9 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..models.mean_field import MeanFieldRNN
+from ..models.recurrence import FeedbackState, OnlineState, recurrence_of
 from .fast import _Buffers, _check_chunk, make_engine
-from .feedback import FeedbackState
-from .rtrl import GRADIENTS, OnlineState
+from .rtrl import GRADIENTS
 
 
 def _per_member(value: Any, E: int, name: str) -> list[float]:
@@ -81,24 +81,22 @@ class EnsembleStepper:
             self.lr = _per_member(lr, E, "lr")
         self.models, self.gradient, self.bind = models, gradient, bool(bind)
         self.shared_stream = shared_stream
-        self.recurrence = m0.recurrence
+        self.rec = recurrence_of(m0)
+        self.recurrence = self.rec.name
         given_states = states is not None
         if states is None:
-            states = [OnlineState.zeros(m) for m in models]
+            states = [self.rec.zeros(m) for m in models]
         states = list(states)
         if len(states) != E:
             raise ConfigError(f"{len(states)} states for {E} models")
-        want = FeedbackState if self.recurrence == "feedback" else OnlineState
         for e, st in enumerate(states):
-            if not isinstance(st, want):
-                raise ConfigError(f"state {e} is a {type(st).__name__}; model.recurrence="
-                                  f"{self.recurrence!r} needs a {want.__name__}")
+            self.rec.check_state(st, f"state {e}")
         t = {k: torch.stack([getattr(m, k).detach() for m in models]).contiguous()
              for k in ("c", "w", "b")}
         names = list(states[0].state_dict())
         for k in names:
             t[k] = torch.stack([st.state_dict()[k].detach() for st in states]).contiguous()
-        self.buf = _Buffers(self.recurrence, m0.act, t, self.lr,
+        self.buf = _Buffers(self.rec, m0.act, t, self.lr,
                             [m.output_scale for m in models])
         # each member's state holds views of the stacked state: with bind=True the passed-in
         # state objects themselves are rebound (so whoever holds them sees the live values)
@@ -108,7 +106,8 @@ class EnsembleStepper:
                     setattr(st, k, t[k][e])
             self.states = states
         else:
-            self.states = [want(**{k: t[k][e] for k in names}) for e in range(E)]
+            self.states = [self.rec.state_class(**{k: t[k][e] for k in names})
+                           for e in range(E)]
         if self.bind:
             for e in range(E):
                 self._bind(e)

@@ -44,8 +44,16 @@ from torch import Tensor
 from ..csrc import loader
 from ..errors import ConfigError
 from ..models.mean_field import MeanFieldRNN
-from .feedback import FeedbackState
-from .rtrl import GRADIENTS, OnlineState
+from ..models.recurrence import (
+    DIAGONAL,
+    FEEDBACK,
+    RECURRENCES,
+    FeedbackState,
+    OnlineState,
+    Recurrence,
+    recurrence_of,
+)
+from .rtrl import GRADIENTS
 
 BACKENDS = ("auto", "kernel", "eager", "graphs")
 _TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
@@ -80,8 +88,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     tail = [P, L, P, L, P, L, P, P]  # X, xs, Y, ys, out, os, lr, scale
     for sfx in ("f32", "f64"):
         for g in ("rtrl", "trunc"):
-            for kind, n_ptr in (("diag", 7), ("fb", 9)):  # c w b S P Q Dl | c w b dc dw db m H dH
-                fn = getattr(lib, f"{kind}_{g}_{sfx}")
+            for rec in RECURRENCES.values():  # c w b, the state, the scratch rows
+                fn = getattr(lib, f"{rec.kernel}_{g}_{sfx}")
+                n_ptr = 3 + len(rec.kernel_state) + len(rec.kernel_scratch)
                 fn.argtypes = [L, L, L] + [P] * n_ptr + tail
                 fn.restype = None
 
@@ -92,7 +101,7 @@ def _self_check(key: tuple[int, str]) -> None:
     d, act = key
     gen = torch.Generator().manual_seed(1234)
     for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
-        for rec in ("diagonal", "feedback"):
+        for rec in RECURRENCES:
             for grad in GRADIENTS:
                 init = {"b": "uniform", "rho": 0.5}
                 m1 = MeanFieldRNN(d, 37, beta=0.7, activation=act, recurrence=rec, init=init,
@@ -121,13 +130,13 @@ def _self_check(key: tuple[int, str]) -> None:
 class _Buffers:
     """Parameters and online state with a leading ensemble axis E, plus per-member lr and scale.
 
-    diagonal: c (E,N), w (E,N,d), b (E,N), S (E,N), P (E,N,d), Q (E,N)
-    feedback: c, w, b, m (E,), dc (E,N), dw (E,N,d), db (E,N)
+    c (E,N), w (E,N,d), b (E,N) and the recurrence's state (``rec.state_names``):
+    diagonal: S (E,N), P (E,N,d), Q (E,N); feedback: m (E,), dc (E,N), dw (E,N,d), db (E,N)
     """
 
-    def __init__(self, recurrence: str, act: Any, tensors: dict[str, Tensor],
+    def __init__(self, rec: Recurrence, act: Any, tensors: dict[str, Tensor],
                  lr: Sequence[float], scale: Sequence[float]) -> None:
-        self.recurrence = recurrence
+        self.rec = rec
         self.act = act
         self.t = tensors
         c = tensors["c"]
@@ -142,9 +151,7 @@ class _Buffers:
 
     @property
     def names(self) -> tuple[str, ...]:
-        if self.recurrence == "feedback":
-            return ("c", "w", "b", "dc", "dw", "db", "m")
-        return ("c", "w", "b", "S", "P", "Q")
+        return ("c", "w", "b") + self.rec.state_names
 
     def mutable(self) -> list[Tensor]:
         return [self.t[k] for k in self.names]
@@ -211,14 +218,11 @@ class _KernelEngine:
         self.buf, self.gradient, self.threads = buf, gradient, max(1, int(threads))
         sfx = "f64" if buf.dtype == torch.float64 else "f32"
         g = "rtrl" if gradient == "rtrl" else "trunc"
-        kind = "fb" if buf.recurrence == "feedback" else "diag"
-        self.fn = getattr(lib, f"{kind}_{g}_{sfx}")
+        self.fn = getattr(lib, f"{buf.rec.kernel}_{g}_{sfx}")
         self.item = buf.t["c"].element_size()
-        if kind == "fb":  # scratch: σ(z), σ'(z)
-            self.H = torch.empty(buf.E, buf.N, dtype=buf.dtype)
-            self.dH = torch.empty(buf.E, buf.N, dtype=buf.dtype)
-        else:  # scratch: σ'(z) of the last step (fast.c carries P, Q as σ'·U, σ'·V)
-            self.Dl = torch.empty(buf.E, buf.N, dtype=buf.dtype)
+        # the kernel's arguments after (E, N, T): c, w, b, the state, per-unit scratch rows
+        scratch = [torch.empty(buf.E, buf.N, dtype=buf.dtype) for _ in buf.rec.kernel_scratch]
+        self.args = [buf.t[k] for k in ("c", "w", "b") + buf.rec.kernel_state] + scratch
 
     def run(self, X3: Tensor, Y2: Tensor, out2: Tensor) -> None:
         buf = self.buf
@@ -252,9 +256,8 @@ class _KernelEngine:
         buf.bump_versions()
 
     def _call(self, e0: int, e1: int, X3: Tensor, Y2: Tensor, out2: Tensor) -> None:
-        buf, it, N, d = self.buf, self.item, self.buf.N, self.buf.d
+        buf, it, N = self.buf, self.item, self.buf.N
         T = X3.shape[1]
-        t = buf.t
 
         def p(x: Tensor, per: int) -> int:  # pointer to member e0 of a (E, ...) tensor
             return x.data_ptr() + e0 * per * it
@@ -262,13 +265,7 @@ class _KernelEngine:
         xs, ys, os_ = X3.stride(0), Y2.stride(0), out2.stride(0)
         tail = [p(X3, xs), xs, p(Y2, ys), ys, p(out2, os_), os_,
                 buf.lr_host.data_ptr() + 8 * e0, buf.scale_host.data_ptr() + 8 * e0]
-        if buf.recurrence == "feedback":
-            self.fn(e1 - e0, N, T, p(t["c"], N), p(t["w"], N * d), p(t["b"], N), p(t["dc"], N),
-                    p(t["dw"], N * d), p(t["db"], N), p(t["m"], 1), p(self.H, N),
-                    p(self.dH, N), *tail)
-        else:
-            self.fn(e1 - e0, N, T, p(t["c"], N), p(t["w"], N * d), p(t["b"], N), p(t["S"], N),
-                    p(t["P"], N * d), p(t["Q"], N), p(self.Dl, N), *tail)
+        self.fn(e1 - e0, N, T, *(p(a, a[0].numel()) for a in self.args), *tail)
 
 
 class _EagerEngine:
@@ -284,8 +281,6 @@ class _EagerEngine:
         self.z, self.ds, self.gc = new(E, N), new(E, N), new(E, N)
         self.yh, self.err = new(E, 1, 1), new(E)
         self.ones = torch.ones(E, N, dtype=buf.dtype, device=buf.device)
-        if buf.recurrence == "feedback":
-            self.H, self.cd, self.g = new(E, N), new(E, N), new(E, 1, 1)
         # one lr and one scale for all members (the usual case): Python scalars save an op
         uniform = bool((buf.lr_host == buf.lr_host[0]).all() and
                        (buf.scale_host == buf.scale_host[0]).all())
@@ -293,7 +288,8 @@ class _EagerEngine:
         self.scale_f = float(buf.scale_host[0])
         self.eta_f = float(buf.lr_host[0] * buf.scale_host[0])
         self.lr_f = float(buf.lr_host[0])
-        self.step = self._feedback_step() if buf.recurrence == "feedback" else self._diag_step()
+        builders = {DIAGONAL: self._diag_step, FEEDBACK: self._feedback_step}
+        self.step = builders[buf.rec]()
 
     def run(self, X3: Tensor, Y2: Tensor, out2: Tensor) -> None:
         step = self.step
@@ -370,7 +366,9 @@ class _EagerEngine:
         """x_col (E,d,1), x_row (E,1,d), y (E,), o (E,) -> one step of theory §6."""
         buf, act, rtrl = self.buf, self._act(), self.rtrl
         c, w, b, m, dc, dw, db = (buf.t[k] for k in ("c", "w", "b", "m", "dc", "dw", "db"))
-        z, H, dH, cd, err, yh, g = self.z, self.H, self.ds, self.cd, self.err, self.yh, self.g
+        new = lambda *s: torch.empty(*s, dtype=buf.dtype, device=buf.device)
+        H, cd, g = new(buf.E, buf.N), new(buf.E, buf.N), new(buf.E, 1, 1)
+        z, dH, err, yh = self.z, self.ds, self.err, self.yh
         z3, m2, sc2 = z.unsqueeze(-1), m.unsqueeze(-1), buf.scale.unsqueeze(-1)
         c_row, H_col, yh1, cd_row, b_col = (c.unsqueeze(1), H.unsqueeze(-1), yh.view(-1),
                                             cd.unsqueeze(1), b.unsqueeze(-1))
@@ -510,14 +508,9 @@ def make_engine(buf: _Buffers, gradient: str, backend: str = "auto", threads: in
 # --- one model ------------------------------------------------------------------------------
 def _model_buffers(model: MeanFieldRNN, state: Any, lr: float) -> _Buffers:
     """E = 1 views of the model's own parameters and state (writes go straight to them)."""
-    t = {"c": model.c.detach().unsqueeze(0), "w": model.w.detach().unsqueeze(0),
-         "b": model.b.detach().unsqueeze(0)}
-    if model.recurrence == "feedback":
-        t.update(m=state.m.view(1), dc=state.dc.unsqueeze(0), dw=state.dw.unsqueeze(0),
-                 db=state.db.unsqueeze(0))
-    else:
-        t.update(S=state.S.unsqueeze(0), P=state.P.unsqueeze(0), Q=state.Q.unsqueeze(0))
-    return _Buffers(model.recurrence, model.act, t, [lr], [model.output_scale])
+    t = {k: getattr(model, k).detach().unsqueeze(0) for k in ("c", "w", "b")}
+    t.update({k: v.unsqueeze(0) for k, v in state.state_dict().items()})
+    return _Buffers(recurrence_of(model), model.act, t, [lr], [model.output_scale])
 
 
 class FastStepper:
@@ -538,11 +531,9 @@ class FastStepper:
         if not isinstance(model, MeanFieldRNN):
             raise ConfigError(f"FastStepper needs a MeanFieldRNN, not {type(model).__name__}")
         self.model, self.lr, self.gradient = model, float(lr), gradient
-        self.state = OnlineState.zeros(model) if state is None else state
-        want = FeedbackState if model.recurrence == "feedback" else OnlineState
-        if not isinstance(self.state, want):
-            raise ConfigError(f"state is a {type(self.state).__name__}; model.recurrence="
-                              f"{model.recurrence!r} needs a {want.__name__}")
+        rec = recurrence_of(model)
+        self.state = rec.zeros(model) if state is None else state
+        rec.check_state(self.state)
         self._opts = dict(backend=backend, max_block=max_block, _unchecked=_unchecked)
         self._engine: Any = None
         self._engine_key: tuple | None = None

@@ -16,39 +16,13 @@ theory §3 moves all groups at once, with values from before the step:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from ..models.mean_field import MeanFieldRNN
+from ..models.recurrence import FeedbackState
 
-
-@dataclass
-class FeedbackState:
-    """Memory m (0-dim) and the last gradient G = (dc (N,), dw (N, d), db (N,)).
-
-    Under ``gradient="rtrl"`` G is ∂Ŷ_{k−1}/∂θ = ∂m_k/∂θ, the RTRL sensitivity of the memory;
-    under ``"truncated"`` it is the truncated gradient of the last step (not carried over).
-    """
-
-    m: Tensor
-    dc: Tensor
-    dw: Tensor
-    db: Tensor
-
-    @classmethod
-    def zeros(cls, model: MeanFieldRNN) -> "FeedbackState":
-        c = model.c.detach()
-        N, d = model.width, model.input_dim
-        return cls(c.new_zeros(()), c.new_zeros(N), c.new_zeros(N, d), c.new_zeros(N))
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {"m": self.m, "dc": self.dc, "dw": self.dw, "db": self.db}
-
-    def load_state_dict(self, d: dict[str, Tensor]) -> None:
-        for k, v in self.state_dict().items():
-            v.copy_(d[k])
+__all__ = ["FeedbackState", "feedback_step"]
 
 
 @torch.no_grad()

@@ -5,72 +5,28 @@
 
 ``gradient="truncated"`` drops the b_i P and b_i Q terms (memory treated as an input).
 Model F (``recurrence="feedback"``) dispatches to :mod:`ntk_rnn.online.feedback`:
-``OnlineState.zeros`` then returns a :class:`~ntk_rnn.online.feedback.FeedbackState` and
-``rtrl_step`` runs ``feedback_step``. :func:`spq_step` is the recursion itself, shared with the
-K_∞ sampler (:mod:`ntk_rnn.limit.kernel`) and the compiled features' self-check; its C twin is
-``spq_step`` in ``ntk_rnn/csrc/ntk_rnn.h``.
+``OnlineState.zeros`` then returns a :class:`FeedbackState` and ``rtrl_step`` runs
+``feedback_step``. The states and the recursion itself (:func:`spq_step`, shared with the K_∞
+sampler and the compiled kernels' C twin) live in :mod:`ntk_rnn.models.recurrence`, the seam
+between the two models.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from ..models.activations import Activation
 from ..models.mean_field import MeanFieldRNN
-from .feedback import FeedbackState, feedback_step
+from ..models.recurrence import FeedbackState, OnlineState, spq_step
+from .feedback import feedback_step
+
+__all__ = ["GRADIENTS", "Gradient", "OnlineState", "FeedbackState", "spq_step", "rtrl_step",
+           "ReferenceStepper"]
 
 Gradient = Literal["rtrl", "truncated"]
 GRADIENTS = ("rtrl", "truncated")
-
-
-@dataclass
-class OnlineState:
-    """Memory S (N,) and its forward derivatives P = ∂S/∂w (N, d), Q = ∂S/∂b (N,)."""
-
-    S: Tensor
-    P: Tensor
-    Q: Tensor
-
-    @classmethod
-    def zeros(cls, model: MeanFieldRNN) -> "OnlineState | FeedbackState":
-        """The zero state of ``model``'s recurrence (a FeedbackState for Model F)."""
-        if model.recurrence == "feedback":
-            return FeedbackState.zeros(model)
-        c = model.c.detach()
-        return cls(c.new_zeros(model.width), c.new_zeros(model.width, model.input_dim),
-                   c.new_zeros(model.width))
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {"S": self.S, "P": self.P, "Q": self.Q}
-
-    def load_state_dict(self, d: dict[str, Tensor]) -> None:
-        self.S.copy_(d["S"])
-        self.P.copy_(d["P"])
-        self.Q.copy_(d["Q"])
-
-
-def spq_step(act: Activation, w: Tensor, b: Tensor, x: Tensor, S: Tensor, P: Tensor, Q: Tensor,
-             truncated: bool = False) -> Tensor:
-    """Model D's forward step and its RTRL recursion, in place (theory §3) — the torch form of
-    ``spq_step`` in ``ntk_rnn/csrc/ntk_rnn.h``:
-
-        z = w·x + b S,  S ← σ(z),  P ← σ'(z)(x + b P),  Q ← σ'(z)(S + b Q)   (old S on the right)
-
-    ``truncated`` drops the b P and b Q terms. Units w (M, d), b (M,); batched over leading
-    dims: x (..., d), S and Q (..., M), P (..., M, d). Returns σ'(z) (..., M)."""
-    S_new, ds = act.value_and_deriv(torch.addcmul(x @ w.T, b, S))
-    if truncated:
-        torch.mul(ds.unsqueeze(-1), x.unsqueeze(-2), out=P)
-        torch.mul(ds, S, out=Q)
-    else:
-        P.mul_(b.unsqueeze(-1)).add_(x.unsqueeze(-2)).mul_(ds.unsqueeze(-1))
-        Q.mul_(b).add_(S).mul_(ds)
-    S.copy_(S_new)
-    return ds
 
 
 @torch.no_grad()

@@ -1,0 +1,173 @@
+"""One object per recurrence of :class:`~ntk_rnn.models.mean_field.MeanFieldRNN`: the seam between
+Model D (``recurrence="diagonal"``) and Model F (``recurrence="feedback"``).
+
+Code that treats the two models differently asks ``recurrence_of(model)`` instead of comparing
+strings; the object knows
+
+- ``state_class``: the online (RTRL) state it carries along the stream, :class:`OnlineState`
+  (S, P = ∂S/∂w, Q = ∂S/∂b per unit, theory §3) or :class:`FeedbackState` (the memory m and the
+  last gradient, theory §6), with ``zeros(model)``; ``state_names`` are its tensors;
+- ``kernel``: the prefix of its functions in the compiled training kernel (``csrc/fast.c``:
+  ``<kernel>_{rtrl,trunc}_{f32,f64}``), ``kernel_state`` the order of the state tensors there and
+  ``kernel_scratch`` the per-unit scratch rows it needs;
+- ``unit_features``: whether the NTK has per-unit features (the structured NTK, theory §4) — Model
+  D's come from :func:`spq_step`, the torch form of the recursion (its C twin is ``spq_step`` in
+  ``csrc/ntk_rnn.h``);
+- the reference step: :func:`ntk_rnn.online.rtrl.rtrl_step` (Model D) and
+  :func:`ntk_rnn.online.feedback.feedback_step` (Model F); ``rtrl_step`` runs either.
+
+``model.recurrence`` stays the string of the configs; ``recurrence_of`` maps it to the object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from .activations import Activation
+
+
+# --- online states ------------------------------------------------------------------------------
+@dataclass
+class OnlineState:
+    """Model D: memory S (N,) and its forward derivatives P = ∂S/∂w (N, d), Q = ∂S/∂b (N,)."""
+
+    S: Tensor
+    P: Tensor
+    Q: Tensor
+
+    @classmethod
+    def zeros(cls, model: Any) -> "OnlineState | FeedbackState":
+        """The zero state of ``model``'s recurrence (a :class:`FeedbackState` for Model F)."""
+        rec = recurrence_of(model)
+        if rec.state_class is not cls:
+            return rec.zeros(model)
+        c = model.c.detach()
+        return cls(c.new_zeros(model.width), c.new_zeros(model.width, model.input_dim),
+                   c.new_zeros(model.width))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"S": self.S, "P": self.P, "Q": self.Q}
+
+    def load_state_dict(self, d: dict[str, Tensor]) -> None:
+        for k, v in self.state_dict().items():
+            v.copy_(d[k])
+
+
+@dataclass
+class FeedbackState:
+    """Model F: memory m (0-dim) and the last gradient G = (dc (N,), dw (N, d), db (N,)).
+
+    Under ``gradient="rtrl"`` G is ∂Ŷ_{k−1}/∂θ = ∂m_k/∂θ, the RTRL sensitivity of the memory;
+    under ``"truncated"`` it is the truncated gradient of the last step (not carried over).
+    """
+
+    m: Tensor
+    dc: Tensor
+    dw: Tensor
+    db: Tensor
+
+    @classmethod
+    def zeros(cls, model: Any) -> "FeedbackState":
+        c = model.c.detach()
+        N, d = model.width, model.input_dim
+        return cls(c.new_zeros(()), c.new_zeros(N), c.new_zeros(N, d), c.new_zeros(N))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"m": self.m, "dc": self.dc, "dw": self.dw, "db": self.db}
+
+    def load_state_dict(self, d: dict[str, Tensor]) -> None:
+        for k, v in self.state_dict().items():
+            v.copy_(d[k])
+
+
+# --- Model D's recursion ------------------------------------------------------------------------
+def spq_step(act: Activation, w: Tensor, b: Tensor, x: Tensor, S: Tensor, P: Tensor, Q: Tensor,
+             truncated: bool = False) -> Tensor:
+    """Model D's forward step and its RTRL recursion, in place (theory §3) — the torch form of
+    ``spq_step`` in ``ntk_rnn/csrc/ntk_rnn.h``:
+
+        z = w·x + b S,  S ← σ(z),  P ← σ'(z)(x + b P),  Q ← σ'(z)(S + b Q)   (old S on the right)
+
+    ``truncated`` drops the b P and b Q terms. Units w (M, d), b (M,); batched over leading
+    dims: x (..., d), S and Q (..., M), P (..., M, d). Returns σ'(z) (..., M). Used by the
+    reference step (``online.rtrl.rtrl_step``), the K_∞ sampler (``limit.kernel``) and the
+    compiled features' self-check (``ntk._features_c``)."""
+    S_new, ds = act.value_and_deriv(torch.addcmul(x @ w.T, b, S))
+    if truncated:
+        torch.mul(ds.unsqueeze(-1), x.unsqueeze(-2), out=P)
+        torch.mul(ds, S, out=Q)
+    else:
+        P.mul_(b.unsqueeze(-1)).add_(x.unsqueeze(-2)).mul_(ds.unsqueeze(-1))
+        Q.mul_(b).add_(S).mul_(ds)
+    S.copy_(S_new)
+    return ds
+
+
+# --- the recurrences ----------------------------------------------------------------------------
+class Recurrence:
+    """What distinguishes one recurrence (see the module docstring)."""
+
+    name: str
+    state_class: type
+    kernel: str
+    kernel_state: tuple[str, ...]
+    kernel_scratch: tuple[str, ...]
+    unit_features: bool
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(self.state_class))
+
+    def zeros(self, model: Any) -> Any:
+        """The zero online state of ``model``."""
+        return self.state_class.zeros(model)
+
+    def check_state(self, state: Any, what: str = "state") -> None:
+        if not isinstance(state, self.state_class):
+            raise ConfigError(f"{what} is a {type(state).__name__}; model.recurrence="
+                              f"{self.name!r} needs a {self.state_class.__name__}")
+
+    def __repr__(self) -> str:
+        return f"<recurrence {self.name!r}>"
+
+
+class Diagonal(Recurrence):
+    """Model D: S_{i,k+1} = σ(w_i·X_k + b_i S_{i,k}) per unit (theory §2)."""
+
+    name = "diagonal"
+    state_class = OnlineState
+    kernel = "diag"
+    kernel_state = ("S", "P", "Q")
+    kernel_scratch = ("Dl",)  # σ'(z) of the last step (fast.c carries P = σ'·U, Q = σ'·V)
+    unit_features = True
+    recursion = staticmethod(spq_step)
+
+
+class Feedback(Recurrence):
+    """Model F: the output fed back as the memory, m_{k+1} = Ŷ_k (theory §6)."""
+
+    name = "feedback"
+    state_class = FeedbackState
+    kernel = "fb"
+    kernel_state = ("dc", "dw", "db", "m")
+    kernel_scratch = ("H", "dH")  # σ(z), σ'(z)
+    unit_features = False
+
+
+DIAGONAL, FEEDBACK = Diagonal(), Feedback()
+RECURRENCES: dict[str, Recurrence] = {r.name: r for r in (DIAGONAL, FEEDBACK)}
+
+
+def recurrence_of(model: Any) -> Recurrence:
+    """The recurrence object of a MeanFieldRNN (or of its ``recurrence`` name)."""
+    name = model if isinstance(model, str) else getattr(model, "recurrence", None)
+    try:
+        return RECURRENCES[name]
+    except KeyError:
+        raise ConfigError(f"recurrence {name!r} is not known; choose one of "
+                          f"{list(RECURRENCES)}") from None
