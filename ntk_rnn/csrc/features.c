@@ -9,18 +9,21 @@
    a_{L-1} = D_{L-1}, a_{k-1} = g D_{k-1} a_k, D_k = σ'(z_k); D_k is stored there going forward
    and turned into c a_k by the backward recursion in place.
 
-   Units are processed in chunks of VL lanes (float: 128, double: 64, i.e. 8 AVX-512 vectors:
-   the recursion is a chain through σ at every step, so several independent vectors keep the
-   FP units busy), each loop over the lanes of a chunk, so that `cc -O3` turns it into vector code.
+   Units are processed in chunks of VL lanes (float32 tanh: 128, i.e. 8 AVX-512 vectors: the
+   recursion is a chain through σ at every step, so several independent vectors keep the FP units
+   busy; with σ a libm call, 2 vectors), each loop over the lanes of a chunk, so that `cc -O3`
+   turns it into vector code.
    tanh in float32 is the inline rational approximation of ntk_rnn.h (NTK_RATIONAL_TANH: a libm
    call would spill the chunk's registers at every step). */
 #define NTK_RATIONAL_TANH
 #include "ntk_rnn.h"
 
-#ifdef NTK_FLOAT
-#define VL 128
+#if defined(NTK_FLOAT) && ACT == 0
+#define VL 128 /* σ inline (tanh_rational): 8 AVX-512 vectors in flight */
+#elif defined(NTK_FLOAT)
+#define VL 32 /* σ is a libmvec call, which spills the chunk's registers: 2 vectors */
 #else
-#define VL 64
+#define VL 16 /* float64: 2 vectors, σ a libmvec call */
 #endif
 
 /* One chunk of VL units, one window xr (L, D): out rows (stride ld) [S_L, c Q_L, c P_L]; with
