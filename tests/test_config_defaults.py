@@ -19,7 +19,7 @@ OVERRIDES = {
     ("model/diagonal.yaml", "width"), ("model/feedback.yaml", "width"),
     ("model/feedback.yaml", "recurrence"), ("model/feedback.yaml", "init.b"),
     ("model/feedback.yaml", "init.rho"), ("train/truncated.yaml", "gradient"),
-    ("data/markov.yaml", "transition"), ("data/markov.yaml", "states"),
+    ("train/rtrl.yaml", "gradient"), ("data/markov.yaml", "transition"), ("data/markov.yaml", "states"),
 }
 
 

@@ -162,7 +162,7 @@ class LinearizedCallback(Callback):
         if self.gradient not in GRADIENTS:
             raise ConfigError(f"{f}: train.gradient={self.gradient!r} is not one of "
                               f"{list(GRADIENTS)}")
-        avail = getattr(state.source, "num_steps", None)
+        avail = getattr(state.source, "length", None) or getattr(state.source, "num_steps", None)
         if avail is not None and self.n_probes > avail - self.probe_length + 1:
             raise ConfigError(
                 f"{f}.n_probes={self.n_probes} exceeds the {max(avail - self.probe_length + 1, 0)}"

@@ -12,14 +12,19 @@ the plain values (``ntk_kernel_distance``, ``ntk_eig_1``, ...).
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import math
 from typing import Optional
 
 import torch
+from hydra.utils import instantiate
 from torch import Tensor
 
 from ..errors import ConfigError
 from ..limit import limit_ntk
+from ..limit.monte_carlo import mc_limit_ntk
+from ..models.mean_field import MeanFieldRNN
 from ..logging import write_layout
 from ..ntk import metrics as M
 from ..ntk import ntk_blocks, training_kernel
@@ -70,6 +75,8 @@ class NTKCallback(Callback):
         every_t: Optional[float] = None,
         probe_seed: Optional[int] = None,
         cache_dir: Optional[str] = None,
+        limit_width: Optional[int] = None,
+        limit_draws: int = 8,
     ) -> None:
         super().__init__(every_n_steps, every_t)
         self.probe_seed, self.cache_dir = probe_seed, cache_dir
@@ -77,6 +84,9 @@ class NTKCallback(Callback):
         self.method, self.limit = method, bool(limit)
         self.limit_tol, self.limit_method = float(limit_tol), limit_method
         self.top_k = int(top_k)
+        # models without an analytic limit: Monte Carlo over limit_draws networks of width N'
+        self.limit_width = None if limit_width is None else int(limit_width)
+        self.limit_draws = int(limit_draws)
         self.image_every = int(image_every_n_steps)
         self.hist_every = int(histogram_every_n_steps)
         self.probes: Optional[Tensor] = None
@@ -108,7 +118,7 @@ class NTKCallback(Callback):
                 raise ConfigError(f"{f}.{key}={getattr(self, attr)} must be >= 0 (0 = off)")
         if not 1 <= self.top_k <= self.n_probes:
             raise ConfigError(f"{f}.top_k={self.top_k} must be in [1, n_probes={self.n_probes}]")
-        avail = getattr(state.source, "num_steps", None)
+        avail = getattr(state.source, "length", None) or getattr(state.source, "num_steps", None)
         if avail is not None and self.n_probes > avail - self.probe_length + 1:
             raise ConfigError(
                 f"{f}.n_probes={self.n_probes} exceeds the {max(avail - self.probe_length + 1, 0)}"
@@ -122,10 +132,19 @@ class NTKCallback(Callback):
                 f"(model.init.sampler), so the limit needs Monte Carlo: set "
                 f"{f}.limit_method=mc (or {f}.limit=false)"
             )
+        if self.limit and not isinstance(state.model, MeanFieldRNN):
+            if "width" not in inspect.signature(type(state.model)).parameters:
+                raise ConfigError(
+                    f"{f}.limit=true: the Monte-Carlo limit of {type(state.model).__qualname__} "
+                    f"draws networks of a larger width, so its constructor must take `width`; "
+                    f"or set {f}.limit=false")
+            if self.limit_draws < 2:
+                raise ConfigError(f"{f}.limit_draws={self.limit_draws} must be >= 2")
         gen = (state.generators["probe"] if self.probe_seed is None
                else generator_from_seed(self.probe_seed))
         X, Y = state.source.windows(self.n_probes, self.probe_length, gen)
-        dev, dt = state.model.c.device, state.model.c.dtype
+        p0 = next(state.model.parameters())
+        dev, dt = p0.device, p0.dtype
         self.probes, self.probe_y = X.to(dev, dt), Y.to(dev, dt)
 
     # --- hooks ----------------------------------------------------------------------------
@@ -158,6 +177,10 @@ class NTKCallback(Callback):
         model = state.model
 
         def compute() -> dict:
+            if not isinstance(model, MeanFieldRNN):  # no closed form: Monte Carlo at width N'
+                lim = mc_limit_ntk(self._factory(state), self.probes, width=self._mc_width(model),
+                                   draws=self.limit_draws, method=self.method)
+                return {"value": lim.value, "error": float(lim.error)}
             if model.recurrence == "feedback":
                 # Model F at initialisation: the memory is h_0 = 0 and ∂_s f = O(N^{1/2-β}) → 0,
                 # so the window NTK tends to the cell kernel at (x_L, 0) (theory §6)
@@ -170,14 +193,38 @@ class NTKCallback(Callback):
                 lim = limit_ntk(model, self.probes, tol=self.limit_tol, method=self.limit_method)
             return {"value": lim.value, "error": float(lim.error)}
 
-        if self.probe_seed is None or getattr(model.init_law, "is_custom", False):
+        if self.probe_seed is None or getattr(getattr(model, "init_law", None), "is_custom", False):
             return compute()
         cfg = state.cfg
-        spec = {"data": cfg.data, "activation": cfg.model.activation, "init": cfg.model.init,
-                "recurrence": cfg.model.recurrence, "n": self.n_probes, "L": self.probe_length,
+        probes = self.probes.detach().cpu().contiguous()
+        spec = {"model": {k: v for k, v in cfg.model.items() if k not in ("width", "beta")},
+                "probes_sha256": hashlib.sha256(probes.numpy().tobytes()).hexdigest(),
+                "n": self.n_probes, "L": self.probe_length,
                 "tol": self.limit_tol, "method": self.limit_method, "probe_seed": self.probe_seed,
-                "dtype": cfg.dtype}
+                "dtype": cfg.dtype, "mc": None if isinstance(model, MeanFieldRNN) else
+                [self._mc_width(model), self.limit_draws, getattr(model, "beta", None)]}
         return cached(self.cache_dir, "limit_kernel", spec, compute)
+
+    def _mc_width(self, model: torch.nn.Module) -> int:
+        """N' of the Monte-Carlo limit: ``limit_width``, else 4N capped at 512 (at least N)."""
+        N = int(getattr(model, "width", 1))
+        return self.limit_width or max(N, min(4 * N, 512))
+
+    @staticmethod
+    def _factory(state: TrainState):
+        """Fresh networks like the trained one (its config), of width N' with θ_0 from a seed."""
+        node, d = state.cfg.model, state.model.input_dim
+
+        def make(width: int, seed: int) -> torch.nn.Module:
+            m = instantiate(node, input_dim=d, width=width, _convert_="all")
+            reset = getattr(m, "reset_parameters", None)
+            if callable(reset) and "generator" in inspect.signature(reset).parameters:
+                reset(generator_from_seed(seed))
+            else:
+                torch.manual_seed(seed)
+                m = instantiate(node, input_dim=d, width=width, _convert_="all")
+            return m.to(next(state.model.parameters()))
+        return make
 
     def on_step_end(self, step: int, state: TrainState) -> None:
         blocks = ntk_blocks(state.model, self.probes, method=self.method)
@@ -211,7 +258,7 @@ class NTKCallback(Callback):
         for i, ev in enumerate(M.top_eigenvalues(K, self.top_k)):
             s[f"eig_{i + 1}"] = ev
         if (getattr(state.cfg.train, "gradient", "rtrl") == "truncated"
-                and state.model.recurrence == "diagonal"):
+                and getattr(state.model, "recurrence", None) == "diagonal"):
             Kt = training_kernel(state.model, self.probes, gradient="truncated")
             s["train_kernel_drift_from_init"] = M.relative_frobenius(Kt, self.K0)
             s["train_kernel_asymmetry"] = (Kt - Kt.T).norm() / Kt.norm()

@@ -23,7 +23,11 @@ class TrainConfig:
     alpha: float = 4.0  # α > 0; the step size is α N^{2β-2}
     horizon: Optional[float] = 4.0  # limit time t; steps = round(horizon * N)
     steps: Optional[int] = None  # overrides horizon when set
-    gradient: str = "rtrl"  # rtrl (exact RTRL) | truncated (memory treated as an input)
+    # auto (MeanFieldRNN: rtrl; any other model: bptt) | rtrl (exact RTRL, Models D and F) |
+    # truncated (memory treated as an input, D and F) | bptt (backpropagation through the last
+    # bptt_window elements of the stream, any model)
+    gradient: str = "auto"
+    bptt_window: int = 32  # elements of the stream a bptt gradient goes back through
     chunk_size: int = 256  # stream chunk; the NaN/divergence check runs once per chunk
     log_every: int = 0  # 0 = about 200 points per run
     mse_window: int = 0  # running-MSE window in steps; 0 = N
@@ -77,6 +81,7 @@ def register_configs() -> None:
 
 
 _DTYPES = ("float32", "float64")
+GRADIENTS = ("auto", "rtrl", "truncated", "bptt")
 TRAIN_BACKENDS = ("auto", "kernel", "eager", "graphs", "reference")
 MAX_STEPS = 10**9  # the running-MSE buffer holds one float64 per step
 RESUME = (True, False, "auto")
@@ -105,8 +110,10 @@ def validate(cfg: DictConfig | Config) -> None:
                  f"{sorted(ACTIVATIONS)}")
     _require(_finite(t.alpha) and float(t.alpha) > 0,
              f"train.alpha={t.alpha} must be a finite number > 0")
-    _require(t.gradient in ("rtrl", "truncated"),
-             f"train.gradient={t.gradient!r}: choose 'rtrl' or 'truncated'")
+    _require(t.gradient in GRADIENTS,
+             f"train.gradient={t.gradient!r}: choose one of {list(GRADIENTS)}")
+    _require(isinstance(opt(t, "bptt_window", 32), int) and int(opt(t, "bptt_window", 32)) >= 1,
+             f"train.bptt_window={opt(t, 'bptt_window')} must be an integer >= 1")
     _require(t.get("backend", "auto") in TRAIN_BACKENDS,
              f"train.backend={t.get('backend')!r}: choose one of {list(TRAIN_BACKENDS)}")
     if t.steps is None:

@@ -43,6 +43,7 @@ from ..data.base import source_name
 from ..errors import ConfigError, TrainingDiverged
 from ..models.mean_field import MeanFieldRNN
 from ..online.ensemble import EnsembleStepper
+from ..online.bptt import BPTTStepper
 from ..online.fast import FastStepper
 from ..online.rtrl import OnlineState, ReferenceStepper
 from .build import (
@@ -89,7 +90,6 @@ class Trainer:
         validate(cfg)  # nothing is written before the whole run is built and checked
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.E = int(opt(cfg.train, "ensemble_size", 1))
-        self.gradient = str(cfg.train.gradient)
         self.backend_asked = str(opt(cfg.train, "backend", "auto"))
         self.members: list[Member] = []
         for e in range(self.E):
@@ -97,6 +97,7 @@ class Trainer:
             dir_e = (None if self.run_dir is None else
                      self.run_dir / member_dir(e) if self.E > 1 else self.run_dir)
             self.members.append(self._member(e, cfg_e, dir_e, source, models, cbs))
+        self.gradient = str(cfg.train.gradient)  # (resolved from auto by _member)
         self._check_resume_mode()
         self.stepper: Any = None
         self._stepper_ids: list[int] = []
@@ -134,9 +135,10 @@ class Trainer:
                                       "ntk_rnn.callbacks.Callback")
                 cb.name = cb.name if cb.name != "callback" else type(cb).__name__.lower()
         complete_model_config(cfg, model)
-        if not isinstance(model, MeanFieldRNN):
-            raise ConfigError(f"model._target_={type(model).__qualname__}: this version trains "
-                              "MeanFieldRNN (model=diagonal|feedback) only")
+        gradient = resolve_gradient(cfg.train.gradient, model)
+        for c in {id(cfg): cfg, id(self.cfg): self.cfg}.values():  # config.yaml says which ran
+            with open_dict(c):
+                c.train.gradient = gradient
         n_steps = num_steps(cfg, width=int(getattr(model, "width", 0)) or None)
         available = getattr(source, "num_steps", None)
         if available is not None and n_steps > available:
@@ -145,8 +147,13 @@ class Trainer:
             raise ConfigError(
                 f"train: the run needs {n_steps} steps but data ({source_name(source)}) holds "
                 f"{available}; lower train.horizon/train.steps or {hint}")
-        online = OnlineState.zeros(model)
-        lr = model.learning_rate(cfg.train.alpha)
+        alpha = float(cfg.train.alpha)
+        lr = model.learning_rate(alpha) if callable(getattr(model, "learning_rate", None)) \
+            else alpha
+        if gradient == "bptt":  # the stepper carries the window: it is the member's online state
+            online = BPTTStepper(model, lr, window=int(opt(cfg.train, "bptt_window", 32)))
+        else:
+            online = OnlineState.zeros(model)
         return Member(e, cfg, run_dir, source, model, online, lr, callbacks, seeds, n_steps)
 
     def _check_resume_mode(self) -> None:
@@ -304,6 +311,8 @@ class Trainer:
         """The stepper that ran: 'kernel' (compiled C), 'eager', 'graphs' or 'reference'."""
         if self.backend_asked == "reference":
             return "reference"
+        if self.gradient == "bptt":
+            return f"bptt-{getattr(self.members[0].online, 'engine', 'autograd')}"
         return self.stepper.backend if self.stepper is not None else self.backend_asked
 
     def _drop(self, m: Member, status: str, exc: BaseException) -> None:
@@ -315,6 +324,11 @@ class Trainer:
 
     def _run_segment(self, active: list[Member], L: int) -> None:
         """Steps j..j+L of every active member's chunk, as one stepper call."""
+        if self.gradient == "bptt":  # each network's own truncated-BPTT stepper
+            for m in active:
+                c, j = m.chunk, m.chunk.j
+                m.online.run_chunk(c.X[j:j + L], c.Y[j:j + L], out=c.y_hat[j:j + L])
+            return
         if self.backend_asked == "reference":  # one network, one rtrl_step at a time
             for m in active:
                 c, j = m.chunk, m.chunk.j
@@ -455,6 +469,19 @@ class Trainer:
         tmp.write_text(json.dumps(clean, indent=2))
         tmp.replace(path)
         return s
+
+
+def resolve_gradient(gradient: str, model: torch.nn.Module) -> str:
+    """``train.gradient=auto``: exact RTRL for MeanFieldRNN (Models D, F), truncated BPTT for any
+    other model; rtrl/truncated on a model without an exact online step is an error."""
+    exact = isinstance(model, MeanFieldRNN)
+    if gradient == "auto":
+        return "rtrl" if exact else "bptt"
+    if gradient in ("rtrl", "truncated") and not exact:
+        raise ConfigError(f"train.gradient={gradient}: {type(model).__qualname__} has no exact "
+                          "online step (only MeanFieldRNN has); use train.gradient=auto or bptt "
+                          "(truncated backpropagation through train.bptt_window elements)")
+    return gradient
 
 
 def complete_model_config(cfg: DictConfig, model: torch.nn.Module) -> None:
