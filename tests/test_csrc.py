@@ -238,3 +238,15 @@ def test_structured_threads_split_units_and_agree(monkeypatch, blocks):
     assert float((K2 - K1).abs().max()) <= 1e-13 * float(K1.abs().max())
     assert float((K2 - Kt).abs().max()) <= 1e-12 * float(Kt.abs().max())
     assert float((K2s - Kts).abs().max()) <= 1e-12 * float(Kts.abs().max())
+
+
+def test_default_cache_is_per_user_xdg(monkeypatch, tmp_path):
+    monkeypatch.delenv("NTK_RNN_KERNEL_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert loader.cache_dir() == tmp_path / "xdg" / "ntk_rnn" / "kernels"
+    loader.private_dir(loader.cache_dir())
+    for p in (tmp_path / "xdg" / "ntk_rnn", loader.cache_dir()):
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o700
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert loader.cache_dir() == tmp_path / ".cache" / "ntk_rnn" / "kernels"

@@ -140,7 +140,7 @@ def private_dir(path: Path) -> Path:
     """``path`` created (mode 0700) if missing, then checked with :func:`check_private`.
     OSError when it cannot be created."""
     if not path.is_dir():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # (ntk_rnn/: 0700 if new)
         try:
             path.mkdir(mode=0o700)
         except FileExistsError:
