@@ -297,3 +297,26 @@ def test_ensemble_binds_given_states():
     assert all(a is b for a, b in zip(ens.states, states, strict=True))
     assert states[0].S.abs().max() > 0
     assert states[2].P.data_ptr() == ens.buf.t["P"][2].data_ptr()
+
+
+@pytest.mark.parametrize("recurrence", ["diagonal", "feedback"])
+@pytest.mark.parametrize("gradient", ["rtrl", "truncated"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("N", [16, 203])
+def test_result_does_not_depend_on_where_the_calls_cut_the_stream(recurrence, gradient, dtype, N):
+    """Bit-identical resume needs this: the trainer stops the stepper at every event, and a resumed
+    run cuts the stream elsewhere; the parameters after T steps must not depend on the cuts."""
+    from ntk_rnn.online import FastStepper
+
+    g = torch.Generator().manual_seed(3)
+    X, Y = torch.randn(300, 2, generator=g, dtype=dtype), torch.randn(300, generator=g, dtype=dtype)
+    finals = []
+    for seg in (300, 1, 7, 64):
+        m = MeanFieldRNN(2, N, recurrence=recurrence, dtype=dtype, seed=1)
+        st = FastStepper(m, m.learning_rate(4.0), gradient)
+        assert st.backend == "kernel"
+        for j in range(0, 300, seg):
+            st.run_chunk(X[j:j + seg], Y[j:j + seg])
+        finals.append([t.detach().clone() for t in (m.c, m.w, m.b, *st.state.state_dict().values())])
+    for other in finals[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(finals[0], other, strict=True))

@@ -7,14 +7,21 @@
    and RTRL recursion of step k+1} (they share only the scalar Ŷ_k). Step k uses the parameters
    after step k-1, as the reference (online/rtrl.py, online/feedback.py) does. */
 #include "ntk_rnn.h"
+#define NOINL static __attribute__((noinline))
 
-/* Model D: the step of unit i (the shared recursion spq_step, its state carried as P_i = Dl_i U_i,
-   Q_i = Dl_i V_i: the arrays P, Q hold U, V during a call); returns c_i S'_i. grad: 0 exact
-   (RTRL), 1 truncated. */
+/* Model D: the step of unit i (the shared recursion spq_step), returns c_i S'_i. grad: 0 exact
+   (RTRL), 1 truncated. P and Q are stored as themselves after every step (spq_step from Dl = 1,
+   then P = Dl U, Q = Dl V): carrying U, V across steps would save D products per unit but round
+   differently at a call boundary than inside a call, so a run's result would depend on where the
+   trainer's events cut it, and resume would no longer be bit-identical. */
 INL real dfwd(const int grad, long i, const real *restrict c, const real *restrict w,
               const real *restrict b, real *restrict S, real *restrict Dl, real *restrict P,
               real *restrict Q, const real *restrict x) {
+    Dl[i] = 1;
     spq_step(w + i * D, 1, b[i], grad ? (real)0 : b[i], x, S + i, Dl + i, P + i * D, Q + i, 1);
+    for (int j = 0; j < D; j++) P[i * D + j] *= Dl[i];
+    Q[i] *= Dl[i];
+    Dl[i] = 1;
     return c[i] * S[i];
 }
 
@@ -96,19 +103,31 @@ INL void fupd(const int grad, long i, real g, real err, real sc, real m_old, rea
     b[i] += err * db[i];
 }
 
+/* The forward pass of every unit and the sums Ŷ = Σ c H, g = Σ c σ' b: one function, used at a
+   call's start and after every update inside it, so the rounding (vector σ, the reduction order)
+   and thus a run's result do not depend on where calls cut the stream (bit-identical resume) */
+NOINL void fforward(long N, const real *restrict c, const real *restrict w,
+                    const real *restrict b, real *restrict H, real *restrict dH,
+                    const real *restrict x, real m, real *ay, real *ag) {
+    real sy = 0, sg = 0;
+#pragma omp simd reduction(+ : sy, sg)
+    for (long i = 0; i < N; i++) {
+        real a, q;
+        ffwd(i, c, w, b, H, dH, x, m, &a, &q);
+        sy += a;
+        sg += q;
+    }
+    *ay = sy;
+    *ag = sg;
+}
+
 INL void fmember(const int grad, long N, long T, real *restrict c, real *restrict w,
                  real *restrict b, real *restrict dc, real *restrict dw, real *restrict db,
                  real *restrict mp, real *restrict H, real *restrict dH, const real *restrict X,
                  const real *restrict Y, real *restrict out, real lr, real sc) {
     if (T <= 0) return;
     real m = *mp, ay = 0, ag = 0;
-#pragma omp simd reduction(+ : ay, ag)
-    for (long i = 0; i < N; i++) {
-        real a, q;
-        ffwd(i, c, w, b, H, dH, X, m, &a, &q);
-        ay += a;
-        ag += q;
-    }
+    fforward(N, c, w, b, H, dH, X, m, &ay, &ag);
     for (long k = 0; k < T; k++) {
         const real yh = ay * sc;
         const real g = ag * sc;
@@ -121,14 +140,10 @@ INL void fmember(const int grad, long N, long T, real *restrict c, real *restric
         ag = 0;
         if (k + 1 < T) {
             const real *restrict xn = X + (k + 1) * D;
-#pragma omp simd reduction(+ : ay, ag)
-            for (long i = 0; i < N; i++) {
-                real a, q;
+#pragma omp simd
+            for (long i = 0; i < N; i++)
                 fupd(grad, i, g, err, sc, m_old, c, w, b, dc, dw, db, H, dH, x);
-                ffwd(i, c, w, b, H, dH, xn, m, &a, &q);
-                ay += a;
-                ag += q;
-            }
+            fforward(N, c, w, b, H, dH, xn, m, &ay, &ag);
         } else {
 #pragma omp simd
             for (long i = 0; i < N; i++)
