@@ -83,11 +83,9 @@ def test_plain_torch_load_reads_a_checkpoint_with_top_level_cwb(tmp_path):
 
 
 def trainer_class():
-    try:
-        from ntk_rnn.run.trainer import Trainer
-    except ImportError:  # the layout before ntk_rnn.run
-        from ntk_rnn.train import Trainer
-    return Trainer
+    from ntk_rnn.run import Trainer
+
+    return Trainer.from_config
 
 
 def test_trainer_checkpoint_loads_with_plain_torch(tmp_path):

@@ -304,11 +304,9 @@ def test_file_series_missing_modes(tmp_path):
 
 
 def trainer_class():
-    try:
-        from ntk_rnn.run.trainer import Trainer
-    except ImportError:  # the layout before ntk_rnn.run
-        from ntk_rnn.train import Trainer
-    return Trainer
+    from ntk_rnn.run import Trainer
+
+    return Trainer.from_config
 
 
 def test_file_series_cycle_is_unbounded(tmp_path):
