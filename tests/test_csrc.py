@@ -40,9 +40,17 @@ def fresh(monkeypatch, tmp_path):
     return cache
 
 
+def test_no_c_source_hides_in_python():
+    """C lives in csrc/*.c only: no module of the package builds it from a Python string."""
+    pkg = loader.SOURCE_DIR.parent
+    for py in pkg.rglob("*.py"):
+        text = py.read_text()
+        assert "#include <" not in text and "string import Template" not in text, py
+
+
 def test_sources_are_files_with_one_header():
     names = sorted(p.name for p in loader.SOURCE_DIR.iterdir() if p.suffix in (".c", ".h"))
-    assert names == ["fast.c", "features.c", "ntk_rnn.h"]
+    assert names == ["bptt.c", "fast.c", "features.c", "ntk_rnn.h"]
     for src in loader.sources():
         text = src.read_text()
         assert '#include "ntk_rnn.h"' in text
