@@ -188,8 +188,8 @@ def run_one(beta: float, alpha: float, N: int, seeds: int, lin: bool, p: dict,
         members.append(rec)
     coh = ensemble_split([[cb for cb in m.callbacks if isinstance(cb, ParityCallback)]
                           for m in tr.members]) if recurrence == "diagonal" else {}
-    return {"coherent": coh, "beta": beta, "alpha": alpha, "N": N, "recurrence": recurrence, "lin": lin,
-            "wall_s": wall, "members": members}
+    return {"coherent": coh, "beta": beta, "alpha": alpha, "N": N, "recurrence": recurrence,
+            "lin": lin, "wall_s": wall, "members": members}
 
 
 def collect(mode: str) -> None:
@@ -229,9 +229,9 @@ def collect(mode: str) -> None:
                     cost[True] = max(cost.get(True, 0.0), cost[False])
                 data["runs"].append(r)
                 save()
+                d2 = np.mean([m["ntk/drift_from_init"][-1][1] for m in r["members"]])
                 print(f"N={N} β={beta} α={alpha} lin={lin}: {r['wall_s']:.1f}s "
-                      f"drift(t=2)={np.mean([m['ntk/drift_from_init'][-1][1] for m in r['members']]):.4g}",
-                      flush=True)
+                      f"drift(t=2)={d2:.4g}", flush=True)
     save()
     print(f"collect: {data['wall_s']:.0f}s -> {out}", flush=True)
 
@@ -433,6 +433,11 @@ def parts_fit(tab: dict) -> dict:
     return out
 
 
+def _figname(stem: str, mode: str) -> str:
+    """full mode: experiments/figures/<stem>.png; other modes: <stem>_<mode>.png."""
+    return f"{stem}.png" if mode == "full" else f"{stem}_{mode}.png"
+
+
 def analyze(mode: str) -> dict:
     import matplotlib
     matplotlib.use("Agg")
@@ -451,8 +456,9 @@ def analyze(mode: str) -> dict:
                    "eps_range": [alpha * t * n ** (beta - 1) for n in (min(byN), max(byN))]}
             for key in ("drift", "D", "even", "odd"):
                 row[key] = slope_in_N(byN, key, t)
-                row[key + "_mean"] = [float(np.mean([_series(m, key, t) for m in byN[n]["members"]]))
-                                      for n in sorted(byN)]
+                row[key + "_mean"] = [
+                    float(np.mean([_series(m, key, t) for m in byN[n]["members"]]))
+                    for n in sorted(byN)]
             for part in ("coherent", "fluct"):
                 row[part] = coherent_slope(byN, part, t)
             Ns = sorted(byN)
@@ -511,7 +517,7 @@ def analyze(mode: str) -> dict:
     ax[2].set_title("second order: flat; first order: ∝ 1/D")
     fig.suptitle("Model D kernel drift at t = 0.25 … 2 (marker size ∝ log N; 4-seed means)")
     fig.tight_layout()
-    fig.savefig(FIG / "drift_collapse.png", dpi=110)
+    fig.savefig(FIG / _figname("drift_collapse", mode), dpi=110)
     plt.close(fig)
     # drift and its coherent / fluctuating parts vs N, at t = 2 and t = 0.25
     fig, ax = plt.subplots(2, len(betas), figsize=(5 * len(betas), 8), squeeze=False)
@@ -546,7 +552,7 @@ def analyze(mode: str) -> dict:
             if i == 0 and j == 0:
                 a_.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(FIG / "drift_vs_N.png", dpi=110)
+    fig.savefig(FIG / _figname("drift_vs_N", mode), dpi=110)
     plt.close(fig)
     # local slope vs displacement
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.6))
@@ -580,7 +586,7 @@ def analyze(mode: str) -> dict:
                    f"{(b - 1.5) / (b - 1):.1f}")
     ax[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(FIG / "drift_local_slope.png", dpi=110)
+    fig.savefig(FIG / _figname("drift_local_slope", mode), dpi=110)
     plt.close(fig)
     # lazy gaps
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.6))
@@ -597,7 +603,7 @@ def analyze(mode: str) -> dict:
         a_.set_title(key)
     ax[0].legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(FIG / "lazy_gap_vs_N.png", dpi=110)
+    fig.savefig(FIG / _figname("lazy_gap_vs_N", mode), dpi=110)
     plt.close(fig)
     # --- Model F --------------------------------------------------------------------------
     fb = [r for r in data["runs"] if r["recurrence"] == "feedback"]
@@ -621,7 +627,7 @@ def analyze(mode: str) -> dict:
         ax.set_title("Model F (α = 4): window kernel moves O(1)")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(FIG / "feedback_window_drift.png", dpi=110)
+        fig.savefig(FIG / _figname("feedback_window_drift", mode), dpi=110)
         plt.close(fig)
     (RES / f"drift_{mode}_fits.json").write_text(json.dumps(fits, indent=1, default=float))
     _print_summary(fits)
@@ -644,10 +650,11 @@ def _print_summary(f: dict) -> None:
 
 
 def feedback_limit(mode: str, M: int = 512, J: int = 2 ** 10, dt: float = 0.1) -> None:
-    """The limit window-kernel drift of Model F on the NTK callback's probes (ntk_rnn.limit.window),
-    μ0 of conf/model/feedback.yaml, α = 4, rtrl: experiments/results/feedback_window_limit_*.json."""
-    from ntk_rnn.limit.window import limit_window_ntk, window_drift_curve
+    """The limit window-kernel drift of Model F on the NTK callback's probes
+    (ntk_rnn.limit.window), μ0 of conf/model/feedback.yaml, α = 4, rtrl:
+    experiments/results/feedback_window_limit_<mode>.json."""
     from ntk_rnn.limit.feedback import FeedbackLimit, limit_cell_ntk
+    from ntk_rnn.limit.window import limit_window_ntk, window_drift_curve
 
     p = MODES[mode]
     if mode == "quick":

@@ -13,7 +13,10 @@ F64 = torch.float64
 
 
 def _model():
-    return MeanFieldRNN(input_dim=1, width=8, beta=0.75, recurrence="feedback", dtype=F64)
+    # μ0 of conf/model/feedback.yaml (Gaussian w, b: the quadrature cell kernel applies)
+    init = dict(c="uniform", w="normal", b="normal", rho=1.0)
+    return MeanFieldRNN(input_dim=1, width=8, beta=0.75, recurrence="feedback", init=init,
+                        dtype=F64)
 
 
 def _limit(J=48, seed=0, scale=0.6):
@@ -52,7 +55,8 @@ def _autograd_window_ntk(lim, X, X2):
 def test_window_ntk_matches_autograd_through_the_memory():
     lim = _limit()
     g = torch.Generator().manual_seed(5)
-    X, X2 = torch.randn(5, 7, 1, dtype=F64, generator=g), torch.randn(4, 6, 1, dtype=F64, generator=g)
+    X = torch.randn(5, 7, 1, dtype=F64, generator=g)
+    X2 = torch.randn(4, 6, 1, dtype=F64, generator=g)
     # the memory really feeds back (nonzero weights on earlier steps)
     c = lim.run(X, "rtrl")[3]
     assert c[:-1].abs().max() > 1e-2
