@@ -45,7 +45,9 @@ class MeanFieldRNN(nn.Module):
     """Mean-field scaled RNN; parameters ``c`` (N,), ``w`` (N, d), ``b`` (N,).
 
     ``forward(x)`` maps windows ``(batch, L, d)`` (or ``(L, d)``) to the outputs Ŷ at every step,
-    ``(batch, L)`` (or ``(L,)``), starting from zero memory.
+    ``(batch, L)`` (or ``(L,)``), starting from zero memory. ``init`` (μ0) defaults to each
+    model's usual law: Model D c ~ U[-1, 1], w ~ N(0, I/d), b ~ U[-ρ, ρ] with ρ = 0.5; Model F the
+    same but b ~ N(0, 1) (no contraction bound on b there, theory §6).
     """
 
     def __init__(
@@ -68,8 +70,8 @@ class MeanFieldRNN(nn.Module):
             raise ConfigError(
                 f"model.recurrence={recurrence!r} is not known; choose one of {list(RECURRENCES)}"
             )
-        if init is None:
-            init = InitLaw()
+        if init is None:  # each model's usual μ0 (as conf/model/{diagonal,feedback}.yaml)
+            init = InitLaw() if recurrence == "diagonal" else InitLaw(b="normal", rho=1.0)
         elif isinstance(init, dict):
             init = InitLaw(**init)
         self.input_dim = int(input_dim)
