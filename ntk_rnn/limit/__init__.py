@@ -5,6 +5,8 @@ from .feedback import FeedbackLimit, FeedbackSolution, limit_cell_ntk, solve_fee
 from .kernel import LimitAccuracyWarning, LimitKernel, limit_ntk
 from .monte_carlo import MCLimitKernel, mc_limit_ntk
 from .ode import KernelSolution, LimitODE
+from .window import limit_window_ntk, window_drift_curve
 
 __all__ = ["LimitKernel", "LimitAccuracyWarning", "limit_ntk", "KernelSolution", "LimitODE",
-           "FeedbackLimit", "FeedbackSolution", "limit_cell_ntk", "solve_feedback_limit", "MCLimitKernel", "mc_limit_ntk"]
+           "FeedbackLimit", "FeedbackSolution", "limit_cell_ntk", "solve_feedback_limit", "MCLimitKernel", "mc_limit_ntk",
+           "limit_window_ntk", "window_drift_curve"]
