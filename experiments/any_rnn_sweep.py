@@ -260,9 +260,9 @@ def plot(runs: list[dict], summary: dict, tag: str) -> Path:
         ax.set_title(title + f" (t = T = {T:g})" if q != "running_mse" else title, fontsize=10)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, which="both")
-    axes[1].text(0.02, 0.02, "solid: to MC K_inf at N'; dashed: to Richardson 2K(N')-K(N'/2);\n"
+    axes[1].text(0.98, 0.98, "solid: to MC K_inf at N'; dashed: to Richardson 2K(N')-K(N'/2);\n"
                  "dotted: MC limit's relative std. error (floor)",
-                 transform=axes[1].transAxes, fontsize=7)
+                 transform=axes[1].transAxes, fontsize=7, ha="right", va="top")
     fig.suptitle(f"Elman / GRU / Model D width sweep — VAR(1), α = {ALPHA:g}, β = 0.75, "
                  f"{len(runs[0]['members'])} seeds (band: min–max over seeds)", fontsize=11)
     fig.tight_layout()
