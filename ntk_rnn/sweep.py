@@ -19,6 +19,7 @@ Exit status: 0 when every job completed, 1 when some did not, 2 when there is no
 from __future__ import annotations
 
 import argparse
+import logging
 import csv
 import json
 import math
@@ -233,6 +234,8 @@ def job_curves(job_dir: str | Path, tags: tuple[str, ...] | None = None) -> dict
     (which drops what a resumed run's purge_step discarded)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    # (its reader logs "No path found after <file>" at INFO, which Hydra's logging would print)
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)
     ea = EventAccumulator(str(job_dir), size_guidance={"scalars": 0, "images": 1,
                                                        "histograms": 1, "tensors": 1})
     ea.Reload()
