@@ -39,7 +39,7 @@ import torch
 from ntk_rnn import NTKCallback, Trainer
 from ntk_rnn.data import VAR1
 from ntk_rnn.limit.monte_carlo import mc_limit_ntk
-from ntk_rnn.models import ElmanRNN, GRURNN, MeanFieldRNN
+from ntk_rnn.models import GRURNN, ElmanRNN, MeanFieldRNN
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -325,9 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, s in data["summary"].items():
         for q, d in s.items():
             f = d["fit"]
-            print(f"{name:10s} {q:26s} slope {f['slope']:+.3f} boot95 [{f.get('boot_lo', np.nan):+.3f},"
-                  f" {f.get('boot_hi', np.nan):+.3f}]  per-seed {f.get('per_seed_mean', np.nan):+.3f}"
-                  f" ± {f.get('per_seed_ci', np.nan):.3f}  means {np.round(d['mean'], 5).tolist()}")
+            lo, hi = f.get("boot_lo", np.nan), f.get("boot_hi", np.nan)
+            pm, pc = f.get("per_seed_mean", np.nan), f.get("per_seed_ci", np.nan)
+            print(f"{name:10s} {q:26s} slope {f['slope']:+.3f} boot95 [{lo:+.3f}, {hi:+.3f}]"
+                  f"  per-seed {pm:+.3f} ± {pc:.3f}  means {np.round(d['mean'], 5).tolist()}")
     return 0
 
 

@@ -23,7 +23,7 @@ MAIN_HPARAMS: tuple[tuple[str, str, str], ...] = (
     ("model.width", "width", "N, the number of hidden units"),
     ("model.beta", "beta", "β, the mean-field exponent"),
     ("train.alpha", "alpha", "α, the learning-rate scale"),
-    ("train.gradient", "gradient", "rtrl (exact) or truncated"),
+    ("train.gradient", "gradient", "rtrl (exact), truncated, or bptt (any model)"),
     ("seed", "seed", "the run seed"),
     ("train.horizon", "horizon", "limit time t = steps / N reached by the run"),
 )

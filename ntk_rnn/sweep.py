@@ -19,9 +19,9 @@ Exit status: 0 when every job completed, 1 when some did not, 2 when there is no
 from __future__ import annotations
 
 import argparse
-import logging
 import csv
 import json
+import logging
 import math
 import re
 import sys

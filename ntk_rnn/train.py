@@ -19,8 +19,8 @@ from omegaconf import DictConfig
 
 from .errors import ConfigError, TrainingDiverged
 from .run.config import register_configs
-from .run.trainer import Trainer
 from .run.signals import TrainingInterrupted
+from .run.trainer import Trainer
 
 
 def conf_dir() -> Path:

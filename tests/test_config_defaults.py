@@ -19,7 +19,8 @@ OVERRIDES = {
     ("model/diagonal.yaml", "width"), ("model/feedback.yaml", "width"),
     ("model/feedback.yaml", "recurrence"), ("model/feedback.yaml", "init.b"),
     ("model/feedback.yaml", "init.rho"), ("train/truncated.yaml", "gradient"),
-    ("train/rtrl.yaml", "gradient"), ("data/markov.yaml", "transition"), ("data/markov.yaml", "states"),
+    ("train/rtrl.yaml", "gradient"), ("data/markov.yaml", "transition"),
+    ("data/markov.yaml", "states"),
 }
 
 
@@ -27,7 +28,8 @@ def _defaults_of(cls) -> dict:
     if dataclasses.is_dataclass(cls):
         return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
                 for f in dataclasses.fields(cls)
-                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+                if f.default is not dataclasses.MISSING
+                or f.default_factory is not dataclasses.MISSING}
     return {k: p.default for k, p in inspect.signature(cls).parameters.items()
             if p.default is not inspect.Parameter.empty}
 

@@ -17,10 +17,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from ntk_rnn.callbacks.base import Callback
 from ntk_rnn.checkpoint import load_checkpoint, save_checkpoint
-from ntk_rnn.run.build import member_config, run_seeds
-from ntk_rnn.run.trainer import EnsembleIncomplete
 from ntk_rnn.errors import ConfigError
 from ntk_rnn.run import Trainer, TrainingInterrupted
+from ntk_rnn.run.build import member_config, run_seeds
+from ntk_rnn.run.trainer import EnsembleIncomplete
 
 from .conftest import ROOT, make_cfg, run_cli
 
@@ -142,7 +142,8 @@ def test_member_config_seeds():
 
 def test_a_diverging_member_is_dropped_and_the_others_go_on(tmp_path):
     over = ["train.divergence_threshold=1e3"]
-    tr = Trainer.from_config(make_cfg(*NO_CALLBACKS, *over, "train.ensemble_size=3"), tmp_path / "ens")
+    tr = Trainer.from_config(make_cfg(*NO_CALLBACKS, *over, "train.ensemble_size=3"),
+                             tmp_path / "ens")
     with torch.no_grad():
         tr.members[1].model.c.mul_(1e6)  # member 1 blows up at once
     with pytest.raises(EnsembleIncomplete, match="1 of 3 members did not complete.*diverged"):
@@ -191,11 +192,13 @@ def test_sigterm_then_resume_as_ensemble_and_as_single_run(tmp_path):
     # a member directory is a single run: resume member 1 alone ...
     with pytest.raises(ConfigError, match="holds an ensemble"):
         Trainer.from_config(make_cfg(*BASE, *over, "train.resume=true"), d)
-    one = Trainer.from_config(make_cfg(*BASE, *over, "seed=1", "train.resume=true"), d / "member_001")
+    one = Trainer.from_config(make_cfg(*BASE, *over, "seed=1", "train.resume=true"),
+                              d / "member_001")
     assert one.step == 137
     one.fit()
     # ... and the rest as the ensemble (member 1 is done and skipped)
-    s = Trainer.from_config(make_cfg(*BASE, *over, "train.ensemble_size=3", "train.resume=true"), d).fit()
+    s = Trainer.from_config(make_cfg(*BASE, *over, "train.ensemble_size=3", "train.resume=true"),
+                            d).fit()
     assert s["status"] == "completed" and s["network_steps"] == 2 * (300 - 137)
     for e in range(3):
         assert_same_run(d / f"member_{e:03d}", ref / f"member_{e:03d}")

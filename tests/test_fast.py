@@ -317,6 +317,7 @@ def test_result_does_not_depend_on_where_the_calls_cut_the_stream(recurrence, gr
         assert st.backend == "kernel"
         for j in range(0, 300, seg):
             st.run_chunk(X[j:j + seg], Y[j:j + seg])
-        finals.append([t.detach().clone() for t in (m.c, m.w, m.b, *st.state.state_dict().values())])
+        state = st.state.state_dict().values()
+        finals.append([t.detach().clone() for t in (m.c, m.w, m.b, *state)])
     for other in finals[1:]:
         assert all(torch.equal(a, b) for a, b in zip(finals[0], other, strict=True))

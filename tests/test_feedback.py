@@ -11,11 +11,11 @@ from torch.func import functional_call, jacrev, vmap
 
 from ntk_rnn import ConfigError, InitLaw, MeanFieldRNN, OnlineState, rtrl_step
 from ntk_rnn.data import VAR1
-from ntk_rnn.ntk import cell_ntk
-from ntk_rnn.online.feedback import FeedbackState, feedback_step
 from ntk_rnn.limit import limit_cell_ntk, solve_feedback_limit
 from ntk_rnn.limit.feedback import ContractionWarning, FeedbackLimit
-from ntk_rnn.run.trainer import Trainer
+from ntk_rnn.ntk import cell_ntk
+from ntk_rnn.online.feedback import FeedbackState, feedback_step
+from ntk_rnn.run import Trainer
 
 from .conftest import make_cfg
 
@@ -178,7 +178,7 @@ def test_trainer_runs_feedback_and_learns(tmp_path, gradient):
     cfg = make_cfg("model=feedback", "callbacks=none", "model.width=256", "train.horizon=4",
                    "dtype=float64", "train.mse_window=128", f"train.gradient={gradient}",
                    "logger.tensorboard=false")
-    tr = Trainer(cfg, tmp_path)
+    tr = Trainer.from_config(cfg, tmp_path)
     out = tr.fit()
     first = float(tr.sq_err[:128].mean())
     assert out["status"] == "completed" and out["steps"] == 1024

@@ -32,7 +32,8 @@ Model F (output feedback): what is linearised is the whole stream map θ ↦ Ŷ_
 included: the shadow's memory is m^(0)_k, the frozen θ_0 network's own fed-back output (not the
 shadow's output), and G^(0)_k = D_k + g_k ∂m_k/∂θ at θ_0 (:mod:`ntk_rnn.online.feedback`), U^(0)
 = D_k for ``truncated``. The probe gap then compares window maps x̄ ↦ f_θ(x̄) (feedback from m = 0)
-with their Taylor model at θ_0. Other models: ConfigError (the trainer trains MeanFieldRNN only).
+with their Taylor model at θ_0. Other models: ConfigError naming
+callbacks.linearized (their shadow model is not implemented).
 
 Logged (``every_n_steps`` / ``every_t``; ``n_probes`` stationary windows of ``probe_length``,
 drawn like the NTK callback's and fixed at the start; f(x̄) is the output at a window's last step):

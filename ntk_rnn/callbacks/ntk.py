@@ -24,8 +24,8 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..limit import limit_ntk
 from ..limit.monte_carlo import mc_limit_ntk
-from ..models.mean_field import MeanFieldRNN
 from ..logging import write_layout
+from ..models.mean_field import MeanFieldRNN
 from ..ntk import metrics as M
 from ..ntk import ntk_blocks, training_kernel
 from .base import Callback, TrainState, generator_from_seed

@@ -1,5 +1,6 @@
 """Everything infinite-width: Model D's limit kernel K_∞ (theory §5), Model F's cell kernel and
-coupled limit (theory §6), the Monte-Carlo limit of any model, and the limit ODE with its closed-form solution."""
+coupled limit (theory §6), the Monte-Carlo limit of any model, and the limit ODE with its
+closed-form solution."""
 
 from .feedback import FeedbackLimit, FeedbackSolution, limit_cell_ntk, solve_feedback_limit
 from .kernel import LimitAccuracyWarning, LimitKernel, limit_ntk
@@ -8,5 +9,6 @@ from .ode import KernelSolution, LimitODE
 from .window import limit_window_ntk, window_drift_curve
 
 __all__ = ["LimitKernel", "LimitAccuracyWarning", "limit_ntk", "KernelSolution", "LimitODE",
-           "FeedbackLimit", "FeedbackSolution", "limit_cell_ntk", "solve_feedback_limit", "MCLimitKernel", "mc_limit_ntk",
+           "FeedbackLimit", "FeedbackSolution", "limit_cell_ntk", "solve_feedback_limit",
+           "MCLimitKernel", "mc_limit_ntk",
            "limit_window_ntk", "window_drift_curve"]

@@ -63,10 +63,10 @@ from scipy.special import roots_hermitenorm
 from scipy.stats import qmc
 from torch import Tensor
 
-from ..models.activations import Activation
 from ..errors import ConfigError
-from ..ntk.cell import cell_gram, check_cell_inputs
+from ..models.activations import Activation
 from ..models.init import InitLaw
+from ..ntk.cell import cell_gram, check_cell_inputs
 from .kernel import LimitAccuracyWarning, LimitKernel, _axes, _inverse_cdf
 
 _F64 = torch.float64

@@ -21,8 +21,8 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor, nn
 
-from .activations import Activation, get_activation
 from ..errors import ConfigError
+from .activations import Activation, get_activation
 from .init import InitLaw
 
 Recurrence = Literal["diagonal", "feedback"]
@@ -205,7 +205,8 @@ class MeanFieldRNN(nn.Module):
 
         P_{k+1} = σ'(z_k)(X_k + b P_k),  Q_{k+1} = σ'(z_k)(S_k + b Q_k), P_0 = Q_0 = 0;
         ``truncated=True`` drops the b P and b Q terms. Shapes (B, N), (B, N, d), (B, N).
-        Model D only (Model F's per-window gradients are not per-unit: see ``ntk_rnn.online.feedback``).
+        Model D only (Model F's per-window gradients are not per-unit: see
+        ``ntk_rnn.online.feedback``).
         """
         if self.recurrence != "diagonal":
             raise ConfigError("unit_features needs model.recurrence='diagonal' (Model D)")

@@ -8,4 +8,5 @@ from .feedback import FeedbackState, feedback_step
 from .rtrl import GRADIENTS, OnlineState, ReferenceStepper, rtrl_step
 
 __all__ = ["GRADIENTS", "OnlineState", "FeedbackState", "rtrl_step", "feedback_step",
-           "ReferenceStepper", "FastStepper", "EnsembleStepper", "BPTTStepper", "BPTTEnsembleStepper"]
+           "ReferenceStepper", "FastStepper", "EnsembleStepper", "BPTTStepper",
+           "BPTTEnsembleStepper"]

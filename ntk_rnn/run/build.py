@@ -125,9 +125,9 @@ def build(key: str, node: Any, **filled: Any) -> Any:
         root = exc.__cause__ or exc  # hydra wraps the class's own exception
         if isinstance(root, ConfigError):
             raise root from None
+        text = str(root).strip()
         raise UserCodeError(f"{key}: {node._target_} raised {type(root).__name__}: "
-                            f"{str(root).strip().splitlines()[0][:300] if str(root).strip() else ''}"
-                            ) from root
+                            f"{text.splitlines()[0][:300] if text else ''}") from root
 
 
 def build_source(data_cfg: Any) -> Any:
@@ -160,7 +160,9 @@ def build_model(cfg: Any, input_dim: int, seed: int) -> torch.nn.Module:
         law = OmegaConf.to_container(m.init, resolve=True)
         law["sampler"] = instantiate(m.init.sampler)
         filled["init"] = InitLaw(**law)
-    model = build("model", m, **filled)
+    with torch.random.fork_rng(devices=[]):  # a model drawing θ_0 from torch's global RNG in
+        torch.manual_seed(seed)              # its constructor is still determined by the seed
+        model = build("model", m, **filled)
     check_model(model)
     if "generator" not in params:
         seed_model(model, seed, cfg.dtype, cfg.device)

@@ -14,8 +14,8 @@ from typing import Any, Dict, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-from ..models.activations import ACTIVATIONS
 from ..errors import ConfigError
+from ..models.activations import ACTIVATIONS
 
 
 @dataclass

@@ -42,8 +42,8 @@ from ..callbacks.progress import ProgressCallback
 from ..data.base import source_name
 from ..errors import ConfigError, TrainingDiverged
 from ..models.mean_field import MeanFieldRNN
-from ..online.ensemble import EnsembleStepper
 from ..online.bptt import BPTTStepper
+from ..online.ensemble import EnsembleStepper
 from ..online.fast import FastStepper
 from ..online.rtrl import OnlineState, ReferenceStepper
 from .build import (
@@ -385,7 +385,8 @@ class Trainer:
             raise errs[0]
         steps = [e.step for e in errs]
         raise TrainingInterrupted(
-            f"stopped by {signal.Signals(signum).name}; {len(steps)} members saved their state at step "
+            f"stopped by {signal.Signals(signum).name}; {len(steps)} members saved their state at "
+            f"step "
             f"{min(steps) if steps else '-'} in {self.run_dir}/member_*/checkpoints. To continue, "
             f"run the same command again with train.resume=true and hydra.run.dir={self.run_dir}",
             signum=signum, step=min(steps) if steps else -1, checkpoint=None)
