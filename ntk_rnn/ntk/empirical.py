@@ -351,11 +351,18 @@ def jacobian_blocks(
 
     Windows are taken ``chunk_size`` at a time on each side (default: as many as keep a chunk's
     Jacobian and saved activations, both sides, within ``memory_budget`` bytes, default
-    MEMORY_BUDGET); the x2 chunks' Jacobians
-    are recomputed once per x chunk when more than one chunk is needed. x2=None: symmetric, only
-    the upper block triangle is computed. Memory ≈ chunk (2P + 4(P + A)) (see ``Footprint``)
-    + the result.
+    MEMORY_BUDGET); the x2 chunks' Jacobians are recomputed once per x chunk when more than one
+    chunk is needed. x2=None: symmetric, only the upper block triangle is computed.
+    Memory ≈ chunk (2P + 4(P + A)) (see ``Footprint``) + the result.
     """
+    return _jacobian_kernel(model, x, x2, chunk_size, fp, memory_budget, total=False)
+
+
+def _jacobian_kernel(
+    model: nn.Module, x: Tensor, x2: Tensor | None, chunk_size: int | None,
+    fp: Footprint | None, memory_budget: int | None, total: bool,
+) -> dict[str, Tensor] | Tensor:
+    """``jacobian_blocks``, or with ``total`` their sum accumulated in one (n, m) tensor."""
     params, buffers = _trainable(model), dict(model.named_buffers())
     J = _jacobian_fn(model, params, buffers, list(params))
     sym = x2 is None
@@ -364,7 +371,7 @@ def jacobian_blocks(
     if chunk_size is None:
         fp = fp or footprint(model, x)
     c = _jacobian_chunk(fp, chunk_size, memory_budget)
-    K = {k: x.new_zeros(n, m) for k in params}
+    K = {k: x.new_zeros(n, m) for k in (["total"] if total else params)}
     cache = J(x2) if not sym and m <= c else None  # x2 side fits: compute it once
     for i0 in range(0, n, c):
         Ji = J(x[i0:i0 + c])
@@ -375,12 +382,14 @@ def jacobian_blocks(
                 Jj = cache
             else:
                 Jj = J(x2[j0:j0 + c])
-            for k in K:
-                blk = Ji[k] @ Jj[k].T
-                K[k][i0:i0 + c, j0:j0 + c] = blk
-                if sym and j0 != i0:
-                    K[k][j0:j0 + c, i0:i0 + c] = blk.T
-    return K
+            for k in params:
+                dst = K["total"] if total else K[k]
+                blk = dst[i0:i0 + c, j0:j0 + c]
+                blk.addmm_(Ji[k], Jj[k].T)
+            if sym and j0 != i0:
+                for dst in K.values():
+                    dst[j0:j0 + c, i0:i0 + c] = dst[i0:i0 + c, j0:j0 + c].T
+    return K["total"] if total else K
 
 
 def ntk_vp_kernel(
@@ -578,7 +587,7 @@ def empirical_ntk(
         return _structured(model, x, x2, chunk_size)
     scale = float(getattr(model, "ntk_scale", 1.0))
     if method == "jacobian":
-        K = sum(jacobian_blocks(model, x, x2, chunk_size, memory_budget=memory_budget).values())
+        K = _jacobian_kernel(model, x, x2, chunk_size, None, memory_budget, total=True)
     else:
         K = ntk_vp_kernel(model, x, x2, chunk_size, memory_budget=memory_budget)
     return K.mul_(scale)

@@ -269,13 +269,19 @@ class KernelOperator:
             self._rows = _frozen_rows(model)
             per_unit = n * (d + 2) * s
             self._units = max(1, min(model.width, (self.budget // 4) // per_unit))
-            self._sub = MeanFieldRNN(d, self._units, beta=model.beta, activation=model.act,
-                                     dtype=x.dtype, device=x.device)
-            self._sub.requires_grad_(False)
+            self._sub = self._unit_model(self._units)
             self._spans = _blocks(model.width, self._units)
         else:
             self._jrows = _JacobianRows(model, x, self.budget // 4)
             self._spans = _blocks(self.n, max(1, (self.budget // 4) // (self._jrows.P * s)))
+
+    def _unit_model(self, width: int) -> MeanFieldRNN:
+        """A MeanFieldRNN of ``width`` units to hold one unit block's (c, w, b): its features are
+        those units' features (they do not depend on N; the 1/N is applied here)."""
+        m = self.model
+        return MeanFieldRNN(m.input_dim, width, beta=m.beta, activation=m.act,
+                            init={"b": "constant", "rho": 0.0}, dtype=self.dtype,
+                            device=self.device).requires_grad_(False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -290,8 +296,7 @@ class KernelOperator:
         if self.method == "structured":
             sub, model = self._sub, self.model
             if b - a != sub.width:
-                sub = MeanFieldRNN(model.input_dim, b - a, beta=model.beta, activation=model.act,
-                                   dtype=self.dtype, device=self.device).requires_grad_(False)
+                sub = self._unit_model(b - a)
             with torch.no_grad():
                 for name in ("c", "w", "b"):
                     getattr(sub, name).copy_(getattr(model, name).detach()[a:b])

@@ -2,6 +2,10 @@
 
 All norms are Frobenius norms ‖A‖_F = (Σ_ij A_ij²)^{1/2}, ⟨A, B⟩_F = Σ_ij A_ij B_ij. Shapes are
 checked (ConfigError); a zero reference norm gives inf or nan, as the formula does.
+
+These need the kernel as a matrix. For probe sets too large to form it, ``ntk.large`` has
+matrix-free versions on kernel-vector products (trace, Frobenius norm, top eigenvalues,
+target alignment, intrinsic dimension), each with its error.
 """
 
 from __future__ import annotations
