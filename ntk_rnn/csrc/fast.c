@@ -17,20 +17,20 @@
 INL real dfwd(const int grad, long i, const real *restrict c, const real *restrict w,
               const real *restrict b, real *restrict S, real *restrict Dl, real *restrict P,
               real *restrict Q, const real *restrict x) {
-    Dl[i] = 1;
-    spq_step(w + i * D, 1, b[i], grad ? (real)0 : b[i], x, S + i, Dl + i, P + i * D, Q + i, 1);
-    for (int j = 0; j < D; j++) P[i * D + j] *= Dl[i];
-    Q[i] *= Dl[i];
-    Dl[i] = 1;
+    real dl = 1; /* (a register: the step from P, Q themselves) */
+    spq_step(w + i * D, 1, b[i], grad ? (real)0 : b[i], x, S + i, &dl, P + i * D, Q + i, 1);
+    for (int j = 0; j < D; j++) P[i * D + j] *= dl;
+    Q[i] *= dl;
+    (void)Dl;
     return c[i] * S[i];
 }
 
-/* θ_i += g (S_i, c_i P_i, c_i Q_i), g = α_N N^{-β} (Y - Ŷ), with c from before the step and
-   (P_i, Q_i) = Dl_i (U_i, V_i) */
+/* θ_i += g (S_i, c_i P_i, c_i Q_i), g = α_N N^{-β} (Y - Ŷ), with c from before the step */
 INL void dupd(long i, real g, real *restrict c, real *restrict w, real *restrict b,
               const real *restrict S, const real *restrict Dl, const real *restrict P,
               const real *restrict Q) {
-    real gc = g * c[i] * Dl[i];
+    (void)Dl;
+    real gc = g * c[i];
     for (int j = 0; j < D; j++) w[i * D + j] += gc * P[i * D + j];
     b[i] += gc * Q[i];
     c[i] += g * S[i];
@@ -44,7 +44,6 @@ INL void dmember(const int grad, long N, long T, real *restrict c, real *restric
     real acc = 0;
 #pragma omp simd reduction(+ : acc)
     for (long i = 0; i < N; i++) {
-        Dl[i] = 1; /* the given P, Q are U, V with Dl = 1 */
         acc += dfwd(grad, i, c, w, b, S, Dl, P, Q, X);
     }
     for (long k = 0; k < T; k++) {
@@ -61,11 +60,7 @@ INL void dmember(const int grad, long N, long T, real *restrict c, real *restric
             }
         } else {
 #pragma omp simd
-            for (long i = 0; i < N; i++) {
-                dupd(i, g, c, w, b, S, Dl, P, Q);
-                for (int j = 0; j < D; j++) P[i * D + j] *= Dl[i]; /* back to P, Q */
-                Q[i] *= Dl[i];
-            }
+            for (long i = 0; i < N; i++) dupd(i, g, c, w, b, S, Dl, P, Q);
         }
     }
 }
