@@ -247,22 +247,32 @@ def job_curves(job_dir: str | Path, tags: tuple[str, ...] | None = None) -> dict
     return out
 
 
+SEED_KEYS = ("seed", "data_seed", "model.width")  # not part of a line's label
+
+
 def sweep_curves(sweep_dir: str | Path, tags: tuple[str, ...] = tuple(t for t, _ in PLOTTED)
-                 ) -> dict[str, dict[int, list[tuple[list[float], list[float]]]]]:
-    """``{tag: {width: [(t, values) per job]}}`` for the sweep's completed jobs (all jobs when none
-    completed), t = step / N."""
+                 ) -> dict[str, dict[tuple[str, int], list[tuple[list[float], list[float]]]]]:
+    """``{tag: {(setting, width): [(t, values) per job]}}`` for the sweep's completed jobs (all
+    jobs when none completed), t = step / N. ``setting`` names the job's other swept values
+    (e.g. ``model=gru``; "" when only width and seeds vary), so different models or β are never
+    averaged together as if they were seeds."""
     import numpy as np
 
     jobs = collect(sweep_dir)
     done = [j for j in jobs if j.ok] or jobs
-    out: dict[str, dict[int, list]] = {}
+    out: dict[str, dict[tuple[str, int], list]] = {}
+    keys = {k for j in done for k in j.overrides}  # the overrides that differ between jobs
+    varying = {k for k in keys if len({j.overrides.get(k) for j in done}) > 1}
     for job in done:
         N = _width(job)
         if not N:
             continue
+        setting = ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in sorted(job.overrides.items())
+                           if k in varying and k.lstrip("+~") not in SEED_KEYS)
         for tag, (steps, vals) in job_curves(job.dir, tags).items():
             t = np.asarray(steps, dtype=float) / N
-            out.setdefault(tag, {}).setdefault(N, []).append((t, np.asarray(vals, dtype=float)))
+            out.setdefault(tag, {}).setdefault((setting, N), []).append(
+                (t, np.asarray(vals, dtype=float)))
     return out
 
 
@@ -301,9 +311,9 @@ def plot_sweep(sweep_dir: str | Path, tags: tuple[tuple[str, str], ...] = PLOTTE
     if not panels:
         raise ValueError(f"no job under {sweep_dir} logged any of "
                          f"{', '.join(t for t, _ in tags)} (NTK / output callbacks off?)")
-    widths = sorted({N for tag, _ in panels for N in curves[tag]})
+    widths = sorted({key for tag, _ in panels for key in curves[tag]})  # (setting, N)
     cmap = colormaps["viridis"]
-    colour = {N: cmap(0.85 * i / max(len(widths) - 1, 1)) for i, N in enumerate(widths)}
+    colour = {key: cmap(0.85 * i / max(len(widths) - 1, 1)) for i, key in enumerate(widths)}
     with rc_context({"axes.unicode_minus": True, "font.size": 11}):
         fig = Figure(figsize=(5.2 * len(panels), 4.4), dpi=100)
         FigureCanvasAgg(fig)
@@ -315,7 +325,8 @@ def plot_sweep(sweep_dir: str | Path, tags: tuple[tuple[str, str], ...] = PLOTTE
             log = bool(pos.size) and pos.max() > 20 * pos.min()  # decades apart: a log axis
             for N, (n, (t, mean, lo, hi)) in bands.items():
                 keep = (lo > 0) if log else np.ones_like(t, bool)  # (drift is 0 at t = 0)
-                label = f"N = {N}" + (f" ({n} seeds)" if n > 1 else "")
+                label = (f"{N[0]}, " if N[0] else "") + f"N = {N[1]}" + (
+                    f" ({n} seeds)" if n > 1 else "")
                 ax.plot(t[keep], mean[keep], color=colour[N], lw=1.8, label=label)
                 if n > 1:
                     ax.fill_between(t[keep], lo[keep], hi[keep], color=colour[N], alpha=0.25,

@@ -43,9 +43,9 @@ def test_plot_sweep_on_the_t_axis(tmp_path):
     curves = sweep.sweep_curves(d)
     assert set(curves) == {"ntk/drift_from_init", "ntk/distance_to_limit"}
     for N in (32, 64):
-        runs = curves["ntk/drift_from_init"][N]
+        runs = curves["ntk/drift_from_init"][("", N)]
         assert len(runs) == 2 and all(math.isclose(t[-1], 2.0) for t, _ in runs)
-    t, mean, lo, hi = sweep._band(curves["ntk/drift_from_init"][64])
+    t, mean, lo, hi = sweep._band(curves["ntk/drift_from_init"][("", 64)])
     assert (lo <= mean).all() and (mean <= hi).all() and (hi > lo)[1:].all()
 
     png = sweep.plot_sweep(d)
