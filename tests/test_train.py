@@ -204,3 +204,44 @@ def test_custom_model_without_reset_parameters_is_reproducible(tmp_path):
     b = Trainer.from_config(make_cfg(*cfg), None).fit()
     c = Trainer.from_config(make_cfg(*cfg, "seed=1"), None).fit()
     assert a["running_mse"] == b["running_mse"] != c["running_mse"]
+
+
+def test_bptt_model_resumes_bit_identically(tmp_path):
+    """A model trained by truncated BPTT resumes from a mid-run checkpoint to exactly the state an
+    uninterrupted run reaches (its window buffer and kept memory are in the checkpoint)."""
+    cfg = ["model=elman", "model.width=12", *SINE[:2], "callbacks=[checkpoint]",
+           "callbacks.checkpoint.every_n_steps=40", "callbacks.checkpoint.keep_last=5",
+           "train.steps=100", "dtype=float64"]
+    Trainer.from_config(make_cfg(*cfg), tmp_path / "a").fit()
+    b = tmp_path / "b"
+    Trainer.from_config(make_cfg(*cfg), b).fit()
+    for f in ("checkpoints/final.pt", "checkpoints/step_000000080.pt",
+              "checkpoints/step_000000100.pt", "metrics.json"):
+        (b / f).unlink()
+    tr = Trainer.from_config(make_cfg(*cfg, "train.resume=true"), b)
+    assert tr.step == 40
+    tr.fit()
+    fa, fb = (load_checkpoint(d / "checkpoints/final.pt") for d in (tmp_path / "a", b))
+    for part in ("model", "online"):
+        assert fa[part].keys() == fb[part].keys()
+        assert all(torch.equal(fa[part][k], fb[part][k]) for k in fa[part]), part
+    assert torch.equal(fa["sq_err"], fb["sq_err"])
+
+
+def test_python_api_writes_nothing_and_equals_the_config_run(tmp_path, monkeypatch):
+    """run_dir=None: no file anywhere (checkpoint callback included); the same settings from
+    Python and from a composed config give the same numbers (θ_0 from the seed)."""
+    from ntk_rnn import CheckpointCallback, MeanFieldRNN, NTKCallback
+    from ntk_rnn.data import VAR1
+
+    monkeypatch.chdir(tmp_path)
+    cbs = [CheckpointCallback(every_n_steps=10),
+           NTKCallback(every_n_steps=16, n_probes=8, probe_length=6, limit=False)]
+    tr = Trainer(model=MeanFieldRNN(input_dim=1, width=32, seed=99), data=VAR1(), alpha=2.0,
+                 horizon=2.0, callbacks=cbs, seed=3, run_dir=None)
+    m = tr.fit()
+    assert list(tmp_path.iterdir()) == []
+    assert [s for s, _ in tr.history["ntk/drift_from_init"]] == [0, 16, 32, 48, 64]
+    cfg = make_cfg("model.width=32", "train.alpha=2.0", "train.horizon=2.0", "seed=3",
+                   "callbacks=none")
+    assert Trainer.from_config(cfg, None).fit()["running_mse"] == m["running_mse"]

@@ -23,7 +23,7 @@ class CheckpointCallback(Callback):
             raise ConfigError(f"callbacks.{self.name}.keep_last={self.keep_last} must be >= 1")
 
     def on_step_end(self, step: int, state: TrainState) -> None:
-        if state.save_checkpoint is None:
+        if state.save_checkpoint is None or state.run_dir is None:  # (run_dir=None: no files)
             return
         state.save_checkpoint(Path(state.run_dir) / "checkpoints" / f"step_{step:09d}.pt")
         self.prune(Path(state.run_dir) / "checkpoints")
