@@ -145,6 +145,8 @@ def test_divergence_stops_with_logs_and_last_good_checkpoint(tmp_path):
         Trainer.from_config(cfg, tmp_path).fit()
     ck = load_checkpoint(tmp_path / "checkpoints/last_good.pt")
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
+    plain = torch.load(tmp_path / "checkpoints/last_good.pt", weights_only=True)
+    assert all(torch.equal(plain[k], ck["model"][k]) for k in ("c", "w", "b"))  # the good state
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "diverged"
     assert list(tmp_path.glob("events.out.tfevents.*"))
 

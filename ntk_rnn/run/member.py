@@ -103,11 +103,9 @@ class Member:
 
     # --- state and files ----------------------------------------------------------------
     def state_payload(self) -> dict:
-        model = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-        return {
-            **{k: model[k] for k in ("c", "w", "b") if k in model},  # plain torch.load: c, w, b
+        return {  # (checkpoint.save_checkpoint adds top-level c, w, b from "model")
             "step": self.step,
-            "model": model,
+            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
             "online": {k: v.detach().cpu().clone() for k, v in self.online.state_dict().items()},
             "sq_err": self.sq_err[: self.step].clone(),
             "probe_rng": self.state.generators["probe"].get_state(),
