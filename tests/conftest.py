@@ -1,10 +1,13 @@
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+
+from ntk_rnn.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = str(ROOT / "conf")
@@ -28,3 +31,19 @@ def run_cli(*args: str, cwd=None, timeout=300) -> subprocess.CompletedProcess:
 @pytest.fixture
 def cfg_factory():
     return make_cfg
+
+
+class SignalAt(Callback):
+    """Sends ``sig`` to this process at the end of step ``at`` (as a scheduler would)."""
+
+    name = "signal_at"
+
+    def __init__(self, at: int, sig: int = signal.SIGTERM) -> None:
+        super().__init__(1)
+        self.at, self.sig = at, sig
+        self.handler_during_fit = None
+
+    def on_step_end(self, step, state):
+        if step == self.at:
+            self.handler_during_fit = signal.getsignal(self.sig)
+            os.kill(os.getpid(), self.sig)

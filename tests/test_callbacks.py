@@ -2,9 +2,7 @@
 
 import json
 import math
-import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -18,13 +16,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from ntk_rnn import MeanFieldRNN
-from ntk_rnn.callbacks.base import Callback
 from ntk_rnn.checkpoint import load_checkpoint
 from ntk_rnn.errors import ConfigError
 from ntk_rnn.ntk import empirical_ntk, relative_frobenius
 from ntk_rnn.run import Trainer, TrainingInterrupted
 
-from .conftest import make_cfg
+from .conftest import SignalAt, make_cfg
 
 NTK_SMALL = ["model.width=64", "train.horizon=2", "callbacks=[ntk,checkpoint]",
              "callbacks.ntk.every_n_steps=16", "callbacks.ntk.n_probes=12",
@@ -226,23 +223,11 @@ def test_log10_tags_skip_zero_and_step_zero():
     assert scalar_tags(s, 5)["ntk/log10_kernel_distance"] == pytest.approx(-16)
 
 
-class _StopAt(Callback):
-    name = "stop_at"
-
-    def __init__(self, at: int) -> None:
-        super().__init__(1)
-        self.at = at
-
-    def on_step_end(self, step, state):
-        if step == self.at:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
 def test_resume_logs_each_step_once_per_tag(tmp_path, ntk_run):
     ref, _ = ntk_run
     d = tmp_path / "run"
     tr = Trainer.from_config(make_cfg(*NTK_SMALL, "dtype=float64"), d)
-    tr.callbacks.append(_StopAt(80))
+    tr.callbacks.append(SignalAt(80))
     with pytest.raises(TrainingInterrupted):
         tr.fit()
     Trainer.from_config(make_cfg(*NTK_SMALL, "dtype=float64", "train.resume=true"), d).fit()

@@ -15,14 +15,13 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ntk_rnn.callbacks.base import Callback
 from ntk_rnn.checkpoint import load_checkpoint, save_checkpoint
 from ntk_rnn.errors import ConfigError
 from ntk_rnn.run import Trainer, TrainingInterrupted
 from ntk_rnn.run.build import member_config, run_seeds
 from ntk_rnn.run.trainer import EnsembleIncomplete
 
-from .conftest import ROOT, make_cfg, run_cli
+from .conftest import ROOT, SignalAt, make_cfg, run_cli
 
 # float64, a cheap NTK callback (no limit kernel) whose events do not line up with the chunks
 RUN = ["model.width=16", "train.steps=300", "dtype=float64", "train.chunk_size=64",
@@ -159,18 +158,6 @@ def test_a_diverging_member_is_dropped_and_the_others_go_on(tmp_path):
     s = json.loads((tmp_path / "ens/ensemble.json").read_text())
     assert s["status"] == "incomplete" and s["counts"] == {"completed": 2, "diverged": 1}
     assert "lower train.alpha" in s["members"][1]["error"]
-
-
-class SignalAt(Callback):
-    name = "signal_at"
-
-    def __init__(self, at: int) -> None:
-        super().__init__(1)
-        self.at = at
-
-    def on_step_end(self, step, state):
-        if step == self.at:
-            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def test_sigterm_then_resume_as_ensemble_and_as_single_run(tmp_path):

@@ -16,12 +16,11 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ntk_rnn import sweep
-from ntk_rnn.callbacks.base import Callback
 from ntk_rnn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ntk_rnn.errors import ConfigError
 from ntk_rnn.run import Trainer, TrainingInterrupted
 
-from .conftest import ROOT, make_cfg, run_cli
+from .conftest import ROOT, SignalAt, make_cfg, run_cli
 
 TINY = ["model.width=8", "train.steps=20", "callbacks=none"]
 LAUNCHERS = {
@@ -137,22 +136,6 @@ RUN = ["model.width=8", "train.steps=600", "dtype=float64", "callbacks=[ntk,chec
        "callbacks.ntk.image_every_n_steps=0", "callbacks.ntk.histogram_every_n_steps=21",
        "callbacks.checkpoint.every_n_steps=50", "callbacks.checkpoint.keep_last=3",
        "train.log_every=10", "train.chunk_size=64"]
-
-
-class SignalAt(Callback):
-    """Sends ``sig`` to this process at the end of step ``at`` (as a scheduler would)."""
-
-    name = "signal_at"
-
-    def __init__(self, at: int, sig: int = signal.SIGTERM) -> None:
-        super().__init__(1)
-        self.at, self.sig = at, sig
-        self.handler_during_fit = None
-
-    def on_step_end(self, step, state):
-        if step == self.at:
-            self.handler_during_fit = signal.getsignal(self.sig)
-            os.kill(os.getpid(), self.sig)
 
 
 @pytest.fixture(scope="module")

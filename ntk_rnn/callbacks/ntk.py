@@ -25,6 +25,7 @@ from ..errors import ConfigError
 from ..limit import limit_ntk
 from ..limit.monte_carlo import mc_limit_ntk
 from ..logging import write_layout
+from ..models.init import reseed
 from ..models.mean_field import MeanFieldRNN
 from ..ntk import metrics as M
 from ..ntk import ntk_blocks, training_kernel
@@ -216,13 +217,10 @@ class NTKCallback(Callback):
         node, d = state.cfg.model, state.model.input_dim
 
         def make(width: int, seed: int) -> torch.nn.Module:
-            m = instantiate(node, input_dim=d, width=width, _convert_="all")
-            reset = getattr(m, "reset_parameters", None)
-            if callable(reset) and "generator" in inspect.signature(reset).parameters:
-                reset(generator_from_seed(seed))
-            else:
-                torch.manual_seed(seed)
+            with torch.random.fork_rng(devices=[]):  # (the global RNG is left as it was)
+                torch.manual_seed(seed)  # a constructor drawing from it is seeded too
                 m = instantiate(node, input_dim=d, width=width, _convert_="all")
+            reseed(m, seed)
             return m.to(next(state.model.parameters()))
         return make
 

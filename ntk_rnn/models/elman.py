@@ -28,6 +28,7 @@ from ..errors import ConfigError
 from .activations import Activation, get_activation
 from .init import _KINDS, InitLaw
 from .mean_field import check_hyper
+from .scaling import RecurrentScaling
 
 RECURRENT_SCALINGS = ("mean_field", "ntk")
 A_LAWS = ("normal", "uniform")
@@ -71,7 +72,7 @@ def check_h0(h0: Tensor, batch: int, n: int, single: bool) -> Tensor:
     raise ConfigError(f"h0 has shape {tuple(h0.shape)}; expected ({n},) or ({batch}, {n})")
 
 
-class ElmanRNN(nn.Module):
+class ElmanRNN(RecurrentScaling, nn.Module):
     """Full-matrix Elman network with mean-field readout (see the module docstring).
 
     ``forward(x)`` maps windows (B, L, d) → Ŷ (B, L) (and (L, d) → (L,)), from zero memory.
@@ -140,31 +141,6 @@ class ElmanRNN(nn.Module):
         self.c.copy_(c)
         self.w.copy_(w)
         self.A.copy_(A)
-
-    # --- scalings ---------------------------------------------------------------------------
-    @property
-    def output_scale(self) -> float:
-        """N^{-β}, the factor in Ŷ = N^{-β} c · S."""
-        return self.width ** (-self.beta)
-
-    @property
-    def recurrent_scale(self) -> float:
-        """N^{-γ}, the factor in front of A S."""
-        return self.width ** (-self.gamma)
-
-    @property
-    def ntk_scale(self) -> float:
-        """N^{2β-1}, turning ∇f·∇f' into the normalised kernel (as MeanFieldRNN)."""
-        return self.width ** (2.0 * self.beta - 1.0)
-
-    def learning_rate(self, alpha: float) -> float:
-        """α_N = α N^{2β-2} (as MeanFieldRNN)."""
-        return float(alpha) * self.width ** (2.0 * self.beta - 2.0)
-
-    @property
-    def memory_dim(self) -> int:
-        """Size of the memory S carried between steps (the BPTT stepper keeps it)."""
-        return self.width
 
     def extra_repr(self) -> str:
         return (f"input_dim={self.input_dim}, width={self.width}, beta={self.beta}, "

@@ -27,9 +27,10 @@ from ..errors import ConfigError
 from .elman import check_h0, check_law, check_windows, recurrent_exponent
 from .init import InitLaw
 from .mean_field import check_hyper
+from .scaling import RecurrentScaling
 
 
-class GRURNN(nn.Module):
+class GRURNN(RecurrentScaling, nn.Module):
     """GRU network (see the module docstring); ``forward`` as :class:`ElmanRNN`'s."""
 
     def __init__(
@@ -83,26 +84,6 @@ class GRURNN(nn.Module):
         if self.bias:
             for p in (self.cell.bias_ih, self.cell.bias_hh):
                 p.copy_(torch.randn(3 * N, generator=generator, dtype=dt) * self.bias_std)
-
-    @property
-    def output_scale(self) -> float:
-        return self.width ** (-self.beta)
-
-    @property
-    def recurrent_scale(self) -> float:
-        """N^{-γ}, the factor in front of W_hh h."""
-        return self.width ** (-self.gamma)
-
-    @property
-    def ntk_scale(self) -> float:
-        return self.width ** (2.0 * self.beta - 1.0)
-
-    def learning_rate(self, alpha: float) -> float:
-        return float(alpha) * self.width ** (2.0 * self.beta - 2.0)
-
-    @property
-    def memory_dim(self) -> int:
-        return self.width
 
     def extra_repr(self) -> str:
         return (f"input_dim={self.input_dim}, width={self.width}, beta={self.beta}, "

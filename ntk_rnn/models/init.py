@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 from torch import Tensor
@@ -89,3 +90,15 @@ def _draw(kind: str, scale: float, shape: tuple, gen, dtype) -> Tensor:
     if kind == "rademacher":
         return (2.0 * torch.randint(0, 2, shape, generator=gen).to(dtype) - 1.0) * scale
     return torch.full(shape, float(scale), dtype=dtype)
+
+
+def reseed(model: Any, seed: int) -> bool:
+    """Redraw θ_0 from ``seed`` with the model's ``reset_parameters(generator)`` when it has one
+    (True); a model without it keeps the θ_0 it was built with (False)."""
+    reset = getattr(model, "reset_parameters", None)
+    if not callable(reset) or "generator" not in inspect.signature(reset).parameters:
+        return False
+    g = torch.Generator()
+    g.manual_seed(int(seed))
+    reset(g)
+    return True

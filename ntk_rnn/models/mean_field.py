@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from .activations import Activation, get_activation
 from .init import InitLaw
+from .scaling import MeanFieldScaling
 
 Recurrence = Literal["diagonal", "feedback"]
 RECURRENCES = ("diagonal", "feedback")
@@ -41,7 +42,7 @@ def check_hyper(input_dim: int, width: int, beta: float) -> None:
         )
 
 
-class MeanFieldRNN(nn.Module):
+class MeanFieldRNN(MeanFieldScaling, nn.Module):
     """Mean-field scaled RNN; parameters ``c`` (N,), ``w`` (N, d), ``b`` (N,).
 
     ``forward(x)`` maps windows ``(batch, L, d)`` (or ``(L, d)``) to the outputs Ŷ at every step,
@@ -119,21 +120,6 @@ class MeanFieldRNN(nn.Module):
         for p, v in zip((self.c, self.w, self.b),
                         self._draw(generator, self.c.dtype, self.c.device), strict=True):
             p.copy_(v)
-
-    # --- scalings -------------------------------------------------------------------------
-    @property
-    def output_scale(self) -> float:
-        """N^{-β}, the factor in Ŷ = N^{-β} Σ c_i S_i."""
-        return self.width ** (-self.beta)
-
-    @property
-    def ntk_scale(self) -> float:
-        """N^{2β-1}, turning ∇f·∇f' into the O(1) normalised kernel of theory §4."""
-        return self.width ** (2.0 * self.beta - 1.0)
-
-    def learning_rate(self, alpha: float) -> float:
-        """α_N = α N^{2β-2} (theory §3)."""
-        return float(alpha) * self.width ** (2.0 * self.beta - 2.0)
 
     def extra_repr(self) -> str:
         return (

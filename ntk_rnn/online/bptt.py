@@ -57,6 +57,7 @@ from ..csrc import loader
 from ..errors import ConfigError
 from ..models.elman import ElmanRNN
 from ..models.gru import GRURNN
+from .fast import output_buffer
 
 ENGINES = ("auto", "kernel", "eager", "autograd")
 _ACT_CODES = {"tanh": 0, "sigmoid": 1, "erf": 2}
@@ -436,12 +437,7 @@ class _BPTTBase:
         else:
             want = f"({T},)" if single else f"({T},) (shared) or ({E}, {T})"
             raise ConfigError(f"Y has shape {tuple(Y.shape)}; expected {want}")
-        shape = (T,) if single else (E, T)
-        if out is None:
-            out = torch.empty(shape, dtype=self.dtype, device=self.device)
-        elif tuple(out.shape) != shape or out.dtype != self.dtype or out.device != self.device:
-            raise ConfigError(f"out has shape {tuple(out.shape)}, {out.dtype} on {out.device}; "
-                              f"expected {shape}, {self.dtype} on {self.device}")
+        out = output_buffer(out, (T,) if single else (E, T), self.dtype, self.device)
         return X3, Y2, (out.unsqueeze(0) if single else out), out, shared
 
 

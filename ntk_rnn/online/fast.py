@@ -167,6 +167,18 @@ class _Buffers:
                 bump(t)
 
 
+def output_buffer(out: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
+                  device: torch.device) -> Tensor:
+    """Where a stepper writes its predictions Ŷ: ``out`` checked (shape, dtype, device), or a new
+    tensor when None (every stepper's ``run_chunk(X, Y, out=None)``)."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(out.shape) != shape or out.dtype != dtype or out.device != device:
+        raise ConfigError(f"out has shape {tuple(out.shape)}, {out.dtype} on {out.device}; "
+                          f"expected {shape}, {dtype} on {device}")
+    return out
+
+
 def _check_chunk(buf: _Buffers, X: Tensor, Y: Any, out: Tensor | None, single: bool
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Validate and view a chunk as X (E,T,d), Y (E,T), out (E,T) (shared streams are expanded
@@ -197,12 +209,7 @@ def _check_chunk(buf: _Buffers, X: Tensor, Y: Any, out: Tensor | None, single: b
             raise ConfigError(f"{name} is on {v.device} but the model is on {buf.device}")
     X3 = X3.to(buf.dtype)
     Y2 = Y2.to(buf.dtype)
-    shape = (T,) if single else (E, T)
-    if out is None:
-        out = torch.empty(shape, dtype=buf.dtype, device=buf.device)
-    elif tuple(out.shape) != shape or out.dtype != buf.dtype or out.device != buf.device:
-        raise ConfigError(f"out has shape {tuple(out.shape)}, {out.dtype} on {out.device}; "
-                          f"expected {shape}, {buf.dtype} on {buf.device}")
+    out = output_buffer(out, (T,) if single else (E, T), buf.dtype, buf.device)
     out2 = out.unsqueeze(0) if single else out
     return X3, Y2, out2, out
 

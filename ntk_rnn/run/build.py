@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ..callbacks.base import Callback
 from ..data.base import check_source
 from ..errors import ConfigError
+from ..models.init import reseed
 from .config import check_callback_args, opt
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -178,9 +179,7 @@ def _signature(cls: Any) -> dict:
 
 def seed_model(model: torch.nn.Module, seed: int, dtype: str, device: str) -> None:
     """θ_0 from the run's model seed: ``reset_parameters(generator)`` when the model has it."""
-    reset = getattr(model, "reset_parameters", None)
-    if callable(reset) and "generator" in _signature(reset):
-        reset(generator(seed))
+    reseed(model, seed)
     model.to(dtype=DTYPES[dtype], device=device)
 
 

@@ -32,7 +32,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -82,8 +82,8 @@ class Trainer:
         if _cfg is None:  # the Python API: a config describing the objects given
             if model is None or data is None:
                 raise ConfigError("Trainer needs model= and data= (or Trainer.from_config(cfg))")
-            _cfg = python_config(model, data, callbacks, seed, data_seed, tensorboard, train)
             models, source, cbs = model, data, list(callbacks)
+            _cfg = python_config(model, data, cbs, seed, data_seed, tensorboard, train)
         else:
             models = source = cbs = None
         self.cfg = cfg = _cfg
@@ -128,12 +128,7 @@ class Trainer:
             source = build_source(source) if e == 0 else source
             model = model if e == 0 else copy.deepcopy(model)
             seed_model(model, seeds["model"], cfg.dtype, cfg.device)
-            callbacks = callbacks if e == 0 else copy.deepcopy(callbacks)
-            for i, cb in enumerate(callbacks):
-                if not isinstance(cb, Callback):
-                    raise ConfigError(f"callbacks[{i}] is a {type(cb).__name__}, not an "
-                                      "ntk_rnn.callbacks.Callback")
-                cb.name = cb.name if cb.name != "callback" else type(cb).__name__.lower()
+            callbacks = callbacks if e == 0 else copy.deepcopy(callbacks)  # (named, checked)
         complete_model_config(cfg, model)
         gradient = resolve_gradient(cfg.train.gradient, model)
         for c in {id(cfg): cfg, id(self.cfg): self.cfg}.values():  # config.yaml says which ran
@@ -493,7 +488,7 @@ def complete_model_config(cfg: DictConfig, model: torch.nn.Module) -> None:
         cfg.model = full
 
 
-def python_config(model: Any, data: Any, callbacks: Iterable[Callback], seed: int,
+def python_config(model: Any, data: Any, callbacks: list[Callback], seed: int,
                   data_seed: Optional[int], tensorboard: bool, train: dict) -> DictConfig:
     """The config a Python-built run is described by (config.yaml, HParams, resume checks):
     the schema's defaults, ``train`` overrides, and the objects' own settings."""
@@ -506,11 +501,16 @@ def python_config(model: Any, data: Any, callbacks: Iterable[Callback], seed: in
     p = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
     dtype = {torch.float32: "float32", torch.float64: "float64"}.get(
         p.dtype if p is not None else torch.float32, "float32")
+    for i, cb in enumerate(callbacks):
+        if not isinstance(cb, Callback):
+            raise ConfigError(f"callbacks[{i}] is a {type(cb).__name__}, not an "
+                              "ntk_rnn.callbacks.Callback")
+        if cb.name == Callback.name:  # (its checkpoint state and config entry go by name)
+            cb.name = type(cb).__name__.lower()
     with open_dict(cfg):
         cfg.model = model_node(model)
         cfg.data = describe(data)
-        cfg.callbacks = {(cb.name if cb.name != "callback" else type(cb).__name__.lower()):
-                         describe(cb) for cb in callbacks}
+        cfg.callbacks = {cb.name: describe(cb) for cb in callbacks}
         cfg.seed, cfg.data_seed = int(seed), data_seed
         cfg.dtype, cfg.device = dtype, str(p.device) if p is not None else "cpu"
         cfg.logger.tensorboard = bool(tensorboard)

@@ -1,0 +1,44 @@
+"""The scalings every model of the package shares (theory §3, §4), written once so that the time
+t = k/N, the learning rate and the normalised NTK mean the same for MeanFieldRNN, ElmanRNN and
+GRURNN."""
+
+from __future__ import annotations
+
+
+class MeanFieldScaling:
+    """Readout N^{-β}, normalised kernel N^{2β−1}, learning rate α N^{2β−2}; the class sets
+    ``width`` (N) and ``beta`` (β)."""
+
+    width: int
+    beta: float
+
+    @property
+    def output_scale(self) -> float:
+        """N^{-β}, the factor in Ŷ = N^{-β} Σ c_i S_i."""
+        return self.width ** (-self.beta)
+
+    @property
+    def ntk_scale(self) -> float:
+        """N^{2β-1}, turning ∇f·∇f' into the O(1) normalised kernel of theory §4."""
+        return self.width ** (2.0 * self.beta - 1.0)
+
+    def learning_rate(self, alpha: float) -> float:
+        """α_N = α N^{2β-2} (theory §3)."""
+        return float(alpha) * self.width ** (2.0 * self.beta - 2.0)
+
+
+class RecurrentScaling(MeanFieldScaling):
+    """MeanFieldScaling plus a full recurrent matrix entering as N^{-γ} (``gamma``: 1 for
+    mean-field, 1/2 for NTK scaling) and a memory of size N (what truncated BPTT keeps)."""
+
+    gamma: float
+
+    @property
+    def recurrent_scale(self) -> float:
+        """N^{-γ}, the factor in front of the recurrent matrix times the memory."""
+        return self.width ** (-self.gamma)
+
+    @property
+    def memory_dim(self) -> int:
+        """Size of the memory carried between steps (the BPTT stepper keeps it)."""
+        return self.width
