@@ -14,7 +14,17 @@ from .callbacks import (
 )
 from .errors import ConfigError, TrainingDiverged
 from .limit import LimitKernel, LimitODE, limit_cell_ntk, limit_ntk, solve_feedback_limit
-from .models import ACTIVATIONS, Activation, InitLaw, MeanFieldRNN, get_activation
+from .models import (
+    ACTIVATIONS,
+    Activation,
+    ElmanRNN,
+    Family,
+    GRURNN,
+    InitLaw,
+    MeanFieldRNN,
+    family_of,
+    get_activation,
+)
 from .ntk import empirical_ntk, ntk_blocks, structured_ntk, training_kernel
 from .online import EnsembleStepper, FastStepper, OnlineState, rtrl_step
 from .run import Trainer, TrainingInterrupted
@@ -23,7 +33,7 @@ __all__ = [
     "Trainer", "TrainingInterrupted", "Callback", "NTKCallback", "OutputTrackingCallback",
     "CheckpointCallback", "ProgressCallback",
     "ACTIVATIONS", "Activation", "get_activation", "ConfigError", "TrainingDiverged", "InitLaw",
-    "MeanFieldRNN", "OnlineState", "rtrl_step", "FastStepper", "EnsembleStepper",
+    "MeanFieldRNN", "ElmanRNN", "GRURNN", "Family", "family_of", "OnlineState", "rtrl_step", "FastStepper", "EnsembleStepper",
     "empirical_ntk", "ntk_blocks", "training_kernel", "structured_ntk", "limit_ntk",
     "LimitKernel", "LimitODE", "limit_cell_ntk", "solve_feedback_limit",
 ]

@@ -75,6 +75,9 @@ class MeanFieldRNN(MeanFieldScaling, nn.Module):
             init = InitLaw() if recurrence == "diagonal" else InitLaw(b="normal", rho=1.0)
         elif isinstance(init, dict):
             init = InitLaw(**init)
+        self.init_args = dict(input_dim=input_dim, width=width, beta=beta,
+                              activation=getattr(activation, "name", activation),
+                              recurrence=recurrence, init=init)
         self.input_dim = int(input_dim)
         self.width = int(width)
         self.beta = float(beta)

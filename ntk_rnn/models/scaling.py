@@ -27,6 +27,17 @@ class MeanFieldScaling:
         return float(alpha) * self.width ** (2.0 * self.beta - 2.0)
 
 
+    def at_width(self, width: int, seed: int):
+        """The same network (its recorded constructor arguments ``init_args``) at width
+        ``width`` with θ_0 drawn from ``seed``, in this network's dtype and device — what the
+        Monte-Carlo limit draws (``ntk_rnn.models.family``)."""
+        if not isinstance(getattr(self, "init_args", None), dict):
+            raise NotImplementedError("at_width needs the constructor arguments (init_args)")
+        p = next(iter(self.parameters()))
+        args = {**self.init_args, "width": int(width), "seed": int(seed)}
+        return type(self)(**args, dtype=p.dtype, device=p.device)
+
+
 class RecurrentScaling(MeanFieldScaling):
     """MeanFieldScaling plus a full recurrent matrix entering as N^{-γ} (``gamma``: 1 for
     mean-field, 1/2 for NTK scaling) and a memory of size N (what truncated BPTT keeps)."""
