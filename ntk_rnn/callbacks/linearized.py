@@ -117,10 +117,10 @@ class LinearizedCallback(Callback):
 
     def __init__(
         self,
-        every_n_steps: int = 128,
+        every_n_steps: Optional[int] = None,
         n_probes: int = 64,
         probe_length: int = 24,
-        every_t: Optional[float] = None,
+        every_t: Optional[float] = 0.125,
         probe_seed: Optional[int] = None,
         block_size: int = 0,
     ) -> None:

@@ -63,7 +63,7 @@ class NTKCallback(Callback):
 
     def __init__(
         self,
-        every_n_steps: int = 128,
+        every_n_steps: Optional[int] = None,
         n_probes: int = 64,
         probe_length: int = 24,
         method: str = "auto",
@@ -73,7 +73,7 @@ class NTKCallback(Callback):
         top_k: int = 5,
         image_every_n_steps: int = 1024,
         histogram_every_n_steps: int = 1024,
-        every_t: Optional[float] = None,
+        every_t: Optional[float] = 0.125,
         probe_seed: Optional[int] = None,
         cache_dir: Optional[str] = None,
         limit_width: Optional[int] = None,

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..callbacks.base import Callback, TrainState
 from ..callbacks.checkpoint import CheckpointCallback
+from ..callbacks.progress import ProgressCallback, start_note
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.base import check_chunk, source_name
 from ..errors import ConfigError, TrainingDiverged
@@ -87,6 +88,7 @@ class Member:
         for cb in callbacks:  # bad callback settings fail here, before any step
             cb.setup(self.state)
         self.resumed_from: Optional[Path] = None
+        self.notes, self.label = True, ""  # announce slow starts on stderr (label: member_0..)
         self.completed: Optional[dict] = None  # metrics of a finished run asked to resume
         self._fresh_logs = False  # starting over in a directory that holds older event files
         self.resume_hint = (f"run the same command again with train.resume=true and "
@@ -210,8 +212,7 @@ class Member:
         # k holds everything done for step k (and a resumed run redoes none of it)
         self.step_callbacks = sorted(self.callbacks,
                                      key=lambda cb: isinstance(cb, CheckpointCallback))
-        for cb in self.callbacks:
-            cb.on_train_start(self.state)
+        self._start_callbacks()
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.writer.open()  # the run has started: from here on it has logs
@@ -222,6 +223,23 @@ class Member:
         self.t_cb = 0.0
         self.last_log = (self.step - self.step % self.log_every, self.t_start)
         self.next_event = self._next_event()
+
+    def _start_callbacks(self) -> None:
+        """Each callback's ``on_train_start``, timed (``start_s``), the progress bar last; a slow
+        one (K_∞, the limit ODE) is announced on stderr first and its time after (``notes``)."""
+        self.start_s: dict[str, float] = {}
+        self.limit_s = 0.0  # the announced part: limit kernel, limit ODE
+        for cb in sorted(self.callbacks, key=lambda cb: isinstance(cb, ProgressCallback)):
+            note = start_note(cb, self.state)
+            if note and self.notes:
+                print(f"ntk_rnn: {self.label}{note} ...", file=sys.stderr, flush=True)
+            tc = time.perf_counter()
+            cb.on_train_start(self.state)
+            self.start_s[cb.name] = time.perf_counter() - tc
+            self.limit_s += self.start_s[cb.name] if note else 0.0
+            if note and self.notes:
+                print(f"ntk_rnn: {self.label}... done in {self.start_s[cb.name]:.1f} s",
+                      file=sys.stderr, flush=True)
 
     def _make_writer(self) -> RunWriter:
         """Resumed from step k: readers drop what older event files hold after k (purge_step)

@@ -38,7 +38,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..callbacks.base import Callback
-from ..callbacks.progress import ProgressCallback
+from ..callbacks.progress import ProgressCallback, interactive, progress_bar
 from ..data.base import source_name
 from ..errors import ConfigError, TrainingDiverged
 from ..models.mean_field import MeanFieldRNN
@@ -78,7 +78,10 @@ class Trainer:
     def __init__(self, model: torch.nn.Module | None = None, data: Any = None, *,
                  callbacks: Sequence[Callback] = (), seed: int = 0,
                  data_seed: Optional[int] = None, run_dir: str | Path | None = None,
-                 tensorboard: bool = True, _cfg: Any = None, **train: Any) -> None:
+                 tensorboard: bool = True, progress: Optional[bool] = None, _cfg: Any = None,
+                 **train: Any) -> None:
+        self._t_built = time.perf_counter()
+        python = _cfg is None
         if _cfg is None:  # the Python API: a config describing the objects given
             if model is None or data is None:
                 raise ConfigError("Trainer needs model= and data= (or Trainer.from_config(cfg))")
@@ -102,12 +105,21 @@ class Trainer:
         self.stepper: Any = None
         self._stepper_ids: list[int] = []
         self.network_steps, self.stepper_s, self.wall_s = 0, 0.0, 0.0
+        self.setup_s = 0.0  # fit's start-up: writers, callbacks' on_train_start (K_∞), files
         self.status = "pending"
         # one progress bar for the ensemble instead of one per member
         self.progress = [cb for cb in self.members[0].callbacks if isinstance(cb, ProgressCallback)]
         if self.E > 1:
             for m in self.members:
                 m.callbacks = [cb for cb in m.callbacks if not isinstance(cb, ProgressCallback)]
+        # Python: progress=None is on where someone watches (a terminal, a notebook); the CLI's
+        # bar is callbacks.progress, and it announces slow start-up phases always
+        show = interactive() if progress is None else bool(progress)
+        self.own_bar = python and show and not self.progress
+        for m in self.members:
+            m.notes = show or not python
+            m.label = f"{member_dir(m.e)}: " if self.E > 1 else ""
+        self.build_s = time.perf_counter() - self._t_built
 
     @classmethod
     def from_config(cls, cfg: Any, run_dir: str | Path | None) -> Trainer:
@@ -214,12 +226,14 @@ class Trainer:
         self.status = "running"
         self._write_summary()
         t0, bar = time.perf_counter(), None
+        self._t_fit = t0
         with StopSignals() as stop:  # SIGTERM/SIGINT: checkpoint at the next boundary, then stop
             try:
                 for m in self.members:
                     if m.status == "pending":
                         m.begin()
                 self._open_streams()
+                self.setup_s = time.perf_counter() - t0
                 bar = self._progress_bar()
                 while self._refill():  # each member's next chunk of the stream; ends finish here
                     if stop.signum is not None:
@@ -243,13 +257,17 @@ class Trainer:
                 status = "interrupted" if isinstance(exc, TrainingInterrupted) else "failed"
                 for m in self.active:
                     m.abort(exc, "interrupted" if status == "interrupted" else "aborted")
-                self.status, self.wall_s = status, time.perf_counter() - t0
+                self.status = status
+                self.wall_s = time.perf_counter() - t0 + self.build_s
                 self._write_summary()
                 raise
             finally:
                 if bar is not None:
+                    done = [m.step for m in self.members if m.status == "completed"]
+                    if done and max(done) > bar.n:
+                        bar.update(max(done) - bar.n)
                     bar.close()
-        self.wall_s = time.perf_counter() - t0
+        self.wall_s = time.perf_counter() - t0 + self.build_s
         return self._finished()
 
     def _finished(self) -> dict:
@@ -295,11 +313,16 @@ class Trainer:
                     continue
                 m.start_chunk(X, Y)
                 continue
-            m.end(self._run_info())
+            m.end(self._run_info(m))
         return bool(self.active)
 
-    def _run_info(self) -> dict:
-        return {"backend": self.backend, "gradient": self.gradient}
+    def _run_info(self, m: Member) -> dict:
+        """What metrics.json adds from the trainer: the stepper that ran and where the time went
+        (``wall_s`` the whole run: building it, the start-up, the steps)."""
+        now = time.perf_counter()
+        return {"backend": self.backend, "gradient": self.gradient,
+                "wall_s": now - self._t_fit + self.build_s, "build_s": self.build_s,
+                "setup_s": self.setup_s, "limit_s": m.limit_s, "train_s": now - m.t_start}
 
     @property
     def backend(self) -> str:
@@ -388,14 +411,13 @@ class Trainer:
 
     # --- progress and the ensemble's summary ----------------------------------------------
     def _progress_bar(self) -> Any:
-        if self.E == 1 or not self.progress:  # a single run: its own ProgressCallback
+        """The trainer's own bar: an ensemble's (one for all members), or a Python run's with
+        ``progress`` on and no ProgressCallback (a single run's callback draws its own)."""
+        if not self.own_bar and (self.E == 1 or not self.progress):
             return None
-        from tqdm.auto import tqdm
-
         steps = [m.step for m in self.active]
         n = self.members[0].n_steps
-        return tqdm(total=n, initial=min(steps) if steps else n, unit="step",
-                    file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+        return progress_bar(total=n, initial=min(steps) if steps else n)
 
     def _update_bar(self, bar: Any) -> None:
         active = self.active
@@ -403,8 +425,11 @@ class Trainer:
             return
         bar.update(min(m.step for m in active) - bar.n)
         mse = [m.state.running_mse for m in active]
-        bar.set_postfix(members=f"{len(active)}/{self.E}",
-                        mse=f"{sum(mse) / len(mse):.4g}", refresh=False)
+        if self.E > 1:
+            bar.set_postfix(members=f"{len(active)}/{self.E}",
+                            mse=f"{sum(mse) / len(mse):.4g}", refresh=False)
+        else:
+            bar.set_postfix(t=f"{active[0].state.t:.3f}", mse=f"{mse[0]:.4g}", refresh=False)
 
     def summary(self) -> dict:
         """The ensemble's summary (``ensemble.json``): status and metrics of every member."""
