@@ -14,7 +14,7 @@ from ntk_rnn.callbacks.output import OutputTrackingCallback
 from ntk_rnn.data import VAR1
 from ntk_rnn.run.build import build_callbacks
 
-from .conftest import make_cfg
+from .conftest import ROOT, make_cfg
 
 
 def _steps(cb: Callback, width: int) -> int:
@@ -101,3 +101,39 @@ def test_import_in_a_jupyter_kernel_without_ipywidgets_does_not_warn(monkeypatch
         bar.update(3)
         bar.close()
     assert type(bar).__module__ == "tqdm.std"  # the text bar
+
+
+def _readme_module() -> types.ModuleType:
+    """The README's own custom model (its `class MyRNN` code block), as my_module.py."""
+    text = (ROOT / "README.md").read_text()
+    block = next(b for b in text.split("```python")[1:] if "class MyRNN" in b).split("```")[0]
+    mod = types.ModuleType("my_module")
+    exec(compile(block, "README.md:MyRNN", "exec"), mod.__dict__)
+    return mod
+
+
+def test_readme_custom_model_runs_under_vmap_without_the_fallback_warning():
+    import warnings
+
+    import torch
+
+    from ntk_rnn.ntk import empirical_ntk
+
+    model = _readme_module().MyRNN(input_dim=2, width=16)
+    x = torch.randn(5, 7, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "fails under torch.func.vmap ... falling back"
+        K = empirical_ntk(model, x, method="jacobian")
+    assert K.shape == (5, 5)
+
+
+def test_python_model_without_reset_parameters_warns_that_the_seed_does_not_fix_theta0():
+    from .custom_models import TinyRNN
+
+    with pytest.warns(UserWarning, match=r"no reset_parameters\(generator\).*seed=3"):
+        Trainer(model=TinyRNN(input_dim=1), data=VAR1(), seed=3, progress=False, steps=4)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a model with reset_parameters: no warning
+        Trainer(model=MeanFieldRNN(input_dim=1, width=8), data=VAR1(), progress=False, steps=4)

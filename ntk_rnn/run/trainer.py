@@ -26,11 +26,13 @@ With ``ensemble_size`` E > 1 member e is exactly the single run with seed + e, e
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import json
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -139,6 +141,8 @@ class Trainer:
         else:  # Python objects: member 0 uses them, the others deep copies (θ_0 from the seed)
             source = build_source(source) if e == 0 else source
             model = model if e == 0 else copy.deepcopy(model)
+            if e == 0:
+                warn_unseeded(model, int(cfg.seed))
             seed_model(model, seeds["model"], cfg.dtype, cfg.device)
             callbacks = callbacks if e == 0 else copy.deepcopy(callbacks)  # (named, checked)
         complete_model_config(cfg, model)
@@ -490,6 +494,19 @@ class Trainer:
         tmp.write_text(json.dumps(clean, indent=2))
         tmp.replace(path)
         return s
+
+
+def warn_unseeded(model: torch.nn.Module, seed: int) -> None:
+    """A Python-built module without ``reset_parameters(generator)`` keeps the θ_0 its
+    constructor drew from torch's global RNG: the run's seed does not determine it."""
+    reset = getattr(model, "reset_parameters", None)
+    if callable(reset) and "generator" in inspect.signature(reset).parameters:
+        return
+    warnings.warn(
+        f"Trainer: {type(model).__qualname__} has no reset_parameters(generator), so θ_0 is what "
+        f"its constructor drew from torch's global RNG, not determined by seed={seed} (ensemble "
+        "members start from copies of it); call torch.manual_seed(...) before building the "
+        "model, or give it reset_parameters(generator)", UserWarning, stacklevel=4)
 
 
 def resolve_gradient(gradient: str, model: torch.nn.Module) -> str:
