@@ -32,11 +32,27 @@ bench: install
 lint: install
 	$(VENV)/bin/ruff check ntk_rnn tests benchmarks experiments
 
-# the documentation site (docs/, mkdocs.yml) into site/; fails on any warning
+# the documentation site (docs/, mkdocs.yml) into site/; fails on any warning. MathJax comes
+# with the site (from the npm package, via npm pack), so the theory page renders offline.
 DOCS_STAMP := $(VENV)/.docs-installed
-.PHONY: docs
-docs: install $(DOCS_STAMP)
+MATHJAX_VERSION ?= 3.2.2
+MATHJAX := docs/javascripts/mathjax/tex-svg-full.js
+.PHONY: docs docs-serve
+docs: install $(DOCS_STAMP) $(MATHJAX)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d site
+	@echo "docs: built into site/. View them: open site/index.html in a browser (works from"
+	@echo "      disk, offline), or 'make docs-serve' and go to http://127.0.0.1:8000"
+
+docs-serve: install $(DOCS_STAMP) $(MATHJAX)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve -a 127.0.0.1:8000
+
+$(MATHJAX):
+	@command -v npm >/dev/null || { echo "make docs: npm (Node.js) fetches MathJax; install it" \
+	  "(apt-get install npm)"; exit 1; }
+	rm -rf $(VENV)/mathjax && mkdir -p $(VENV)/mathjax docs/javascripts/mathjax
+	cd $(VENV)/mathjax && npm pack --silent mathjax@$(MATHJAX_VERSION) >/dev/null
+	tar -xzf $(VENV)/mathjax/mathjax-$(MATHJAX_VERSION).tgz -C $(VENV)/mathjax
+	cp $(VENV)/mathjax/package/es5/tex-svg-full.js $(MATHJAX)
 
 $(DOCS_STAMP): $(STAMP) setup.cfg
 	$(PY) -m pip install --quiet -e ".[docs]"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -66,6 +67,14 @@ class Callback:
 
     def __init__(self, every_n_steps: Optional[int] = None,
                  every_t: Optional[float] = None) -> None:
+        f = f"callbacks.{self.name}"
+        if every_n_steps is not None and (isinstance(every_n_steps, bool) or
+                                          not isinstance(every_n_steps, numbers.Integral)):
+            raise ConfigError(f"{f}.every_n_steps={every_n_steps!r} must be an integer >= 1 "
+                              "(or null: every every_t of limit time)")
+        if every_t is not None and (isinstance(every_t, bool) or
+                                    not isinstance(every_t, numbers.Real)):
+            raise ConfigError(f"{f}.every_t={every_t!r} must be a number > 0 (limit time)")
         self.every_n_steps = None if every_n_steps is None else int(every_n_steps)
         self.every_t = None if every_t is None else float(every_t)
         self._steps_set = self.every_n_steps is not None  # (setup fills every_n_steps in)

@@ -1,5 +1,5 @@
 """One network's run inside the training loop: its model and online state, its share of the
-stream, its errors, logs, callbacks and files. The :class:`~ntk_rnn.run.Trainer` owns E >= 1 of
+stream, its errors, logs, callbacks and files. The `Trainer` owns E >= 1 of
 these and one stepper that moves all of them; a single run is E = 1.
 
 Files of a member (``run_dir`` given; ``None`` writes nothing): ``config.yaml``, the event file,

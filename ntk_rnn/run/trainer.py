@@ -11,8 +11,8 @@ Each step k reads (X_k, Y_k), predicts Ŷ_k with the current θ, then moves ever
 
     θ ← θ + α_N (Y_k − Ŷ_k) ∂Ŷ_k/∂θ,     α_N = α N^{2β−2},     t = k / N,
 
-with ∂Ŷ_k/∂θ exact by RTRL (Models D and F: ``N^{-β} (S, c P, c Q)``, see
-:mod:`ntk_rnn.online.rtrl`) or truncated. The stepper runs many steps per call (a compiled
+with ∂Ŷ_k/∂θ exact by RTRL (Models D and F: `N^{-β} (S, c P, c Q)`, see
+`ntk_rnn.online.rtrl`) or truncated. The stepper runs many steps per call (a compiled
 kernel); the loop stops it at every event — a log point, a callback, the end of a chunk of the
 stream — where errors are recorded and callbacks see the state.
 
@@ -69,20 +69,75 @@ class EnsembleIncomplete(TrainingDiverged):
 
 
 class Trainer:
-    """Online SGD for E >= 1 networks (see the module docstring).
+    """Online SGD along one data stream for E >= 1 networks, with callbacks (theory §3).
 
-    Python: ``Trainer(model=..., data=..., alpha=..., horizon=..., callbacks=[...], seed=0,
-    run_dir=None, ensemble_size=1, ...)``: any other keyword is a ``train.*`` setting of
-    :class:`~ntk_rnn.run.config.TrainConfig` (its defaults apply). The CLI calls
-    :meth:`from_config`. Nothing is written before every member is built and checked.
+    Each step k reads (X_k, Y_k), predicts Ŷ_k and moves every parameter at once,
+    θ ← θ + α_N (Y_k − Ŷ_k) ∂Ŷ_k/∂θ with α_N = α N^{2β−2}; the limit time is t = k / N.
+    A run is determined by its settings and seed: θ_0 is drawn from the seed (the model's
+    `reset_parameters(generator)`), so the same settings from the command line and from Python
+    give the same numbers. Nothing is written before every member is built and checked.
+
+    Example:
+        ```python
+        from ntk_rnn import MeanFieldRNN, NTKCallback, Trainer
+        from ntk_rnn.data import VAR1
+        trainer = Trainer(model=MeanFieldRNN(input_dim=1, width=256), data=VAR1(),
+                          alpha=4.0, horizon=2.0, callbacks=[NTKCallback()], seed=0)
+        metrics = trainer.fit()                  # the metrics.json dict
+        trainer.history["ntk/drift_from_init"]   # [(step, value), ...]
+        ```
+
+    Args:
+        model: The network, an `nn.Module` mapping windows (B, L, d) to outputs (B, L):
+            `MeanFieldRNN` (Models D and F), `ElmanRNN`, `GRURNN` or your own. Its θ_0 is
+            redrawn from the seed when it has `reset_parameters(generator)`; otherwise it keeps
+            the θ_0 it was built with, and the trainer warns that the seed does not fix it.
+        data: The data stream, a `SequenceSource` (`ntk_rnn.data`: `VAR1`, `MarkovChain`,
+            `FileSeries`, ... or your own class with `stream`, `windows` and `input_dim`).
+        callbacks: What runs during training (`NTKCallback`, `OutputTrackingCallback`,
+            `CheckpointCallback`, `ProgressCallback`, or your own `Callback`).
+        seed: The run's seed: θ_0, the probe draws and (unless `data_seed` is set) the data
+            stream. With `ensemble_size=E`, member e uses `seed + e`.
+        data_seed: The data stream's own seed (None: from `seed`).
+        run_dir: Where the run's files go (`config.yaml`, TensorBoard event files,
+            `checkpoints/`, `metrics.json`), exactly as a command-line run writes them.
+            None writes nothing.
+        tensorboard: Write TensorBoard event files into `run_dir`.
+        progress: Show a progress bar and announce slow start-up phases (the limit kernel
+            K_∞, the limit ODE) with their times on stderr. None (default): on when stderr
+            is a terminal or in a Jupyter notebook (tqdm's widget when ipywidgets is
+            installed, its text bar otherwise). A `ProgressCallback` among `callbacks` draws
+            its own bar.
+        **train: Any `train.*` setting of [`TrainConfig`][ntk_rnn.run.config.TrainConfig],
+            with the same default as on the command line. The main ones: `alpha` (α > 0, the
+            step size is α N^{2β−2}; default 4.0), `horizon` (the limit time t to train to;
+            steps = round(horizon · N); default 4.0), `steps` (a number of steps instead),
+            `gradient` (`auto`, `rtrl`, `truncated` or `bptt`), `ensemble_size` (E networks
+            trained together). An unknown keyword is a `ConfigError` listing them.
+
+    Raises:
+        ConfigError: A setting out of range, an unusable model or data source, a callback
+            with bad settings; raised before anything is written.
+
+    Attributes:
+        members: Each network's run; `members[e].history`, `.metrics` and `.model` of
+            ensemble member e (a single run is `members[0]`, which the properties below read).
+        run_dir: Where the run's files go (None: nowhere).
+        cfg: The config the run is described by (`config.yaml`), defaults filled in.
+        status: `pending`, `running`, `completed`, `incomplete` (an ensemble with failed
+            members), `interrupted` or `failed`.
+
+    The command line builds a trainer from its composed config with
+    [`from_config`][ntk_rnn.Trainer.from_config].
     """
 
     def __init__(self, model: torch.nn.Module | None = None, data: Any = None, *,
                  callbacks: Sequence[Callback] = (), seed: int = 0,
                  data_seed: Optional[int] = None, run_dir: str | Path | None = None,
-                 tensorboard: bool = True, progress: Optional[bool] = None, _cfg: Any = None,
+                 tensorboard: bool = True, progress: Optional[bool] = None,
                  **train: Any) -> None:
         self._t_built = time.perf_counter()
+        _cfg = train.pop("_cfg", None)  # from_config's (not a train.* setting)
         python = _cfg is None
         if _cfg is None:  # the Python API: a config describing the objects given
             if model is None or data is None:
@@ -125,7 +180,13 @@ class Trainer:
 
     @classmethod
     def from_config(cls, cfg: Any, run_dir: str | Path | None) -> Trainer:
-        """The run a composed config describes (what ``python -m ntk_rnn.train`` does)."""
+        """The run a composed config describes (what `python -m ntk_rnn.train` does).
+
+        Args:
+            cfg: The composed config (`conf/config.yaml` with overrides), a `DictConfig` or a
+                `Config` dataclass.
+            run_dir: Where the run's files go; None writes nothing.
+        """
         if not isinstance(cfg, DictConfig):
             cfg = OmegaConf.structured(cfg)
         return cls(_cfg=cfg, run_dir=run_dir)
@@ -192,6 +253,7 @@ class Trainer:
 
     @property
     def n_steps(self) -> int:
+        """Steps of the whole run: round(horizon · N), or `steps` (member 0)."""
         return self.members[0].n_steps
 
     @property
@@ -206,6 +268,7 @@ class Trainer:
 
     @property
     def callbacks(self) -> list[Callback]:
+        """The callbacks of the run (member 0 of an ensemble)."""
         return self.members[0].callbacks
 
     @property
@@ -220,8 +283,21 @@ class Trainer:
 
     # --- the loop -----------------------------------------------------------------------
     def fit(self) -> dict:
-        """Train to the end of the horizon; returns metrics.json's dict (E = 1) or the
-        ensemble's summary (E > 1)."""
+        """Train to the end of the horizon.
+
+        Returns:
+            `metrics.json`'s dict (E = 1): `status`, `steps`, `t`, `running_mse`, `final_loss`,
+            the times `wall_s` (the whole run: building it, the start-up, the steps),
+            `build_s`, `setup_s` (callbacks' start-up, files), `limit_s` (its part computing
+            K_∞ and the limit ODE), `train_s` (the steps), `steps_per_s`, `backend`,
+            `gradient`, and what the callbacks add (`ntk_*`, ...). An ensemble (E > 1) returns
+            its summary, `ensemble.json`'s dict.
+
+        Raises:
+            TrainingDiverged: The loss became NaN/Inf or exceeded `divergence_threshold`
+                (`checkpoints/last_good.pt` keeps the last good state).
+            TrainingInterrupted: SIGTERM or SIGINT; the state is checkpointed first.
+        """
         for m in self.members:
             if m.completed is not None:  # resumed after it completed: nothing to redo
                 m.status, m.metrics = "completed", dict(m.completed)
@@ -330,7 +406,8 @@ class Trainer:
 
     @property
     def backend(self) -> str:
-        """The stepper that ran: 'kernel' (compiled C), 'eager', 'graphs' or 'reference'."""
+        """The stepper that ran: `kernel` (compiled C), `eager`, `graphs`, `reference`, or
+        `bptt-<engine>` for truncated BPTT."""
         if self.backend_asked == "reference":
             return "reference"
         if self.gradient == "bptt":
