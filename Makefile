@@ -1,4 +1,7 @@
 # ntk_rnn — `make run` trains once with NTK logging on CPU, `make test` runs the tests.
+# Tests: `make test` (the fast ones, a few minutes on 2 cores), `make smoke` (does the install
+# work: a tiny CLI and Python run, < 1 min), `make test-e2e` (end-to-end: CLI runs, sweeps,
+# launchers, signals, wheels, the notebook), `make test-full` (all but the browser tests).
 # Both install what they need into .venv first. GPU users: make install TORCH_SPEC="torch==2.13.0 --index-url ..."
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN_ARGS ?=
 
-.PHONY: install run test test-full bench lint tensorboard experiment experiment-full clean
+.PHONY: install run test test-e2e smoke test-full bench lint tensorboard experiment experiment-full clean
 
 install: $(STAMP)
 
@@ -23,8 +26,14 @@ run: install
 test: install
 	$(PY) -m pytest -q
 
+test-e2e: install
+	$(PY) -m pytest -q -m "e2e or slow"
+
+smoke: install
+	$(PY) -m pytest -q -m smoke tests/test_smoke.py
+
 test-full: install
-	$(PY) -m pytest -q -m "slow or not slow"
+	$(PY) -m pytest -q -m "not browser"
 
 bench: install
 	$(PY) -m benchmarks
@@ -86,7 +95,8 @@ browser-deps: install
 	fi
 	@$(PY) -c "import selenium" 2>/dev/null || $(PY) -m pip install --quiet selenium
 
-test-browser: install browser-deps
+# the browser tests include the documentation site (tests/test_docs_site.py): built first
+test-browser: install browser-deps docs
 	CHROMIUM=$(CHROMIUM) CHROMEDRIVER=$(CHROMEDRIVER) $(PY) -m pytest -q -m browser
 
 # the docs' TensorBoard screenshots (docs/img/tensorboard_<tab>.png), made by the browser test
