@@ -33,6 +33,29 @@ def cfg_factory():
     return make_cfg
 
 
+# a run that takes a second: width 8, 32 steps, a small NTK callback without K_∞, no event files
+TINY = ["model.width=8", "train.steps=32", "callbacks=[ntk]", "callbacks.ntk.n_probes=4",
+        "callbacks.ntk.probe_length=3", "callbacks.ntk.top_k=2", "callbacks.ntk.limit=false",
+        "callbacks.ntk.image_every_n_steps=0", "callbacks.ntk.histogram_every_n_steps=0",
+        "logger.tensorboard=false"]
+
+
+@pytest.fixture
+def tiny_cfg():
+    """The config of a tiny run, composed from conf/ as the CLI would (``TINY``); more
+    overrides as arguments, later ones winning: ``tiny_cfg("seed=3", "callbacks.ntk.limit=true")``.
+    """
+    return lambda *overrides: make_cfg(*TINY, *overrides)
+
+
+@pytest.fixture
+def tiny_model():
+    """A tiny Model D network (d = 1, N = 8) for Python-API runs."""
+    from ntk_rnn import MeanFieldRNN
+
+    return MeanFieldRNN(input_dim=1, width=8)
+
+
 class SignalAt(Callback):
     """Sends ``sig`` to this process at the end of step ``at`` (as a scheduler would)."""
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 import ntk_rnn
-from ntk_rnn import ElmanRNN, GRURNN, InitLaw, MeanFieldRNN, NTKCallback, Trainer
+from ntk_rnn import GRURNN, ElmanRNN, InitLaw, MeanFieldRNN, NTKCallback, Trainer
 from ntk_rnn.run.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent

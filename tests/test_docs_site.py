@@ -20,7 +20,7 @@ OFFLINE = "--host-resolver-rules=MAP * ~NOTFOUND"  # no host name resolves: no n
 
 
 @pytest.fixture(scope="module")
-def site(webdriver_mod):
+def site(webdriver_mod):  # noqa: F811 (the fixture)
     """The site `make docs` built (built here with mkdocs when missing)."""
     if not (SITE / "theory.html").is_file():
         mkdocs = Path(sys.executable).parent / "mkdocs"
@@ -34,7 +34,7 @@ def site(webdriver_mod):
 
 
 @pytest.fixture(scope="module")
-def offline_browser(webdriver_mod):
+def offline_browser(webdriver_mod):  # noqa: F811
     from selenium.webdriver.chrome.service import Service
 
     opts = webdriver_mod.ChromeOptions()

@@ -19,7 +19,7 @@ from ntk_rnn.checkpoint import load_checkpoint, save_checkpoint
 from ntk_rnn.errors import ConfigError
 from ntk_rnn.run import Trainer, TrainingInterrupted
 from ntk_rnn.run.build import member_config, run_seeds
-from ntk_rnn.run.trainer import EnsembleIncomplete
+from ntk_rnn.run.trainer import TIMING_KEYS, EnsembleIncomplete
 
 from .conftest import ROOT, SignalAt, make_cfg, run_cli
 
@@ -32,9 +32,8 @@ BASE = [*RUN, "callbacks=[ntk,checkpoint]", "callbacks.ntk.every_n_steps=7",
         "callbacks.ntk.limit=false", "callbacks.ntk.image_every_n_steps=0",
         "callbacks.ntk.histogram_every_n_steps=21", "callbacks.checkpoint.every_n_steps=50",
         "callbacks.checkpoint.keep_last=3"]
-TIMING = {"wall_s", "steps_per_s", "callback_s", "resumed_from_step"}
-TIMING_TAGS = {"train/steps_per_s", "final/wall_s", "final/steps_per_s", "final/callback_s",
-               "final/resumed_from_step"}
+TIMING = {*TIMING_KEYS, "resumed_from_step"}
+TIMING_TAGS = {"train/steps_per_s", *(f"final/{k}" for k in TIMING)}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

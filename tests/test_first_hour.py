@@ -137,3 +137,11 @@ def test_python_model_without_reset_parameters_warns_that_the_seed_does_not_fix_
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a model with reset_parameters: no warning
         Trainer(model=MeanFieldRNN(input_dim=1, width=8), data=VAR1(), progress=False, steps=4)
+
+
+def test_cli_run_announces_the_limit_and_wall_s_covers_it(tiny_cfg, capsys):
+    cfg = tiny_cfg("callbacks.ntk.limit=true", "callbacks.ntk.limit_tol=1e-2")
+    metrics = Trainer.from_config(cfg, None).fit()  # what the CLI runs: notes always on
+    err = capsys.readouterr().err
+    assert "computing the limit kernel K_∞" in err and "done in" in err
+    assert metrics["wall_s"] >= metrics["limit_s"] + metrics["train_s"] > metrics["limit_s"] > 0

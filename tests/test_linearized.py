@@ -3,7 +3,6 @@ against an independent float64 computation (torch.func Jacobians through whole w
 naive linear-model loop), the second-order law of the gap in the learning rate, exact resume."""
 
 import io
-import math
 from types import SimpleNamespace
 
 import pytest

@@ -19,6 +19,7 @@ from ntk_rnn import sweep
 from ntk_rnn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ntk_rnn.errors import ConfigError
 from ntk_rnn.run import Trainer, TrainingInterrupted
+from ntk_rnn.run.trainer import TIMING_KEYS
 
 from .conftest import ROOT, SignalAt, make_cfg, run_cli
 
@@ -29,9 +30,8 @@ LAUNCHERS = {
     "submitit_local": ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5"],
 }
 # time-based numbers, and the resume marker, are the only fields a resumed run may differ in
-TIMING = {"wall_s", "steps_per_s", "callback_s", "resumed_from_step"}
-TIMING_TAGS = {"train/steps_per_s", "final/wall_s", "final/steps_per_s", "final/callback_s",
-               "final/resumed_from_step"}
+TIMING = {*TIMING_KEYS, "resumed_from_step"}
+TIMING_TAGS = {"train/steps_per_s", *(f"final/{k}" for k in TIMING)}
 
 
 # --- sweeps ------------------------------------------------------------------------------------

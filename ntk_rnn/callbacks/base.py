@@ -98,8 +98,15 @@ class Callback:
         self.check()
         if getattr(self, "_steps_set", True) and self.every_n_steps is not None:
             return
-        self.every_n_steps = (1 if self.every_t is None
-                              else max(1, round(self.every_t * state.model.width)))
+        if self.every_t is None:
+            self.every_n_steps = 1
+            return
+        width = getattr(state.model, "width", None)
+        if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 1:
+            raise ConfigError(f"callbacks.{self.name}.every_t={self.every_t}: the model has no "
+                              "width N, so limit time t = k/N is undefined; set "
+                              f"callbacks.{self.name}.every_n_steps instead")
+        self.every_n_steps = max(1, round(self.every_t * width))
 
     def on_train_start(self, state: TrainState) -> None:
         pass
