@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from .callbacks.ntk import summary_line as ntk_summary_line
 from .errors import ConfigError, TrainingDiverged
 from .run.config import register_configs
 from .run.signals import TrainingInterrupted
@@ -76,10 +77,9 @@ def run_summary(trainer: Trainer, result: dict) -> str:
     lines.append(f"  steps {m.get('steps')}  t = {_fmt(m.get('t'))}  running MSE "
                  f"{_fmt(m.get('running_mse'))}  ({m.get('gradient', trainer.gradient)} gradient,"
                  f" {trainer.backend} backend, {_fmt(m.get('wall_s'))} s)")
-    ntk = [(k, m[k]) for k in ("ntk_drift_from_init", "ntk_distance_to_limit") if k in m]
+    ntk = ntk_summary_line(m)
     if ntk:
-        lines.append("  NTK: " + ", ".join(f"{k.removeprefix('ntk_').replace('_', ' ')} "
-                                          f"{_fmt(v)}" for k, v in ntk))
+        lines.append(ntk)
     lines.append(f"  look at it: tensorboard --logdir {trainer.run_dir}")
     return "\n".join(lines)
 

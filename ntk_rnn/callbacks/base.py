@@ -35,6 +35,9 @@ class TrainState:
     running_mse: float = float("nan")
     metrics: dict = field(default_factory=dict)  # callbacks add their final numbers here
     save_checkpoint: Optional[Callable[[Path], Path]] = None  # writes the full trainer state
+    # the run's model rebuilt at another width with θ_0 from a seed, for a model built from a
+    # config (None from Python): a Monte-Carlo limit's wider networks (models.family.at_width)
+    model_factory: Optional[Callable[[int, int], Any]] = None
 
     @property
     def t(self) -> float:

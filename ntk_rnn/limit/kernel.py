@@ -78,6 +78,13 @@ class LimitKernel:
     n_points: int
     converged: bool = True
 
+    @property
+    def relative_error(self) -> float:
+        """‖error_entries‖_F / ‖value‖_F: the error in the units of the relative distance
+        ‖K − K_∞‖_F/‖K_∞‖_F that the NTK callback logs."""
+        norm = float(self.value.norm())
+        return float(self.error_entries.norm()) / norm if norm > 0 else float("inf")
+
     def __repr__(self) -> str:
         n, m = self.value.shape
         return (f"LimitKernel(shape=({n}, {m}), error={self.error:.3g}, method={self.method!r}, "

@@ -58,6 +58,7 @@ class MCLimitKernel:
     bias_estimate: Optional[float] = None
     compare_width: Optional[int] = None
     method: str = "mc_width"
+    extrapolated: bool = False
 
     @property
     def value(self) -> Tensor:
@@ -119,6 +120,7 @@ def mc_limit_ntk(
     method: str = "auto",
     chunk_size: Optional[int] = None,
     compare_width: Optional[int] = None,
+    extrapolate: bool = False,
 ) -> MCLimitKernel:
     """Monte-Carlo K_∞(x̄_i, x̄'_j) for windows x (n, L, d) and x2 (m, L′, d) (default x2 = x).
 
@@ -129,6 +131,12 @@ def mc_limit_ntk(
     :func:`~ntk_rnn.ntk.empirical_ntk`. The kernels are computed in the factory's dtype and
     averaged in float64. ``compare_width``: see the module docstring. Cost: R empirical NTKs at
     width N′ (2R with ``compare_width``).
+
+    ``extrapolate=True`` removes the O(1/N′) bias (Richardson): with K̂′ the estimate at N″ =
+    ``compare_width`` (default N′/2), the value is (N′K̂ − N″K̂′)/(N′ − N″) and ``stderr`` the
+    propagated one, (N′² se² + N″² se′²)^{1/2}/(N′ − N″); ``relative_error`` then also holds the
+    O(1/N′²) remainder, bounded by ‖K̂ − K̂′‖_F·N″/N′ / ‖value‖_F (the 1/N′ term's size times
+    N″/N′, assuming the series in 1/N′ has geometrically falling terms), added in quadrature.
     """
     width = _check_int("width", width, 1)
     R = _check_int("draws", draws, 2)
@@ -144,11 +152,25 @@ def mc_limit_ntk(
     rel = float(stderr.norm()) / norm if norm > 0 else float("inf")
     half = stderr * float(stats.t.ppf(0.975, R - 1))
     bias = None
+    if extrapolate and compare_width is None:
+        compare_width = max(1, width // 2)
     if compare_width is not None:
         cw = _check_int("compare_width", compare_width, 1)
         if cw >= width:
             raise ConfigError(f"compare_width={cw} must be below width={width}")
-        mean2, _ = _moments(model_factory, x, x2, cw, draw_seeds(seed + 1, R), method, chunk_size)
-        bias = float((mean2 - mean).norm()) * cw / (width - cw) / norm if norm > 0 else math.inf
+        mean2, var2 = _moments(model_factory, x, x2, cw, draw_seeds(seed + 1, R), method,
+                               chunk_size)
+        diff = float((mean2 - mean).norm())
+        bias = diff * cw / (width - cw) / norm if norm > 0 else math.inf
+        if extrapolate:
+            a, b = width / (width - cw), cw / (width - cw)
+            mean = a * mean - b * mean2
+            stderr = (a * a * var / R + b * b * var2 / R).sqrt()
+            norm = float(mean.norm())
+            remainder = diff * cw / width / norm if norm > 0 else math.inf
+            rel = math.hypot(float(stderr.norm()) / norm, remainder) if norm > 0 else math.inf
+            half = stderr * float(stats.t.ppf(0.975, R - 1))
+            half = half + (mean2 - mean).abs() * (cw / width) * b
     return MCLimitKernel(mean, stderr, R, width, rel, float(half.max()), half, bias,
-                         None if compare_width is None else int(compare_width))
+                         None if compare_width is None else int(compare_width),
+                         "mc_richardson" if extrapolate else "mc_width", bool(extrapolate))

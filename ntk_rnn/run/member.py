@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -60,7 +60,8 @@ class Member:
 
     def __init__(self, e: int, cfg: Any, run_dir: Optional[Path], source: Any,
                  model: torch.nn.Module, online: Any, lr: float, callbacks: list[Callback],
-                 seeds: dict[str, int], n_steps: int) -> None:
+                 seeds: dict[str, int], n_steps: int,
+                 model_factory: Optional[Callable[[int, int], torch.nn.Module]] = None) -> None:
         self.e, self.cfg, self.run_dir = e, cfg, run_dir
         self.source, self.model, self.online, self.lr = source, model, online, float(lr)
         self.callbacks, self.seeds, self.n_steps = callbacks, seeds, n_steps
@@ -82,7 +83,7 @@ class Member:
         self.state = TrainState(
             model=model, online=online, source=source, cfg=cfg, run_dir=run_dir,
             n_steps=n_steps, lr=self.lr, generators={"probe": generator(seeds["probe"])},
-            save_checkpoint=self.save, writer=self.writer,
+            save_checkpoint=self.save, writer=self.writer, model_factory=model_factory,
         )
         for cb in callbacks:  # bad callback settings fail here, before any step
             cb.setup(self.state)

@@ -41,7 +41,7 @@ from ..callbacks.base import Callback
 from ..callbacks.progress import ProgressCallback
 from ..data.base import source_name
 from ..errors import ConfigError, TrainingDiverged
-from ..models.mean_field import MeanFieldRNN
+from ..models.family import family_of
 from ..online.bptt import BPTTStepper
 from ..online.ensemble import EnsembleStepper
 from ..online.fast import FastStepper
@@ -120,10 +120,12 @@ class Trainer:
     def _member(self, e: int, cfg: Any, run_dir: Optional[Path], source: Any, model: Any,
                 callbacks: Optional[list]) -> Member:
         seeds = run_seeds(cfg)
+        factory = None
         if model is None:  # from the config
             source = build_source(cfg.data)
             model = build_model(cfg, source.input_dim, seeds["model"])
             callbacks = build_callbacks(cfg)
+            factory = width_factory(cfg, source.input_dim)
         else:  # Python objects: member 0 uses them, the others deep copies (θ_0 from the seed)
             source = build_source(source) if e == 0 else source
             model = model if e == 0 else copy.deepcopy(model)
@@ -149,7 +151,8 @@ class Trainer:
             online = BPTTStepper(model, lr, window=int(opt(cfg.train, "bptt_window", 32)))
         else:
             online = OnlineState.zeros(model)
-        return Member(e, cfg, run_dir, source, model, online, lr, callbacks, seeds, n_steps)
+        return Member(e, cfg, run_dir, source, model, online, lr, callbacks, seeds, n_steps,
+                      model_factory=factory)
 
     def _check_resume_mode(self) -> None:
         mode = opt(self.cfg.train, "resume", False)
@@ -468,9 +471,10 @@ class Trainer:
 
 
 def resolve_gradient(gradient: str, model: torch.nn.Module) -> str:
-    """``train.gradient=auto``: exact RTRL for MeanFieldRNN (Models D, F), truncated BPTT for any
-    other model; rtrl/truncated on a model without an exact online step is an error."""
-    exact = isinstance(model, MeanFieldRNN)
+    """``train.gradient=auto``: the model family's online step — exact RTRL for Models D and F,
+    truncated BPTT for any other model; rtrl/truncated on a model without an exact online step
+    is an error."""
+    exact = family_of(model).online == "rtrl"
     if gradient == "auto":
         return "rtrl" if exact else "bptt"
     if gradient in ("rtrl", "truncated") and not exact:
@@ -478,6 +482,19 @@ def resolve_gradient(gradient: str, model: torch.nn.Module) -> str:
                           "online step (only MeanFieldRNN has); use train.gradient=auto or bptt "
                           "(truncated backpropagation through train.bptt_window elements)")
     return gradient
+
+
+def width_factory(cfg: DictConfig, input_dim: int) -> Any:
+    """``factory(width, seed)``: the run's model config built at another width with θ_0 from
+    ``seed`` (the Monte-Carlo limit's networks for a config-built model without ``at_width``)."""
+    node = copy.deepcopy(cfg)
+
+    def factory(width: int, seed: int) -> torch.nn.Module:
+        c = copy.deepcopy(node)
+        with open_dict(c):
+            c.model.width = int(width)
+        return build_model(c, input_dim, int(seed))
+    return factory
 
 
 def complete_model_config(cfg: DictConfig, model: torch.nn.Module) -> None:
