@@ -152,7 +152,7 @@ def elman_kernel(model: nn.Module, x: Tensor, x2: Tensor | None = None, *,
                 out["w"][i0:i1] = _pair_sum(Dd, _gram(x[i0:i1], x2_))
             if "A" in out:
                 out["A"][i0:i1] = _pair_sum(Dd, _gram(F1["S"][i0:i1], F2["S"])).mul_(g2)
-    return _finish(model, out, blocks)
+    return _finish(model, out, blocks, x2 is None)
 
 
 def gru_kernel(model: nn.Module, x: Tensor, x2: Tensor | None = None, *,
@@ -191,12 +191,17 @@ def gru_kernel(model: nn.Module, x: Tensor, x2: Tensor | None = None, *,
                         Gh, _gram(F1["h"][rows], F2["h"])).mul_(g2)
                 if "cell.bias_hh" in out:
                     out["cell.bias_hh"][rows] = Gh.sum((1, 3))
-    return _finish(model, out, blocks)
+    return _finish(model, out, blocks, x2 is None)
 
 
-def _finish(model: nn.Module, out: dict[str, Tensor], blocks: bool) -> Tensor | dict[str, Tensor]:
+def _finish(model: nn.Module, out: dict[str, Tensor], blocks: bool, sym: bool
+            ) -> Tensor | dict[str, Tensor]:
+    """Scaled normal tensors (out of inference mode); ``sym`` (x2 = x): made exactly symmetric."""
     s = _scale(model)
-    out = {k: v.clone().mul_(s) for k, v in out.items()}  # normal tensors (out of inference mode)
+    if sym:
+        out = {k: torch.add(v, v.T).mul_(0.5 * s) for k, v in out.items()}
+    else:
+        out = {k: v.clone().mul_(s) for k, v in out.items()}
     if blocks:
         return out
     it = iter(out.values())
