@@ -47,6 +47,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..models.activations import Activation
+from ..models.family import family_of
 from ..models.init import InitLaw
 from ..models.recurrence import spq_step
 
@@ -189,8 +190,9 @@ def _tensor_rule(axes, res: tuple[int, int]) -> tuple[Tensor, Tensor]:
 
 # --- the estimator -----------------------------------------------------------------------------
 def _check(model, x: Tensor, x2: Tensor | None, method: str, tol: float) -> str:
-    if getattr(model, "recurrence", "diagonal") != "diagonal":
-        raise ConfigError("limit_ntk supports Model D (model.recurrence='diagonal') only")
+    if family_of(model).limit != "quadrature":
+        raise ConfigError("this K_∞ (quadrature) is Model D's (model.recurrence='diagonal'); "
+                          "ntk_rnn.limit.limit_ntk gives any model's")
     if method not in METHODS:
         raise ConfigError(f"method={method!r} is not known; choose one of {list(METHODS)}")
     if not (float(tol) > 0):
