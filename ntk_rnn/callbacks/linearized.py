@@ -160,7 +160,7 @@ class LinearizedCallback(Callback):
                 f"{f}: the linearized shadow model needs an ntk_rnn MeanFieldRNN (its stream "
                 f"features at θ_0 are RTRL recursions); got {type(model).__name__}. Remove "
                 f"{f} for this model")
-        self.gradient = str(getattr(state.cfg.train, "gradient", "rtrl"))
+        self.gradient = state.gradient
         if self.gradient not in GRADIENTS:
             raise ConfigError(f"{f}: train.gradient={self.gradient!r} is not one of "
                               f"{list(GRADIENTS)}")

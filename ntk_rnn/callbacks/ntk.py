@@ -252,7 +252,7 @@ class NTKCallback(Callback):
                 s[f"drift_{name}"] = M.relative_frobenius(blocks[name], self.K0_blocks[name])
         for i, ev in enumerate(M.top_eigenvalues(K, self.top_k)):
             s[f"eig_{i + 1}"] = ev
-        if (getattr(state.cfg.train, "gradient", "rtrl") == "truncated"
+        if (state.gradient == "truncated"
                 and family_of(state.model).structure == "units"):
             Kt = training_kernel(state.model, self.probes, gradient="truncated")
             s["train_kernel_drift_from_init"] = M.relative_frobenius(Kt, self.K0)
@@ -330,13 +330,3 @@ class NTKCallback(Callback):
         self.theta0 = {k: mv(v) for k, v in d["theta0"].items()}
         self._logged_inf = bool(d.get("logged_inf", False))  # K_∞'s image: once per run
 
-
-def custom_scalar_layout(top_k: int) -> dict:
-    """TensorBoard custom-scalars layout of the NTK plots (one quantity per chart)."""
-    from ..logging import custom_scalar_layout as layout
-
-    return layout(top_k, ntk=True, blocks=BLOCKS)
-
-
-def _finite(x: float) -> bool:
-    return math.isfinite(x)

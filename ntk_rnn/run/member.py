@@ -84,6 +84,7 @@ class Member:
             model=model, online=online, source=source, cfg=cfg, run_dir=run_dir,
             n_steps=n_steps, lr=self.lr, generators={"probe": generator(seeds["probe"])},
             save_checkpoint=self.save, writer=self.writer, model_factory=model_factory,
+            alpha=float(t.alpha), gradient=str(t.gradient),
         )
         for cb in callbacks:  # bad callback settings fail here, before any step
             cb.setup(self.state)
