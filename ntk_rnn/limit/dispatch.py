@@ -7,8 +7,8 @@ table ``LIMITS`` maps the name to the function that computes it:
 ``"quadrature"``    Model D: E[S S'] + E[c²] E[P·P' + Q Q'] by quadrature/RQMC (§5)   exact
 ``"cell"``          Model F at initialisation: the cell kernel at (x_L, 0) (§6)        exact
 ``"elman"``         full-matrix Elman network: closed-form recursion (§9)              exact
-``"monte_carlo"``   any other model (GRU, custom): wide networks drawn at widths       bounded
-                    N′ and N′/2, extrapolated in 1/N′ (``limit.monte_carlo``)
+``"monte_carlo"``   any other model (GRU, custom): the mean NTK of wide networks at      bounded
+                    N′, its bias estimated from N′/2 (``limit.monte_carlo``)
 ==================  ===============================================================  =========
 
 Every result has ``value`` (float64), ``error`` (the largest per-entry error estimate) and
@@ -64,13 +64,13 @@ def _monte_carlo(model, x, x2, *, factory=None, width=None, draws=8, ntk_method=
         return fam.at_width(model, width, seed, factory)
 
     return mc_limit_ntk(make, x, width=width, draws=draws, x2=x2, method=ntk_method,
-                        extrapolate=True, **kw)
+                        compare_width=max(1, width // 2), **kw)
 
 
 def default_mc_width(N: int) -> int:
-    """N′ of a Monte-Carlo limit: 2N, at least 256 and at most 1024 (the extrapolation in 1/N′
-    uses N′ and N′/2)."""
-    return int(min(max(2 * N, 256), 1024))
+    """N′ of a Monte-Carlo limit: 2N, at least 256 and at most 2048 (its bias is estimated from
+    a second estimate at N′/2)."""
+    return int(min(max(2 * N, 256), 2048))
 
 
 #: the limit's name (a model family's ``limit``) → the function computing it
