@@ -22,12 +22,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..callbacks.base import Callback, TrainState
 from ..callbacks.checkpoint import CheckpointCallback
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import atomic_write_text, save_checkpoint
 from ..data.base import check_chunk, source_name
 from ..errors import ConfigError, TrainingDiverged
 from ..logging import make_writer, tensorboard_enabled, write_hparams
 from .build import generator
-from .resume import check_same_config, completed_metrics, find_checkpoint
+from .resume import check_same_config, completed_run, find_checkpoint, metrics_intact
 from .signals import TrainingInterrupted
 from .writer import RunWriter
 
@@ -88,6 +88,8 @@ class Member:
             cb.setup(self.state)
         self.resumed_from: Optional[Path] = None
         self.completed: Optional[dict] = None  # metrics of a finished run asked to resume
+        self.run_info: Any = None  # the trainer's (backend, gradient): recorded in checkpoints
+        self.restored_info: Optional[dict] = None  # ... as read back from one
         self._fresh_logs = False  # starting over in a directory that holds older event files
         self.resume_hint = (f"run the same command again with train.resume=true and "
                             f"hydra.run.dir={run_dir} (a sweep: hydra.sweep.dir=<its dir> "
@@ -112,6 +114,11 @@ class Member:
             "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
             "config": self.config_yaml(),
             "seed": self.seed,
+            # what the callbacks reported so far and how the run ran: the end of a run resumed
+            # from its last step reports the same metrics
+            "callback_metrics": {k: v for k, v in self.state.metrics.items()
+                                 if not k.startswith("_") and _plain_value(v)},
+            "run_info": dict(self.run_info()) if callable(self.run_info) else {},
         }
 
     def config_yaml(self) -> str:
@@ -144,14 +151,27 @@ class Member:
         self.state.generators["probe"].set_state(payload["probe_rng"])
         for cb in self.callbacks:
             cb.load_state_dict(payload["callbacks"].get(cb.name, {}))
+        self.state.metrics.update(payload.get("callback_metrics") or {})
+        self.restored_info = payload.get("run_info") or None
 
     def write_metrics(self, metrics: dict) -> None:
         if self.run_dir is None:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                  for k, v in metrics.items()}
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "metrics.json").write_text(json.dumps(clean, indent=2, default=float))
+        atomic_write_text(self.run_dir / "metrics.json", json.dumps(clean, indent=2, default=float))
+
+    def repair_record(self) -> None:
+        """Before the run writes (its directory locked): remove temporary files of a write cut
+        short, and give a completed run whose metrics.json is missing or damaged its record
+        back (from ``final.pt``). An intact metrics.json is never rewritten."""
+        if self.run_dir is None:
+            return
+        for stale in (self.run_dir / "checkpoints").glob(".*.tmp"):  # a write cut short
+            if stale.is_file():
+                stale.unlink(missing_ok=True)
+        if self.completed is not None and not metrics_intact(self.run_dir):
+            self.write_metrics(self.completed)
 
     # --- resume ---------------------------------------------------------------------------
     def resume(self, mode: Any = True) -> bool:
@@ -164,18 +184,24 @@ class Member:
                                   "checkpoints)")
             return False
         if mode is False or mode is None:
+            if completed_run(rd, self.n_steps) is not None:  # never overwrite a finished run
+                raise ConfigError(f"{rd} holds a completed run; a new run needs a new directory "
+                                  "(leave out hydra.run.dir), and train.resume=auto or true "
+                                  "there confirms the finished run without redoing it")
             self._fresh_logs = any(rd.glob("events.out.tfevents.*"))
             return False
         if (rd / "ensemble.json").exists():
             raise ConfigError(f"train.resume: {rd} holds an ensemble (ensemble.json); "
                               "resume it with the same train.ensemble_size, or one member as a "
                               "single run in its member_<e> directory (README, Ensembles)")
-        for stale in (rd / "checkpoints").glob(".*.tmp"):  # a write cut short
-            stale.unlink(missing_ok=True)
-        done = completed_metrics(rd)
+        done = completed_run(rd, self.n_steps)
         if done is not None:
-            check_same_config(self.cfg, load_checkpoint(rd / "checkpoints" / "final.pt"), rd)
-            self.completed = done
+            metrics, payload = done
+            if payload is None:  # final.pt unreadable: the newest step checkpoint's config
+                found = find_checkpoint(rd, self.n_steps)
+                payload = found[1] if found is not None else {}
+            check_same_config(self.cfg, payload, rd)
+            self.completed = done = metrics
             print(f"ntk_rnn: {rd} already completed {done.get('steps')} steps; "
                   "nothing to resume", file=sys.stderr)
             return True
@@ -215,7 +241,7 @@ class Member:
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.writer.open()  # the run has started: from here on it has logs
-            (self.run_dir / "config.yaml").write_text(self.config_yaml())
+            atomic_write_text(self.run_dir / "config.yaml", self.config_yaml())
             if self.step == 0:
                 self.save(self.run_dir / "checkpoints" / "init.pt")
         self.t_start = time.perf_counter()
@@ -378,8 +404,6 @@ class Member:
         st.step, st.running_mse = self.step, self.running_mse()
         for cb in self.callbacks:
             cb.on_train_end(st)
-        if self.run_dir is not None:
-            self.save(self.run_dir / "checkpoints" / "final.pt")
         metrics = {
             "status": "completed",
             "steps": self.step,
@@ -392,7 +416,12 @@ class Member:
             **info,
             **({"resumed_from_step": self.start_step} if self.resumed_from is not None else {}),
             **{k: v for k, v in st.metrics.items() if not k.startswith("_")},
+            **_data_columns(self.source),
         }
+        if self.run_dir is not None:  # the run's own record of its completion travels with it
+            payload = self.state_payload()
+            payload["final_metrics"] = {k: v for k, v in metrics.items() if _plain_value(v)}
+            self.save(self.run_dir / "checkpoints" / "final.pt", payload)
         if self.writer.writes_files:  # (the same HParams with or without a resume)
             write_hparams(self.writer.open(), self.cfg,
                           {k: v for k, v in metrics.items()
@@ -401,3 +430,18 @@ class Member:
         self.write_metrics(metrics)
         self.status, self.metrics, self.chunk, self.stream = "completed", metrics, None, None
         return metrics
+
+
+def _plain_value(v: Any) -> bool:
+    """A value a checkpoint (``weights_only``) and metrics.json both hold."""
+    if isinstance(v, (list, tuple)):
+        return all(isinstance(x, (bool, int, float, str)) for x in v)
+    return v is None or isinstance(v, (bool, int, float, str))
+
+
+def _data_columns(source: Any) -> dict:
+    """The input columns and the target of a file source (metrics.json says what was learned)."""
+    cols, target = getattr(source, "columns", None), getattr(source, "target_column", None)
+    if isinstance(cols, (list, tuple)) and target is not None:
+        return {"input_columns": [str(c) for c in cols], "target_column": str(target)}
+    return {}
