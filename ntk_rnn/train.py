@@ -133,9 +133,6 @@ def hydra_error(exc: BaseException, args: list[str]) -> tuple[Optional[str], int
         OverrideParseException,
     )
 
-    if isinstance(exc, (ConfigError, TrainingDiverged, OSError)):  # a failed job of a sweep
-        return (f"ntk_rnn: the sweep finished with a failed job (the others ran; "
-                f"`python -m ntk_rnn.sweep <sweep dir>` lists them): {_first_line(exc)}", 1)
     if isinstance(exc, MissingConfigException):
         group = str(getattr(exc, "missing_cfg_file", "") or "")
         options = list(getattr(exc, "options", None) or [])
@@ -144,12 +141,15 @@ def hydra_error(exc: BaseException, args: list[str]) -> tuple[Optional[str], int
             return (f"ntk_rnn: config error: {g}={name} is not a preset; choose one of "
                     f"{', '.join(options)}", 2)
         return f"ntk_rnn: config error: {_first_line(exc)}", 2
+    if isinstance(exc, (ConfigError, TrainingDiverged, OSError)):  # a failed job of a sweep
+        return (f"ntk_rnn: the sweep finished with a failed job (the others ran; "
+                f"`python -m ntk_rnn.sweep <sweep dir>` lists them): {_first_line(exc)}", 1)
     if isinstance(exc, OverrideParseException):
         return f"ntk_rnn: config error: cannot parse the override: {_first_line(exc)}", 2
     if isinstance(exc, ConfigCompositionException):
         cause = exc.__cause__
-        m = re.search(r"Could not (?:override|append to|delete from config)\W+'?([\w.]+)'?",
-                      str(exc))
+        m = re.search(r"(?:Could not (?:override|append to|delete from config)|Error merging "
+                      r"override)\W+'?([\w.]+)'?", str(exc))
         key = m.group(1) if m else None
         given = next((a for a in args if key and a.lstrip("+~").split("=", 1)[0] == key), key)
         from omegaconf.errors import ConfigAttributeError, ConfigKeyError
@@ -161,7 +161,7 @@ def hydra_error(exc: BaseException, args: list[str]) -> tuple[Optional[str], int
                 "; `ntk-rnn-train --cfg job` lists every key"
             return f"ntk_rnn: config error: unknown key {given}{hint}", 2
         what = _first_line(cause) if cause is not None else _first_line(exc)
-        return f"ntk_rnn: config error: {given or ''}: {what}".replace(" : ", " "), 2
+        return f"ntk_rnn: config error: {given + ': ' if given else ''}{what}", 2
     from omegaconf.errors import OmegaConfBaseException as _OCE
 
     if isinstance(exc, _OCE):
@@ -237,7 +237,11 @@ def write_hydra_records(run_dir: Path, hc: Any, task_yaml: str) -> None:
         atomic_write_text(folder / "hydra.yaml", OmegaConf.to_yaml({"hydra": hc}))
     except OmegaConfBaseException:
         pass
-    atomic_write_text(folder / "overrides.yaml", OmegaConf.to_yaml(list(hc.overrides.task)))
+    import yaml
+
+    atomic_write_text(folder / "overrides.yaml", yaml.safe_dump(
+        [str(o) for o in OmegaConf.to_container(hc.overrides.task, resolve=False)],
+        default_flow_style=False))
 
 
 def record_failure(run_dir: Path, hc: Any, task_yaml: str, error: str) -> None:
@@ -254,7 +258,7 @@ def record_failure(run_dir: Path, hc: Any, task_yaml: str, error: str) -> None:
         write_hydra_records(run_dir, hc, task_yaml)
         atomic_write_text(run_dir / "metrics.json", json.dumps(
             {"status": "failed", "error": error}, indent=2))
-    except (OSError, ConfigError) as exc:
+    except (OSError, ConfigError, OmegaConfBaseException) as exc:
         print(f"ntk_rnn: warning: no failure record in {run_dir} ({exc})", file=sys.stderr)
     finally:
         lock.release()
@@ -282,7 +286,7 @@ def run_summary(trainer: Trainer, result: dict) -> str:
                      f"{result.get('counts')}; mean running MSE {_fmt(result.get('running_mse'))}")
     lines.append(f"  steps {m.get('steps')}  t = {_fmt(m.get('t'))}  running MSE "
                  f"{_fmt(m.get('running_mse'))}  ({m.get('gradient', trainer.gradient)} gradient,"
-                 f" {trainer.backend} backend, {_fmt(m.get('wall_s'))} s)")
+                 f" {m.get('backend', trainer.backend)} backend, {_fmt(m.get('wall_s'))} s)")
     ntk = [(k, m[k]) for k in ("ntk_drift_from_init", "ntk_distance_to_limit") if k in m]
     if ntk:
         lines.append("  NTK: " + ", ".join(f"{k.removeprefix('ntk_').replace('_', ' ')} "
