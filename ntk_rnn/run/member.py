@@ -43,6 +43,7 @@ class Chunk:
     k0: int
     snapshot: dict
     j: int = 0
+    recorded: int = 0  # steps of the chunk whose errors are stored
 
     @property
     def T(self) -> int:
@@ -71,7 +72,11 @@ class Member:
         thr = float(t.divergence_threshold)  # (read once: config access is slow per event)
         self.err2_bound = thr * thr  # (inf for a huge threshold; ** would raise OverflowError)
         self.chunk_size = int(t.chunk_size)
-        self.sq_err = torch.full((n_steps,), float("nan"), dtype=torch.float64)
+        # (Y_k - Ŷ_k)² of the last mse_window steps, a ring indexed by k % mse_window (memory
+        # and checkpoints independent of the number of steps); loss_sum: their sum since the last
+        # log point (train/loss)
+        self._ring = torch.full((self.mse_window,), float("nan"), dtype=torch.float64)
+        self.loss_sum = 0.0
         self.step = 0
         self.status = "pending"  # pending|running|completed|diverged|failed|interrupted
         self.error = ""
@@ -109,7 +114,8 @@ class Member:
             "step": self.step,
             "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
             "online": {k: v.detach().cpu().clone() for k, v in self.online.state_dict().items()},
-            "sq_err": self.sq_err[: self.step].clone(),
+            "sq_err": self.sq_err.clone(),  # the last mse_window steps (to ``step``)
+            "loss_sum": self.loss_sum,
             "probe_rng": self.state.generators["probe"].get_state(),
             "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
             "config": self.config_yaml(),
@@ -125,10 +131,26 @@ class Member:
         return (OmegaConf.to_yaml(self.cfg, resolve=True) if isinstance(self.cfg, DictConfig)
                 else str(self.cfg))
 
+    @property
+    def sq_err(self) -> torch.Tensor:
+        """(Y_k − Ŷ_k)² of the last ``train.mse_window`` steps done (fewer at the start), oldest
+        first: what the running MSE averages."""
+        lo = max(0, self.step - self.mse_window)
+        return self._ring[torch.arange(lo, self.step) % self.mse_window]
+
+    def _set_sq_err(self, values: torch.Tensor, step: int) -> None:
+        """The ring as it was at ``step``, from that step's last values (a checkpoint's)."""
+        values = values.to(torch.float64)[-self.mse_window:] if step else values[:0]
+        self._ring.fill_(float("nan"))
+        if values.numel():
+            self._ring[torch.arange(step - values.numel(), step) % self.mse_window] = values
+
     def snapshot(self) -> dict:
-        """Step, parameters and online state (cheap: O(N d)); see ``record``."""
+        """Step, parameters, online state and squared errors (cheap: O(N d)); see ``record``."""
         return {
             "step": self.step,
+            "sq_err": self.sq_err.clone(),
+            "loss_sum": self.loss_sum,
             "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
             "online": {k: v.detach().clone() for k, v in self.online.state_dict().items()},
         }
@@ -146,7 +168,13 @@ class Member:
         self.model.load_state_dict({k: v.to(dev) for k, v in payload["model"].items()})
         self.online.load_state_dict({k: v.to(dev) for k, v in payload["online"].items()})
         self.step = int(payload["step"])
-        self.sq_err[: self.step] = payload["sq_err"]
+        sq = payload["sq_err"]
+        self._set_sq_err(sq, self.step)
+        if "loss_sum" in payload:
+            self.loss_sum = float(payload["loss_sum"])
+        else:  # a checkpoint from before the ring: every step's error, sum since the last log
+            s0 = self.step - self.step % self.log_every
+            self.loss_sum = float(sq[s0:self.step].sum()) if sq.numel() >= self.step else 0.0
         self.state.step, self.state.running_mse = self.step, self.running_mse()
         self.state.generators["probe"].set_state(payload["probe_rng"])
         for cb in self.callbacks:
@@ -293,8 +321,7 @@ class Member:
         return min(self.chunk.T - self.chunk.j, self.next_event - self.step)
 
     def running_mse(self) -> float:
-        lo = max(0, self.step - self.mse_window)
-        return float(self.sq_err[lo: self.step].mean()) if self.step > lo else float("nan")
+        return float(self.sq_err.mean()) if self.step > 0 else float("nan")
 
     def _next_event(self) -> int:
         s = self.step
@@ -335,16 +362,18 @@ class Member:
         """Store (Y − Ŷ)² of the chunk so far; stop with the last good state on NaN/Inf/blow-up."""
         chunk = self.chunk
         k0, snapshot = chunk.k0, chunk.snapshot
-        err2 = (chunk.Y[: chunk.j] - chunk.y_hat[: chunk.j]).double().cpu() ** 2
-        self.sq_err[k0: k0 + err2.shape[0]] = err2
+        r, j = chunk.recorded, chunk.j  # the steps of the chunk not recorded yet
+        err2 = (chunk.Y[r:j] - chunk.y_hat[r:j]).double().cpu() ** 2
+        chunk.recorded = j
+        self._ring[torch.arange(k0 + r, k0 + j) % self.mse_window] = err2
+        self.loss_sum += float(err2.sum())
         bad = ~torch.isfinite(err2) | (err2 > self.err2_bound)
         if bad.any():
-            k_bad = k0 + int(bad.nonzero()[0, 0])
+            k_bad = k0 + r + int(bad.nonzero()[0, 0])
             where = ""
             if self.run_dir is not None:
                 payload = self.state_payload()
                 payload.update(snapshot)
-                payload["sq_err"] = self.sq_err[: snapshot["step"]].clone()
                 self.save(self.run_dir / "checkpoints" / "last_good.pt", payload)
                 where = (f". Logs and the last good state (step {snapshot['step']}) are in "
                          f"{self.run_dir}")
@@ -357,9 +386,9 @@ class Member:
 
     def _log_train(self, now: float) -> None:
         s0, t0 = self.last_log
-        seg = self.sq_err[s0: self.step]
         w = self.writer
-        w.add_scalar("train/loss", 0.5 * float(seg.mean()), self.step)
+        w.add_scalar("train/loss", 0.5 * self.loss_sum / max(1, self.step - s0), self.step)
+        self.loss_sum = 0.0
         w.add_scalar("train/running_mse", self.state.running_mse, self.step)
         w.add_scalar("train/t", self.step / self.width, self.step)
         if now > t0:
@@ -409,7 +438,7 @@ class Member:
             "steps": self.step,
             "t": self.step / self.width,
             "running_mse": st.running_mse,
-            "final_loss": 0.5 * float(self.sq_err[self.step - 1]),
+            "final_loss": 0.5 * float(self._ring[(self.step - 1) % self.mse_window]),
             "wall_s": wall,
             "steps_per_s": (self.step - self.start_step) / wall if wall > 0 else float("nan"),
             "callback_s": self.t_cb,

@@ -210,7 +210,9 @@ class Trainer:
 
     @property
     def sq_err(self) -> torch.Tensor:
-        """(Y_k − Ŷ_k)² of every step done (member 0)."""
+        """(Y_k − Ŷ_k)² of the last ``train.mse_window`` steps done, oldest first (member 0):
+        what the running MSE averages. Bounded by the window, so memory and checkpoints do not
+        grow with the number of steps; the whole curve is ``history["train/loss"]``."""
         return self.members[0].sq_err
 
     @property
