@@ -83,7 +83,7 @@ def register_configs() -> None:
 _DTYPES = ("float32", "float64")
 GRADIENTS = ("auto", "rtrl", "truncated", "bptt")
 TRAIN_BACKENDS = ("auto", "kernel", "eager", "graphs", "reference")
-MAX_STEPS = 10**9  # the running-MSE buffer holds one float64 per step
+MAX_STEPS = 10**9  # steps of one run (the running-MSE ring holds train.mse_window of them)
 RESUME = (True, False, "auto")
 
 

@@ -68,7 +68,7 @@ class Member:
         t = cfg.train
         self.width = int(getattr(model, "width", 1))
         self.log_every = int(t.log_every) or max(1, n_steps // 200)
-        self.mse_window = int(t.mse_window) or self.width
+        self.mse_window = max(1, min(int(t.mse_window) or self.width, n_steps))
         thr = float(t.divergence_threshold)  # (read once: config access is slow per event)
         self.err2_bound = thr * thr  # (inf for a huge threshold; ** would raise OverflowError)
         self.chunk_size = int(t.chunk_size)

@@ -60,6 +60,7 @@ from .build import (
 from ..checkpoint import atomic_write_text
 from .config import Config, num_steps, opt, validate
 from .lock import RunLock
+from .resources import check_resources
 from .member import Member
 from .signals import StopSignals, TrainingInterrupted
 
@@ -127,6 +128,7 @@ class Trainer:
         seeds = run_seeds(cfg)
         if model is None:  # from the config
             source = build_source(cfg.data)
+            check_resources(cfg, source.input_dim)  # before the model allocates anything
             model = build_model(cfg, source.input_dim, seeds["model"])
             callbacks = build_callbacks(cfg)
         else:  # Python objects: member 0 uses them, the others deep copies (θ_0 from the seed)
