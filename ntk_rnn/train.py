@@ -11,6 +11,7 @@ import json
 import os
 import re
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
@@ -111,6 +112,7 @@ def main() -> None:
         _job()
         return
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises; we report in one line below
+    threading.excepthook = _quiet_writer_threads
     try:
         _job()
     except (SystemExit, KeyboardInterrupt):
@@ -121,6 +123,15 @@ def main() -> None:
             raise
         print(line, file=sys.stderr)
         sys.exit(code)
+
+
+def _quiet_writer_threads(args: Any) -> None:
+    """An OSError in TensorBoard's writer thread (disk full) is raised again in the run's own
+    thread at its next write, where it becomes one line: no second traceback from the thread."""
+    if issubclass(args.exc_type, OSError) and "tensorboard" in repr(args.thread).lower() + \
+            type(args.thread).__module__:
+        return
+    threading.__excepthook__(args)
 
 
 def hydra_error(exc: BaseException, args: list[str]) -> tuple[Optional[str], int]:
@@ -266,7 +277,10 @@ def record_failure(run_dir: Path, hc: Any, task_yaml: str, error: str) -> None:
 
 def write_error_message(exc: OSError, run_dir: Path) -> str:
     """One line for an OSError while a run writes: the file, why, the last intact checkpoint."""
-    name = exc.filename or "a file in the run directory"
+    name = exc.filename
+    if name is None:  # a write of TensorBoard's event file (its thread does not name it)
+        events = sorted(Path(run_dir).glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+        name = str(events[-1]) if events else "a file in the run directory"
     why = exc.strerror or str(exc)
     ckpts = sorted(Path(run_dir).glob("checkpoints/step_*.pt")) + sorted(
         Path(run_dir).glob("member_*/checkpoints/step_*.pt"))
@@ -287,6 +301,9 @@ def run_summary(trainer: Trainer, result: dict) -> str:
     lines.append(f"  steps {m.get('steps')}  t = {_fmt(m.get('t'))}  running MSE "
                  f"{_fmt(m.get('running_mse'))}  ({m.get('gradient', trainer.gradient)} gradient,"
                  f" {m.get('backend', trainer.backend)} backend, {_fmt(m.get('wall_s'))} s)")
+    if "target_column" in m:  # a file source: what was learned from what
+        lines.append(f"  data: inputs {', '.join(map(str, m.get('input_columns', [])))} -> "
+                     f"target {m['target_column']}")
     ntk = [(k, m[k]) for k in ("ntk_drift_from_init", "ntk_distance_to_limit") if k in m]
     if ntk:
         lines.append("  NTK: " + ", ".join(f"{k.removeprefix('ntk_').replace('_', ' ')} "

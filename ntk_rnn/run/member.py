@@ -225,9 +225,11 @@ class Member:
         done = completed_run(rd, self.n_steps)
         if done is not None:
             metrics, payload = done
-            if payload is None:  # final.pt unreadable: the newest step checkpoint's config
-                found = find_checkpoint(rd, self.n_steps)
+            if payload is None:  # final.pt unreadable: the newest step checkpoint's config,
+                found = find_checkpoint(rd, self.n_steps)  # else config.yaml's
                 payload = found[1] if found is not None else {}
+                if "config" not in payload and (rd / "config.yaml").is_file():
+                    payload = {"config": (rd / "config.yaml").read_text()}
             check_same_config(self.cfg, payload, rd)
             self.completed = done = metrics
             print(f"ntk_rnn: {rd} already completed {done.get('steps')} steps; "

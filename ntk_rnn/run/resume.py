@@ -22,11 +22,14 @@ ADDED_KEYS = {"train.ensemble_size": 1, "train.shared_stream": False, "data_seed
 
 def find_checkpoint(run_dir: Path, n_steps: int) -> Optional[tuple[Path, dict]]:
     """(path, payload) of the newest readable ``checkpoints/step_*.pt``, preferring steps before
-    the last one (so the final step, and each callback's final state, is redone on resume);
-    corrupt files are skipped with a warning."""
+    the last one (so the final step, and each callback's final state, is redone on resume), and
+    ``init.pt`` (step 0) when there is no other: the end of a run can always be redone. Corrupt
+    files are skipped with a warning."""
     folder = run_dir / "checkpoints"
     steps = {p: int(m.group(1)) for p in folder.glob("step_*.pt")
              if (m := re.fullmatch(r"step_(\d+)\.pt", p.name)) and p.is_file()}
+    if (folder / "init.pt").is_file():  # step 0: a run killed before (or at) its first periodic
+        steps[folder / "init.pt"] = -1  # checkpoint is redone from the start (last resort)
     for path in sorted(steps, key=lambda p: (steps[p] < n_steps, steps[p]), reverse=True):
         try:
             return path, load_checkpoint(path)
