@@ -57,7 +57,10 @@ from .build import (
     run_seeds,
     seed_model,
 )
+from ..checkpoint import atomic_write_text
 from .config import Config, num_steps, opt, validate
+from .lock import RunLock
+from .resources import check_resources
 from .member import Member
 from .signals import StopSignals, TrainingInterrupted
 
@@ -103,6 +106,9 @@ class Trainer:
         self._stepper_ids: list[int] = []
         self.network_steps, self.stepper_s, self.wall_s = 0, 0.0, 0.0
         self.status = "pending"
+        self._locks: list[RunLock] = []
+        for m in self.members:  # what a checkpoint records of the run (its backend)
+            m.run_info = self._run_info
         # one progress bar for the ensemble instead of one per member
         self.progress = [cb for cb in self.members[0].callbacks if isinstance(cb, ProgressCallback)]
         if self.E > 1:
@@ -123,6 +129,7 @@ class Trainer:
         factory = None
         if model is None:  # from the config
             source = build_source(cfg.data)
+            check_resources(cfg, source.input_dim)  # before the model allocates anything
             model = build_model(cfg, source.input_dim, seeds["model"])
             callbacks = build_callbacks(cfg)
             factory = width_factory(cfg, source.input_dim)
@@ -166,6 +173,26 @@ class Trainer:
                 m.resume_hint = (f"run the ensemble's command again with train.resume=true and "
                                  f"hydra.run.dir={self.run_dir}")
 
+    # --- one writer per run directory -------------------------------------------------------
+    def lock(self) -> None:
+        """Take the run directory's lock (and each ensemble member's): one writer per directory;
+        :class:`~ntk_rnn.run.lock.RunDirLocked` names the holder. ``fit`` takes it when not
+        already held; ``unlock`` gives it back."""
+        if self.run_dir is None or self._locks:
+            return
+        dirs = [self.run_dir] + ([m.run_dir for m in self.members] if self.E > 1 else [])
+        try:
+            for d in dirs:
+                self._locks.append(RunLock(d).acquire())
+        except BaseException:
+            self.unlock()
+            raise
+
+    def unlock(self) -> None:
+        for lk in reversed(self._locks):
+            lk.release()
+        self._locks = []
+
     # --- what a notebook reads ------------------------------------------------------------
     @property
     def model(self) -> torch.nn.Module:
@@ -188,7 +215,9 @@ class Trainer:
 
     @property
     def sq_err(self) -> torch.Tensor:
-        """(Y_k − Ŷ_k)² of every step done (member 0)."""
+        """(Y_k − Ŷ_k)² of the last ``train.mse_window`` steps done, oldest first (member 0):
+        what the running MSE averages. Bounded by the window, so memory and checkpoints do not
+        grow with the number of steps; the whole curve is ``history["train/loss"]``."""
         return self.members[0].sq_err
 
     @property
@@ -209,7 +238,17 @@ class Trainer:
     def fit(self) -> dict:
         """Train to the end of the horizon; returns metrics.json's dict (E = 1) or the
         ensemble's summary (E > 1)."""
+        own = not self._locks
+        self.lock()
+        try:
+            return self._fit()
+        finally:
+            if own:
+                self.unlock()
+
+    def _fit(self) -> dict:
         for m in self.members:
+            m.repair_record()
             if m.completed is not None:  # resumed after it completed: nothing to redo
                 m.status, m.metrics = "completed", dict(m.completed)
         if all(m.status == "completed" for m in self.members):
@@ -225,6 +264,8 @@ class Trainer:
                 self._open_streams()
                 bar = self._progress_bar()
                 while self._refill():  # each member's next chunk of the stream; ends finish here
+                    for lk in self._locks:
+                        lk.heartbeat()
                     if stop.signum is not None:
                         self._interrupt(stop.signum)
                     active = self.active
@@ -302,7 +343,12 @@ class Trainer:
         return bool(self.active)
 
     def _run_info(self) -> dict:
-        return {"backend": self.backend, "gradient": self.gradient}
+        info = {"backend": self.backend, "gradient": self.gradient}
+        restored = self.members[0].restored_info
+        if self.stepper is None and restored and self.gradient != "bptt" and \
+                self.backend_asked == "auto":  # resumed at the end: what ran before
+            info["backend"] = restored.get("backend", info["backend"])
+        return info
 
     @property
     def backend(self) -> str:
@@ -462,11 +508,7 @@ class Trainer:
             except (OSError, ValueError):
                 pass
         clean = json.loads(json.dumps(s, default=float), parse_constant=lambda _: None)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        path = self.run_dir / "ensemble.json"
-        tmp = path.with_name(".ensemble.json.tmp")
-        tmp.write_text(json.dumps(clean, indent=2))
-        tmp.replace(path)
+        atomic_write_text(self.run_dir / "ensemble.json", json.dumps(clean, indent=2))
         return s
 
 
