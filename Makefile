@@ -1,4 +1,7 @@
 # ntk_rnn — `make run` trains once with NTK logging on CPU, `make test` runs the tests.
+# Tests: `make test` (the fast ones, a few minutes on 2 cores), `make smoke` (does the install
+# work: a tiny CLI and Python run, < 1 min), `make test-e2e` (end-to-end: CLI runs, sweeps,
+# launchers, signals, wheels, the notebook), `make test-full` (all but the browser tests).
 # Both install what they need into .venv first. GPU users: make install TORCH_SPEC="torch==2.13.0 --index-url ..."
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN_ARGS ?=
 
-.PHONY: install run test test-full bench lint tensorboard experiment experiment-full clean
+.PHONY: install run test test-e2e smoke test-full bench lint tensorboard experiment experiment-full clean
 
 install: $(STAMP)
 
@@ -23,8 +26,14 @@ run: install
 test: install
 	$(PY) -m pytest -q
 
+test-e2e: install
+	$(PY) -m pytest -q -m "e2e or slow"
+
+smoke: install
+	$(PY) -m pytest -q -m smoke tests/test_smoke.py
+
 test-full: install
-	$(PY) -m pytest -q -m "slow or not slow"
+	$(PY) -m pytest -q -m "not browser"
 
 bench: install
 	$(PY) -m benchmarks
@@ -32,11 +41,27 @@ bench: install
 lint: install
 	$(VENV)/bin/ruff check ntk_rnn tests benchmarks experiments
 
-# the documentation site (docs/, mkdocs.yml) into site/; fails on any warning
+# the documentation site (docs/, mkdocs.yml) into site/; fails on any warning. MathJax comes
+# with the site (from the npm package, via npm pack), so the theory page renders offline.
 DOCS_STAMP := $(VENV)/.docs-installed
-.PHONY: docs
-docs: install $(DOCS_STAMP)
+MATHJAX_VERSION ?= 3.2.2
+MATHJAX := docs/javascripts/mathjax/tex-svg-full.js
+.PHONY: docs docs-serve
+docs: install $(DOCS_STAMP) $(MATHJAX)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d site
+	@echo "docs: built into site/. View them: open site/index.html in a browser (works from"
+	@echo "      disk, offline), or 'make docs-serve' and go to http://127.0.0.1:8000"
+
+docs-serve: install $(DOCS_STAMP) $(MATHJAX)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve -a 127.0.0.1:8000
+
+$(MATHJAX):
+	@command -v npm >/dev/null || { echo "make docs: npm (Node.js) fetches MathJax; install it" \
+	  "(apt-get install npm)"; exit 1; }
+	rm -rf $(VENV)/mathjax && mkdir -p $(VENV)/mathjax docs/javascripts/mathjax
+	cd $(VENV)/mathjax && npm pack --silent mathjax@$(MATHJAX_VERSION) >/dev/null
+	tar -xzf $(VENV)/mathjax/mathjax-$(MATHJAX_VERSION).tgz -C $(VENV)/mathjax
+	cp $(VENV)/mathjax/package/es5/tex-svg-full.js $(MATHJAX)
 
 $(DOCS_STAMP): $(STAMP) setup.cfg
 	$(PY) -m pip install --quiet -e ".[docs]"
@@ -70,7 +95,8 @@ browser-deps: install
 	fi
 	@$(PY) -c "import selenium" 2>/dev/null || $(PY) -m pip install --quiet selenium
 
-test-browser: install browser-deps
+# the browser tests include the documentation site (tests/test_docs_site.py): built first
+test-browser: install browser-deps docs
 	CHROMIUM=$(CHROMIUM) CHROMEDRIVER=$(CHROMEDRIVER) $(PY) -m pytest -q -m browser
 
 # the docs' TensorBoard screenshots (docs/img/tensorboard_<tab>.png), made by the browser test

@@ -7,7 +7,7 @@ or "no metrics.json" for one that crashed, was killed or is still running (with 
 checkpoint, from which ``train.resume=auto`` continues). The table is printed and written next to
 the jobs as ``summary.csv`` and ``summary.json``.
 
-With ``--plot`` (or :func:`plot_sweep`, which :class:`PlotSweepCallback` calls at the end of a
+With ``--plot`` (or `plot_sweep`, which `PlotSweepCallback` calls at the end of a
 multirun) it also draws drift from init, distance to the limit and the output error against the
 limit time t = step / N, one line per width (the seeds' mean) with the seeds' min–max band, into
 ``sweep_vs_t.png`` and as the TensorBoard image ``sweep/vs_t`` of the sweep root: widths whose
@@ -356,7 +356,7 @@ def plot_sweep(sweep_dir: str | Path, tags: tuple[tuple[str, str], ...] = PLOTTE
 
 class PlotSweepCallback(HydraCallback):
     """Hydra callback: at the end of a multirun, the sweep summary (summary.csv / .json) and
-    :func:`plot_sweep`. In ``conf/config.yaml``::
+    `plot_sweep`. In ``conf/config.yaml``::
 
         hydra:
           callbacks:

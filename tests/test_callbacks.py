@@ -320,6 +320,7 @@ def _free_port():
         return None
 
 
+@pytest.mark.e2e
 def test_tensorboard_server_serves_the_scalars(ntk_run):
     d, _ = ntk_run
     port = _free_port()

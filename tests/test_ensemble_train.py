@@ -223,6 +223,7 @@ def test_invalid_ensemble_size_is_one_clear_error(tmp_path, bad):
         Trainer.from_config(make_cfg(*BASE, "data_seed=-1"), tmp_path / "run")
 
 
+@pytest.mark.e2e
 def test_cli_ensemble_with_default_callbacks(tmp_path):
     r = run_cli("model.width=16", "train.steps=200", "train.ensemble_size=3",
                 "callbacks.ntk.n_probes=8", "callbacks.ntk.probe_length=6",
@@ -248,6 +249,7 @@ def test_cli_ensemble_with_default_callbacks(tmp_path):
                      "number of networks trained together; 1 = a single run)"]
 
 
+@pytest.mark.e2e
 def test_cli_sigterm_stops_every_member_with_one_message(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), HYDRA_FULL_ERROR="0")
     proc = subprocess.Popen(

@@ -5,12 +5,15 @@ numbers equal the one-job-per-seed sweep's exactly."""
 import math
 from pathlib import Path
 
+import pytest
+
 from experiments import run_sweeps
 
 KEYS = ("running_mse", "ntk_drift_from_init", "ntk_initial_distance_to_limit",
         "output_rmse_band", "output_rmse_t0")
 
 
+@pytest.mark.e2e
 def test_smoke_sweep_ensemble_equals_separate_jobs(tmp_path):
     runs = {}
     for name, extra in (("ens", []), ("sep", ["--no-ensemble"])):

@@ -73,6 +73,7 @@ def test_error_is_spread_of_samples():
     torch.testing.assert_close(ode.error(1.0), (hs[0] - hs[1]).abs() / 2)
 
 
+@pytest.mark.slow  # ~30 s on a quiet 2-core machine: `make test-full`, CI
 def test_finite_chain_sampled_solution_converges_to_exact():
     """3-state chain, windows of length 2, target a function of the window: π over windows is
     known exactly, so h_t on the support solves du/dt = α K D (Y − u): u_t = (I − e^{−αtKD}) Y."""

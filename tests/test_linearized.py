@@ -278,5 +278,5 @@ def test_hydra_config_composes():
         node = cfg.callbacks.linearized
         cb = instantiate(node)
         assert isinstance(cb, LinearizedCallback)
-        assert math.isclose(cb.every_n_steps, node.every_n_steps)
+        assert (cb.every_n_steps, cb.every_t) == (node.every_n_steps, node.every_t)
     assert "ntk" in make_cfg("callbacks=[default,linearized]").callbacks

@@ -37,6 +37,7 @@ TIMING_TAGS = {"train/steps_per_s", "final/wall_s", "final/steps_per_s", "final/
 # --- sweeps ------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
 def test_launcher_completes_four_jobs(tmp_path, launcher):
     d = tmp_path / "sweep"
@@ -50,6 +51,7 @@ def test_launcher_completes_four_jobs(tmp_path, launcher):
     assert sweep.main([str(d)]) == 0
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local"])
 def test_invalid_job_fails_alone_and_summary_reports_it(tmp_path, capsys, launcher):
     d = tmp_path / "sweep"
@@ -93,6 +95,7 @@ def test_summary_reports_a_killed_job(tmp_path, capsys):
     assert sweep.main([str(tmp_path / "nothing")]) == 2
 
 
+@pytest.mark.e2e
 def test_summary_lists_ensemble_members(tmp_path, capsys):
     """A sweep of ensemble jobs: one row per member (with the job's overrides), none for the
     ensemble directory itself."""
@@ -113,6 +116,7 @@ def test_summary_lists_ensemble_members(tmp_path, capsys):
     assert len(jobs) == 6 and jobs[4].status == "crashed" and jobs[4].overrides["seed"] == "6"
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_ray_launcher_local_instance(tmp_path):
     pytest.importorskip("ray")
@@ -313,6 +317,7 @@ def cli_reference(tmp_path_factory):
     return d, json.loads((d / "metrics.json").read_text())
 
 
+@pytest.mark.e2e
 def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path, cli_reference):
     d = tmp_path / "killed"
     proc = start_cli(d)
@@ -331,6 +336,7 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path, cli_reference):
     assert_same_run(*cli_reference, d, metrics)
 
 
+@pytest.mark.e2e
 def test_sigterm_cli_leaves_checkpoint_and_clear_message(tmp_path, cli_reference):
     d = tmp_path / "terminated"
     proc = start_cli(d)
@@ -350,6 +356,7 @@ def test_sigterm_cli_leaves_checkpoint_and_clear_message(tmp_path, cli_reference
     assert_same_run(*cli_reference, d, json.loads((d / "metrics.json").read_text()))
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_repeated_random_kills_lose_nothing(tmp_path):
     """SIGKILL/SIGTERM at random moments (start-up, training, checkpoint writes), again and
@@ -421,6 +428,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
     assert load_checkpoint(p)["step"] == 1 and not list(tmp_path.glob(".*.tmp"))
 
 
+@pytest.mark.e2e
 def test_hydra_resume_of_a_sweep_finds_its_job_dirs(tmp_path):
     """train.resume is left out of the job directory names, so re-running a sweep with
     train.resume=auto (same hydra.sweep.dir) continues each job in its own directory."""

@@ -80,6 +80,7 @@ def test_hydra_callback_plots_at_the_end_of_a_multirun(tmp_path):
 SUBDIR = "${hydra.job.num}_${ntk_trial:${hydra.sweep.dir},${hydra.job.override_dirname}}"
 
 
+@pytest.mark.e2e
 def test_cli_sweep_hparams_mark_what_varies(tmp_path):
     d = tmp_path / "sw"
     r = run_cli("-m", "model.width=8,16", "train.steps=16", "callbacks=[ntk]",

@@ -71,6 +71,7 @@ def test_user_code_keeps_its_traceback(tmp_path):
     assert tb.tb_frame.f_code.co_filename.endswith("custom_models.py")  # the user's own line
 
 
+@pytest.mark.e2e
 def test_custom_model_trains_by_bptt_from_the_cli(tmp_path):
     r = run_cli("model=custom", "model._target_=tests.custom_models.TinyRNN", "+model.width=8",
                 "train.steps=64", "callbacks=[ntk]", "callbacks.ntk.every_n_steps=32",
@@ -151,6 +152,7 @@ def test_divergence_stops_with_logs_and_last_good_checkpoint(tmp_path):
     assert list(tmp_path.glob("events.out.tfevents.*"))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "args, field",
     [
@@ -167,6 +169,7 @@ def test_cli_bad_input_one_clear_line(tmp_path, args, field):
     assert len(err_lines) == 1
 
 
+@pytest.mark.e2e
 def test_cli_run_and_multirun(tmp_path):
     r = run_cli(*SINE, "model.width=16", "train.horizon=1", f"hydra.run.dir={tmp_path}/single")
     assert r.returncode == 0, r.stderr

@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.e2e  # builds a wheel and fresh venvs: `make test-e2e`
+
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 300
 SMALL = ["model.width=16", "train.steps=32", "callbacks=none"]

@@ -1,4 +1,6 @@
 // MathJax settings for pymdownx.arithmatex (generic mode): $...$ inline, $$...$$ display.
+// MathJax itself is served with the site (javascripts/mathjax/tex-svg-full.js, `make docs`):
+// SVG output needs no web fonts, so pages render offline and from file:// alike.
 window.MathJax = {
   tex: {
     inlineMath: [["\\(", "\\)"]],
@@ -8,7 +10,10 @@ window.MathJax = {
   },
   options: {
     ignoreHtmlClass: ".*|",
-    processHtmlClass: "arithmatex"
+    processHtmlClass: "arithmatex|md-nav__link|md-ellipsis"   // math in the table of contents too
+  },
+  svg: {
+    fontCache: "global"
   }
 };
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -54,8 +55,14 @@ class TrainState:
 
 
 class Callback:
-    """Hooks called by the trainer. ``every_n_steps`` (>= 1) spaces ``on_step_end`` calls;
-    ``every_t`` instead gives the spacing in limit time t = k / N (the same t for every width).
+    """Hooks called by the trainer.
+
+    Cadence: ``on_step_end`` runs every ``every_n_steps`` steps (>= 1) when that is set;
+    otherwise every ``every_t`` in limit time t = k / N, i.e. every ``round(every_t · N)`` steps,
+    so runs of every width get the same points in t; with neither, every step. A set
+    ``every_n_steps`` wins over ``every_t``, so a subclass gives a default cadence in t as
+    ``every_n_steps=None, every_t=...`` (the NTK, output and linearized callbacks: 32 or more
+    points over t ∈ [0, 4], at N = 32 as at N = 4096).
 
     ``setup`` runs before the first step and is where bad settings must fail; ``state_dict`` and
     ``load_state_dict`` carry whatever a resumed run needs.
@@ -63,15 +70,25 @@ class Callback:
 
     name: str = "callback"
 
-    def __init__(self, every_n_steps: int = 1, every_t: Optional[float] = None) -> None:
-        self.every_n_steps = int(every_n_steps)
+    def __init__(self, every_n_steps: Optional[int] = None,
+                 every_t: Optional[float] = None) -> None:
+        f = f"callbacks.{self.name}"
+        if every_n_steps is not None and (isinstance(every_n_steps, bool) or
+                                          not isinstance(every_n_steps, numbers.Integral)):
+            raise ConfigError(f"{f}.every_n_steps={every_n_steps!r} must be an integer >= 1 "
+                              "(or null: every every_t of limit time)")
+        if every_t is not None and (isinstance(every_t, bool) or
+                                    not isinstance(every_t, numbers.Real)):
+            raise ConfigError(f"{f}.every_t={every_t!r} must be a number > 0 (limit time)")
+        self.every_n_steps = None if every_n_steps is None else int(every_n_steps)
         self.every_t = None if every_t is None else float(every_t)
+        self._steps_set = self.every_n_steps is not None  # (setup fills every_n_steps in)
 
     def check(self) -> None:
         if self.every_t is not None and not self.every_t > 0:
             raise ConfigError(f"callbacks.{self.name}.every_t={self.every_t} must be > 0 "
                               "(limit time between calls; null = use every_n_steps)")
-        if self.every_n_steps < 1:
+        if self.every_n_steps is not None and self.every_n_steps < 1:
             raise ConfigError(
                 f"callbacks.{self.name}.every_n_steps={self.every_n_steps} must be >= 1 "
                 "(1 = every step)"
@@ -81,10 +98,13 @@ class Callback:
         return step % self.every_n_steps == 0
 
     def setup(self, state: TrainState) -> None:
-        """Validate; ``every_t`` (limit time) becomes every_n_steps = round(every_t · N)."""
+        """Validate; without a set ``every_n_steps``, ``every_t`` (limit time) becomes
+        every_n_steps = max(1, round(every_t · N)) (neither: 1)."""
         self.check()
-        if self.every_t is not None:
-            self.every_n_steps = max(1, round(self.every_t * state.model.width))
+        if getattr(self, "_steps_set", True) and self.every_n_steps is not None:
+            return
+        self.every_n_steps = (1 if self.every_t is None
+                              else max(1, round(self.every_t * state.model.width)))
 
     def on_train_start(self, state: TrainState) -> None:
         pass

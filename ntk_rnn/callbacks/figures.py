@@ -1,7 +1,7 @@
 """TensorBoard images of kernels: heatmaps and eigen-spectra, rendered cheaply and readably.
 
 Building a matplotlib figure per image event (``tight_layout``, tick-label text measurement,
-mathtext) cost ~90 ms per figure — most of a `make run`'s NTK-callback time. :class:`KernelImages`
+mathtext) cost ~90 ms per figure — most of a `make run`'s NTK-callback time. `KernelImages`
 keeps one figure per tag with a fixed layout, updates its artists' data and renders with the Agg
 canvas into an RGB array for ``SummaryWriter.add_image`` (a few ms per image). No pyplot: the
 global matplotlib backend of a notebook that imports ntk_rnn is left alone (rc settings are set
@@ -99,7 +99,7 @@ def _rgb(fig: Figure) -> np.ndarray:
 class KernelImages:
     """Renders kernel heatmaps (``heatmap``) and spectra (``spectrum_image``) as (H, W, 3) uint8
     arrays, reusing one figure per tag. Heatmaps that are not diverging share the colour scale
-    set by :meth:`set_scale` (per-image min–max until it is set)."""
+    set by `set_scale` (per-image min–max until it is set)."""
 
     def __init__(self) -> None:
         self._figs: dict[str, object] = {}

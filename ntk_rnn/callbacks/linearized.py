@@ -30,7 +30,7 @@ element (more than the compiled training kernel): a diagnostic, exact first.
 Model D: G^(0)_k = N^{-β} (S_{k+1}, c_0 P_{k+1}, c_0 Q_{k+1}) at θ_0; truncated U drops b P, b Q.
 Model F (output feedback): what is linearised is the whole stream map θ ↦ Ŷ_k(θ), memory
 included: the shadow's memory is m^(0)_k, the frozen θ_0 network's own fed-back output (not the
-shadow's output), and G^(0)_k = D_k + g_k ∂m_k/∂θ at θ_0 (:mod:`ntk_rnn.online.feedback`), U^(0)
+shadow's output), and G^(0)_k = D_k + g_k ∂m_k/∂θ at θ_0 (`ntk_rnn.online.feedback`), U^(0)
 = D_k for ``truncated``. The probe gap then compares window maps x̄ ↦ f_θ(x̄) (feedback from m = 0)
 with their Taylor model at θ_0. Other models: ConfigError naming
 callbacks.linearized (their shadow model is not implemented).
@@ -118,10 +118,10 @@ class LinearizedCallback(Callback):
 
     def __init__(
         self,
-        every_n_steps: int = 128,
+        every_n_steps: Optional[int] = None,
         n_probes: int = 64,
         probe_length: int = 24,
-        every_t: Optional[float] = None,
+        every_t: Optional[float] = 0.125,
         probe_seed: Optional[int] = None,
         block_size: int = 0,
     ) -> None:

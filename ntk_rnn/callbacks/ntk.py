@@ -69,14 +69,56 @@ def summary_line(m: dict) -> Optional[str]:
 
 
 class NTKCallback(Callback):
-    """Logs ``ntk/*`` scalars (see the README's tag table and :func:`scalar_tags`), images and
-    parameter histograms."""
+    """The empirical NTK on a fixed set of probe windows during training (theory §4–§5).
+
+    At the start it draws `n_probes` stationary windows of `probe_length` elements, computes
+    K_0 and (with `limit`) the limit kernel K_∞ with its error estimate; then at every log point
+    it computes K_t and logs how far it has moved from K_0 (`ntk/drift_from_init`), how far it
+    is from K_∞ (`ntk/distance_to_limit`) and its shape (eigenvalues, effective rank, target
+    alignment, per-block drifts), plus kernel images and parameter histograms. The tags are in
+    the README's table and `ntk_rnn.callbacks.ntk.scalar_tags`; `metrics.json`
+    gets the last values as `ntk_*`.
+
+    Example:
+        ```python
+        NTKCallback()                              # every 1/8 of limit time, K_∞ included
+        NTKCallback(every_n_steps=64, limit=False) # every 64 steps, no limit kernel
+        ```
+
+    Args:
+        every_n_steps: Log every this many steps (1 = every step). When set it wins over
+            `every_t`; None (default): use `every_t`.
+        n_probes: Stationary probe windows the kernel is computed on (an n × n kernel).
+        probe_length: Elements L of each probe window.
+        method: How K_t is computed: `auto`, `structured` (Model D's fast per-unit features),
+            `jacobian` (torch.func Jacobians) or `ntk_vp` (NTK-vector products, bounded
+            memory); see `ntk_rnn.ntk.empirical_ntk`.
+        limit: Compute the limit kernel K_∞ once, at the start (the slow part of the start-up;
+            its time is announced and kept in `metrics.json` as `limit_s`).
+        limit_tol: Absolute error target of K_∞.
+        limit_method: How K_∞ is computed: `auto`, `rqmc`, `quadrature` or `mc` (Monte
+            Carlo; needed for a custom initial law `model.init.sampler`).
+        top_k: Eigenvalues of K_t logged (`ntk/spectrum/log10_eig_1` ...).
+        image_every_n_steps: Steps between kernel heatmaps and spectra (0 = off; otherwise
+            the first and the last step get them too).
+        histogram_every_n_steps: Steps between parameter-displacement histograms (0 = off).
+        every_t: Log every this much limit time t = k / N: round(every_t · N) steps, the same
+            points in t at every width. Default 1/8: 32 points over t ∈ [0, 4], at N = 32
+            as at N = 4096.
+        probe_seed: Fix the probes across runs (None: drawn from the run's seed); with it K_∞
+            can be cached, computed once for a whole sweep.
+        cache_dir: Where K_∞ is cached when `probe_seed` is set (None: no cache).
+        limit_width: Models without a closed-form limit (`ElmanRNN`, `GRURNN`, your own):
+            K_∞ is a Monte-Carlo estimate over networks of this width N' (None: 4N, at most
+            512, at least N).
+        limit_draws: ... over this many independent networks (>= 2).
+    """
 
     name = "ntk"
 
     def __init__(
         self,
-        every_n_steps: int = 128,
+        every_n_steps: Optional[int] = None,
         n_probes: int = 64,
         probe_length: int = 24,
         method: str = "auto",
@@ -86,7 +128,7 @@ class NTKCallback(Callback):
         top_k: int = 5,
         image_every_n_steps: int = 1024,
         histogram_every_n_steps: int = 1024,
-        every_t: Optional[float] = None,
+        every_t: Optional[float] = 0.125,
         probe_seed: Optional[int] = None,
         cache_dir: Optional[str] = None,
         limit_width: Optional[int] = None,

@@ -31,10 +31,10 @@ from .cache import cached
 class OutputTrackingCallback(Callback):
     name = "output"
 
-    def __init__(self, every_n_steps: int = 64, n_probes: int = 64, probe_length: int = 24,
+    def __init__(self, every_n_steps: Optional[int] = None, n_probes: int = 64, probe_length: int = 24,
                  M: int = 1024, samples: int = 2, limit_tol: float = 5e-4,
                  probe_seed: Optional[int] = 12345, cache_dir: Optional[str] = None,
-                 every_t: Optional[float] = None, dt: float = 0.05,
+                 every_t: Optional[float] = 0.0625, dt: float = 0.05,
                  n_features: int = 2048) -> None:
         super().__init__(every_n_steps, every_t)
         self.dt, self.n_features = float(dt), int(n_features)

@@ -2,7 +2,7 @@
 
 Each kernel is one ``.c`` file here (``fast.c``: online training, ``features.c``: structured NTK
 features) that includes the shared header ``ntk_rnn.h`` (σ, σ' and Model D's S/P/Q recursion,
-written once). :func:`build` compiles a kernel for one input dimension ``d`` and activation with
+written once). `build` compiles a kernel for one input dimension ``d`` and activation with
 ``-DD=<d> -DACT=<code>``, once for float64 and once with ``-DNTK_FLOAT``, and links both into one
 shared object whose exported names end in ``_f64`` / ``_f32``. Flags are tried in order
 (``_FLAG_SETS``): ``-march=native`` with glibc's vector math (libmvec), then without libmvec, then
@@ -15,10 +15,10 @@ not owned by this user, or writable by group or others, is refused — another u
 library there — and the kernel is not used. When the folder cannot be created at all (read-only
 home), a private folder under the system temp dir is used, with the same checks.
 
-**Fallback.** :func:`load_checked` builds a kernel once per process and key, runs its self-check
+**Fallback.** `load_checked` builds a kernel once per process and key, runs its self-check
 against the torch path, and on any failure (no compiler, build or load error, refused cache,
 self-check mismatch) records why and returns None, so that the caller falls back to eager torch
-— with one :class:`KernelFallbackWarning` per process and reason. ``NTK_RNN_NO_KERNEL=1`` turns
+— with one `KernelFallbackWarning` per process and reason. ``NTK_RNN_NO_KERNEL=1`` turns
 the kernels off (no warning: a choice, not a failure); ``CC`` picks the compiler.
 
 **Loading.** A cached library is opened without following symbolic links (``O_NOFOLLOW``, for
@@ -182,7 +182,7 @@ def check_private(path: Path, what: str = "kernel cache folder") -> None:
 
 
 def private_dir(path: Path) -> Path:
-    """``path`` created (mode 0700) if missing, then checked with :func:`check_private`.
+    """``path`` created (mode 0700) if missing, then checked with `check_private`.
     OSError when it cannot be created."""
     if not os.path.lexists(path):
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # (ntk_rnn/: 0700 if new)
@@ -269,7 +269,7 @@ def _compile(cc: str, src: Path, out: Path, cflags: list[str], lflags: tuple[str
 
 def build(kernel: str, d: int, act: str, what: str = "") -> ctypes.CDLL:
     """The shared object of ``kernel`` (a ``.c`` file here) for input dimension ``d`` and
-    activation ``act``, from the cache or compiled now. Raises :class:`KernelUnavailable`
+    activation ``act``, from the cache or compiled now. Raises `KernelUnavailable`
     saying why when nothing builds or the cache is refused."""
     what = what or f"the {kernel} kernel"
     if act not in ACT_CODES:
@@ -309,7 +309,7 @@ _WARN_LOCK = threading.Lock()
 
 
 def warn_fallback(what: str, reason: str) -> None:
-    """One :class:`KernelFallbackWarning` per process and reason."""
+    """One `KernelFallbackWarning` per process and reason."""
     with _WARN_LOCK:
         if reason in _WARNED:
             return
@@ -348,7 +348,7 @@ def load_checked(table: dict, lock: Any, key: tuple[int, str],
 
 
 def status(table: dict, key: tuple[int, str], lib: ctypes.CDLL | None) -> str:
-    """'ok (<path>)' or 'unavailable: <why>' for a :func:`load_checked` result."""
+    """'ok (<path>)' or 'unavailable: <why>' for a `load_checked` result."""
     if lib is not None:
         return f"ok ({getattr(lib, '_ntk_path', getattr(lib, '_name', ''))})"
     return f"unavailable: {table.get(key, 'not built')}"

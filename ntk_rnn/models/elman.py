@@ -6,12 +6,12 @@ Width N, parameters c (N,), w (N, d), A (N, N); memory S_0 = 0 (or a given h0):
 
 γ = 1 for ``recurrent_scaling="mean_field"`` (the recurrence is an average over units, like
 Model D's) and γ = 1/2 for ``"ntk"`` (standard parametrisation: N^{-1/2} A has O(1) spectrum).
-Initial law: c and w as MeanFieldRNN's μ0 (c ~ U[-1, 1], w ~ N(0, I/d), :class:`InitLaw`), A
+Initial law: c and w as MeanFieldRNN's μ0 (c ~ U[-1, 1], w ~ N(0, I/d), `InitLaw`), A
 i.i.d. entries with mean ``A_mean`` and standard deviation ``A_std`` (``A_law`` normal or uniform).
 ``ntk_scale`` = N^{2β-1} and ``learning_rate(α)`` = α N^{2β-2} as for MeanFieldRNN, so the
 normalised kernel and the time t = k/N mean the same for both.
 
-The memory interface used by :class:`ntk_rnn.online.bptt.BPTTStepper` (``memory_dim`` and
+The memory interface used by `ntk_rnn.online.bptt.BPTTStepper` (``memory_dim`` and
 ``forward(x, h0=..., return_states=True)``) lets truncated BPTT start a window from a kept
 memory instead of zero.
 """
@@ -45,7 +45,7 @@ def recurrent_exponent(recurrent_scaling: str) -> float:
 
 
 def check_law(key: str, kind: str, scale: float) -> None:
-    """A c/w law as in :class:`InitLaw`, with the error naming ``model.<key>``."""
+    """A c/w law as in `InitLaw`, with the error naming ``model.<key>``."""
     if kind not in _KINDS:
         raise ConfigError(f"model.{key}={kind!r} is not a known law; choose one of {list(_KINDS)}")
     if not float(scale) >= 0:
@@ -73,11 +73,37 @@ def check_h0(h0: Tensor, batch: int, n: int, single: bool) -> Tensor:
 
 
 class ElmanRNN(RecurrentScaling, nn.Module):
-    """Full-matrix Elman network with mean-field readout (see the module docstring).
+    """Full-matrix Elman network with mean-field readout (see the module docstring):
+    S_{k+1} = σ(w X_k + N^{−γ} A S_k), Ŷ_k = N^{−β} c · S_{k+1}.
 
-    ``forward(x)`` maps windows (B, L, d) → Ŷ (B, L) (and (L, d) → (L,)), from zero memory.
-    ``forward(x, h0=h, return_states=True)`` starts from memory h ((N,) or (B, N)) and also
+    `forward(x)` maps windows (B, L, d) → Ŷ (B, L) (and (L, d) → (L,)), from zero memory.
+    `forward(x, h0=h, return_states=True)` starts from memory h ((N,) or (B, N)) and also
     returns the memories S_1..S_L, (B, L, N) (or (L, N)).
+
+    Args:
+        input_dim: d, the dimension of each input X_k (the trainer fills it in from the data).
+        width: N, the number of units; the limit time is t = k / N.
+        beta: β ∈ [0.5, 1] of the readout N^{−β} c · S and the learning rate α N^{2β−2}.
+        recurrent_scaling: `mean_field` (γ = 1: the recurrence averages over units) or `ntk`
+            (γ = 1/2: the standard parametrisation, N^{−1/2} A has an O(1) spectrum).
+        activation: σ, a name (`ntk_rnn.ACTIVATIONS`) or an `Activation`.
+        A_mean: Mean of the entries of A at initialisation.
+        A_std: Standard deviation of the entries of A at initialisation.
+        A_law: Law of the entries of A: `normal` or `uniform`.
+        c_law: Law of c, as `InitLaw`'s: `uniform` (U[−c_scale, c_scale]), `normal`,
+            `rademacher` or `constant`.
+        c_scale: Scale of c's law.
+        w_law: Law of w, as `InitLaw`'s (`normal`: N(0, w_scale² I/d)).
+        w_scale: Scale of w's law.
+        generator: The generator θ_0 is drawn from (None: a fresh one seeded with `seed`).
+        seed: The seed of that fresh generator (None: 0). The trainer redraws θ_0 from the
+            run's seed anyway, with `reset_parameters(generator)`.
+        dtype: The parameters' dtype.
+        device: The parameters' device (θ_0 is drawn on the CPU and moved, so a seed gives
+            the same network on every device).
+
+    Raises:
+        ConfigError: A setting out of range (named as its `model.*` key).
     """
 
     def __init__(

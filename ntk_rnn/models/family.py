@@ -7,7 +7,7 @@ their own tables (so ``models/`` imports none of them and no import cycle appear
 ``online``         how it trains along the stream: ``"rtrl"`` (an exact online step, Models D
                    and F: ``ntk_rnn.online``) or ``"bptt"`` (truncated backpropagation through
                    a window, any other model)
-``recurrence``     Model D/F's :class:`~ntk_rnn.models.recurrence.Recurrence` (online state,
+``recurrence``     Model D/F's `Recurrence` (online state,
                    compiled-kernel layout), None for the others
 ``bptt_engine``    the hand-written BPTT engine (``"elman"``, ``"gru"``) or None (autograd)
 ``structure``      the structured empirical NTK (``ntk_rnn.ntk``): ``"units"`` (Model D's
@@ -18,11 +18,11 @@ their own tables (so ``models/`` imports none of them and no import cycle appear
 ``limit``          the infinite-width kernel K_∞ (``ntk_rnn.limit.limit_ntk``):
                    ``"quadrature"`` (Model D, theory §5), ``"cell"`` (Model F at
                    initialisation, §6), ``"elman"`` (closed form, §9) or ``"monte_carlo"``
-                   (wide networks drawn with :meth:`Family.at_width`)
+                   (wide networks drawn with `Family.at_width`)
 =================  =========================================================================
 
-and :meth:`Family.at_width` builds the same network at another width with θ_0 from a seed (the
-Monte-Carlo limit's wider networks), :meth:`Family.limit_spec` describes the law that K_∞
+and `Family.at_width` builds the same network at another width with θ_0 from a seed (the
+Monte-Carlo limit's wider networks), `Family.limit_spec` describes the law that K_∞
 depends on (its cache key).
 
 ``family_of(model)`` is the one lookup: the class's registered family (walking the MRO; Model D
@@ -32,7 +32,7 @@ of the model's class, or the generic family of custom modules.
 The contract a custom module meets (the generic family): ``forward(x)`` maps windows
 ``(B, L, d)`` to outputs ``(B, L)`` (``last_only=True`` may give ``(B,)``), it keeps ``width``
 (N) and ``input_dim``, has ``ntk_scale`` and ``learning_rate(alpha)`` (or inherits
-:class:`~ntk_rnn.models.scaling.MeanFieldScaling`), and for a Monte-Carlo limit either defines
+`MeanFieldScaling`), and for a Monte-Carlo limit either defines
 ``at_width(width, seed) -> nn.Module`` or takes ``width`` (and ``input_dim``) in its constructor
 and was built from a config (the trainer then rebuilds it from that config at width N′).
 """

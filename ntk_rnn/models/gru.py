@@ -1,6 +1,6 @@
 """GRURNN: a GRU of width N with the mean-field readout Ŷ_k = N^{-β} c · h_{k+1}.
 
-The recurrent cell is a :class:`torch.nn.GRUCell` (its parameters ``cell.weight_ih`` (3N, d),
+The recurrent cell is a `torch.nn.GRUCell` (its parameters ``cell.weight_ih`` (3N, d),
 ``cell.weight_hh`` (3N, N), ``cell.bias_ih``, ``cell.bias_hh``, gates in PyTorch's order r, z, n),
 with the hidden-to-hidden weights entering as N^{-γ} W_hh:
 
@@ -31,7 +31,33 @@ from .scaling import RecurrentScaling
 
 
 class GRURNN(RecurrentScaling, nn.Module):
-    """GRU network (see the module docstring); ``forward`` as :class:`ElmanRNN`'s."""
+    """GRU network of width N with the readout Ŷ_k = N^{−β} c · h_{k+1} (see the module
+    docstring); `forward` as `ElmanRNN`'s.
+
+    Args:
+        input_dim: d, the dimension of each input X_k (the trainer fills it in from the data).
+        width: N, the number of units; the limit time is t = k / N.
+        beta: β ∈ [0.5, 1] of the readout N^{−β} c · h and the learning rate α N^{2β−2}.
+        recurrent_scaling: `ntk` (γ = 1/2, default: the standard GRU with N^{−1/2}-sized
+            recurrent weights) or `mean_field` (γ = 1); the hidden-to-hidden weights enter as
+            N^{−γ} W_hh.
+        bias: Whether the cell has biases b_ih, b_hh.
+        c_law: Law of c, as `InitLaw`'s: `uniform` (U[−c_scale, c_scale]), `normal`,
+            `rademacher` or `constant`.
+        c_scale: Scale of c's law.
+        w_scale: The rows of W_ih are N(0, w_scale² I/d).
+        hh_std: The entries of W_hh are N(0, hh_std²).
+        bias_std: The biases are N(0, bias_std²) (0: zero).
+        generator: The generator θ_0 is drawn from (None: a fresh one seeded with `seed`).
+        seed: The seed of that fresh generator (None: 0). The trainer redraws θ_0 from the
+            run's seed anyway, with `reset_parameters(generator)`.
+        dtype: The parameters' dtype.
+        device: The parameters' device (θ_0 is drawn on the CPU and moved, so a seed gives
+            the same network on every device).
+
+    Raises:
+        ConfigError: A setting out of range (named as its `model.*` key).
+    """
 
     def __init__(
         self,

@@ -19,11 +19,20 @@ _KINDS = ("uniform", "normal", "rademacher", "constant")
 class InitLaw:
     """μ0, default as theory §2: c ~ U[-1, 1], w ~ N(0, I/d), b ~ U[-ρ, ρ].
 
-    Each group has a kind and a scale: ``uniform`` is U[-scale, scale], ``normal`` is
-    N(0, scale²) (for w: N(0, scale² I/d)), ``rademacher`` is ±scale, ``constant`` is scale.
-    For b the scale is ρ. ``sampler`` (optional) replaces all of this by a custom law:
-    ``sampler(width, input_dim, generator, dtype) -> (c, w, b)``; analytic limits then
-    need Monte Carlo.
+    Each group has a kind and a scale: `uniform` is U[-scale, scale], `normal` is
+    N(0, scale²) (for w: N(0, scale² I/d)), `rademacher` is ±scale, `constant` is scale.
+    For b the scale is ρ.
+
+    Attributes:
+        c: Kind of c's law.
+        c_scale: Scale of c's law.
+        w: Kind of w's law.
+        w_scale: Scale of w's law.
+        b: Kind of b's law.
+        rho: ρ, the scale of b's law (Model D needs ρ · sup|σ'| < 1).
+        sampler: Optional custom law replacing all of the above,
+            `sampler(width, input_dim, generator, dtype) -> (c, w, b)`; the limit kernel
+            then needs Monte Carlo (`callbacks.ntk.limit_method=mc`).
     """
 
     c: Kind = "uniform"

@@ -44,12 +44,33 @@ def check_hyper(input_dim: int, width: int, beta: float) -> None:
 
 
 class MeanFieldRNN(MeanFieldScaling, nn.Module):
-    """Mean-field scaled RNN; parameters ``c`` (N,), ``w`` (N, d), ``b`` (N,).
+    """Mean-field scaled RNN (Models D and F); parameters `c` (N,), `w` (N, d), `b` (N,).
 
-    ``forward(x)`` maps windows ``(batch, L, d)`` (or ``(L, d)``) to the outputs Ŷ at every step,
-    ``(batch, L)`` (or ``(L,)``), starting from zero memory. ``init`` (μ0) defaults to each
-    model's usual law: Model D c ~ U[-1, 1], w ~ N(0, I/d), b ~ U[-ρ, ρ] with ρ = 0.5; Model F the
+    `forward(x)` maps windows (batch, L, d) (or (L, d)) to the outputs Ŷ at every step,
+    (batch, L) (or (L,)), starting from zero memory. `init` (μ0) defaults to each model's
+    usual law: Model D c ~ U[-1, 1], w ~ N(0, I/d), b ~ U[-ρ, ρ] with ρ = 0.5; Model F the
     same but b ~ N(0, 1) (no contraction bound on b there, theory §6).
+
+    Args:
+        input_dim: d, the dimension of each input X_k (the trainer fills it in from the data).
+        width: N, the number of units; the limit time is t = k / N.
+        beta: β ∈ [0.5, 1]: the output is N^{−β} Σ_i c_i S_i (0.5: NTK scaling, 1:
+            mean-field) and the learning rate α N^{2β−2}.
+        activation: σ, a name (`tanh`, `sigmoid`, `erf`: `ntk_rnn.ACTIVATIONS`) or an
+            `Activation`.
+        recurrence: `diagonal` (Model D: S_{i,k+1} = σ(w_i · X_k + b_i S_{i,k})) or `feedback`
+            (Model F: the memory is the previous output, theory §6).
+        init: The initial law μ0, an `InitLaw` or a dict of its fields (None: the model's
+            usual law, above). Model D needs the contraction ρ · sup|σ'| < 1.
+        generator: The generator θ_0 is drawn from (None: a fresh one seeded with `seed`).
+        seed: The seed of that fresh generator (None: 0). The trainer redraws θ_0 from the
+            run's seed anyway, with `reset_parameters(generator)`.
+        dtype: The parameters' dtype.
+        device: The parameters' device (θ_0 is drawn on the CPU and moved, so a seed gives
+            the same network on every device).
+
+    Raises:
+        ConfigError: A setting out of range (named as its `model.*` key).
     """
 
     def __init__(

@@ -1,20 +1,20 @@
-"""One object per recurrence of :class:`~ntk_rnn.models.mean_field.MeanFieldRNN`: the seam between
+"""One object per recurrence of `MeanFieldRNN`: the seam between
 Model D (``recurrence="diagonal"``) and Model F (``recurrence="feedback"``).
 
 Code that treats the two models differently asks ``recurrence_of(model)`` instead of comparing
 strings; the object knows
 
-- ``state_class``: the online (RTRL) state it carries along the stream, :class:`OnlineState`
-  (S, P = ∂S/∂w, Q = ∂S/∂b per unit, theory §3) or :class:`FeedbackState` (the memory m and the
+- ``state_class``: the online (RTRL) state it carries along the stream, `OnlineState`
+  (S, P = ∂S/∂w, Q = ∂S/∂b per unit, theory §3) or `FeedbackState` (the memory m and the
   last gradient, theory §6), with ``zeros(model)``; ``state_names`` are its tensors;
 - ``kernel``: the prefix of its functions in the compiled training kernel (``csrc/fast.c``:
   ``<kernel>_{rtrl,trunc}_{f32,f64}``), ``kernel_state`` the order of the state tensors there and
   ``kernel_scratch`` the per-unit scratch rows it needs;
 - ``unit_features``: whether the NTK has per-unit features (the structured NTK, theory §4) — Model
-  D's come from :func:`spq_step`, the torch form of the recursion (its C twin is ``spq_step`` in
+  D's come from `spq_step`, the torch form of the recursion (its C twin is ``spq_step`` in
   ``csrc/ntk_rnn.h``);
-- the reference step: :func:`ntk_rnn.online.rtrl.rtrl_step` (Model D) and
-  :func:`ntk_rnn.online.feedback.feedback_step` (Model F); ``rtrl_step`` runs either.
+- the reference step: `ntk_rnn.online.rtrl.rtrl_step` (Model D) and
+  `ntk_rnn.online.feedback.feedback_step` (Model F); ``rtrl_step`` runs either.
 
 ``model.recurrence`` stays the string of the configs; ``recurrence_of`` maps it to the object.
 """
@@ -42,7 +42,7 @@ class OnlineState:
 
     @classmethod
     def zeros(cls, model: Any) -> "OnlineState | FeedbackState":
-        """The zero state of ``model``'s recurrence (a :class:`FeedbackState` for Model F)."""
+        """The zero state of ``model``'s recurrence (a `FeedbackState` for Model F)."""
         rec = recurrence_of(model)
         if rec.state_class is not cls:
             return rec.zeros(model)

@@ -4,8 +4,8 @@ One SGD step per stream element, θ ← θ − lr ∇_θ ½(Y_k − Ŷ_k)², the
 last ``window`` = W elements of the stream. Exactly, with θ_k the parameters before step k:
 
 * the stepper keeps the inputs X_{k−n+1..k−1} of the current window (n − 1 ≤ W − 1 of them, a
-  buffer) and, for models with a memory (``memory_dim``: :class:`~ntk_rnn.models.ElmanRNN`,
-  :class:`~ntk_rnn.models.GRURNN`), the memory h entering the window (zero at the stream start);
+  buffer) and, for models with a memory (``memory_dim``: `ElmanRNN`,
+  `GRURNN`), the memory h entering the window (zero at the stream start);
 * step k appends X_k (window length n = min(k + 1, W)), runs the model with θ_k over the window
   from h, so Ŷ_k is the last output, and backpropagates ½(Y_k − Ŷ_k)² through the n steps of the
   window to θ_k (h is a constant: the truncation); then θ_{k+1} = θ_k − lr ∇;
@@ -22,7 +22,7 @@ everything else (``engine``):
 
 ``"kernel"`` (ElmanRNN and GRURNN on CPU, float32/float64, where a C compiler is present; the
     default there) — a C loop (``cc -O3 -march=native``, built once per activation and cached in
-    the kernel cache of :mod:`ntk_rnn.csrc.loader`, checked once per process against a torch
+    the kernel cache of `ntk_rnn.csrc.loader`, checked once per process against a torch
     engine) runs a whole chunk: per step n mat-vecs forward, n − 1 transposed mat-vecs backward
     and the rank-n update of the recurrent matrix, each blocked four rows (or four rank-one
     terms) per pass; no allocation and no dispatch. Single-threaded: per member and step the
@@ -34,9 +34,9 @@ everything else (``engine``):
     ``functional_call`` over the stacked parameters. From the kept memory where the model has
     one. This saves nothing over a hand-written autograd loop: it is what any module gets.
 
-:class:`BPTTStepper` trains one model, :class:`BPTTEnsembleStepper` E models of the same
+`BPTTStepper` trains one model, `BPTTEnsembleStepper` E models of the same
 architecture (parameters stacked with ``torch.func.stack_module_state``, each model bound to its
-slice so it always holds the current values), member e evolving exactly as a :class:`BPTTStepper`
+slice so it always holds the current values), member e evolving exactly as a `BPTTStepper`
 of model e would (to round-off). ``state_dict()`` holds the buffer, the memory and the counters:
 with the model's own ``state_dict`` it resumes a run bit for bit.
 """

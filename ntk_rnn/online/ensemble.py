@@ -136,7 +136,7 @@ class EnsembleStepper:
 
     @property
     def backend_reason(self) -> str:
-        """Why :attr:`backend` runs (see ``FastStepper.backend_reason``)."""
+        """Why `backend` runs (see ``FastStepper.backend_reason``)."""
         return self.engine.reason
 
     @property

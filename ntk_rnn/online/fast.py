@@ -1,7 +1,7 @@
 """Fast online training: many exact SGD steps (theory §3, §6) per call, as ``rtrl_step`` does them.
 
 ``rtrl_step`` spends ~15 small tensor operations per sequence element; at moderate N nearly all
-of its time is dispatch overhead, not arithmetic. A :class:`FastStepper` runs a whole chunk of the
+of its time is dispatch overhead, not arithmetic. A `FastStepper` runs a whole chunk of the
 sequence per call and keeps the parameters and the RTRL state where they live (the model's own
 tensors and its ``OnlineState`` / ``FeedbackState``), so callbacks always see the current values.
 Every backend is *exact*: step k uses the parameters after step k-1, as the reference does;
@@ -10,12 +10,12 @@ nothing is batched across steps (w changes every step, so e.g. w·X_k cannot be 
 Backends (``backend=``):
 
 ``"kernel"``  (CPU, float32/float64; the default where a C compiler is present)
-    ``ntk_rnn/csrc/fast.c``, compiled on first use by :mod:`ntk_rnn.csrc.loader` (``cc -O3
+    ``ntk_rnn/csrc/fast.c``, compiled on first use by `ntk_rnn.csrc.loader` (``cc -O3
     -march=native``, cached per user and per input dimension and activation), runs the whole
     chunk: per step ONE pass over the units, the update of step k fused with the forward/RTRL
     recursion of step k+1 (they only share the scalar Ŷ_k), σ vectorised through glibc's libmvec
     where available. A self-check against the eager backend runs once per process and kernel;
-    any failure falls back to ``"eager"`` with one warning saying why (:func:`kernel_status`;
+    any failure falls back to ``"eager"`` with one warning saying why (`kernel_status`;
     ``NTK_RNN_NO_KERNEL=1`` disables it, ``NTK_RNN_KERNEL_CACHE`` moves the cache,
     ``NTK_RNN_FAST_BACKEND`` overrides ``backend="auto"``).
 ``"eager"``  (any device)
@@ -26,7 +26,7 @@ Backends (``backend=``):
     CPU the same block machinery runs uncaptured (so the tests exercise it without a GPU).
 
 All backends work on an ensemble axis E (parameters (E, N), (E, N, d), (E, N)); a single model is
-E = 1 through views of its own tensors (see :mod:`ntk_rnn.online.ensemble` for E > 1).
+E = 1 through views of its own tensors (see `ntk_rnn.online.ensemble` for E > 1).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def _build(d: int, act: str) -> ctypes.CDLL:
 
 def kernel_library(d: int, act: str) -> ctypes.CDLL | None:
     """The compiled, self-checked kernel for input dimension ``d`` and activation ``act``, or None
-    (the reason is in :func:`kernel_status`; a failure warns once)."""
+    (the reason is in `kernel_status`; a failure warns once)."""
     return loader.load_checked(_KERNELS, _KERNEL_LOCK, (int(d), act), _build, _self_check,
                                _WHAT)
 
@@ -568,7 +568,7 @@ class FastStepper:
 
     @property
     def backend_reason(self) -> str:
-        """Why :attr:`backend` runs, e.g. 'auto: ok (<kernel path>)' or 'auto: the compiled
+        """Why `backend` runs, e.g. 'auto: ok (<kernel path>)' or 'auto: the compiled
         kernel is unavailable: no C compiler ...' (for logs and metrics.json)."""
         return self._engine.reason
 

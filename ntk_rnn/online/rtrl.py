@@ -4,10 +4,10 @@
     θ_i ← θ_i + α_N (Y_k − Ŷ_k) N^{-β} (S_{i,k+1}, c_i P_{i,k+1}, c_i Q_{i,k+1})
 
 ``gradient="truncated"`` drops the b_i P and b_i Q terms (memory treated as an input).
-Model F (``recurrence="feedback"``) dispatches to :mod:`ntk_rnn.online.feedback`:
-``OnlineState.zeros`` then returns a :class:`FeedbackState` and ``rtrl_step`` runs
-``feedback_step``. The states and the recursion itself (:func:`spq_step`, shared with the K_∞
-sampler and the compiled kernels' C twin) live in :mod:`ntk_rnn.models.recurrence`, the seam
+Model F (``recurrence="feedback"``) dispatches to `ntk_rnn.online.feedback`:
+``OnlineState.zeros`` then returns a `FeedbackState` and ``rtrl_step`` runs
+``feedback_step``. The states and the recursion itself (`spq_step`, shared with the K_∞
+sampler and the compiled kernels' C twin) live in `ntk_rnn.models.recurrence`, the seam
 between the two models.
 """
 
@@ -54,8 +54,8 @@ def rtrl_step(
 
 
 class ReferenceStepper:
-    """The reference loop (``train.backend=reference``): one :func:`rtrl_step` per element,
-    with the same ``run_chunk`` interface as :class:`ntk_rnn.online.fast.FastStepper`."""
+    """The reference loop (``train.backend=reference``): one `rtrl_step` per element,
+    with the same ``run_chunk`` interface as `ntk_rnn.online.fast.FastStepper`."""
 
     def __init__(self, model: MeanFieldRNN, state, lr: float, gradient: Gradient = "rtrl"):
         self.model, self.state, self.lr, self.gradient = model, state, lr, gradient

@@ -1,5 +1,5 @@
 """One network's run inside the training loop: its model and online state, its share of the
-stream, its errors, logs, callbacks and files. The :class:`~ntk_rnn.run.Trainer` owns E >= 1 of
+stream, its errors, logs, callbacks and files. The `Trainer` owns E >= 1 of
 these and one stepper that moves all of them; a single run is E = 1.
 
 Files of a member (``run_dir`` given; ``None`` writes nothing): ``config.yaml``, the event file,
@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..callbacks.base import Callback, TrainState
 from ..callbacks.checkpoint import CheckpointCallback
+from ..callbacks.progress import ProgressCallback, start_note
 from ..checkpoint import atomic_write_text, save_checkpoint
 from ..data.base import check_chunk, source_name
 from ..errors import ConfigError, TrainingDiverged
@@ -94,6 +95,7 @@ class Member:
         for cb in callbacks:  # bad callback settings fail here, before any step
             cb.setup(self.state)
         self.resumed_from: Optional[Path] = None
+        self.notes, self.label = True, ""  # announce slow starts on stderr (label: member_0..)
         self.completed: Optional[dict] = None  # metrics of a finished run asked to resume
         self.run_info: Any = None  # the trainer's (backend, gradient): recorded in checkpoints
         self.restored_info: Optional[dict] = None  # ... as read back from one
@@ -268,8 +270,7 @@ class Member:
         # k holds everything done for step k (and a resumed run redoes none of it)
         self.step_callbacks = sorted(self.callbacks,
                                      key=lambda cb: isinstance(cb, CheckpointCallback))
-        for cb in self.callbacks:
-            cb.on_train_start(self.state)
+        self._start_callbacks()
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.writer.open()  # the run has started: from here on it has logs
@@ -280,6 +281,23 @@ class Member:
         self.t_cb = 0.0
         self.last_log = (self.step - self.step % self.log_every, self.t_start)
         self.next_event = self._next_event()
+
+    def _start_callbacks(self) -> None:
+        """Each callback's ``on_train_start``, timed (``start_s``), the progress bar last; a slow
+        one (K_∞, the limit ODE) is announced on stderr first and its time after (``notes``)."""
+        self.start_s: dict[str, float] = {}
+        self.limit_s = 0.0  # the announced part: limit kernel, limit ODE
+        for cb in sorted(self.callbacks, key=lambda cb: isinstance(cb, ProgressCallback)):
+            note = start_note(cb, self.state)
+            if note and self.notes:
+                print(f"ntk_rnn: {self.label}{note} ...", file=sys.stderr, flush=True)
+            tc = time.perf_counter()
+            cb.on_train_start(self.state)
+            self.start_s[cb.name] = time.perf_counter() - tc
+            self.limit_s += self.start_s[cb.name] if note else 0.0
+            if note and self.notes:
+                print(f"ntk_rnn: {self.label}... done in {self.start_s[cb.name]:.1f} s",
+                      file=sys.stderr, flush=True)
 
     def _make_writer(self) -> RunWriter:
         """Resumed from step k: readers drop what older event files hold after k (purge_step)

@@ -11,8 +11,8 @@ Each step k reads (X_k, Y_k), predicts Ŷ_k with the current θ, then moves ever
 
     θ ← θ + α_N (Y_k − Ŷ_k) ∂Ŷ_k/∂θ,     α_N = α N^{2β−2},     t = k / N,
 
-with ∂Ŷ_k/∂θ exact by RTRL (Models D and F: ``N^{-β} (S, c P, c Q)``, see
-:mod:`ntk_rnn.online.rtrl`) or truncated. The stepper runs many steps per call (a compiled
+with ∂Ŷ_k/∂θ exact by RTRL (Models D and F: `N^{-β} (S, c P, c Q)`, see
+`ntk_rnn.online.rtrl`) or truncated. The stepper runs many steps per call (a compiled
 kernel); the loop stops it at every event — a log point, a callback, the end of a chunk of the
 stream — where errors are recorded and callbacks see the state.
 
@@ -26,11 +26,13 @@ With ``ensemble_size`` E > 1 member e is exactly the single run with seed + e, e
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import json
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -38,7 +40,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..callbacks.base import Callback
-from ..callbacks.progress import ProgressCallback
+from ..callbacks.progress import ProgressCallback, interactive, progress_bar
+from ..checkpoint import atomic_write_text
 from ..data.base import source_name
 from ..errors import ConfigError, TrainingDiverged
 from ..models.family import family_of
@@ -57,11 +60,10 @@ from .build import (
     run_seeds,
     seed_model,
 )
-from ..checkpoint import atomic_write_text
 from .config import Config, num_steps, opt, validate
 from .lock import RunLock
-from .resources import check_resources
 from .member import Member
+from .resources import check_resources
 from .signals import StopSignals, TrainingInterrupted
 
 
@@ -70,18 +72,76 @@ class EnsembleIncomplete(TrainingDiverged):
 
 
 class Trainer:
-    """Online SGD for E >= 1 networks (see the module docstring).
+    """Online SGD along one data stream for E >= 1 networks, with callbacks (theory §3).
 
-    Python: ``Trainer(model=..., data=..., alpha=..., horizon=..., callbacks=[...], seed=0,
-    run_dir=None, ensemble_size=1, ...)``: any other keyword is a ``train.*`` setting of
-    :class:`~ntk_rnn.run.config.TrainConfig` (its defaults apply). The CLI calls
-    :meth:`from_config`. Nothing is written before every member is built and checked.
+    Each step k reads (X_k, Y_k), predicts Ŷ_k and moves every parameter at once,
+    θ ← θ + α_N (Y_k − Ŷ_k) ∂Ŷ_k/∂θ with α_N = α N^{2β−2}; the limit time is t = k / N.
+    A run is determined by its settings and seed: θ_0 is drawn from the seed (the model's
+    `reset_parameters(generator)`), so the same settings from the command line and from Python
+    give the same numbers. Nothing is written before every member is built and checked.
+
+    Example:
+        ```python
+        from ntk_rnn import MeanFieldRNN, NTKCallback, Trainer
+        from ntk_rnn.data import VAR1
+        trainer = Trainer(model=MeanFieldRNN(input_dim=1, width=256), data=VAR1(),
+                          alpha=4.0, horizon=2.0, callbacks=[NTKCallback()], seed=0)
+        metrics = trainer.fit()                  # the metrics.json dict
+        trainer.history["ntk/drift_from_init"]   # [(step, value), ...]
+        ```
+
+    Args:
+        model: The network, an `nn.Module` mapping windows (B, L, d) to outputs (B, L):
+            `MeanFieldRNN` (Models D and F), `ElmanRNN`, `GRURNN` or your own. Its θ_0 is
+            redrawn from the seed when it has `reset_parameters(generator)`; otherwise it keeps
+            the θ_0 it was built with, and the trainer warns that the seed does not fix it.
+        data: The data stream, a `SequenceSource` (`ntk_rnn.data`: `VAR1`, `MarkovChain`,
+            `FileSeries`, ... or your own class with `stream`, `windows` and `input_dim`).
+        callbacks: What runs during training (`NTKCallback`, `OutputTrackingCallback`,
+            `CheckpointCallback`, `ProgressCallback`, or your own `Callback`).
+        seed: The run's seed: θ_0, the probe draws and (unless `data_seed` is set) the data
+            stream. With `ensemble_size=E`, member e uses `seed + e`.
+        data_seed: The data stream's own seed (None: from `seed`).
+        run_dir: Where the run's files go (`config.yaml`, TensorBoard event files,
+            `checkpoints/`, `metrics.json`), exactly as a command-line run writes them.
+            None writes nothing.
+        tensorboard: Write TensorBoard event files into `run_dir`.
+        progress: Show a progress bar and announce slow start-up phases (the limit kernel
+            K_∞, the limit ODE) with their times on stderr. None (default): on when stderr
+            is a terminal or in a Jupyter notebook (tqdm's widget when ipywidgets is
+            installed, its text bar otherwise). A `ProgressCallback` among `callbacks` draws
+            its own bar.
+        **train: Any `train.*` setting of [`TrainConfig`][ntk_rnn.run.config.TrainConfig],
+            with the same default as on the command line. The main ones: `alpha` (α > 0, the
+            step size is α N^{2β−2}; default 4.0), `horizon` (the limit time t to train to;
+            steps = round(horizon · N); default 4.0), `steps` (a number of steps instead),
+            `gradient` (`auto`, `rtrl`, `truncated` or `bptt`), `ensemble_size` (E networks
+            trained together). An unknown keyword is a `ConfigError` listing them.
+
+    Raises:
+        ConfigError: A setting out of range, an unusable model or data source, a callback
+            with bad settings; raised before anything is written.
+
+    Attributes:
+        members: Each network's run; `members[e].history`, `.metrics` and `.model` of
+            ensemble member e (a single run is `members[0]`, which the properties below read).
+        run_dir: Where the run's files go (None: nowhere).
+        cfg: The config the run is described by (`config.yaml`), defaults filled in.
+        status: `pending`, `running`, `completed`, `incomplete` (an ensemble with failed
+            members), `interrupted` or `failed`.
+
+    The command line builds a trainer from its composed config with
+    [`from_config`][ntk_rnn.Trainer.from_config].
     """
 
     def __init__(self, model: torch.nn.Module | None = None, data: Any = None, *,
                  callbacks: Sequence[Callback] = (), seed: int = 0,
                  data_seed: Optional[int] = None, run_dir: str | Path | None = None,
-                 tensorboard: bool = True, _cfg: Any = None, **train: Any) -> None:
+                 tensorboard: bool = True, progress: Optional[bool] = None,
+                 **train: Any) -> None:
+        self._t_built = time.perf_counter()
+        _cfg = train.pop("_cfg", None)  # from_config's (not a train.* setting)
+        python = _cfg is None
         if _cfg is None:  # the Python API: a config describing the objects given
             if model is None or data is None:
                 raise ConfigError("Trainer needs model= and data= (or Trainer.from_config(cfg))")
@@ -105,6 +165,7 @@ class Trainer:
         self.stepper: Any = None
         self._stepper_ids: list[int] = []
         self.network_steps, self.stepper_s, self.wall_s = 0, 0.0, 0.0
+        self.setup_s = 0.0  # fit's start-up: writers, callbacks' on_train_start (K_∞), files
         self.status = "pending"
         self._locks: list[RunLock] = []
         for m in self.members:  # what a checkpoint records of the run (its backend)
@@ -114,10 +175,24 @@ class Trainer:
         if self.E > 1:
             for m in self.members:
                 m.callbacks = [cb for cb in m.callbacks if not isinstance(cb, ProgressCallback)]
+        # Python: progress=None is on where someone watches (a terminal, a notebook); the CLI's
+        # bar is callbacks.progress, and it announces slow start-up phases always
+        show = interactive() if progress is None else bool(progress)
+        self.own_bar = python and show and not self.progress
+        for m in self.members:
+            m.notes = show or not python
+            m.label = f"{member_dir(m.e)}: " if self.E > 1 else ""
+        self.build_s = time.perf_counter() - self._t_built
 
     @classmethod
     def from_config(cls, cfg: Any, run_dir: str | Path | None) -> Trainer:
-        """The run a composed config describes (what ``python -m ntk_rnn.train`` does)."""
+        """The run a composed config describes (what `python -m ntk_rnn.train` does).
+
+        Args:
+            cfg: The composed config (`conf/config.yaml` with overrides), a `DictConfig` or a
+                `Config` dataclass.
+            run_dir: Where the run's files go; None writes nothing.
+        """
         if not isinstance(cfg, DictConfig):
             cfg = OmegaConf.structured(cfg)
         return cls(_cfg=cfg, run_dir=run_dir)
@@ -136,6 +211,8 @@ class Trainer:
         else:  # Python objects: member 0 uses them, the others deep copies (θ_0 from the seed)
             source = build_source(source) if e == 0 else source
             model = model if e == 0 else copy.deepcopy(model)
+            if e == 0:
+                warn_unseeded(model, int(cfg.seed))
             seed_model(model, seeds["model"], cfg.dtype, cfg.device)
             callbacks = callbacks if e == 0 else copy.deepcopy(callbacks)  # (named, checked)
         complete_model_config(cfg, model)
@@ -206,6 +283,7 @@ class Trainer:
 
     @property
     def n_steps(self) -> int:
+        """Steps of the whole run: round(horizon · N), or `steps` (member 0)."""
         return self.members[0].n_steps
 
     @property
@@ -222,6 +300,7 @@ class Trainer:
 
     @property
     def callbacks(self) -> list[Callback]:
+        """The callbacks of the run (member 0 of an ensemble)."""
         return self.members[0].callbacks
 
     @property
@@ -236,8 +315,21 @@ class Trainer:
 
     # --- the loop -----------------------------------------------------------------------
     def fit(self) -> dict:
-        """Train to the end of the horizon; returns metrics.json's dict (E = 1) or the
-        ensemble's summary (E > 1)."""
+        """Train to the end of the horizon.
+
+        Returns:
+            `metrics.json`'s dict (E = 1): `status`, `steps`, `t`, `running_mse`, `final_loss`,
+            the times `wall_s` (the whole run: building it, the start-up, the steps),
+            `build_s`, `setup_s` (callbacks' start-up, files), `limit_s` (its part computing
+            K_∞ and the limit ODE), `train_s` (the steps), `steps_per_s`, `backend`,
+            `gradient`, and what the callbacks add (`ntk_*`, ...). An ensemble (E > 1) returns
+            its summary, `ensemble.json`'s dict.
+
+        Raises:
+            TrainingDiverged: The loss became NaN/Inf or exceeded `divergence_threshold`
+                (`checkpoints/last_good.pt` keeps the last good state).
+            TrainingInterrupted: SIGTERM or SIGINT; the state is checkpointed first.
+        """
         own = not self._locks
         self.lock()
         try:
@@ -256,12 +348,14 @@ class Trainer:
         self.status = "running"
         self._write_summary()
         t0, bar = time.perf_counter(), None
+        self._t_fit = t0
         with StopSignals() as stop:  # SIGTERM/SIGINT: checkpoint at the next boundary, then stop
             try:
                 for m in self.members:
                     if m.status == "pending":
                         m.begin()
                 self._open_streams()
+                self.setup_s = time.perf_counter() - t0
                 bar = self._progress_bar()
                 while self._refill():  # each member's next chunk of the stream; ends finish here
                     for lk in self._locks:
@@ -287,13 +381,17 @@ class Trainer:
                 status = "interrupted" if isinstance(exc, TrainingInterrupted) else "failed"
                 for m in self.active:
                     m.abort(exc, "interrupted" if status == "interrupted" else "aborted")
-                self.status, self.wall_s = status, time.perf_counter() - t0
+                self.status = status
+                self.wall_s = time.perf_counter() - t0 + self.build_s
                 self._write_summary()
                 raise
             finally:
                 if bar is not None:
+                    done = [m.step for m in self.members if m.status == "completed"]
+                    if done and max(done) > bar.n:
+                        bar.update(max(done) - bar.n)
                     bar.close()
-        self.wall_s = time.perf_counter() - t0
+        self.wall_s = time.perf_counter() - t0 + self.build_s
         return self._finished()
 
     def _finished(self) -> dict:
@@ -339,20 +437,28 @@ class Trainer:
                     continue
                 m.start_chunk(X, Y)
                 continue
-            m.end(self._run_info())
+            m.end(self._run_info(m))
         return bool(self.active)
 
-    def _run_info(self) -> dict:
+    def _run_info(self, m: Optional[Member] = None) -> dict:
+        """What metrics.json (and, without ``m``, a checkpoint) records from the trainer: the
+        stepper that ran and, for member ``m``, where the time went (``wall_s`` the whole run:
+        building it, the start-up, the steps)."""
         info = {"backend": self.backend, "gradient": self.gradient}
         restored = self.members[0].restored_info
         if self.stepper is None and restored and self.gradient != "bptt" and \
                 self.backend_asked == "auto":  # resumed at the end: what ran before
             info["backend"] = restored.get("backend", info["backend"])
+        if m is not None:
+            now = time.perf_counter()
+            info.update(wall_s=now - self._t_fit + self.build_s, build_s=self.build_s,
+                        setup_s=self.setup_s, limit_s=m.limit_s, train_s=now - m.t_start)
         return info
 
     @property
     def backend(self) -> str:
-        """The stepper that ran: 'kernel' (compiled C), 'eager', 'graphs' or 'reference'."""
+        """The stepper that ran: `kernel` (compiled C), `eager`, `graphs`, `reference`, or
+        `bptt-<engine>` for truncated BPTT."""
         if self.backend_asked == "reference":
             return "reference"
         if self.gradient == "bptt":
@@ -437,14 +543,13 @@ class Trainer:
 
     # --- progress and the ensemble's summary ----------------------------------------------
     def _progress_bar(self) -> Any:
-        if self.E == 1 or not self.progress:  # a single run: its own ProgressCallback
+        """The trainer's own bar: an ensemble's (one for all members), or a Python run's with
+        ``progress`` on and no ProgressCallback (a single run's callback draws its own)."""
+        if not self.own_bar and (self.E == 1 or not self.progress):
             return None
-        from tqdm.auto import tqdm
-
         steps = [m.step for m in self.active]
         n = self.members[0].n_steps
-        return tqdm(total=n, initial=min(steps) if steps else n, unit="step",
-                    file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+        return progress_bar(total=n, initial=min(steps) if steps else n)
 
     def _update_bar(self, bar: Any) -> None:
         active = self.active
@@ -452,8 +557,11 @@ class Trainer:
             return
         bar.update(min(m.step for m in active) - bar.n)
         mse = [m.state.running_mse for m in active]
-        bar.set_postfix(members=f"{len(active)}/{self.E}",
-                        mse=f"{sum(mse) / len(mse):.4g}", refresh=False)
+        if self.E > 1:
+            bar.set_postfix(members=f"{len(active)}/{self.E}",
+                            mse=f"{sum(mse) / len(mse):.4g}", refresh=False)
+        else:
+            bar.set_postfix(t=f"{active[0].state.t:.3f}", mse=f"{mse[0]:.4g}", refresh=False)
 
     def summary(self) -> dict:
         """The ensemble's summary (``ensemble.json``): status and metrics of every member."""
@@ -510,6 +618,19 @@ class Trainer:
         clean = json.loads(json.dumps(s, default=float), parse_constant=lambda _: None)
         atomic_write_text(self.run_dir / "ensemble.json", json.dumps(clean, indent=2))
         return s
+
+
+def warn_unseeded(model: torch.nn.Module, seed: int) -> None:
+    """A Python-built module without ``reset_parameters(generator)`` keeps the θ_0 its
+    constructor drew from torch's global RNG: the run's seed does not determine it."""
+    reset = getattr(model, "reset_parameters", None)
+    if callable(reset) and "generator" in inspect.signature(reset).parameters:
+        return
+    warnings.warn(
+        f"Trainer: {type(model).__qualname__} has no reset_parameters(generator), so θ_0 is what "
+        f"its constructor drew from torch's global RNG, not determined by seed={seed} (ensemble "
+        "members start from copies of it); call torch.manual_seed(...) before building the "
+        "model, or give it reset_parameters(generator)", UserWarning, stacklevel=4)
 
 
 def resolve_gradient(gradient: str, model: torch.nn.Module) -> str:
