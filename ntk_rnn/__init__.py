@@ -16,10 +16,10 @@ from .errors import ConfigError, TrainingDiverged
 from .limit import LimitKernel, LimitODE, limit_cell_ntk, limit_ntk, solve_feedback_limit
 from .models import (
     ACTIVATIONS,
+    GRURNN,
     Activation,
     ElmanRNN,
     Family,
-    GRURNN,
     InitLaw,
     MeanFieldRNN,
     family_of,
@@ -33,7 +33,8 @@ __all__ = [
     "Trainer", "TrainingInterrupted", "Callback", "NTKCallback", "OutputTrackingCallback",
     "CheckpointCallback", "ProgressCallback",
     "ACTIVATIONS", "Activation", "get_activation", "ConfigError", "TrainingDiverged", "InitLaw",
-    "MeanFieldRNN", "ElmanRNN", "GRURNN", "Family", "family_of", "OnlineState", "rtrl_step", "FastStepper", "EnsembleStepper",
+    "MeanFieldRNN", "ElmanRNN", "GRURNN", "Family", "family_of",
+    "OnlineState", "rtrl_step", "FastStepper", "EnsembleStepper",
     "empirical_ntk", "ntk_blocks", "training_kernel", "structured_ntk", "limit_ntk",
     "LimitKernel", "LimitODE", "limit_cell_ntk", "solve_feedback_limit",
 ]

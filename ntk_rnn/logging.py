@@ -267,10 +267,15 @@ def trial_name(*args: Any) -> str:
 
 
 def register_resolvers() -> None:
-    """``${ntk_trial:...}`` → `trial_name` (idempotent; done when this module is imported,
+    """``${ntk_trial:...}`` → `trial_name`, ``${ntk_fresh:...}`` →
+    `ntk_rnn.run.lock.fresh_dir` (idempotent; done when this module is imported,
     which ``python -m ntk_rnn.train`` does before Hydra composes its config)."""
     if not OmegaConf.has_resolver("ntk_trial"):
         OmegaConf.register_new_resolver("ntk_trial", trial_name)
+    if not OmegaConf.has_resolver("ntk_fresh"):  # a default run directory of its own
+        from .run.lock import fresh_dir
+
+        OmegaConf.register_new_resolver("ntk_fresh", fresh_dir)
 
 
 register_resolvers()

@@ -13,7 +13,7 @@ PKG = Path(ntk_rnn.__file__).parent
 def test_root_reexports():
     assert not [n for n in ntk_rnn.__all__ if not hasattr(ntk_rnn, n)]
     assert ntk_rnn.empirical_ntk is ntk.empirical.empirical_ntk
-    assert ntk_rnn.limit_ntk is limit.kernel.limit_ntk
+    assert ntk_rnn.limit_ntk is limit.dispatch.limit_ntk
     assert ntk_rnn.LimitODE is limit.ode.LimitODE
     assert ntk_rnn.FastStepper is online.fast.FastStepper
     assert ntk_rnn.EnsembleStepper is online.ensemble.EnsembleStepper

@@ -158,16 +158,16 @@ def test_cache_folder_of_another_user_is_refused(fresh, monkeypatch):
 def test_cached_library_of_another_user_is_refused(fresh, monkeypatch):
     """The folder is fine but a cached shared object is not ours: not loaded."""
     fresh.mkdir(mode=0o700)
-    real_stat = os.stat
+    real_fstat = os.fstat  # (the loader checks the descriptor it loads from)
 
-    def fake_stat(path, *a, **k):
-        st = real_stat(path, *a, **k)
-        if str(path).endswith(".so"):
+    def fake_fstat(fd, *a, **k):
+        st = real_fstat(fd, *a, **k)
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".so"):
             return os.stat_result((st.st_mode, st.st_ino, st.st_dev, st.st_nlink,
                                    st.st_uid + 1) + tuple(st)[5:])
         return st
 
-    monkeypatch.setattr(os, "stat", fake_stat)
+    monkeypatch.setattr(os, "fstat", fake_fstat)
     if CC is None:
         pytest.skip("no C compiler: nothing is built to refuse")
     _falls_back_exactly("refused the cached kernel")

@@ -218,7 +218,10 @@ def write_csv(path: Path, rows: list[str]) -> Path:
 def test_file_series_csv(tmp_path):
     rows = ["date,x,y"] + [f"d{k},{k},{2 * k}" for k in range(10)]
     p = write_csv(tmp_path / "s.csv", rows)
-    src = FileSeries(p, standardize=False)
+    with pytest.raises(ConfigError, match=r"data.target_column is not set and .* has 2 input "
+                       r"columns \['x', 'y'\]: say which one to predict"):
+        FileSeries(p, standardize=False)  # two candidates: which one is the target?
+    src = FileSeries(p, standardize=False, target_column="x")
     assert src.columns == ["x", "y"] and src.input_dim == 2 and src.num_steps == 9
     X, Y = take(src, 9, chunk=4)
     assert torch.equal(X[:, 0], torch.arange(9).double()) and torch.equal(Y, X[:, 0] + 1)
@@ -250,11 +253,11 @@ def test_file_series_errors(tmp_path):
     p = write_csv(tmp_path / "nan.csv", ["a,temp", "1,2", "2,", "3,4"])
     with pytest.raises(ConfigError, match=r"column 'temp' has a missing value at row 1 .*set "
                        r"data.missing to one of drop, ffill, interpolate"):
-        FileSeries(p)
+        FileSeries(p, target_column="temp")
     p = write_csv(tmp_path / "text.csv", ["a,temp", "1,2", "2,abc", "3,4"])
     with pytest.raises(ConfigError, match=r"column 'temp' has a non-numeric or infinite value "
                        r"'abc' at row 1"):
-        FileSeries(p, missing="drop")  # text is not a gap, whatever data.missing says
+        FileSeries(p, missing="drop", target_column="temp")  # text is not a gap, whatever data.missing says
     p = write_csv(tmp_path / "ok.csv", ["a,b"] + [f"{k},{k}" for k in range(5)])
     with pytest.raises(ConfigError, match=r"column 'c' is not in .*available columns: "
                        r"\['a', 'b'\]"):
@@ -262,7 +265,7 @@ def test_file_series_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"has 2 rows; need at least"):
         FileSeries(write_csv(tmp_path / "short.csv", ["a", "1", "2"]))
     with pytest.raises(ConfigError, match=r"do not fit"):
-        FileSeries(p).windows(3, 10, gen())
+        FileSeries(p, target_column="a").windows(3, 10, gen())
 
 
 def test_file_series_missing_modes(tmp_path):
@@ -275,19 +278,20 @@ def test_file_series_missing_modes(tmp_path):
             FileSeries(p, missing=bad)
     with pytest.raises(ConfigError, match=r"column 'x' has a missing value at row 0 \(0-based, "
                        r"header excluded; 5 missing cells in all\); set data.missing"):
-        FileSeries(p)  # the date column is skipped; x, whose first cell is empty, is numeric
+        FileSeries(p, target_column="x")  # the date column is skipped; x (first cell empty) kept
 
     def table(src):
         return torch.cat([src.X, src.Y[:, None]], 1).numpy()
 
-    src = FileSeries(p, missing="drop", standardize=False, horizon=0)
+    src = FileSeries(p, missing="drop", standardize=False, horizon=0, target_column="x")
     assert src.columns == ["x", "y"] and src.dropped_rows == 5 and src.missing_cells == 5
     assert np.array_equal(table(src)[:, :2], [[2, 12], [5, 15]])
-    src = FileSeries(p, missing="ffill", standardize=False, horizon=0)  # row 0 has no x before
+    src = FileSeries(p, missing="ffill", standardize=False, horizon=0, target_column="x")  # row 0 has no x before
     assert src.dropped_rows == 1
     assert np.array_equal(table(src)[:, :2], [[1, 10], [2, 12], [2, 13], [2, 14], [5, 15],
                                               [6, 15]])
-    src = FileSeries(p, missing="interpolate", standardize=False, horizon=0)  # no y after row 5
+    src = FileSeries(p, missing="interpolate", standardize=False, horizon=0,
+                     target_column="x")  # no y after row 5
     assert src.dropped_rows == 2
     assert np.allclose(table(src)[:, :2], [[1, 11], [2, 12], [3, 13], [4, 14], [5, 15]])
     src = FileSeries(p, columns=["y"], target_column="x", missing="interpolate",
@@ -296,7 +300,7 @@ def test_file_series_missing_modes(tmp_path):
         np.allclose(src.Y.numpy(), [2, 3, 4, 5])
     with pytest.raises(ConfigError, match=r"has 2 rows after data.missing=drop dropped 6"):
         FileSeries(write_csv(tmp_path / "few.csv", rows + ["2000-01-08,,1"]), missing="drop",
-                   columns=["x", "y"])
+                   columns=["x", "y"], target_column="y")
     npy = tmp_path / "gaps.npy"
     np.save(npy, np.array([0.0, np.nan, 2.0, 3.0, np.nan, 5.0]))
     src = FileSeries(npy, missing="interpolate", standardize=False, horizon=0)
@@ -398,6 +402,7 @@ def test_config_instantiates_and_follows_protocol(name, tmp_path):
     if name == "csv":
         rows = ["t,v"] + [f"{k},{np.sin(k)}" for k in range(200)]
         cfg.path = str(write_csv(tmp_path / "s.csv", rows))
+        cfg.target_column = "v"
     for convert in ("none", "all"):
         src = check_source(instantiate(cfg, _convert_=convert))
         X, Y = next(iter(src.stream(gen(), 50)))

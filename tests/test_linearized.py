@@ -45,7 +45,8 @@ def make_state(model, src, gradient, lr, n_steps, probe_seed=7):
     return TrainState(model=model, online=OnlineState.zeros(model), source=src,
                       cfg=SimpleNamespace(train=SimpleNamespace(gradient=gradient)),
                       run_dir=None, n_steps=n_steps, lr=lr, writer=Writer(),
-                      generators={"probe": torch.Generator().manual_seed(probe_seed)})
+                      generators={"probe": torch.Generator().manual_seed(probe_seed)},
+                      gradient=gradient)
 
 
 def drive(cb, state, X, Y, segments, start=0, events_first=False):

@@ -84,3 +84,23 @@ def test_errors():
         mc_limit_ntk(factory, x, width=8, compare_width=8)
     with pytest.raises(ConfigError, match=r"not an nn.Module"):
         mc_limit_ntk(lambda width, seed: None, x, width=8)
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_gru_default_limit_states_an_error_that_covers_a_far_better_estimate():
+    """GRU (no closed form): the callback's Monte-Carlo limit (N′ and N′/2, bias included in the
+    stated error) against a reference of 16x the unit-draws at 4x the width. The reference's own
+    error is ~1/4 of the tested one's, so the stated error must cover the distance."""
+    from ntk_rnn.limit import limit_ntk as any_limit
+    from ntk_rnn.models import GRURNN
+
+    x = torch.randn(5, 6, 1, generator=torch.Generator().manual_seed(2), dtype=F64)
+    base = GRURNN(1, 8, dtype=F64)
+    lim = any_limit(base, x, width=64, draws=8, seed=1)
+    ref = mc_limit_ntk(lambda width, seed: base.at_width(width, seed), x, width=256, draws=32,
+                       seed=5)
+    assert lim.bias_estimate is not None and lim.relative_error >= lim.bias_estimate
+    assert _rel(lim.value, ref.value) <= lim.relative_error + ref.relative_error

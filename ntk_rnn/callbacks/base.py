@@ -26,7 +26,7 @@ class TrainState:
     cfg: Any
     run_dir: Path
     n_steps: int
-    lr: float
+    lr: float  # α_N = α N^{2β−2}, the SGD step size
     writer: Optional[Any] = None  # torch.utils.tensorboard.SummaryWriter
     generators: dict = field(default_factory=dict)  # 'probe' for probe draws
     step: int = 0
@@ -36,6 +36,11 @@ class TrainState:
     running_mse: float = float("nan")
     metrics: dict = field(default_factory=dict)  # callbacks add their final numbers here
     save_checkpoint: Optional[Callable[[Path], Path]] = None  # writes the full trainer state
+    # the run's model rebuilt at another width with θ_0 from a seed, for a model built from a
+    # config (None from Python): a Monte-Carlo limit's wider networks (models.family.at_width)
+    model_factory: Optional[Callable[[int, int], Any]] = None
+    alpha: float = float("nan")  # α, the learning-rate scale of the limit ODE (train.alpha)
+    gradient: str = ""  # the online gradient that trains: rtrl, truncated or bptt
 
     @property
     def t(self) -> float:

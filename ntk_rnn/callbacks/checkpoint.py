@@ -29,6 +29,6 @@ class CheckpointCallback(Callback):
         self.prune(Path(state.run_dir) / "checkpoints")
 
     def prune(self, folder: Path) -> None:
-        ckpts = sorted(folder.glob("step_*.pt"))
+        ckpts = sorted(p for p in folder.glob("step_*.pt") if p.is_file() and not p.is_symlink())
         for old in ckpts[: max(0, len(ckpts) - self.keep_last)]:
             old.unlink(missing_ok=True)

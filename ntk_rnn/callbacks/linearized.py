@@ -96,6 +96,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..models.family import family_of
 from ..models.mean_field import MeanFieldRNN
 from .base import Callback, TrainState, generator_from_seed
 
@@ -154,12 +155,12 @@ class LinearizedCallback(Callback):
         if self.block_size < 0:
             raise ConfigError(f"{f}.block_size={self.block_size} must be >= 0 (0 = auto)")
         model = state.model
-        if not isinstance(model, MeanFieldRNN):
+        if family_of(model).linearized is None:
             raise ConfigError(
                 f"{f}: the linearized shadow model needs an ntk_rnn MeanFieldRNN (its stream "
                 f"features at θ_0 are RTRL recursions); got {type(model).__name__}. Remove "
                 f"{f} for this model")
-        self.gradient = str(getattr(state.cfg.train, "gradient", "rtrl"))
+        self.gradient = state.gradient
         if self.gradient not in GRADIENTS:
             raise ConfigError(f"{f}: train.gradient={self.gradient!r} is not one of "
                               f"{list(GRADIENTS)}")
@@ -249,14 +250,14 @@ class LinearizedCallback(Callback):
     def _zero_features(self, model: MeanFieldRNN) -> dict[str, Tensor]:
         N, d = model.width, model.input_dim
         z = model.c.detach().new_zeros
-        if model.recurrence == "feedback":
+        if family_of(model).linearized == "feedback":
             return {"m": z(()), "G": z(N * (d + 2))}
         return {"S": z(N), "P": z(N, d), "Q": z(N)}
 
     def _advance(self, X: Tensor, Y: Tensor, lr: float) -> Tensor:
         """One block: the θ_0 network's outputs and features along X, then the shadow's
         predictions and update (exact, the triangular system of the module docstring)."""
-        if self.model0.recurrence == "feedback":
+        if family_of(self.model0).linearized == "feedback":
             y0, G, U = self._features_feedback(X)
         else:
             y0, G, U = self._features_diagonal(X)
@@ -355,7 +356,7 @@ class LinearizedCallback(Callback):
         shapes (n,), (n, P)."""
         n, N, d = x.shape[0], model.width, model.input_dim
         scale, c = model.output_scale, model.c
-        if model.recurrence == "feedback":
+        if family_of(model).linearized == "feedback":
             cs = c * scale
             m = x.new_zeros(n)
             Gc, Gw, Gb = x.new_zeros(n, N), x.new_zeros(n, N, d), x.new_zeros(n, N)

@@ -13,20 +13,16 @@ the plain values (``ntk_kernel_distance``, ``ntk_eig_1``, ...).
 from __future__ import annotations
 
 import hashlib
-import inspect
 import math
 from typing import Optional
 
 import torch
-from hydra.utils import instantiate
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..limit import limit_ntk
-from ..limit.monte_carlo import mc_limit_ntk
+from ..limit.dispatch import default_mc_width, is_exact, limit_ntk
 from ..logging import write_layout
-from ..models.init import reseed
-from ..models.mean_field import MeanFieldRNN
+from ..models.family import family_of
 from ..ntk import metrics as M
 from ..ntk import ntk_blocks, training_kernel
 from .base import Callback, TrainState, generator_from_seed
@@ -53,6 +49,23 @@ def scalar_tags(s: dict[str, float], step: int) -> dict[str, float]:
         else:
             out[f"ntk/{k}"] = v
     return out
+
+
+def summary_line(m: dict) -> Optional[str]:
+    """The run summary's NTK line from the final metrics ``m``: the drift from K_0, and the
+    distance to K_∞ beside the limit's own relative error — "below the limit's resolution" when
+    the distance is within twice that error (then it is not a finding)."""
+    parts = []
+    if "ntk_drift_from_init" in m:
+        parts.append(f"drift from init {m['ntk_drift_from_init']:.4g}")
+    if "ntk_distance_to_limit" in m:
+        dist, err = m["ntk_distance_to_limit"], m.get("ntk_limit_relative_error", float("nan"))
+        text = f"distance to limit {dist:.4g}"
+        if math.isfinite(err):
+            text += f" (limit's relative error {err:.2g}"
+            text += (": below the limit's resolution)" if dist <= 2 * err else ")")
+        parts.append(text)
+    return "  NTK: " + ", ".join(parts) if parts else None
 
 
 class NTKCallback(Callback):
@@ -138,6 +151,8 @@ class NTKCallback(Callback):
         self.K0_blocks: dict[str, Tensor] = {}
         self.K_inf: Optional[Tensor] = None
         self.K_inf_error = float("nan")
+        self.K_inf_rel_error = float("nan")  # ‖error‖_F/‖K_∞‖_F: the units of the distance
+        self.K_inf_method = ""
         self.K_prev: Optional[Tensor] = None
         self.t_prev = 0.0
         self.theta0: dict[str, Tensor] = {}
@@ -175,14 +190,10 @@ class NTKCallback(Callback):
                 f"(model.init.sampler), so the limit needs Monte Carlo: set "
                 f"{f}.limit_method=mc (or {f}.limit=false)"
             )
-        if self.limit and not isinstance(state.model, MeanFieldRNN):
-            if "width" not in inspect.signature(type(state.model)).parameters:
-                raise ConfigError(
-                    f"{f}.limit=true: the Monte-Carlo limit of {type(state.model).__qualname__} "
-                    f"draws networks of a larger width, so its constructor must take `width`; "
-                    f"or set {f}.limit=false")
+        if self.limit and not is_exact(state.model):  # Monte Carlo over wider networks
             if self.limit_draws < 2:
                 raise ConfigError(f"{f}.limit_draws={self.limit_draws} must be >= 2")
+            family_of(state.model).check_at_width(state.model, state.model_factory)
         gen = (state.generators["probe"] if self.probe_seed is None
                else generator_from_seed(self.probe_seed))
         X, Y = state.source.windows(self.n_probes, self.probe_length, gen)
@@ -202,69 +213,53 @@ class NTKCallback(Callback):
                 lim = self.limit_kernel(state)
                 self.K_inf = lim["value"].to(self.K0)
                 self.K_inf_error = float(lim["error"])
+                self.K_inf_rel_error = float(lim.get("relative_error", float("nan")))
+                self.K_inf_method = str(lim.get("method", ""))
         w = state.writer
         if w is not None and state.step == 0:  # (a resumed run wrote them before)
             write_layout(state, self.top_k)
             if self.K_inf is not None:  # two constants of the run: text, not one-point curves
                 w.add_text("ntk/limit_kernel", (
-                    f"K_∞ on the probes: estimated largest absolute error "
-                    f"{self.K_inf_error:.3g}; initial distance ‖K_0 − K_∞‖/‖K_∞‖ = "
+                    f"K_∞ on the probes ({self.K_inf_method}): relative error "
+                    f"‖δK_∞‖/‖K_∞‖ = {self.K_inf_rel_error:.3g} (the units of "
+                    f"ntk/distance_to_limit), largest absolute error {self.K_inf_error:.3g}; "
+                    f"initial distance ‖K_0 − K_∞‖/‖K_∞‖ = "
                     f"{float(M.relative_frobenius(self.K0, self.K_inf)):.4g} (the step-0 "
                     f"value of ntk/distance_to_limit)"), 0)
         if state.step == 0:
             self.log(state, 0, self.K0, self.K0_blocks)
 
     def limit_kernel(self, state: TrainState) -> dict:
-        """K_∞ on the probes with its error; cached under ``cache_dir`` when the probes are fixed
-        by ``probe_seed`` (it depends on σ, μ0 and the probes, not on N, β or the seed)."""
+        """K_∞ on the probes with its error (absolute, largest entry) and relative error
+        (‖error‖_F/‖K_∞‖_F, the units of ``distance_to_limit``), by the model's family
+        (``ntk_rnn.limit.limit_ntk``); cached under ``cache_dir`` when the probes are fixed by
+        ``probe_seed`` (it depends on the model's law and the probes, not on N, β or the seed;
+        a Monte-Carlo limit also on N′ and the draws)."""
         model = state.model
+        exact = is_exact(model)
 
         def compute() -> dict:
-            if not isinstance(model, MeanFieldRNN):  # no closed form: Monte Carlo at width N'
-                lim = mc_limit_ntk(self._factory(state), self.probes, width=self._mc_width(model),
-                                   draws=self.limit_draws, method=self.method)
-                return {"value": lim.value, "error": float(lim.error)}
-            if model.recurrence == "feedback":
-                # Model F at initialisation: the memory is h_0 = 0 and ∂_s f = O(N^{1/2-β}) → 0,
-                # so the window NTK tends to the cell kernel at (x_L, 0) (theory §6)
-                from ..limit.feedback import limit_cell_ntk
-
-                xs = torch.cat([self.probes[:, -1], self.probes.new_zeros(len(self.probes), 1)],
-                               dim=1)
-                lim = limit_cell_ntk(model, xs, tol=self.limit_tol, method=self.limit_method)
-            else:
-                lim = limit_ntk(model, self.probes, tol=self.limit_tol, method=self.limit_method)
-            return {"value": lim.value, "error": float(lim.error)}
+            kw = (dict(tol=self.limit_tol, method=self.limit_method) if exact else
+                  dict(factory=state.model_factory, width=self._mc_width(model),
+                       draws=self.limit_draws, ntk_method=self.method))
+            lim = limit_ntk(model, self.probes, **kw)
+            return {"value": lim.value, "error": float(lim.error),
+                    "relative_error": float(lim.relative_error), "method": str(lim.method)}
 
         if self.probe_seed is None or getattr(getattr(model, "init_law", None), "is_custom", False):
             return compute()
-        cfg = state.cfg
         probes = self.probes.detach().cpu().contiguous()
-        spec = {"model": {k: v for k, v in cfg.model.items() if k not in ("width", "beta")},
+        spec = {"model": family_of(model).limit_spec(model),
                 "probes_sha256": hashlib.sha256(probes.numpy().tobytes()).hexdigest(),
                 "n": self.n_probes, "L": self.probe_length,
                 "tol": self.limit_tol, "method": self.limit_method, "probe_seed": self.probe_seed,
-                "dtype": cfg.dtype, "mc": None if isinstance(model, MeanFieldRNN) else
+                "dtype": str(probes.dtype), "mc": None if exact else
                 [self._mc_width(model), self.limit_draws, getattr(model, "beta", None)]}
         return cached(self.cache_dir, "limit_kernel", spec, compute)
 
     def _mc_width(self, model: torch.nn.Module) -> int:
-        """N' of the Monte-Carlo limit: ``limit_width``, else 4N capped at 512 (at least N)."""
-        N = int(getattr(model, "width", 1))
-        return self.limit_width or max(N, min(4 * N, 512))
-
-    @staticmethod
-    def _factory(state: TrainState):
-        """Fresh networks like the trained one (its config), of width N' with θ_0 from a seed."""
-        node, d = state.cfg.model, state.model.input_dim
-
-        def make(width: int, seed: int) -> torch.nn.Module:
-            with torch.random.fork_rng(devices=[]):  # (the global RNG is left as it was)
-                torch.manual_seed(seed)  # a constructor drawing from it is seeded too
-                m = instantiate(node, input_dim=d, width=width, _convert_="all")
-            reseed(m, seed)
-            return m.to(next(state.model.parameters()))
-        return make
+        """N′ of the Monte-Carlo limit: ``limit_width``, else ``default_mc_width(N)``."""
+        return self.limit_width or default_mc_width(int(getattr(model, "width", 1)))
 
     def on_step_end(self, step: int, state: TrainState) -> None:
         blocks = ntk_blocks(state.model, self.probes, method=self.method)
@@ -275,6 +270,8 @@ class NTKCallback(Callback):
         state.metrics.update({f"ntk_{k}": v for k, v in self.last.items()})
         if self.K_inf is not None:
             state.metrics["ntk_limit_error_estimate"] = self.K_inf_error
+            state.metrics["ntk_limit_relative_error"] = self.K_inf_rel_error
+            state.metrics["ntk_limit_method"] = self.K_inf_method
             state.metrics["ntk_initial_distance_to_limit"] = float(
                 M.relative_frobenius(self.K0, self.K_inf))
 
@@ -297,8 +294,8 @@ class NTKCallback(Callback):
                 s[f"drift_{name}"] = M.relative_frobenius(blocks[name], self.K0_blocks[name])
         for i, ev in enumerate(M.top_eigenvalues(K, self.top_k)):
             s[f"eig_{i + 1}"] = ev
-        if (getattr(state.cfg.train, "gradient", "rtrl") == "truncated"
-                and getattr(state.model, "recurrence", None) == "diagonal"):
+        if (state.gradient == "truncated"
+                and family_of(state.model).structure == "units"):
             Kt = training_kernel(state.model, self.probes, gradient="truncated")
             s["train_kernel_drift_from_init"] = M.relative_frobenius(Kt, self.K0)
             s["train_kernel_asymmetry"] = (Kt - Kt.T).norm() / Kt.norm()
@@ -355,6 +352,7 @@ class NTKCallback(Callback):
             return {}
         d = {"probes": self.probes, "probe_y": self.probe_y, "K0": self.K0,
              "K_prev": self.K_prev, "t_prev": self.t_prev, "K_inf_error": self.K_inf_error,
+             "K_inf_rel_error": self.K_inf_rel_error, "K_inf_method": self.K_inf_method,
              "K0_blocks": self.K0_blocks, "theta0": self.theta0, "logged_inf": self._logged_inf}
         if self.K_inf is not None:
             d["K_inf"] = self.K_inf
@@ -368,17 +366,9 @@ class NTKCallback(Callback):
         self.probes, self.probe_y, self.K0 = mv(d["probes"]), mv(d["probe_y"]), mv(d["K0"])
         self.K_prev, self.t_prev = mv(d["K_prev"]), float(d["t_prev"])
         self.K_inf, self.K_inf_error = mv(d.get("K_inf")), float(d["K_inf_error"])
+        self.K_inf_rel_error = float(d.get("K_inf_rel_error", float("nan")))
+        self.K_inf_method = str(d.get("K_inf_method", ""))
         self.K0_blocks = {k: mv(v) for k, v in d["K0_blocks"].items()}
         self.theta0 = {k: mv(v) for k, v in d["theta0"].items()}
         self._logged_inf = bool(d.get("logged_inf", False))  # K_∞'s image: once per run
 
-
-def custom_scalar_layout(top_k: int) -> dict:
-    """TensorBoard custom-scalars layout of the NTK plots (one quantity per chart)."""
-    from ..logging import custom_scalar_layout as layout
-
-    return layout(top_k, ntk=True, blocks=BLOCKS)
-
-
-def _finite(x: float) -> bool:
-    return math.isfinite(x)

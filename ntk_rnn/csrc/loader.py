@@ -20,6 +20,12 @@ against the torch path, and on any failure (no compiler, build or load error, re
 self-check mismatch) records why and returns None, so that the caller falls back to eager torch
 — with one `KernelFallbackWarning` per process and reason. ``NTK_RNN_NO_KERNEL=1`` turns
 the kernels off (no warning: a choice, not a failure); ``CC`` picks the compiler.
+
+**Loading.** A cached library is opened without following symbolic links (``O_NOFOLLOW``, for
+the folder and the file), its owner and mode are checked on the open descriptor, and it is
+loaded from that descriptor (``/proc/self/fd/<n>``): a link or a file swapped in after the check
+is never what runs. An unusable ``NTK_RNN_KERNEL_CACHE`` is warned about (once) before the
+temp-dir fallback ``ntk_rnn_kernels_<uid>`` is used.
 """
 
 from __future__ import annotations
@@ -121,10 +127,14 @@ def _uid() -> int | None:
     return os.getuid() if hasattr(os, "getuid") else None
 
 
-def check_private(path: Path, what: str = "kernel cache folder") -> None:
-    """Raise `KernelUnavailable` unless ``path`` is owned by this user and not writable
-    by group or others (a library loaded from it runs with this user's rights)."""
-    st = os.stat(path)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def check_private_fd(fd: int, path: Path, what: str = "kernel cache folder") -> os.stat_result:
+    """:func:`check_private` on an open descriptor (what is checked is what is used)."""
+    st = os.fstat(fd)
     uid = _uid()
     if uid is not None and st.st_uid != uid:
         raise KernelUnavailable(
@@ -134,12 +144,47 @@ def check_private(path: Path, what: str = "kernel cache folder") -> None:
         raise KernelUnavailable(
             f"refused the {what} {path}: it is writable by group or others (mode "
             f"{stat.S_IMODE(st.st_mode):#o}); `chmod go-w` it or set NTK_RNN_KERNEL_CACHE")
+    return st
+
+
+def _open_checked(path: Path, what: str, directory: bool, dir_fd: int | None = None) -> int:
+    """``path`` opened without following a symbolic link (``O_NOFOLLOW``), its owner, mode and
+    type checked on the descriptor. The caller closes it."""
+    flags = os.O_RDONLY | _NOFOLLOW | _CLOEXEC | (_DIRECTORY if directory else 0)
+    try:
+        fd = os.open(path if dir_fd is None else path.name, flags, dir_fd=dir_fd)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise KernelUnavailable(f"refused the {what} {path}: it is a symbolic link "
+                                    f"(to {os.readlink(path)}); remove it") from None
+        raise exc
+    try:
+        st = check_private_fd(fd, path, what)
+        if directory and not stat.S_ISDIR(st.st_mode) or \
+                not directory and not stat.S_ISREG(st.st_mode):
+            raise KernelUnavailable(f"refused the {what} {path}: not a "
+                                    f"{'folder' if directory else 'regular file'}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_private(path: Path, what: str = "kernel cache folder") -> None:
+    """Raise :class:`KernelUnavailable` unless ``path`` is owned by this user and not writable
+    by group or others (a library loaded from it runs with this user's rights). A symbolic link
+    is refused, not followed."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise KernelUnavailable(f"refused the {what} {path}: it is a symbolic link "
+                                f"(to {os.readlink(path)}); remove it")
+    os.close(_open_checked(path, what, directory=stat.S_ISDIR(st.st_mode)))
 
 
 def private_dir(path: Path) -> Path:
     """``path`` created (mode 0700) if missing, then checked with `check_private`.
     OSError when it cannot be created."""
-    if not path.is_dir():
+    if not os.path.lexists(path):
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # (ntk_rnn/: 0700 if new)
         try:
             path.mkdir(mode=0o700)
@@ -149,17 +194,58 @@ def private_dir(path: Path) -> Path:
     return path
 
 
+_WARNED_CACHE: set[str] = set()
+
+
 def _folders() -> list[Path]:
-    """The cache folder, or where it cannot be created, a private one in the temp dir."""
+    """The cache folder, or where it cannot be created, a private one in the temp
+    dir (named by the uid; root's is ``ntk_rnn_kernels_0``). A configured
+    ``NTK_RNN_KERNEL_CACHE`` that cannot be used is warned about once."""
     try:
         return [private_dir(cache_dir())]
-    except OSError as exc:
-        tmp = Path(tempfile.gettempdir()) / f"ntk_rnn_kernels_{_uid() or 'user'}"
+    except OSError as exc:  # (a refused folder, KernelUnavailable, is not replaced)
+        uid = _uid()
+        tmp = Path(tempfile.gettempdir()) / f"ntk_rnn_kernels_{uid if uid is not None else 'user'}"
+        env = os.environ.get("NTK_RNN_KERNEL_CACHE")
+        if env and env not in _WARNED_CACHE:
+            _WARNED_CACHE.add(env)
+            warnings.warn(f"ntk_rnn: NTK_RNN_KERNEL_CACHE={env} cannot be used ({exc}); "
+                          f"compiled kernels are cached in {tmp} instead",
+                          KernelFallbackWarning, stacklevel=3)
         try:
             return [private_dir(tmp)]
-        except OSError as exc2:
+        except (OSError, KernelUnavailable) as exc2:
             raise KernelUnavailable(f"no usable kernel cache folder: {cache_dir()}: {exc}; "
                                     f"{tmp}: {exc2}") from None
+
+
+#: descriptors of loaded kernels, kept open: the library was loaded through
+#: /proc/self/fd/<n>, and a reused number would name a different file to the dynamic loader
+_LOADED_FDS: list[int] = []
+
+
+def load_private(folder: Path, name: str) -> ctypes.CDLL:
+    """Load ``folder/name``: the folder and the file opened without following links, owner and
+    mode checked on the descriptors, and the library loaded from that descriptor
+    (``/proc/self/fd``), so what was checked is what runs (no check/load race)."""
+    dfd = _open_checked(folder, "kernel cache folder", directory=True)
+    try:
+        fd = _open_checked(folder / name, "cached kernel", directory=False, dir_fd=dfd)
+    finally:
+        os.close(dfd)
+    proc = f"/proc/self/fd/{fd}"
+    if not os.path.exists(proc):  # no /proc: the checked path (the folder is private)
+        os.close(fd)
+        lib = ctypes.CDLL(str(folder / name))
+    else:
+        try:
+            lib = ctypes.CDLL(proc)
+        except BaseException:
+            os.close(fd)
+            raise
+        _LOADED_FDS.append(fd)
+    lib._ntk_path = str(folder / name)  # (status() shows it)
+    return lib
 
 
 # --- build --------------------------------------------------------------------------------------
@@ -202,7 +288,7 @@ def build(kernel: str, d: int, act: str, what: str = "") -> ctypes.CDLL:
                                             sys.platform]).encode()).hexdigest()[:20]
             path = folder / f"{kernel}_d{int(d)}_{act}_{key}.so"
             try:
-                if not path.exists():
+                if not os.path.lexists(path):
                     with tempfile.TemporaryDirectory(dir=folder) as tmp:
                         so = Path(tmp) / "k.so"
                         err = _compile(cc, src, so, cflags, link, Path(tmp))
@@ -211,8 +297,7 @@ def build(kernel: str, d: int, act: str, what: str = "") -> ctypes.CDLL:
                             continue  # these flags do not build here: try the next set
                         os.chmod(so, 0o700)
                         os.replace(so, path)  # atomic: concurrent builders are safe
-                check_private(path, "cached kernel")
-                return ctypes.CDLL(str(path))
+                return load_private(folder, path.name)
             except (OSError, subprocess.SubprocessError) as exc:  # unwritable, or does not load
                 errors.append(f"[{' '.join(comp + link)}] in {folder}: {exc}")
     raise KernelUnavailable(f"could not build {what}: " + " | ".join(errors))
@@ -265,5 +350,5 @@ def load_checked(table: dict, lock: Any, key: tuple[int, str],
 def status(table: dict, key: tuple[int, str], lib: ctypes.CDLL | None) -> str:
     """'ok (<path>)' or 'unavailable: <why>' for a `load_checked` result."""
     if lib is not None:
-        return f"ok ({getattr(lib, '_name', '')})"
+        return f"ok ({getattr(lib, '_ntk_path', getattr(lib, '_name', ''))})"
     return f"unavailable: {table.get(key, 'not built')}"

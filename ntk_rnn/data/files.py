@@ -48,13 +48,22 @@ def _is_missing(v: str) -> bool:
 
 def _numeric_columns(names: list[str], table: list[list[str]]) -> list[int]:
     """Columns whose first non-missing cell is a number: a date or label column (first value
-    ``1958-03-29``, ``d0``, ...) is left out, a numeric column with a gap at the top is kept."""
-    cols = []
-    for j in range(len(names)):
-        first = next((r[j] for r in table if j < len(r) and not _is_missing(r[j])), None)
-        if first is not None and not np.isnan(_float(first)):
-            cols.append(j)
-    return cols
+    ``1958-03-29``, ``d0``, ...) is left out, a numeric column with a gap at the top is kept.
+    One pass over the rows, each cell looked at until its column is decided (linear)."""
+    undecided = list(range(len(names)))
+    numeric = set()
+    for r in table:
+        if not undecided:
+            break
+        n, left = len(r), []
+        for j in undecided:
+            v = r[j] if j < n else ""
+            if v.strip().lower() in MISSING_TOKENS:
+                left.append(j)
+            elif _float(v) == _float(v):  # (not NaN)
+                numeric.add(j)
+        undecided = left
+    return sorted(numeric)
 
 
 def _check_missing_mode(missing: Any) -> str:
@@ -88,20 +97,84 @@ def _fill(data: np.ndarray, gaps: np.ndarray, mode: str) -> tuple[np.ndarray, np
     return data[keep], keep
 
 
-def _read(path: Path) -> tuple[list[str], list[list[str]] | np.ndarray]:
-    """Column names and the raw table (csv: rows of strings, header line required; npy: array)."""
-    if path.suffix == ".npy":
+#: a line of a .csv longer than this is refused before it is read into memory (a file without
+#: line breaks, binary data); legitimate wide files (10^5 columns of numbers) stay well below
+MAX_LINE_BYTES = 64 << 20
+#: a single csv field longer than this is refused (csv's own limit, raised: a long number list)
+MAX_FIELD_BYTES = 1 << 20
+
+
+def _check_lines(path: Path) -> None:
+    """Linear scan, memory bounded by MAX_LINE_BYTES: refuse a line longer than that."""
+    with open(path, "rb") as f:
+        n = 0
+        while True:
+            line = f.readline(MAX_LINE_BYTES + 1)
+            if not line:
+                return
+            n += 1
+            if len(line) > MAX_LINE_BYTES:
+                raise ConfigError(f"data.path={path}: line {n} is longer than "
+                                  f"{MAX_LINE_BYTES >> 20} MiB (no line breaks? not a text "
+                                  "table?); a .csv needs one row per line")
+
+
+def _read_npy(path: Path) -> tuple[list[str], np.ndarray]:
+    try:
         arr = np.load(path, allow_pickle=False)
-        arr = arr[:, None] if arr.ndim == 1 else arr
-        if arr.ndim != 2:
-            raise ConfigError(f"data.path={path}: the array has shape {arr.shape}; expected "
-                              "(rows,) or (rows, columns)")
-        return [str(j) for j in range(arr.shape[1])], arr.astype(np.float64)
-    with open(path, newline="") as f:
-        rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
+    except ValueError as exc:  # object arrays (would need pickle), a damaged header
+        raise ConfigError(f"data.path={path}: cannot read the array ({str(exc).strip()[:200]}); "
+                          "save a numeric array (np.save of float or int values)") from None
+    except (OSError, EOFError) as exc:
+        raise ConfigError(f"data.path={path}: cannot read the array ({exc})") from None
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "biuf":
+        raise ConfigError(f"data.path={path}: the array holds {getattr(arr, 'dtype', '?')} "
+                          "values; a numeric array (float or int) is needed")
+    arr = arr[:, None] if arr.ndim == 1 else arr
+    if arr.ndim != 2:
+        raise ConfigError(f"data.path={path}: the array has shape {arr.shape}; expected "
+                          "(rows,) or (rows, columns)")
+    return [str(j) for j in range(arr.shape[1])], arr.astype(np.float64)
+
+
+def _read(path: Path) -> tuple[list[str], list[list[str]] | np.ndarray]:
+    """Column names and the raw table (csv: rows of strings, header line required; npy: array).
+    Pathological files (a line without end, a huge field, bytes that are not UTF-8, duplicate
+    column names) are refused with one line; time and memory are linear in the file."""
+    if path.suffix == ".npy":
+        return _read_npy(path)
+    _check_lines(path)
+    old = csv.field_size_limit()
+    csv.field_size_limit(MAX_FIELD_BYTES)
+    reader = None
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            rows = [r for r in reader if any(c.strip() for c in r)]
+    except UnicodeDecodeError as exc:
+        line = f" (line {reader.line_num + 1})" if reader is not None else ""
+        raise ConfigError(f"data.path={path} is not UTF-8 text: byte {exc.object[exc.start]:#04x}"
+                          f"{line} cannot be decoded; save the file as UTF-8") from None
+    except csv.Error as exc:
+        line = reader.line_num if reader is not None else "?"
+        raise ConfigError(f"data.path={path}: line {line} cannot be read as csv ({exc})") from None
+    finally:
+        csv.field_size_limit(old)
     if not rows:
         raise ConfigError(f"data.path={path} is empty")
-    return [h.strip() for h in rows[0]], rows[1:]
+    names = [h.strip() for h in rows[0]]
+    seen: dict[str, int] = {}
+    for j, h in enumerate(names):
+        if h in seen:
+            raise ConfigError(f"data.path={path}: the header names column {h!r} twice (columns "
+                              f"{seen[h]} and {j}); give every column its own name")
+        seen[h] = j
+    return names, rows[1:]
+
+
+def _shown(names: list[str], n: int = 20) -> str:
+    """A list of column names for a message, cut after ``n``."""
+    return str(names) if len(names) <= n else str(names[:n])[:-1] + f", ... ({len(names)} in all)]"
 
 
 class FileSeries:
@@ -109,7 +182,8 @@ class FileSeries:
 
     ``columns``: input columns by name (csv) or index (default: every numeric column; a column
     whose first non-missing value is not a number, such as a date, is skipped);
-    ``target_column``: the column predicted ``horizon`` steps ahead (default: the first input);
+    ``target_column``: the column predicted ``horizon`` steps ahead (default: the input column,
+    when there is exactly one; with several inputs it must be given: a ConfigError lists them);
     ``missing``: what to do with missing cells (see the module docstring).
     ``stream`` walks the file from row 0; past its end it raises ConfigError unless ``cycle``.
     ``length`` is the number of steps in the file; ``num_steps`` the number the stream can
@@ -139,9 +213,15 @@ class FileSeries:
             cols = [self._index(c, names, "data.columns") for c in columns]
         if not cols:
             raise ConfigError(f"data.path={path}: no numeric column to read; columns: {names}")
+        if target_column is None and len(cols) > 1:
+            raise ConfigError(
+                f"data.target_column is not set and data.path={path} has {len(cols)} input "
+                f"columns {_shown([names[j] for j in cols])}: say which one to predict "
+                "(data.target_column=<name>), and data.columns=[...] for the inputs")
         tcol = cols[0] if target_column is None else self._index(
             target_column, names, "data.target_column")
         used = list(dict.fromkeys(cols + [tcol]))
+        pos = {j: i for i, j in enumerate(used)}  # (linear in columns: no list.index)
         if isinstance(table, np.ndarray):
             data = table[:, used]
             gaps = np.isnan(data)
@@ -187,17 +267,19 @@ class FileSeries:
         # what the stream can deliver: unbounded when it repeats the file (the trainer compares
         # a run's steps with this)
         self.num_steps = None if self.cycle else self.length
-        self.X = torch.as_tensor(data[: self.length, [used.index(j) for j in cols]])
-        self.Y = torch.as_tensor(data[self.horizon:, used.index(tcol)]).contiguous()
+        self.X = torch.as_tensor(data[: self.length, [pos[j] for j in cols]])
+        self.Y = torch.as_tensor(data[self.horizon:, pos[tcol]]).contiguous()
 
     def _index(self, col: Any, names: list[str], field: str) -> int:
+        if not hasattr(self, "_names_at") or self._names_at[0] is not names:
+            self._names_at = (names, {n: j for j, n in enumerate(names)})
         if isinstance(col, (int, np.integer)) and not isinstance(col, bool):
             if 0 <= col < len(names):
                 return int(col)
-        elif isinstance(col, str) and col in names:
-            return names.index(col)
+        elif isinstance(col, str) and col in self._names_at[1]:
+            return self._names_at[1][col]
         raise ConfigError(f"{field}: column {col!r} is not in {self.path}; available columns: "
-                          f"{names} (or indices 0..{len(names) - 1})")
+                          f"{_shown(names)} (or indices 0..{len(names) - 1})")
 
     def stream(self, generator: torch.Generator, chunk_size: int
                ) -> Iterator[tuple[Tensor, Tensor]]:

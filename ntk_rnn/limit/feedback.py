@@ -65,6 +65,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..models.activations import Activation
+from ..models.family import family_of
 from ..models.init import InitLaw
 from ..ntk.cell import cell_gram, check_cell_inputs
 from .kernel import LimitAccuracyWarning, LimitKernel, _axes, _inverse_cdf
@@ -80,7 +81,7 @@ class ContractionWarning(RuntimeWarning):
 
 # --- the limit cell kernel ----------------------------------------------------------------------
 def _check_feedback(model) -> None:
-    if getattr(model, "recurrence", None) != "feedback":
+    if family_of(model).limit != "cell":
         raise ConfigError("the cell kernel and its limit need model.recurrence='feedback' "
                           "(Model F)")
 

@@ -47,6 +47,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..models.activations import Activation
+from ..models.family import family_of
 from ..models.init import InitLaw
 from ..models.recurrence import spq_step
 
@@ -77,6 +78,13 @@ class LimitKernel:
     method: str
     n_points: int
     converged: bool = True
+
+    @property
+    def relative_error(self) -> float:
+        """‖error_entries‖_F / ‖value‖_F: the error in the units of the relative distance
+        ‖K − K_∞‖_F/‖K_∞‖_F that the NTK callback logs."""
+        norm = float(self.value.norm())
+        return float(self.error_entries.norm()) / norm if norm > 0 else float("inf")
 
     def __repr__(self) -> str:
         n, m = self.value.shape
@@ -182,8 +190,9 @@ def _tensor_rule(axes, res: tuple[int, int]) -> tuple[Tensor, Tensor]:
 
 # --- the estimator -----------------------------------------------------------------------------
 def _check(model, x: Tensor, x2: Tensor | None, method: str, tol: float) -> str:
-    if getattr(model, "recurrence", "diagonal") != "diagonal":
-        raise ConfigError("limit_ntk supports Model D (model.recurrence='diagonal') only")
+    if family_of(model).limit != "quadrature":
+        raise ConfigError("this K_∞ (quadrature) is Model D's (model.recurrence='diagonal'); "
+                          "ntk_rnn.limit.limit_ntk gives any model's")
     if method not in METHODS:
         raise ConfigError(f"method={method!r} is not known; choose one of {list(METHODS)}")
     if not (float(tol) > 0):

@@ -39,7 +39,6 @@ and was built from a config (the trainer then rebuilds it from that config at wi
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable, Literal, Optional
 
 import torch

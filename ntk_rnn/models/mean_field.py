@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from .activations import Activation, get_activation
 from .init import InitLaw
+from .recurrence import recurrence_of
 from .scaling import MeanFieldScaling
 
 Recurrence = Literal["diagonal", "feedback"]
@@ -92,8 +93,9 @@ class MeanFieldRNN(MeanFieldScaling, nn.Module):
             raise ConfigError(
                 f"model.recurrence={recurrence!r} is not known; choose one of {list(RECURRENCES)}"
             )
+        rec = recurrence_of(recurrence)
         if init is None:  # each model's usual μ0 (as conf/model/{diagonal,feedback}.yaml)
-            init = InitLaw() if recurrence == "diagonal" else InitLaw(b="normal", rho=1.0)
+            init = InitLaw(**rec.default_b)
         elif isinstance(init, dict):
             init = InitLaw(**init)
         self.init_args = dict(input_dim=input_dim, width=width, beta=beta,
@@ -105,7 +107,7 @@ class MeanFieldRNN(MeanFieldScaling, nn.Module):
         self.recurrence = recurrence
         self.act = get_activation(activation)
         self.init_law = init
-        if recurrence == "diagonal":
+        if rec.contraction:
             if init.b == "normal":
                 raise ConfigError(
                     "model.init.b='normal' is unbounded, so the contraction ρ·sup|σ'| < 1 of "
@@ -128,7 +130,7 @@ class MeanFieldRNN(MeanFieldScaling, nn.Module):
         """θ_0 = (c, w, b) ~ μ0 (theory §2), with Model D's contraction checked on a custom draw."""
         c, w, b = self.init_law.sample(self.width, self.input_dim, generator, dtype=dtype,
                                        device=device)
-        if self.recurrence == "diagonal" and self.init_law.is_custom:
+        if recurrence_of(self.recurrence).contraction and self.init_law.is_custom:
             bound = float(b.abs().max()) * self.act.sup_deriv
             if not bound < 1.0:
                 raise ConfigError(
@@ -180,10 +182,7 @@ class MeanFieldRNN(MeanFieldScaling, nn.Module):
         self.check_windows(x)
         single = x.dim() == 2
         u = torch.matmul(x.unsqueeze(0) if single else x, self.w.T).unbind(-2)  # L × (B, N)
-        if self.recurrence == "feedback":
-            y = self._forward_feedback(u, last_only)
-        else:
-            y = self._forward_diagonal(u, last_only)
+        y = getattr(self, f"_forward_{self.recurrence}")(u, last_only)
         return y.squeeze(0) if single else y
 
     def _forward_diagonal(self, u: tuple[Tensor, ...], last_only: bool) -> Tensor:
@@ -218,7 +217,7 @@ class MeanFieldRNN(MeanFieldScaling, nn.Module):
         Model D only (Model F's per-window gradients are not per-unit: see
         ``ntk_rnn.online.feedback``).
         """
-        if self.recurrence != "diagonal":
+        if not recurrence_of(self.recurrence).unit_features:
             raise ConfigError("unit_features needs model.recurrence='diagonal' (Model D)")
         self.check_windows(x)
         if x.dim() == 2:

@@ -113,6 +113,8 @@ class Recurrence:
     """What distinguishes one recurrence (see the module docstring)."""
 
     name: str
+    contraction: bool
+    default_b: dict
     state_class: type
     kernel: str
     kernel_state: tuple[str, ...]
@@ -140,6 +142,8 @@ class Diagonal(Recurrence):
     """Model D: S_{i,k+1} = σ(w_i·X_k + b_i S_{i,k}) per unit (theory §2)."""
 
     name = "diagonal"
+    contraction = True  # μ0 must keep |b| sup|σ'| < 1
+    default_b = {}  # μ0's b law: InitLaw's default, b ~ U[-ρ, ρ]
     state_class = OnlineState
     kernel = "diag"
     kernel_state = ("S", "P", "Q")
@@ -152,6 +156,8 @@ class Feedback(Recurrence):
     """Model F: the output fed back as the memory, m_{k+1} = Ŷ_k (theory §6)."""
 
     name = "feedback"
+    contraction = False  # no bound on b (theory §6)
+    default_b = {"b": "normal", "rho": 1.0}  # μ0's b law: b ~ N(0, 1)
     state_class = FeedbackState
     kernel = "fb"
     kernel_state = ("dc", "dw", "db", "m")

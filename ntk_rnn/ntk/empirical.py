@@ -112,10 +112,11 @@ def check_inputs(
 def _check_method(model: nn.Module, method: str) -> None:
     if method not in METHODS:
         raise ConfigError(f"method={method!r} is not known; choose one of {list(METHODS)}")
-    if method == "structured" and not st.supports_structured(model):
+    if method == "structured" and st.structure_of(model) is None:
         raise ConfigError(
-            f"method='structured' needs a MeanFieldRNN with diagonal recurrence (per-unit "
-            f"features); for {type(model).__name__} use 'jacobian', 'ntk_vp' or 'auto'"
+            f"method='structured' needs a model with a structured kernel (MeanFieldRNN with "
+            f"diagonal recurrence, ElmanRNN, GRURNN); for {type(model).__name__} use "
+            f"'jacobian', 'ntk_vp' or 'auto'"
         )
 
 
@@ -453,16 +454,21 @@ def _structured(
     model: nn.Module, x: Tensor, x2: Tensor | None, chunk_size: int | None,
     blocks: bool = False, truncated2: bool = False,
 ) -> Tensor | dict[str, Tensor]:
-    """structured_ntk over the trainable parameters only, as the generic engines do."""
-    frozen = [k for k in st.BLOCK_NAMES if not getattr(model, k).requires_grad]
-    if len(frozen) == len(st.BLOCK_NAMES):
+    """The model's structured kernel (``st.KERNELS[family structure]``) over the trainable
+    parameters only, as the generic engines do. ``truncated2``: Model D only."""
+    key = st.structure_of(model)
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    names = tuple(k for k in st.block_names(model) if k in trainable)
+    if not names:
         raise ConfigError(f"{type(model).__name__} has no trainable parameters; no NTK to compute")
-    if not frozen:
-        return st.structured_ntk(model, x, x2, truncated2=truncated2, unit_chunk=chunk_size,
-                                 blocks=blocks)
-    B = st.structured_ntk(model, x, x2, truncated2=truncated2, unit_chunk=chunk_size, blocks=True)
-    B = {k: v for k, v in B.items() if k not in frozen}
-    return B if blocks else sum(B.values())
+    if truncated2:
+        if len(names) == len(st.BLOCK_NAMES):
+            return st.structured_ntk(model, x, x2, truncated2=True, unit_chunk=chunk_size,
+                                     blocks=blocks)
+        B = st.structured_ntk(model, x, x2, truncated2=True, unit_chunk=chunk_size, blocks=True)
+        B = {k: v for k, v in B.items() if k in names}
+        return B if blocks else sum(B.values())
+    return st.KERNELS[key](model, x, x2, blocks=blocks, chunk_size=chunk_size, names=names)
 
 
 # --- public API ---------------------------------------------------------------------------------
@@ -519,8 +525,18 @@ def choose_method(
     footprint is assumed (A = P entries, F = 2P). ``memory_budget``: bytes (default
     MEMORY_BUDGET).
     """
-    if st.supports_structured(model):
+    if st.structure_of(model) is not None:
         return "structured"
+    return generic_method(model, n, m, x=x, fp=fp, memory_budget=memory_budget)
+
+
+def generic_method(
+    model: nn.Module, n: int, m: int | None = None, *, x: Tensor | None = None,
+    fp: Footprint | None = None, memory_budget: int | None = None,
+) -> str:
+    """The cheaper of "jacobian" and "ntk_vp" by ``method_costs`` (ties: jacobian): rule 2 of
+    :func:`choose_method`, for models without a structured kernel (or callers that cannot use
+    it)."""
     costs = method_costs(model, n, m, fp=fp, x=x, memory_budget=memory_budget)
     return "jacobian" if costs["jacobian"][0] <= costs["ntk_vp"][0] else "ntk_vp"
 
@@ -538,7 +554,7 @@ def _resolve(
     _budget(memory_budget)
     if method == "auto":
         if _empty(x, x2):
-            return "structured" if st.supports_structured(model) else "jacobian"
+            return "structured" if st.structure_of(model) is not None else "jacobian"
         return choose_method(model, x.shape[0], None if x2 is None else x2.shape[0], x=x,
                              memory_budget=memory_budget)
     return method

@@ -8,6 +8,8 @@ with a bound on the working memory (``memory_budget`` bytes, default 2 GiB, a la
   that block of units, both sides) — nothing is recomputed, Φ (n × N(d+2), 6 GB at n = 4096,
   N = 65536, float32) is never formed. Windows are blocked too only when even 256 units of all
   windows would not fit.
+* ``structured`` (ElmanRNN, GRURNN: per-step backward vectors and states, ``ntk.recurrent``):
+  by blocks of windows, the passes of a row block and a column block within the budget.
 * ``jacobian``: rows of J (per-window gradients, ``vmap(jacrev)`` in sub-chunks) for a block of
   windows of x are kept, J of blocks of x2 is computed against them; blocks sized to the budget.
   The x2 side is recomputed once per block of x (symmetric: upper block triangle only).
@@ -52,6 +54,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..models.mean_field import MeanFieldRNN
 from . import empirical as emp
+from . import recurrent as rc
 from . import structured as st
 
 #: Default working-memory budget of the blocked kernel and the kernel operator: 2 GiB.
@@ -72,14 +75,23 @@ def _check_budget(memory_budget: object) -> int:
     return memory_budget
 
 
-def _resolve(model: nn.Module, method: str, x: Tensor, x2: Tensor | None, budget: int) -> str:
+def _resolve(model: nn.Module, method: str, x: Tensor, x2: Tensor | None, budget: int,
+             operator: bool = False) -> str:
+    """The method to run. ``operator`` (KernelOperator): its structured products are per unit
+    block, so only Model D's kernel ("units") is structured there; the recurrent structured
+    kernels (Elman, GRU) serve :func:`blocked_ntk` by blocks of windows."""
     emp._check_method(model, method)
+    key = st.structure_of(model)
+    if operator and method == "structured" and key != "units":
+        raise ConfigError(
+            f"KernelOperator's structured products are per unit block (Model D); for "
+            f"{type(model).__name__} use method 'jacobian', 'ntk_vp' or 'auto'")
     if method != "auto":
         return method
-    if st.supports_structured(model):
+    if key is not None and (key == "units" or not operator):
         return "structured"
     m = None if x2 is None else x2.shape[0]
-    return emp.choose_method(model, x.shape[0], m, x=x, memory_budget=budget)
+    return emp.generic_method(model, x.shape[0], m, x=x, memory_budget=budget)
 
 
 def _frozen_rows(model: MeanFieldRNN) -> list[int]:
@@ -174,6 +186,26 @@ def _structured_blocked(model, x, x2, out, work: int) -> None:
                 out[j0:j1, i0:i1] = out[i0:i1, j0:j1].T
 
 
+def _recurrent_blocked(model, x, x2, out, work: int) -> None:
+    """The recurrent structured kernels (Elman, GRU) by blocks of windows: the passes of a block
+    of rows and one of columns (``recurrent.window_bytes`` per window) take ≤ work/2; the Gram
+    blocks inside are bounded by ``recurrent.GRAM_ELEMENTS``."""
+    sym = x2 is None
+    x2_ = x if sym else x2
+    n, m = x.shape[0], x2_.shape[0]
+    per = max(rc.window_bytes(model, x.shape[1], st.structure_of(model)),
+              rc.window_bytes(model, x2_.shape[1], st.structure_of(model)))
+    side = max(1, work // 2 // (2 * per))
+    for i0, i1 in _blocks(n, side):
+        for j0, j1 in _blocks(m, side):
+            if sym and j1 <= i0:
+                continue
+            xj = None if (sym and (i0, i1) == (j0, j1)) else x2_[j0:j1]
+            out[i0:i1, j0:j1] = emp._structured(model, x[i0:i1], xj, None)
+            if sym and (i0, i1) != (j0, j1):
+                out[j0:j1, i0:i1] = out[i0:i1, j0:j1].T
+
+
 def _jacobian_blocked(model, x, x2, out, work: int) -> None:
     sym = x2 is None
     x2_ = x if sym else x2
@@ -212,7 +244,8 @@ def blocked_ntk(
     x, x2 = emp.check_inputs(model, x, x2)
     method = _resolve(model, method, x, x2, budget)
     n, m = x.shape[0], (x if x2 is None else x2).shape[0]
-    if method == "structured" and out is None and n and m and \
+    units = st.structure_of(model) == "units"
+    if method == "structured" and units and out is None and n and m and \
             n * m * x.element_size() <= budget // 2:
         work = budget - n * m * x.element_size()
         rows, cols, per_unit_window = _structured_plan(x, x2, work)
@@ -222,8 +255,10 @@ def blocked_ntk(
     K, work = _alloc_out(n, m, x, out, budget)
     if n == 0 or m == 0:
         return K
-    if method == "structured":
+    if method == "structured" and units:
         _structured_blocked(model, x, x2, K, work)
+    elif method == "structured":
+        _recurrent_blocked(model, x, x2, K, work)
     elif method == "jacobian":
         _jacobian_blocked(model, x, x2, K, work)
     else:
@@ -257,7 +292,7 @@ class KernelOperator:
         self.budget = _check_budget(memory_budget)
         x, _ = emp.check_inputs(model, x)
         self.model, self.x = model, x
-        self.method = _resolve(model, method, x, None, self.budget)
+        self.method = _resolve(model, method, x, None, self.budget, operator=True)
         self.n = x.shape[0]
         self.dtype, self.device = x.dtype, x.device
         self.matvecs = 0

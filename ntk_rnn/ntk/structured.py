@@ -43,9 +43,9 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from ..models.family import family_of
 from ..models.mean_field import MeanFieldRNN
-from ..models.recurrence import recurrence_of
-from . import _features_c
+from . import _features_c, recurrent
 
 #: Use the compiled per-unit features (:mod:`._features_c`) on the CPU where they build and pass
 #: their self-check; False forces the torch path below (the reference).
@@ -67,8 +67,24 @@ _TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
 
 
 def supports_structured(model: object) -> bool:
-    """True for models with the per-unit feature path: MeanFieldRNN with diagonal recurrence."""
-    return isinstance(model, MeanFieldRNN) and recurrence_of(model).unit_features
+    """True for models with the per-unit feature path (family structure "units": MeanFieldRNN
+    with diagonal recurrence). Any structured kernel at all: :func:`structure_of`."""
+    return family_of(model).structure == "units"
+
+
+def structure_of(model: object) -> str | None:
+    """The key of ``model``'s structured kernel in :data:`KERNELS` (its family's ``structure``:
+    "units", "elman", "gru"), or None when it has none (torch.func methods only)."""
+    key = family_of(model).structure
+    return key if key in KERNELS else None
+
+
+def block_names(model: object) -> tuple[str, ...]:
+    """The blocks of ``model``'s structured kernel (parameter names; Model D: c, w, b)."""
+    key = structure_of(model)
+    if key == "units":
+        return BLOCK_NAMES
+    return tuple(k for k, _ in model.named_parameters())
 
 
 def unit_block_size(model: MeanFieldRNN, n: int, L: int) -> int:
@@ -347,3 +363,20 @@ def structured_ntk(
     if blocks:
         return {k: v.div_(N) for k, v in K.items()}
     return K.div_(N)
+
+
+def _units_kernel(model: MeanFieldRNN, x: Tensor, x2: Tensor | None = None, *,
+                  blocks: bool = False, chunk_size: int | None = None,
+                  names: tuple[str, ...] | None = None) -> Tensor | dict[str, Tensor]:
+    """:func:`structured_ntk` with the signature of :data:`KERNELS` (``names``: the blocks kept,
+    the others frozen; ``chunk_size``: units per block)."""
+    if names is None or set(names) >= set(BLOCK_NAMES):
+        return structured_ntk(model, x, x2, unit_chunk=chunk_size, blocks=blocks)
+    B = structured_ntk(model, x, x2, unit_chunk=chunk_size, blocks=True)
+    B = {k: v for k, v in B.items() if k in names}
+    return B if blocks else sum(B.values())
+
+
+#: family structure key (``family_of(model).structure``) → structured kernel
+#: ``f(model, x, x2=None, *, blocks, chunk_size, names)``: the one dispatch of method "structured"
+KERNELS = {"units": _units_kernel, **recurrent.KERNELS}

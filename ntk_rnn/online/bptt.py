@@ -56,6 +56,7 @@ from torch.func import functional_call, grad, stack_module_state, vmap
 from ..csrc import loader
 from ..errors import ConfigError
 from ..models.elman import ElmanRNN
+from ..models.family import family_of
 from ..models.gru import GRURNN
 from .fast import output_buffer
 
@@ -201,11 +202,10 @@ class _BPTTBase:
         if not (all(p.requires_grad for p in m.parameters())
                 and self.dtype in (torch.float32, torch.float64)):
             return None
-        if type(m) is ElmanRNN and m.act.name in _ACT_CODES:
-            return "elman"
-        if type(m) is GRURNN:
-            return "gru"
-        return None
+        kind = family_of(m).bptt_engine
+        if kind == "elman" and m.act.name not in _ACT_CODES:
+            return None
+        return kind
 
     def _choose_engine(self, engine: str, unchecked: bool) -> str:
         kind = self._kind = self._model_kind()

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..models.family import family_of
 from ..models.mean_field import MeanFieldRNN
 from ..models.recurrence import FeedbackState, OnlineState, recurrence_of
 from .fast import _Buffers, _check_chunk, make_engine
@@ -64,8 +65,9 @@ class EnsembleStepper:
                               f"{list(GRADIENTS)}")
         m0 = models[0]
         for e, m in enumerate(models):
-            if not isinstance(m, MeanFieldRNN):
-                raise ConfigError(f"member {e} is a {type(m).__name__}, not a MeanFieldRNN")
+            if family_of(m).recurrence is None:
+                raise ConfigError(f"member {e} is a {type(m).__name__}, not a MeanFieldRNN "
+                                  "(Model D or F)")
             same = (m.width, m.input_dim, m.recurrence, m.act.name, m.c.dtype, m.c.device)
             ref = (m0.width, m0.input_dim, m0.recurrence, m0.act.name, m0.c.dtype, m0.c.device)
             if same != ref:

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from ..csrc import loader
 from ..errors import ConfigError
+from ..models.family import family_of
 from ..models.mean_field import MeanFieldRNN
 from ..models.recurrence import (
     DIAGONAL,
@@ -535,7 +536,7 @@ class FastStepper:
     def __init__(self, model: MeanFieldRNN, lr: float, gradient: str = "rtrl",
                  state: OnlineState | FeedbackState | None = None, *, backend: str = "auto",
                  max_block: int = 64, _unchecked: bool = False) -> None:
-        if not isinstance(model, MeanFieldRNN):
+        if family_of(model).recurrence is None:
             raise ConfigError(f"FastStepper needs a MeanFieldRNN, not {type(model).__name__}")
         self.model, self.lr, self.gradient = model, float(lr), gradient
         rec = recurrence_of(model)

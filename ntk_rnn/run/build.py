@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import inspect
-from typing import Any, Callable
+import os
+import sys
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from ..callbacks.base import Callback
 from ..data.base import check_source
@@ -81,11 +84,105 @@ class UserCodeError(RuntimeError):
     """A user's own class raised while being built; ``__cause__`` keeps its traceback."""
 
 
-def _target_class(key: str, target: Any) -> Any:
+# --- which _target_s may run (configs are code: README, "Reliability") ---------------------------
+TRUSTED_ENV = "NTK_RNN_TRUSTED_TARGETS"
+
+
+def _system_paths() -> list[str]:
+    """Folders of the standard library and installed packages (site-packages)."""
+    import site
+    import sysconfig
+
+    paths = {sysconfig.get_paths().get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
     try:
-        return get_class(target) if isinstance(target, str) else target
-    except Exception as exc:
-        raise ConfigError(f"{key}._target_={target!r} cannot be imported ({exc})") from None
+        paths.update(site.getsitepackages())
+        paths.add(site.getusersitepackages())
+    except AttributeError:  # pragma: no cover - virtualenv's old site.py
+        pass
+    return [os.path.realpath(p) for p in paths if p]
+
+
+def _user_module(name: str) -> bool:
+    """Is module ``name`` the user's own: a source file outside the standard library and the
+    installed packages (a module in the current directory or on PYTHONPATH)?"""
+    top = name.split(".", 1)[0]
+    if top in sys.builtin_module_names or top in sys.stdlib_module_names:
+        return False
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return False
+    origin = getattr(spec, "origin", None) if spec is not None else None
+    locs = list(getattr(spec, "submodule_search_locations", None) or []) if spec else []
+    files = [origin] if origin and origin not in ("built-in", "frozen") else locs
+    if not files:
+        return False
+    system = _system_paths()
+    for f in files:
+        real = os.path.realpath(f)
+        if any(real == s or real.startswith(s + os.sep) for s in system):
+            return False
+    return True
+
+
+def _trusted_prefixes() -> list[str]:
+    return [p.strip() for p in os.environ.get(TRUSTED_ENV, "").split(",") if p.strip()]
+
+
+def check_target(key: str, target: Any) -> Any:
+    """The object ``_target_`` names, if the allow-list admits it, else a ConfigError: ntk_rnn's
+    own classes, and classes or functions of the user's own modules (see ``_user_module``), or
+    of a module named in ``$NTK_RNN_TRUSTED_TARGETS`` (comma-separated module prefixes). Nothing
+    from the standard library or another installed package (``builtins.open``, ``io.open``,
+    ``os.system``, ``subprocess.Popen``, ``torch.load``, ...): a config cannot run them."""
+    if not isinstance(target, str):  # an object given from Python: the caller's own
+        return target
+    name = target.strip()
+    module = name.rsplit(".", 1)[0] if "." in name else name
+    own = name.startswith("ntk_rnn.")
+    trusted = any(name == p or name.startswith(p.rstrip(".") + ".") for p in _trusted_prefixes())
+    if not (own or trusted or _user_module(module)):
+        raise ConfigError(
+            f"{key}._target_={name!r} is not allowed: a config may build ntk_rnn's own classes and"
+            f" classes or functions of your own modules (files in the current directory or on "
+            f"PYTHONPATH), not of the standard library or installed packages; to allow a package"
+            f" of yours, set {TRUSTED_ENV}={module.split('.', 1)[0]}")
+    try:
+        obj = _locate(name)
+    except Exception as exc:  # noqa: BLE001 - any import failure is the config's
+        text = str(exc).strip().splitlines()
+        raise ConfigError(f"{key}._target_={name!r} cannot be imported "
+                          f"({text[-1] if text else type(exc).__name__})") from None
+    if own and not isinstance(obj, type):
+        raise ConfigError(f"{key}._target_={name!r} is not a class (a config builds ntk_rnn's "
+                          "classes)")
+    if not callable(obj):
+        raise ConfigError(f"{key}._target_={name!r} is not a class or function")
+    return obj
+
+
+def _locate(path: str) -> Any:
+    from hydra._internal.utils import _locate as locate
+
+    return locate(path)
+
+
+def check_targets(key: str, node: Any) -> None:
+    """Every ``_target_`` in ``node``, nested ones included, through :func:`check_target`."""
+    if isinstance(node, (DictConfig, dict)):
+        for k in node:
+            v = node[k]
+            if k == "_target_":
+                check_target(key, v)
+            else:
+                check_targets(f"{key}.{k}", v)
+    elif isinstance(node, (ListConfig, list, tuple)):
+        for i, v in enumerate(node):
+            check_targets(f"{key}[{i}]", v)
+
+
+def _target_class(key: str, target: Any) -> Any:
+    return check_target(key, target)
 
 
 _HINTS = {"data": "; for a custom source start from the empty preset: data=custom "
@@ -118,6 +215,7 @@ def build(key: str, node: Any, **filled: Any) -> Any:
     exception from the user's class keeps its traceback under a line naming ``key``."""
     if not (isinstance(node, DictConfig) and "_target_" in node):
         raise ConfigError(f"{key} has no _target_ (the class to build)")
+    check_targets(key, node)  # nested _target_s too: only what the allow-list admits runs
     cls = _target_class(key, node._target_)
     _check_keys(key, node, cls, tuple(filled))
     try:
@@ -158,13 +256,14 @@ def build_model(cfg: Any, input_dim: int, seed: int) -> torch.nn.Module:
     if isinstance(m.get("init"), DictConfig) and m.init.get("sampler") is not None:
         from ..models.init import InitLaw  # a custom μ0: the sampler is built first, then passed
 
+        check_targets("model.init.sampler", m.init.sampler)
         law = OmegaConf.to_container(m.init, resolve=True)
         law["sampler"] = instantiate(m.init.sampler)
         filled["init"] = InitLaw(**law)
     with torch.random.fork_rng(devices=[]):  # a model drawing θ_0 from torch's global RNG in
         torch.manual_seed(seed)              # its constructor is still determined by the seed
         model = build("model", m, **filled)
-    check_model(model)
+    check_model(model, input_dim)
     if "generator" not in params:
         seed_model(model, seed, cfg.dtype, cfg.device)
     return model
@@ -183,14 +282,18 @@ def seed_model(model: torch.nn.Module, seed: int, dtype: str, device: str) -> No
     model.to(dtype=DTYPES[dtype], device=device)
 
 
-def check_model(model: Any) -> None:
-    """A model the trainer can train: an nn.Module with parameters, mapping (B, L, d) to (B, L)."""
+def check_model(model: Any, input_dim: Optional[int] = None) -> None:
+    """A model the trainer can train: an nn.Module with parameters, mapping (B, L, d) to (B, L).
+    A module that took ``input_dim`` from the trainer but keeps it under another name (an
+    ``nn.RNN``-style ``input_size``) gets ``model.input_dim`` set to it."""
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model._target_ built a {type(model).__name__}, not a torch.nn.Module")
     params = list(model.parameters())
     if not params:
         raise ConfigError(f"model._target_={type(model).__qualname__} has no parameters to train")
     d = getattr(model, "input_dim", None)
+    if d is None and input_dim is not None:
+        model.input_dim = d = int(input_dim)
     if d is None:
         raise ConfigError(f"model._target_={type(model).__qualname__} must keep its input_dim "
                           "(self.input_dim = input_dim)")

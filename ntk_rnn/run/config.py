@@ -111,7 +111,7 @@ def register_configs() -> None:
 _DTYPES = ("float32", "float64")
 GRADIENTS = ("auto", "rtrl", "truncated", "bptt")
 TRAIN_BACKENDS = ("auto", "kernel", "eager", "graphs", "reference")
-MAX_STEPS = 10**9  # the running-MSE buffer holds one float64 per step
+MAX_STEPS = 10**9  # steps of one run (the running-MSE ring holds train.mse_window of them)
 RESUME = (True, False, "auto")
 
 
@@ -120,8 +120,31 @@ def _require(ok: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def check_known_keys(cfg: Any) -> None:
+    """Keys the schema does not have (``+foo=1``, ``+train.alfa=1``, a typo in a config file):
+    a ConfigError naming the key and the nearest known one. ``model.*``, ``data.*`` and
+    ``callbacks.*`` are checked against the classes they build."""
+    import dataclasses
+    import difflib
+
+    if not isinstance(cfg, DictConfig):
+        return
+    for node, schema, prefix in ((cfg, Config, ""), (cfg.get("train"), TrainConfig, "train."),
+                                 (cfg.get("logger"), LoggerConfig, "logger.")):
+        if not isinstance(node, DictConfig):
+            continue
+        known = [f.name for f in dataclasses.fields(schema)]
+        for key in node:
+            if key not in known and not (prefix == "" and key == "hydra"):
+                near = difflib.get_close_matches(str(key), known, n=1, cutoff=0.5)
+                hint = f"; did you mean {prefix}{near[0]}?" if near else \
+                    f"; the {prefix.rstrip('.') or 'top-level'} keys are {known}"
+                raise ConfigError(f"unknown key {prefix}{key}{hint}")
+
+
 def validate(cfg: DictConfig | Config) -> None:
     """Range checks that types alone cannot express. Raises ConfigError naming the key."""
+    check_known_keys(cfg)
     m, t = cfg.model, cfg.train
     _require(m is not None and "_target_" in m,
              "model has no _target_; use a preset (model=diagonal|feedback) or "

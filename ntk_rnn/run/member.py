@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -23,12 +23,12 @@ from omegaconf import DictConfig, OmegaConf
 from ..callbacks.base import Callback, TrainState
 from ..callbacks.checkpoint import CheckpointCallback
 from ..callbacks.progress import ProgressCallback, start_note
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import atomic_write_text, save_checkpoint
 from ..data.base import check_chunk, source_name
 from ..errors import ConfigError, TrainingDiverged
 from ..logging import make_writer, tensorboard_enabled, write_hparams
 from .build import generator
-from .resume import check_same_config, completed_metrics, find_checkpoint
+from .resume import check_same_config, completed_run, find_checkpoint, metrics_intact
 from .signals import TrainingInterrupted
 from .writer import RunWriter
 
@@ -44,6 +44,7 @@ class Chunk:
     k0: int
     snapshot: dict
     j: int = 0
+    recorded: int = 0  # steps of the chunk whose errors are stored
 
     @property
     def T(self) -> int:
@@ -61,18 +62,23 @@ class Member:
 
     def __init__(self, e: int, cfg: Any, run_dir: Optional[Path], source: Any,
                  model: torch.nn.Module, online: Any, lr: float, callbacks: list[Callback],
-                 seeds: dict[str, int], n_steps: int) -> None:
+                 seeds: dict[str, int], n_steps: int,
+                 model_factory: Optional[Callable[[int, int], torch.nn.Module]] = None) -> None:
         self.e, self.cfg, self.run_dir = e, cfg, run_dir
         self.source, self.model, self.online, self.lr = source, model, online, float(lr)
         self.callbacks, self.seeds, self.n_steps = callbacks, seeds, n_steps
         t = cfg.train
         self.width = int(getattr(model, "width", 1))
         self.log_every = int(t.log_every) or max(1, n_steps // 200)
-        self.mse_window = int(t.mse_window) or self.width
+        self.mse_window = max(1, min(int(t.mse_window) or self.width, n_steps))
         thr = float(t.divergence_threshold)  # (read once: config access is slow per event)
         self.err2_bound = thr * thr  # (inf for a huge threshold; ** would raise OverflowError)
         self.chunk_size = int(t.chunk_size)
-        self.sq_err = torch.full((n_steps,), float("nan"), dtype=torch.float64)
+        # (Y_k - Ŷ_k)² of the last mse_window steps, a ring indexed by k % mse_window (memory
+        # and checkpoints independent of the number of steps); loss_sum: their sum since the last
+        # log point (train/loss)
+        self._ring = torch.full((self.mse_window,), float("nan"), dtype=torch.float64)
+        self.loss_sum = 0.0
         self.step = 0
         self.status = "pending"  # pending|running|completed|diverged|failed|interrupted
         self.error = ""
@@ -83,13 +89,16 @@ class Member:
         self.state = TrainState(
             model=model, online=online, source=source, cfg=cfg, run_dir=run_dir,
             n_steps=n_steps, lr=self.lr, generators={"probe": generator(seeds["probe"])},
-            save_checkpoint=self.save, writer=self.writer,
+            save_checkpoint=self.save, writer=self.writer, model_factory=model_factory,
+            alpha=float(t.alpha), gradient=str(t.gradient),
         )
         for cb in callbacks:  # bad callback settings fail here, before any step
             cb.setup(self.state)
         self.resumed_from: Optional[Path] = None
         self.notes, self.label = True, ""  # announce slow starts on stderr (label: member_0..)
         self.completed: Optional[dict] = None  # metrics of a finished run asked to resume
+        self.run_info: Any = None  # the trainer's (backend, gradient): recorded in checkpoints
+        self.restored_info: Optional[dict] = None  # ... as read back from one
         self._fresh_logs = False  # starting over in a directory that holds older event files
         self.resume_hint = (f"run the same command again with train.resume=true and "
                             f"hydra.run.dir={run_dir} (a sweep: hydra.sweep.dir=<its dir> "
@@ -109,21 +118,43 @@ class Member:
             "step": self.step,
             "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
             "online": {k: v.detach().cpu().clone() for k, v in self.online.state_dict().items()},
-            "sq_err": self.sq_err[: self.step].clone(),
+            "sq_err": self.sq_err.clone(),  # the last mse_window steps (to ``step``)
+            "loss_sum": self.loss_sum,
             "probe_rng": self.state.generators["probe"].get_state(),
             "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
             "config": self.config_yaml(),
             "seed": self.seed,
+            # what the callbacks reported so far and how the run ran: the end of a run resumed
+            # from its last step reports the same metrics
+            "callback_metrics": {k: v for k, v in self.state.metrics.items()
+                                 if not k.startswith("_") and _plain_value(v)},
+            "run_info": dict(self.run_info()) if callable(self.run_info) else {},
         }
 
     def config_yaml(self) -> str:
         return (OmegaConf.to_yaml(self.cfg, resolve=True) if isinstance(self.cfg, DictConfig)
                 else str(self.cfg))
 
+    @property
+    def sq_err(self) -> torch.Tensor:
+        """(Y_k − Ŷ_k)² of the last ``train.mse_window`` steps done (fewer at the start), oldest
+        first: what the running MSE averages."""
+        lo = max(0, self.step - self.mse_window)
+        return self._ring[torch.arange(lo, self.step) % self.mse_window]
+
+    def _set_sq_err(self, values: torch.Tensor, step: int) -> None:
+        """The ring as it was at ``step``, from that step's last values (a checkpoint's)."""
+        values = values.to(torch.float64)[-self.mse_window:] if step else values[:0]
+        self._ring.fill_(float("nan"))
+        if values.numel():
+            self._ring[torch.arange(step - values.numel(), step) % self.mse_window] = values
+
     def snapshot(self) -> dict:
-        """Step, parameters and online state (cheap: O(N d)); see ``record``."""
+        """Step, parameters, online state and squared errors (cheap: O(N d)); see ``record``."""
         return {
             "step": self.step,
+            "sq_err": self.sq_err.clone(),
+            "loss_sum": self.loss_sum,
             "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
             "online": {k: v.detach().clone() for k, v in self.online.state_dict().items()},
         }
@@ -141,19 +172,38 @@ class Member:
         self.model.load_state_dict({k: v.to(dev) for k, v in payload["model"].items()})
         self.online.load_state_dict({k: v.to(dev) for k, v in payload["online"].items()})
         self.step = int(payload["step"])
-        self.sq_err[: self.step] = payload["sq_err"]
+        sq = payload["sq_err"]
+        self._set_sq_err(sq, self.step)
+        if "loss_sum" in payload:
+            self.loss_sum = float(payload["loss_sum"])
+        else:  # a checkpoint from before the ring: every step's error, sum since the last log
+            s0 = self.step - self.step % self.log_every
+            self.loss_sum = float(sq[s0:self.step].sum()) if sq.numel() >= self.step else 0.0
         self.state.step, self.state.running_mse = self.step, self.running_mse()
         self.state.generators["probe"].set_state(payload["probe_rng"])
         for cb in self.callbacks:
             cb.load_state_dict(payload["callbacks"].get(cb.name, {}))
+        self.state.metrics.update(payload.get("callback_metrics") or {})
+        self.restored_info = payload.get("run_info") or None
 
     def write_metrics(self, metrics: dict) -> None:
         if self.run_dir is None:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                  for k, v in metrics.items()}
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "metrics.json").write_text(json.dumps(clean, indent=2, default=float))
+        atomic_write_text(self.run_dir / "metrics.json", json.dumps(clean, indent=2, default=float))
+
+    def repair_record(self) -> None:
+        """Before the run writes (its directory locked): remove temporary files of a write cut
+        short, and give a completed run whose metrics.json is missing or damaged its record
+        back (from ``final.pt``). An intact metrics.json is never rewritten."""
+        if self.run_dir is None:
+            return
+        for stale in (self.run_dir / "checkpoints").glob(".*.tmp"):  # a write cut short
+            if stale.is_file():
+                stale.unlink(missing_ok=True)
+        if self.completed is not None and not metrics_intact(self.run_dir):
+            self.write_metrics(self.completed)
 
     # --- resume ---------------------------------------------------------------------------
     def resume(self, mode: Any = True) -> bool:
@@ -166,18 +216,26 @@ class Member:
                                   "checkpoints)")
             return False
         if mode is False or mode is None:
+            if completed_run(rd, self.n_steps) is not None:  # never overwrite a finished run
+                raise ConfigError(f"{rd} holds a completed run; a new run needs a new directory "
+                                  "(leave out hydra.run.dir), and train.resume=auto or true "
+                                  "there confirms the finished run without redoing it")
             self._fresh_logs = any(rd.glob("events.out.tfevents.*"))
             return False
         if (rd / "ensemble.json").exists():
             raise ConfigError(f"train.resume: {rd} holds an ensemble (ensemble.json); "
                               "resume it with the same train.ensemble_size, or one member as a "
                               "single run in its member_<e> directory (README, Ensembles)")
-        for stale in (rd / "checkpoints").glob(".*.tmp"):  # a write cut short
-            stale.unlink(missing_ok=True)
-        done = completed_metrics(rd)
+        done = completed_run(rd, self.n_steps)
         if done is not None:
-            check_same_config(self.cfg, load_checkpoint(rd / "checkpoints" / "final.pt"), rd)
-            self.completed = done
+            metrics, payload = done
+            if payload is None:  # final.pt unreadable: the newest step checkpoint's config,
+                found = find_checkpoint(rd, self.n_steps)  # else config.yaml's
+                payload = found[1] if found is not None else {}
+                if "config" not in payload and (rd / "config.yaml").is_file():
+                    payload = {"config": (rd / "config.yaml").read_text()}
+            check_same_config(self.cfg, payload, rd)
+            self.completed = done = metrics
             print(f"ntk_rnn: {rd} already completed {done.get('steps')} steps; "
                   "nothing to resume", file=sys.stderr)
             return True
@@ -216,7 +274,7 @@ class Member:
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.writer.open()  # the run has started: from here on it has logs
-            (self.run_dir / "config.yaml").write_text(self.config_yaml())
+            atomic_write_text(self.run_dir / "config.yaml", self.config_yaml())
             if self.step == 0:
                 self.save(self.run_dir / "checkpoints" / "init.pt")
         self.t_start = time.perf_counter()
@@ -285,8 +343,7 @@ class Member:
         return min(self.chunk.T - self.chunk.j, self.next_event - self.step)
 
     def running_mse(self) -> float:
-        lo = max(0, self.step - self.mse_window)
-        return float(self.sq_err[lo: self.step].mean()) if self.step > lo else float("nan")
+        return float(self.sq_err.mean()) if self.step > 0 else float("nan")
 
     def _next_event(self) -> int:
         s = self.step
@@ -327,16 +384,18 @@ class Member:
         """Store (Y − Ŷ)² of the chunk so far; stop with the last good state on NaN/Inf/blow-up."""
         chunk = self.chunk
         k0, snapshot = chunk.k0, chunk.snapshot
-        err2 = (chunk.Y[: chunk.j] - chunk.y_hat[: chunk.j]).double().cpu() ** 2
-        self.sq_err[k0: k0 + err2.shape[0]] = err2
+        r, j = chunk.recorded, chunk.j  # the steps of the chunk not recorded yet
+        err2 = (chunk.Y[r:j] - chunk.y_hat[r:j]).double().cpu() ** 2
+        chunk.recorded = j
+        self._ring[torch.arange(k0 + r, k0 + j) % self.mse_window] = err2
+        self.loss_sum += float(err2.sum())
         bad = ~torch.isfinite(err2) | (err2 > self.err2_bound)
         if bad.any():
-            k_bad = k0 + int(bad.nonzero()[0, 0])
+            k_bad = k0 + r + int(bad.nonzero()[0, 0])
             where = ""
             if self.run_dir is not None:
                 payload = self.state_payload()
                 payload.update(snapshot)
-                payload["sq_err"] = self.sq_err[: snapshot["step"]].clone()
                 self.save(self.run_dir / "checkpoints" / "last_good.pt", payload)
                 where = (f". Logs and the last good state (step {snapshot['step']}) are in "
                          f"{self.run_dir}")
@@ -349,9 +408,9 @@ class Member:
 
     def _log_train(self, now: float) -> None:
         s0, t0 = self.last_log
-        seg = self.sq_err[s0: self.step]
         w = self.writer
-        w.add_scalar("train/loss", 0.5 * float(seg.mean()), self.step)
+        w.add_scalar("train/loss", 0.5 * self.loss_sum / max(1, self.step - s0), self.step)
+        self.loss_sum = 0.0
         w.add_scalar("train/running_mse", self.state.running_mse, self.step)
         w.add_scalar("train/t", self.step / self.width, self.step)
         if now > t0:
@@ -396,21 +455,24 @@ class Member:
         st.step, st.running_mse = self.step, self.running_mse()
         for cb in self.callbacks:
             cb.on_train_end(st)
-        if self.run_dir is not None:
-            self.save(self.run_dir / "checkpoints" / "final.pt")
         metrics = {
             "status": "completed",
             "steps": self.step,
             "t": self.step / self.width,
             "running_mse": st.running_mse,
-            "final_loss": 0.5 * float(self.sq_err[self.step - 1]),
+            "final_loss": 0.5 * float(self._ring[(self.step - 1) % self.mse_window]),
             "wall_s": wall,
             "steps_per_s": (self.step - self.start_step) / wall if wall > 0 else float("nan"),
             "callback_s": self.t_cb,
             **info,
             **({"resumed_from_step": self.start_step} if self.resumed_from is not None else {}),
             **{k: v for k, v in st.metrics.items() if not k.startswith("_")},
+            **_data_columns(self.source),
         }
+        if self.run_dir is not None:  # the run's own record of its completion travels with it
+            payload = self.state_payload()
+            payload["final_metrics"] = {k: v for k, v in metrics.items() if _plain_value(v)}
+            self.save(self.run_dir / "checkpoints" / "final.pt", payload)
         if self.writer.writes_files:  # (the same HParams with or without a resume)
             write_hparams(self.writer.open(), self.cfg,
                           {k: v for k, v in metrics.items()
@@ -419,3 +481,18 @@ class Member:
         self.write_metrics(metrics)
         self.status, self.metrics, self.chunk, self.stream = "completed", metrics, None, None
         return metrics
+
+
+def _plain_value(v: Any) -> bool:
+    """A value a checkpoint (``weights_only``) and metrics.json both hold."""
+    if isinstance(v, (list, tuple)):
+        return all(isinstance(x, (bool, int, float, str)) for x in v)
+    return v is None or isinstance(v, (bool, int, float, str))
+
+
+def _data_columns(source: Any) -> dict:
+    """The input columns and the target of a file source (metrics.json says what was learned)."""
+    cols, target = getattr(source, "columns", None), getattr(source, "target_column", None)
+    if isinstance(cols, (list, tuple)) and target is not None:
+        return {"input_columns": [str(c) for c in cols], "target_column": str(target)}
+    return {}

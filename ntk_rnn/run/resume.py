@@ -22,11 +22,14 @@ ADDED_KEYS = {"train.ensemble_size": 1, "train.shared_stream": False, "data_seed
 
 def find_checkpoint(run_dir: Path, n_steps: int) -> Optional[tuple[Path, dict]]:
     """(path, payload) of the newest readable ``checkpoints/step_*.pt``, preferring steps before
-    the last one (so the final step, and each callback's final state, is redone on resume);
-    corrupt files are skipped with a warning."""
+    the last one (so the final step, and each callback's final state, is redone on resume), and
+    ``init.pt`` (step 0) when there is no other: the end of a run can always be redone. Corrupt
+    files are skipped with a warning."""
     folder = run_dir / "checkpoints"
     steps = {p: int(m.group(1)) for p in folder.glob("step_*.pt")
-             if (m := re.fullmatch(r"step_(\d+)\.pt", p.name))}
+             if (m := re.fullmatch(r"step_(\d+)\.pt", p.name)) and p.is_file()}
+    if (folder / "init.pt").is_file():  # step 0: a run killed before (or at) its first periodic
+        steps[folder / "init.pt"] = -1  # checkpoint is redone from the start (last resort)
     for path in sorted(steps, key=lambda p: (steps[p] < n_steps, steps[p]), reverse=True):
         try:
             return path, load_checkpoint(path)
@@ -35,17 +38,41 @@ def find_checkpoint(run_dir: Path, n_steps: int) -> Optional[tuple[Path, dict]]:
     return None
 
 
-def completed_metrics(run_dir: Path) -> Optional[dict]:
-    """metrics.json of a run that completed (and has its final checkpoint), else None."""
+def read_metrics(run_dir: Path) -> Optional[dict]:
+    """metrics.json as a dict, or None when missing or damaged."""
     try:
         m = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(m, dict) or m.get("status") != "completed":
+    return m if isinstance(m, dict) else None
+
+
+def metrics_intact(run_dir: Path) -> bool:
+    """Does metrics.json record the completed run (readable, status completed)?"""
+    m = read_metrics(run_dir)
+    return m is not None and m.get("status") == "completed"
+
+
+def completed_run(run_dir: Path, n_steps: int) -> Optional[tuple[dict, Optional[dict]]]:
+    """(metrics, final.pt payload or None) of a run that completed, by its own record: the
+    metrics ``final.pt`` carries (runs written since it does), else a metrics.json saying
+    ``completed`` next to a ``final.pt`` (older runs, or a final.pt that no longer reads: then
+    the payload is None). None for a run that did not complete."""
+    final = run_dir / "checkpoints" / "final.pt"
+    if not final.exists():
         return None
-    if not (run_dir / "checkpoints" / "final.pt").exists():
-        return None
-    return m
+    payload = None
+    try:
+        payload = load_checkpoint(final)
+    except CheckpointError as exc:
+        print(f"ntk_rnn: warning: {exc}", file=sys.stderr)
+    record = payload.get("final_metrics") if payload is not None else None
+    if isinstance(record, dict) and record.get("status") == "completed":
+        return dict(record), payload
+    m = read_metrics(run_dir)
+    if m is not None and m.get("status") == "completed":
+        return m, payload
+    return None
 
 
 def check_same_config(cfg: Any, payload: dict, run_dir: Path) -> None:

@@ -41,9 +41,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..callbacks.base import Callback
 from ..callbacks.progress import ProgressCallback, interactive, progress_bar
+from ..checkpoint import atomic_write_text
 from ..data.base import source_name
 from ..errors import ConfigError, TrainingDiverged
-from ..models.mean_field import MeanFieldRNN
+from ..models.family import family_of
 from ..online.bptt import BPTTStepper
 from ..online.ensemble import EnsembleStepper
 from ..online.fast import FastStepper
@@ -60,7 +61,9 @@ from .build import (
     seed_model,
 )
 from .config import Config, num_steps, opt, validate
+from .lock import RunLock
 from .member import Member
+from .resources import check_resources
 from .signals import StopSignals, TrainingInterrupted
 
 
@@ -169,6 +172,9 @@ class Trainer:
         self.network_steps, self.stepper_s, self.wall_s = 0, 0.0, 0.0
         self.setup_s = 0.0  # fit's start-up: writers, callbacks' on_train_start (K_∞), files
         self.status = "pending"
+        self._locks: list[RunLock] = []
+        for m in self.members:  # what a checkpoint records of the run (its backend)
+            m.run_info = self._run_info
         # one progress bar for the ensemble instead of one per member
         self.progress = [cb for cb in self.members[0].callbacks if isinstance(cb, ProgressCallback)]
         if self.E > 1:
@@ -200,10 +206,13 @@ class Trainer:
     def _member(self, e: int, cfg: Any, run_dir: Optional[Path], source: Any, model: Any,
                 callbacks: Optional[list]) -> Member:
         seeds = run_seeds(cfg)
+        factory = None
         if model is None:  # from the config
             source = build_source(cfg.data)
+            check_resources(cfg, source.input_dim)  # before the model allocates anything
             model = build_model(cfg, source.input_dim, seeds["model"])
             callbacks = build_callbacks(cfg)
+            factory = width_factory(cfg, source.input_dim)
         else:  # Python objects: member 0 uses them, the others deep copies (θ_0 from the seed)
             source = build_source(source) if e == 0 else source
             model = model if e == 0 else copy.deepcopy(model)
@@ -231,7 +240,8 @@ class Trainer:
             online = BPTTStepper(model, lr, window=int(opt(cfg.train, "bptt_window", 32)))
         else:
             online = OnlineState.zeros(model)
-        return Member(e, cfg, run_dir, source, model, online, lr, callbacks, seeds, n_steps)
+        return Member(e, cfg, run_dir, source, model, online, lr, callbacks, seeds, n_steps,
+                      model_factory=factory)
 
     def _check_resume_mode(self) -> None:
         mode = opt(self.cfg.train, "resume", False)
@@ -244,6 +254,26 @@ class Trainer:
             if self.E > 1:
                 m.resume_hint = (f"run the ensemble's command again with train.resume=true and "
                                  f"hydra.run.dir={self.run_dir}")
+
+    # --- one writer per run directory -------------------------------------------------------
+    def lock(self) -> None:
+        """Take the run directory's lock (and each ensemble member's): one writer per directory;
+        :class:`~ntk_rnn.run.lock.RunDirLocked` names the holder. ``fit`` takes it when not
+        already held; ``unlock`` gives it back."""
+        if self.run_dir is None or self._locks:
+            return
+        dirs = [self.run_dir] + ([m.run_dir for m in self.members] if self.E > 1 else [])
+        try:
+            for d in dirs:
+                self._locks.append(RunLock(d).acquire())
+        except BaseException:
+            self.unlock()
+            raise
+
+    def unlock(self) -> None:
+        for lk in reversed(self._locks):
+            lk.release()
+        self._locks = []
 
     # --- what a notebook reads ------------------------------------------------------------
     @property
@@ -268,7 +298,9 @@ class Trainer:
 
     @property
     def sq_err(self) -> torch.Tensor:
-        """(Y_k − Ŷ_k)² of every step done (member 0)."""
+        """(Y_k − Ŷ_k)² of the last ``train.mse_window`` steps done, oldest first (member 0):
+        what the running MSE averages. Bounded by the window, so memory and checkpoints do not
+        grow with the number of steps; the whole curve is ``history["train/loss"]``."""
         return self.members[0].sq_err
 
     @property
@@ -303,7 +335,17 @@ class Trainer:
                 (`checkpoints/last_good.pt` keeps the last good state).
             TrainingInterrupted: SIGTERM or SIGINT; the state is checkpointed first.
         """
+        own = not self._locks
+        self.lock()
+        try:
+            return self._fit()
+        finally:
+            if own:
+                self.unlock()
+
+    def _fit(self) -> dict:
         for m in self.members:
+            m.repair_record()
             if m.completed is not None:  # resumed after it completed: nothing to redo
                 m.status, m.metrics = "completed", dict(m.completed)
         if all(m.status == "completed" for m in self.members):
@@ -321,6 +363,8 @@ class Trainer:
                 self.setup_s = time.perf_counter() - t0
                 bar = self._progress_bar()
                 while self._refill():  # each member's next chunk of the stream; ends finish here
+                    for lk in self._locks:
+                        lk.heartbeat()
                     if stop.signum is not None:
                         self._interrupt(stop.signum)
                     active = self.active
@@ -401,13 +445,20 @@ class Trainer:
             m.end(self._run_info(m))
         return bool(self.active)
 
-    def _run_info(self, m: Member) -> dict:
-        """What metrics.json adds from the trainer: the stepper that ran and where the time went
-        (``wall_s`` the whole run: building it, the start-up, the steps)."""
-        now = time.perf_counter()
-        return {"backend": self.backend, "gradient": self.gradient,
-                "wall_s": now - self._t_fit + self.build_s, "build_s": self.build_s,
-                "setup_s": self.setup_s, "limit_s": m.limit_s, "train_s": now - m.t_start}
+    def _run_info(self, m: Optional[Member] = None) -> dict:
+        """What metrics.json (and, without ``m``, a checkpoint) records from the trainer: the
+        stepper that ran and, for member ``m``, where the time went (``wall_s`` the whole run:
+        building it, the start-up, the steps)."""
+        info = {"backend": self.backend, "gradient": self.gradient}
+        restored = self.members[0].restored_info
+        if self.stepper is None and restored and self.gradient != "bptt" and \
+                self.backend_asked == "auto":  # resumed at the end: what ran before
+            info["backend"] = restored.get("backend", info["backend"])
+        if m is not None:
+            now = time.perf_counter()
+            info.update(wall_s=now - self._t_fit + self.build_s, build_s=self.build_s,
+                        setup_s=self.setup_s, limit_s=m.limit_s, train_s=now - m.t_start)
+        return info
 
     @property
     def backend(self) -> str:
@@ -570,11 +621,7 @@ class Trainer:
             except (OSError, ValueError):
                 pass
         clean = json.loads(json.dumps(s, default=float), parse_constant=lambda _: None)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        path = self.run_dir / "ensemble.json"
-        tmp = path.with_name(".ensemble.json.tmp")
-        tmp.write_text(json.dumps(clean, indent=2))
-        tmp.replace(path)
+        atomic_write_text(self.run_dir / "ensemble.json", json.dumps(clean, indent=2))
         return s
 
 
@@ -592,9 +639,10 @@ def warn_unseeded(model: torch.nn.Module, seed: int) -> None:
 
 
 def resolve_gradient(gradient: str, model: torch.nn.Module) -> str:
-    """``train.gradient=auto``: exact RTRL for MeanFieldRNN (Models D, F), truncated BPTT for any
-    other model; rtrl/truncated on a model without an exact online step is an error."""
-    exact = isinstance(model, MeanFieldRNN)
+    """``train.gradient=auto``: the model family's online step — exact RTRL for Models D and F,
+    truncated BPTT for any other model; rtrl/truncated on a model without an exact online step
+    is an error."""
+    exact = family_of(model).online == "rtrl"
     if gradient == "auto":
         return "rtrl" if exact else "bptt"
     if gradient in ("rtrl", "truncated") and not exact:
@@ -602,6 +650,19 @@ def resolve_gradient(gradient: str, model: torch.nn.Module) -> str:
                           "online step (only MeanFieldRNN has); use train.gradient=auto or bptt "
                           "(truncated backpropagation through train.bptt_window elements)")
     return gradient
+
+
+def width_factory(cfg: DictConfig, input_dim: int) -> Any:
+    """``factory(width, seed)``: the run's model config built at another width with θ_0 from
+    ``seed`` (the Monte-Carlo limit's networks for a config-built model without ``at_width``)."""
+    node = copy.deepcopy(cfg)
+
+    def factory(width: int, seed: int) -> torch.nn.Module:
+        c = copy.deepcopy(node)
+        with open_dict(c):
+            c.model.width = int(width)
+        return build_model(c, input_dim, int(seed))
+    return factory
 
 
 def complete_model_config(cfg: DictConfig, model: torch.nn.Module) -> None:
