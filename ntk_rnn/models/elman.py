@@ -95,12 +95,10 @@ class ElmanRNN(RecurrentScaling, nn.Module):
         c_scale: Scale of c's law.
         w_law: Law of w, as `InitLaw`'s (`normal`: N(0, w_scale² I/d)).
         w_scale: Scale of w's law.
-        generator: The generator θ_0 is drawn from (None: a fresh one seeded with `seed`).
-        seed: The seed of that fresh generator (None: 0). The trainer redraws θ_0 from the
-            run's seed anyway, with `reset_parameters(generator)`.
+        generator: The generator θ_0 is drawn from, as `MeanFieldRNN`'s.
+        seed: Its seed when `generator` is None (None: 0), as `MeanFieldRNN`'s.
         dtype: The parameters' dtype.
-        device: The parameters' device (θ_0 is drawn on the CPU and moved, so a seed gives
-            the same network on every device).
+        device: The parameters' device.
 
     Raises:
         ConfigError: A setting out of range (named as its `model.*` key).

@@ -48,15 +48,14 @@ class GRURNN(RecurrentScaling, nn.Module):
         w_scale: The rows of W_ih are N(0, w_scale² I/d).
         hh_std: The entries of W_hh are N(0, hh_std²).
         bias_std: The biases are N(0, bias_std²) (0: zero).
-        generator: The generator θ_0 is drawn from (None: a fresh one seeded with `seed`).
-        seed: The seed of that fresh generator (None: 0). The trainer redraws θ_0 from the
-            run's seed anyway, with `reset_parameters(generator)`.
-        dtype: The parameters' dtype.
-        device: The parameters' device (θ_0 is drawn on the CPU and moved, so a seed gives
-            the same network on every device).
+        generator: The generator θ_0 is drawn from, as `MeanFieldRNN`'s (and `seed` its seed
+            when it is None; None: 0).
+        seed: See `generator`.
+        dtype: The dtype of the parameters.
+        device: The device of the parameters.
 
     Raises:
-        ConfigError: A setting out of range (named as its `model.*` key).
+        ConfigError: A setting out of range, named as its `model.*` key.
     """
 
     def __init__(
