@@ -25,6 +25,7 @@ from ntk_rnn.run import Trainer
 from ntk_rnn.run import lock as lockmod
 from ntk_rnn.run.lock import RunDirLocked, RunLock
 from ntk_rnn.run.resume import find_checkpoint
+from ntk_rnn.run.trainer import TIMING_KEYS
 
 from .conftest import ROOT, make_cfg, run_cli
 
@@ -35,7 +36,7 @@ NTK = ["model.width=8", "train.steps=30", "dtype=float64", "callbacks=[ntk,check
        "callbacks.ntk.probe_length=4", "callbacks.ntk.top_k=2", "callbacks.ntk.image_every_n_steps=0",
        "callbacks.ntk.histogram_every_n_steps=0", "callbacks.checkpoint.every_n_steps=1000"]
 CUSTOM = ["train.steps=20", "callbacks=none", "model=custom"]
-TIMING = {"wall_s", "steps_per_s", "callback_s", "resumed_from_step"}
+TIMING = {*TIMING_KEYS, "resumed_from_step"}
 
 
 def tree(d: Path) -> dict:

@@ -18,33 +18,35 @@ from ..errors import ConfigError
 from ..models.activations import ACTIVATIONS
 
 
+# (the docstring's entries are `name (type): ...`: the --help page reads this class's source for
+# `name: value  # comment` lines, which only the fields below are)
 @dataclass
 class TrainConfig:
     """The `train.*` settings: on the command line `train.alpha=2`, from Python a keyword of
     `Trainer` (`Trainer(..., alpha=2)`); the defaults below apply to both.
 
     Attributes:
-        alpha: α > 0: the learning rate is α_N = α N^{2β−2} (theory §3).
-        horizon: The limit time t = k / N to train to: round(horizon · N) steps.
-        steps: A number of steps instead of `horizon` (None: from `horizon`).
-        gradient: How ∂Ŷ_k/∂θ is computed: `auto` (RTRL for `MeanFieldRNN`, `bptt` for any
-            other model), `rtrl` (exact real-time recurrent learning, Models D and F),
+        alpha (float): α > 0: the learning rate is α_N = α N^{2β−2} (theory §3).
+        horizon (float): The limit time t = k / N to train to: round(horizon · N) steps.
+        steps (int): A number of steps instead of `horizon` (None: from `horizon`).
+        gradient (str): How ∂Ŷ_k/∂θ is computed: `auto` (RTRL for `MeanFieldRNN`, `bptt`
+            for any other model), `rtrl` (exact real-time recurrent learning, Models D and F),
             `truncated` (the memory treated as an input, Models D and F), `bptt` (truncated
             backpropagation through the last `bptt_window` elements, any model).
-        bptt_window: Elements of the stream a `bptt` gradient goes back through.
-        chunk_size: Elements of the stream read and trained on at once; the NaN/divergence
-            check runs once per chunk.
-        log_every: Steps between `train/*` scalars (0: about 200 points per run).
-        mse_window: Steps in the running MSE `train/running_mse` (0: N, one unit of t).
-        divergence_threshold: |Y − Ŷ| above this stops the run as diverged.
-        backend: How steps run, all exact: `auto` (the compiled CPU kernel, else eager torch;
-            CUDA graphs on a GPU), `kernel`, `eager`, `graphs`, or `reference` (one
+        bptt_window (int): Elements of the stream a `bptt` gradient goes back through.
+        chunk_size (int): Elements of the stream read and trained on at once; the
+            NaN/divergence check runs once per chunk.
+        log_every (int): Steps between `train/*` scalars (0: about 200 points per run).
+        mse_window (int): Steps in the running MSE `train/running_mse` (0: N, one unit of t).
+        divergence_threshold (float): |Y − Ŷ| above this stops the run as diverged.
+        backend (str): How steps run, all exact: `auto` (the compiled CPU kernel, else eager
+            torch; CUDA graphs on a GPU), `kernel`, `eager`, `graphs`, or `reference` (one
             `rtrl_step` per element).
-        resume: Continue from the newest good checkpoint in the run directory: `true` (one
-            must exist), `false`, or `auto` (if one exists, else start fresh).
-        ensemble_size: E >= 1 networks trained together as one batched computation; member e
-            is the single run with seed + e, written to `<run_dir>/member_{e:03d}/`.
-        shared_stream: Ensembles: every member reads the data stream of the run's seed
+        resume (bool | str): Continue from the newest good checkpoint in the run directory:
+            `true` (one must exist), `false`, or `auto` (if one exists, else start fresh).
+        ensemble_size (int): E >= 1 networks trained together as one batched computation;
+            member e is the single run with seed + e, written to `<run_dir>/member_{e:03d}/`.
+        shared_stream (bool): Ensembles: every member reads the data stream of the run's seed
             (`data_seed`) instead of its own.
     """
 
