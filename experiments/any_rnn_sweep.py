@@ -1,5 +1,5 @@
 """Beyond the paper: width sweep of full-matrix Elman (mean-field and NTK recurrent scaling) and
-GRU networks trained online, beside Model D (issue 16, item 4).
+GRU networks trained online, beside Model D (issues 16 and 20).
 
     python -m experiments.any_rnn_sweep --quick     # N = 2^6..2^8, horizon 1: a smoke run (~1 min)
     python -m experiments.any_rnn_sweep --full      # N = 2^6..2^10 (Model D to 2^11), horizon 2
@@ -8,12 +8,17 @@ One process, Python API (``ntk_rnn.Trainer``), each (model, N) one ensemble run 
 members trained in lockstep. Per member it records, at t = 0 and t = T:
 
 - kernel drift ‖K_t − K_0‖_F / ‖K_0‖_F on fixed probes (``ntk/drift_from_init``);
-- distance to the limit ‖K_t − K_∞‖_F / ‖K_∞‖_F (``ntk/distance_to_limit``): K_∞ analytic for
-  Model D; for Elman/GRU a Monte-Carlo estimate (``mc_limit_ntk``: R draws at width N′, computed
-  once per model on the callback's own probes and reused for every N and seed), whose relative
-  standard error ‖stderr‖_F/‖K̂‖_F and 1/N′ bias estimate are recorded as the floor;
+- distance to the limit ‖K_t − K_∞‖_F / ‖K_∞‖_F (``ntk/distance_to_limit``) with K_∞ from the
+  model's family (``ntk_rnn.limit.limit_ntk``): exact for Model D (quadrature) and both Elman
+  scalings (closed form, theory §9); for the GRU the Monte-Carlo limit (R draws at width N′, its
+  1/N′ bias estimated from N′/2 and included in its stated relative error), computed once on the
+  callback's probes and reused for every N and seed;
 - the running MSE over the last N steps (t ∈ [T − 1, T]), and its ratio to Model D's on the same
   seed (same data stream).
+
+``--init-widths`` adds, without training, the distance at initialisation ‖K_0 − K_∞‖/‖K_∞‖ for
+the exact-limit models at wider N (the NTK alone is cheap where training is not: BPTT costs
+O(N²) per step, a run O(N³)).
 
 Slopes: least squares of log(quantity) on log N. Reported: the pooled fit of the seed-mean curve
 with a 95% bootstrap interval (seeds resampled with replacement, whole curves), and the
@@ -36,9 +41,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ntk_rnn import NTKCallback, Trainer
+from ntk_rnn import NTKCallback, Trainer, empirical_ntk
 from ntk_rnn.data import VAR1
-from ntk_rnn.limit.monte_carlo import mc_limit_ntk
+from ntk_rnn.limit import is_exact, limit_ntk
 from ntk_rnn.models import GRURNN, ElmanRNN, MeanFieldRNN
 
 HERE = Path(__file__).resolve().parent
@@ -68,63 +73,33 @@ MODES = {
 ALPHA = 4.0
 N_PROBES, PROBE_LENGTH, PROBE_SEED = 16, 12, 777
 
-# MC limits, computed once per model on the probes of its first run (keyed by the probes' hash)
+# limits, computed once per model on the probes of its first run (keyed by the probes' hash)
 _LIMITS: dict[tuple[str, str], dict] = {}
 
 
-def _factory(name: str, dtype: torch.dtype):
-    ctor = MODELS[name][1]
-
-    def make(width: int, seed: int) -> torch.nn.Module:
-        m = ctor(width).to(dtype)
-        g = torch.Generator()
-        g.manual_seed(int(seed))
-        m.reset_parameters(g)
-        return m
-    return make
-
-
 class SharedLimitNTK(NTKCallback):
-    """NTKCallback whose Monte-Carlo limit (models other than MeanFieldRNN) is computed once per
-    model by this script (N′ = ``limit_width``, R = ``limit_draws``, with the 1/N′ bias check at
-    N′/2) and shared by every width and seed; Model D keeps the analytic limit."""
+    """NTKCallback whose limit is computed once per model by this script and shared by every
+    width and seed (the limit does not depend on N or the seed); ``limit_info`` records it."""
 
     model_key: str = ""
-    mc_info: dict | None = None
-    richardson = None
+    limit_info: dict | None = None
 
     def limit_kernel(self, state):
-        if isinstance(state.model, MeanFieldRNN):
-            return super().limit_kernel(state)
         probes = self.probes.detach().cpu().contiguous()
         key = (self.model_key, hashlib.sha256(probes.numpy().tobytes()).hexdigest())
         if key not in _LIMITS:
             t0 = time.perf_counter()
-            f = _factory(self.model_key, self.probes.dtype)
-            W = self.limit_width
-            lim = mc_limit_ntk(f, self.probes, width=W, draws=self.limit_draws, seed=12345)
-            half = mc_limit_ntk(f, self.probes, width=W // 2, draws=self.limit_draws, seed=54321)
-            # Richardson: with a 1/N' bias, 2 K(N') - K(N'/2) removes it (noisier, see below)
-            rich = 2 * lim.value - half.value
-            rich_se = (4 * lim.stderr ** 2 + half.stderr ** 2).sqrt()
-            nrm = float(lim.value.norm())
-            _LIMITS[key] = {"value": lim.value, "error": float(lim.error),
-                            "richardson": rich,
-                            "relative_error": float(lim.relative_error),
-                            "relative_error_half": float(half.relative_error),
-                            "richardson_relative_error": float(rich_se.norm()) / float(rich.norm()),
-                            "bias_estimate": float((lim.value - half.value).norm()) / nrm,
-                            "width": lim.width, "draws": lim.draws,
-                            "wall_s": time.perf_counter() - t0}
-            d = _LIMITS[key]
-            print(f"  MC limit {self.model_key}: N'={W} R={lim.draws} rel. stderr "
-                  f"{d['relative_error']:.3g}; |K(N') - K(N'/2)|/|K| = {d['bias_estimate']:.3g};"
-                  f" Richardson rel. stderr {d['richardson_relative_error']:.3g}; "
-                  f"{d['wall_s']:.1f}s", flush=True)
+            d = super().limit_kernel(state)
+            d["wall_s"] = time.perf_counter() - t0
+            d["exact"] = is_exact(state.model)
+            if not d["exact"]:
+                d["width"], d["draws"] = self._mc_width(state.model), self.limit_draws
+            _LIMITS[key] = d
+            print(f"  limit {self.model_key}: {d['method']}, relative error "
+                  f"{d['relative_error']:.3g}, {d['wall_s']:.1f}s", flush=True)
         d = _LIMITS[key]
-        type(self).mc_info = {k: v for k, v in d.items() if k not in ("value", "richardson")}
-        type(self).richardson = d["richardson"]
-        return {"value": d["value"], "error": d["error"]}
+        type(self).limit_info = {k: v for k, v in d.items() if k != "value"}
+        return d
 
 
 def run_one(name: str, N: int, mode: dict, seeds: int, dtype: torch.dtype) -> dict:
@@ -133,7 +108,7 @@ def run_one(name: str, N: int, mode: dict, seeds: int, dtype: torch.dtype) -> di
                         image_every_n_steps=0, histogram_every_n_steps=0,
                         limit_width=mode["limit_width"], limit_draws=mode["limit_draws"])
     cb.model_key = name
-    SharedLimitNTK.mc_info = None
+    SharedLimitNTK.limit_info = None
     model = MODELS[name][1](N).to(dtype)
     t0 = time.perf_counter()
     tr = Trainer(model=model, data=VAR1(), alpha=ALPHA, horizon=mode["horizon"],
@@ -141,10 +116,7 @@ def run_one(name: str, N: int, mode: dict, seeds: int, dtype: torch.dtype) -> di
     tr.fit()
     wall = time.perf_counter() - t0
     members = []
-    rich = None if name == "diagonal" else SharedLimitNTK.richardson
     for m in tr.members:
-        cbm = next(c for c in m.callbacks if isinstance(c, NTKCallback))
-        K0, KT = cbm.K0.double().cpu(), cbm.K_prev.double().cpu()
         h = m.history
         drift = dict(h["ntk/drift_from_init"])
         dist = dict(h.get("ntk/distance_to_limit", []))
@@ -158,15 +130,31 @@ def run_one(name: str, N: int, mode: dict, seeds: int, dtype: torch.dtype) -> di
             "distance_to_limit_final": float(dist.get(n_steps, float("nan"))),
             "running_mse": float(m.metrics["running_mse"]),
             "limit_error_estimate": m.metrics.get("ntk_limit_error_estimate"),
-            "distance_to_richardson_initial": (float("nan") if rich is None else
-                                               float((K0 - rich).norm() / rich.norm())),
-            "distance_to_richardson_final": (float("nan") if rich is None else
-                                             float((KT - rich).norm() / rich.norm())),
+            "limit_relative_error": m.metrics.get("ntk_limit_relative_error"),
         })
     return {"model": name, "N": N, "horizon": mode["horizon"], "alpha": ALPHA,
             "gradient": tr.gradient, "backend": tr.members[0].metrics.get("backend"),
             "wall_s": wall, "stepper_s": tr.stepper_s, "members": members,
-            "mc_limit": SharedLimitNTK.mc_info if name != "diagonal" else None}
+            "limit": SharedLimitNTK.limit_info}
+
+
+def init_distances(name: str, widths: list[int], seeds: int, dtype: torch.dtype) -> list[dict]:
+    """‖K_0 − K_∞‖/‖K_∞‖ at initialisation (no training) on the sweep's probes, ``seeds`` networks
+    per width drawn with ``at_width`` (the family's own constructor), K_∞ exact."""
+    base = MODELS[name][1](8).to(dtype)
+    g = torch.Generator().manual_seed(PROBE_SEED)
+    X, _ = VAR1().windows(N_PROBES, PROBE_LENGTH, g)
+    X = X.to(dtype)
+    Kinf = limit_ntk(base, X).value
+    rows = []
+    for N in widths:
+        t0 = time.perf_counter()
+        d = [float((empirical_ntk(base.at_width(N, 1000 + s), X).double() - Kinf).norm()
+                   / Kinf.norm()) for s in range(seeds)]
+        rows.append({"model": name, "N": N, "distances": d, "wall_s": time.perf_counter() - t0})
+        print(f"  init distance {name} N={N}: mean {np.mean(d):.4g} ({rows[-1]['wall_s']:.1f}s)",
+              flush=True)
+    return rows
 
 
 # --- analysis -----------------------------------------------------------------------------
@@ -214,10 +202,7 @@ def analyse(runs: list[dict]) -> dict:
             continue
         out[name] = {}
         for q in ("drift_final", "distance_to_limit_initial", "distance_to_limit_final",
-                  "distance_to_richardson_initial", "distance_to_richardson_final",
                   "running_mse", "mse_ratio_to_D"):
-            if name == "diagonal" and "richardson" in q:
-                continue
             Ns, Y = _table(runs, name, q)
             out[name][q] = {"N": Ns.astype(int).tolist(), "mean": np.nanmean(Y, 1).tolist(),
                             "min": np.nanmin(Y, 1).tolist(), "max": np.nanmax(Y, 1).tolist(),
@@ -246,22 +231,19 @@ def plot(runs: list[dict], summary: dict, tag: str) -> Path:
                   f"{f.get('boot_hi', np.nan):+.2f}]"
             ax.plot(N, mean, "o-", color=colors[name], label=lab)
             ax.fill_between(N, d["min"], d["max"], color=colors[name], alpha=0.2)
-            if q == "distance_to_limit_final" and name != "diagonal":
-                rq = "distance_to_richardson_final"
-                rm = np.exp(np.nanmean(np.log(np.array(_table(runs, name, rq)[1])), axis=1))
-                ax.plot(N, rm, "s--", color=colors[name], ms=3, lw=1, alpha=0.8)
-                mc = next((r["mc_limit"] for r in runs if r["model"] == name and r["mc_limit"]),
-                          None)
-                if mc:
-                    ax.axhline(mc["relative_error"], color=colors[name], ls=":", lw=1)
+            if q == "distance_to_limit_final":
+                lim = next((r["limit"] for r in runs if r["model"] == name and r.get("limit")),
+                           None)
+                if lim:
+                    ax.axhline(lim["relative_error"], color=colors[name], ls=":", lw=1)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("width N")
         ax.set_title(title + f" (t = T = {T:g})" if q != "running_mse" else title, fontsize=10)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, which="both")
-    axes[1].text(0.98, 0.98, "solid: to MC K_inf at N'; dashed: to Richardson 2K(N')-K(N'/2);\n"
-                 "dotted: MC limit's relative std. error (floor)",
+    axes[1].text(0.98, 0.98, "K_inf: exact for Model D and Elman, Monte Carlo for the GRU;\n"
+                 "dotted: the limit's stated relative error (the floor)",
                  transform=axes[1].transAxes, fontsize=7, ha="right", va="top")
     fig.suptitle(f"Elman / GRU / Model D width sweep — VAR(1), α = {ALPHA:g}, β = 0.75, "
                  f"{len(runs[0]['members'])} seeds (band: min–max over seeds)", fontsize=11)
@@ -283,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-width", type=int, default=None, help="cut the grid at this N")
     ap.add_argument("--float64", action="store_true", help="float64 (default float32)")
     ap.add_argument("--replot", action="store_true", help="re-analyse the saved JSON only")
+    ap.add_argument("--init-widths", default=None,
+                    help="comma-separated widths for the untrained distance ‖K_0 − K_∞‖ of the "
+                         "exact-limit Elman models (full mode default: 2^6..2^12)")
     a = ap.parse_args(argv)
     tag = "full" if a.full else "quick"
     mode = MODES[tag]
@@ -319,6 +304,23 @@ def main(argv: list[str] | None = None) -> int:
             data["total_wall_s"] = time.perf_counter() - t_start
             out_path.write_text(json.dumps(data, indent=1))
     data["summary"] = analyse(runs)
+    iw = a.init_widths or ("64,128,256,512,1024,2048,4096" if a.full else "")
+    if iw and not a.replot:
+        t0 = time.perf_counter()
+        rows = [r for name in ("elman_mf", "elman_ntk") if name in a.models.split(",")
+                for r in init_distances(name, [int(w) for w in iw.split(",")], a.seeds, dtype)]
+        data["init_distances"] = {"rows": rows, "wall_s": time.perf_counter() - t0}
+    for name in ("elman_mf", "elman_ntk"):
+        rows = [r for r in data.get("init_distances", {}).get("rows", []) if r["model"] == name]
+        if rows:
+            Ns = np.array([r["N"] for r in rows], float)
+            Y = np.array([r["distances"] for r in rows], float)
+            f = fit_slope(Ns, Y)
+            data.setdefault("init_summary", {})[name] = {
+                "N": Ns.astype(int).tolist(), "mean": Y.mean(1).tolist(), "fit": f}
+            print(f"{name:10s} untrained ‖K_0 − K_∞‖/‖K_∞‖ slope {f['slope']:+.3f} boot95 "
+                  f"[{f['boot_lo']:+.3f}, {f['boot_hi']:+.3f}] per-seed {f['per_seed_mean']:+.3f}"
+                  f" ± {f['per_seed_ci']:.3f}  means {np.round(Y.mean(1), 5).tolist()}")
     out_path.write_text(json.dumps(data, indent=1))
     fig = plot(runs, data["summary"], tag)
     print(f"wrote {out_path} and {fig}")
