@@ -23,6 +23,10 @@ def test_quickstart_notebook_runs(tmp_path):
     code = [c for c in nb.cells if c.cell_type == "code"]
     errors = [o for c in code for o in c.outputs if o.output_type == "error"]
     assert not errors, errors
+    stderr = "".join(o.get("text", "") for c in code for o in c.outputs
+                     if o.get("name") == "stderr")
+    assert "TqdmWarning" not in stderr and "IProgress not found" not in stderr  # a real kernel
+    assert "100%" in stderr  # fit() drew its progress bar (text: no ipywidgets here)
     images = [o for o in code[-1].outputs if "image/png" in o.get("data", {})]
     assert images, "the last cell should plot ntk/drift_from_init"
     assert list(tmp_path.iterdir()) == [], "run_dir=None wrote files"
