@@ -301,7 +301,9 @@ def run_summary(trainer: Trainer, result: dict) -> str:
                      f"{result.get('counts')}; mean running MSE {_fmt(result.get('running_mse'))}")
     lines.append(f"  steps {m.get('steps')}  t = {_fmt(m.get('t'))}  running MSE "
                  f"{_fmt(m.get('running_mse'))}  ({m.get('gradient', trainer.gradient)} gradient,"
-                 f" {m.get('backend', trainer.backend)} backend, {_fmt(m.get('wall_s'))} s)")
+                 f" {m.get('backend', trainer.backend)} backend, {_fmt(m.get('wall_s'))} s"
+                 + (f", of which the limit {_fmt(m['limit_s'])} s" if m.get("limit_s") else "")
+                 + ")")
     if "target_column" in m:  # a file source: what was learned from what
         lines.append(f"  data: inputs {', '.join(map(str, m.get('input_columns', [])))} -> "
                      f"target {m['target_column']}")
