@@ -17,6 +17,9 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
+from . import tags as T
+from .tags import HPARAMS_METRICS
+
 # --- HParams --------------------------------------------------------------------------------
 # (config key, column name, description): the hyper-parameters of a single run, in this order
 MAIN_HPARAMS: tuple[tuple[str, str, str], ...] = (
@@ -26,15 +29,6 @@ MAIN_HPARAMS: tuple[tuple[str, str, str], ...] = (
     ("train.gradient", "gradient", "rtrl (exact), truncated, or bptt (any model)"),
     ("seed", "seed", "the run seed"),
     ("train.horizon", "horizon", "limit time t = steps / N reached by the run"),
-)
-# (tag, column name, key in the run's metrics that says the tag was logged), in this order
-HPARAMS_METRICS: tuple[tuple[str, str, str], ...] = (
-    ("ntk/drift_from_init", "drift from init", "ntk_drift_from_init"),
-    ("ntk/distance_to_limit", "distance to limit", "ntk_distance_to_limit"),
-    ("ntk/log10_kernel_distance_to_limit", "log10 kernel distance to limit",
-     "ntk_kernel_distance_to_limit"),
-    ("output/rmse_to_limit", "output error", "output_rmse_final"),
-    ("train/running_mse", "running MSE", "running_mse"),
 )
 INT_WIDTH = 9  # integers are written as right-aligned strings (shown as "128", sorted as numbers)
 _NOT_SWEPT = ("hydra.", "train.resume")
@@ -291,38 +285,31 @@ def custom_scalar_layout(top_k: int = 0, ntk: bool = True, output: bool = False,
     """TensorBoard custom-scalars layout: one quantity per chart (a chart's lines are the runs,
     one colour each), titled by what it plots."""
     layout: dict[str, dict] = {}
+
+    def charts(*tags: str) -> dict:
+        return {T.TITLES[t]: _one(t) for t in tags}
+
     if ntk:
-        layout["NTK"] = {
-            "drift from init ‖K_t − K_0‖/‖K_0‖": _one("ntk/drift_from_init"),
-            "distance to limit ‖K_t − K_∞‖/‖K_∞‖": _one("ntk/distance_to_limit"),
-            "log10 cosine distance to K_∞": _one("ntk/log10_kernel_distance_to_limit"),
-            "log10 cosine distance to K_0": _one("ntk/log10_kernel_distance"),
-            "velocity": _one("ntk/velocity"),
-            "target alignment": _one("ntk/target_alignment"),
-            "effective rank": _one("ntk/effective_rank"),
-        }
+        layout["NTK"] = charts(T.NTK_DRIFT, T.NTK_DISTANCE_TO_LIMIT,
+                               T.NTK_LOG10_KERNEL_DISTANCE_TO_LIMIT, T.NTK_LOG10_KERNEL_DISTANCE,
+                               T.NTK_VELOCITY, T.NTK_TARGET_ALIGNMENT, T.NTK_EFFECTIVE_RANK)
         layout["NTK spectrum (log10 eigenvalues)"] = {
-            f"log10 λ{i + 1}": _one(f"ntk/spectrum/log10_eig_{i + 1}") for i in range(top_k)}
+            f"log10 λ{i + 1}": _one(T.ntk_spectrum_tag(f"eig_{i + 1}")) for i in range(top_k)}
         layout["NTK per-block drift"] = {
-            f"drift of the {b} block": _one(f"ntk/per_block/drift_{b}") for b in blocks}
+            f"drift of the {b} block": _one(T.ntk_block_tag(f"drift_{b}")) for b in blocks}
     if output:
-        layout["Output vs limit"] = {
-            "output error rms(Ŷ − h_t)": _one("output/rmse_to_limit"),
-            "error of h_t (floor)": _one("output/limit_error"),
-            "rms of h_t": _one("output/limit_rms"),
-            "rms of Ŷ": _one("output/network_rms"),
-        }
-    layout["Training"] = {
-        "running MSE": _one("train/running_mse"),
-        "loss": _one("train/loss"),
-    }
+        layout["Output vs limit"] = charts(T.OUTPUT_RMSE_TO_LIMIT, T.OUTPUT_LIMIT_ERROR,
+                                           T.OUTPUT_LIMIT_RMS, T.OUTPUT_NETWORK_RMS)
+    layout["Training"] = charts(T.TRAIN_RUNNING_MSE, T.TRAIN_LOSS)
     if ntk:
         layout["Parameter displacement"] = {
-            f"‖θ_t − θ_0‖/‖θ_0‖ of {b}": _one(f"params/displacement_{b}") for b in blocks}
+            f"‖θ_t − θ_0‖/‖θ_0‖ of {b}": _one(T.displacement_tag(b)) for b in blocks}
     return layout
 
 
-def _has_callback(cfg: Any, name: str, target: str) -> bool:
+def _has_callback(cfg: Any, callback: tuple[str, str]) -> bool:
+    """Is the callback (`ntk_rnn.tags.NTK_CALLBACK`, ...: config name, class name) configured?"""
+    name, target = callback
     cbs = _select(cfg, "callbacks")
     if cbs is None:
         return False
@@ -342,17 +329,13 @@ def write_layout(state: Any, top_k: int = 0) -> None:
     if w is None or getattr(state, "_ntk_rnn_layout_written", False):
         return
     cfg = state.cfg
-    ntk = _has_callback(cfg, "ntk", "NTKCallback")
+    ntk = _has_callback(cfg, T.NTK_CALLBACK)
     if ntk and not top_k:
         top_k = int(_select(cfg, "callbacks.ntk.top_k") or 5)
     layout = custom_scalar_layout(top_k, ntk=ntk,
-                                  output=_has_callback(cfg, "output", "OutputTracking"))
+                                  output=_has_callback(cfg, T.OUTPUT_CALLBACK))
     w.add_custom_scalars(layout)
     try:
         state._ntk_rnn_layout_written = True
     except AttributeError:
         pass
-
-
-def resolved_yaml(cfg: Any) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)

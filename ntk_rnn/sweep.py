@@ -32,14 +32,14 @@ from typing import Any
 import yaml
 from hydra.experimental.callback import Callback as HydraCallback
 
+from .tags import NTK_DISTANCE_TO_LIMIT, NTK_DRIFT, OUTPUT_RMSE_TO_LIMIT, SUMMARY_KEYS, TITLES
+
 # metrics shown in the printed table (all of them go to summary.csv / summary.json)
-SHOWN = ("steps", "t", "running_mse", "final_loss", "ntk_drift_from_init",
-         "ntk_distance_to_limit", "wall_s")
+SHOWN = ("steps", "t", *SUMMARY_KEYS, "wall_s")
 NOT_RUN = "crashed"  # the status of a job directory without metrics.json
 # the curves of ``--plot``: (tag, panel title)
-PLOTTED = (("ntk/drift_from_init", "drift from init ‖K_t − K_0‖/‖K_0‖"),
-           ("ntk/distance_to_limit", "distance to limit ‖K_t − K_∞‖/‖K_∞‖"),
-           ("output/rmse_to_limit", "output error rms(Ŷ − h_t)"))
+PLOTTED = tuple((tag, TITLES[tag]) for tag in (NTK_DRIFT, NTK_DISTANCE_TO_LIMIT,
+                                               OUTPUT_RMSE_TO_LIMIT))
 PLOT_PNG = "sweep_vs_t.png"
 PLOT_TAG = "sweep/vs_t"
 PLOT_SUFFIX = ".sweep_plot"  # the sweep root's event file (replaced by each plot)

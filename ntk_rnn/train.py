@@ -28,6 +28,7 @@ from .run.config import register_configs
 from .run.lock import LOCK_NAME, RunDirLocked, RunLock
 from .run.signals import TrainingInterrupted
 from .run.trainer import Trainer
+from .tags import RUNNING_MSE
 
 
 def conf_dir() -> Path:
@@ -94,7 +95,7 @@ def _job(cfg: DictConfig) -> Optional[float]:
         raise
     if not multirun:
         print(run_summary(trainer, result), file=sys.stderr)
-    return result.get("running_mse")
+    return result.get(RUNNING_MSE)
 
 
 def main() -> None:
@@ -298,9 +299,9 @@ def run_summary(trainer: Trainer, result: dict) -> str:
     lines = [f"ntk_rnn: run complete -> {trainer.run_dir}"]
     if trainer.E > 1:
         lines.append(f"  ensemble: {trainer.E} members (member_000..), "
-                     f"{result.get('counts')}; mean running MSE {_fmt(result.get('running_mse'))}")
+                     f"{result.get('counts')}; mean running MSE {_fmt(result.get(RUNNING_MSE))}")
     lines.append(f"  steps {m.get('steps')}  t = {_fmt(m.get('t'))}  running MSE "
-                 f"{_fmt(m.get('running_mse'))}  ({m.get('gradient', trainer.gradient)} gradient,"
+                 f"{_fmt(m.get(RUNNING_MSE))}  ({m.get('gradient', trainer.gradient)} gradient,"
                  f" {m.get('backend', trainer.backend)} backend, {_fmt(m.get('wall_s'))} s"
                  + (f", of which the limit {_fmt(m['limit_s'])} s" if m.get("limit_s") else "")
                  + ")")

@@ -95,6 +95,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import tags as T
 from ..errors import ConfigError
 from ..models.family import family_of
 from ..models.mean_field import MeanFieldRNN
@@ -244,7 +245,7 @@ class LinearizedCallback(Callback):
                 f"{self.k} elements (the trainer must call on_segment for every element)")
         if self.last_step != state.step:
             self.log(state, state.step)
-        state.metrics.update({f"lazy_{k}": v for k, v in self.last.items()})
+        state.metrics.update({T.lazy_key(k): v for k, v in self.last.items()})
 
     # --- the θ_0 network along the stream and the shadow update -----------------------------
     def _zero_features(self, model: MeanFieldRNN) -> dict[str, Tensor]:
@@ -397,7 +398,7 @@ class LinearizedCallback(Callback):
         w = state.writer
         if w is not None:
             for k, v in s.items():
-                w.add_scalar(f"lazy/{k}", v, step)
+                w.add_scalar(T.lazy_tag(k), v, step)
         self.last.update(s)
         self.last_step = step
 

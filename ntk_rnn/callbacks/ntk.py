@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import tags as T
 from ..errors import ConfigError
 from ..limit.dispatch import default_mc_width, is_exact, limit_ntk
 from ..logging import write_layout
@@ -40,14 +41,14 @@ def scalar_tags(s: dict[str, float], step: int) -> dict[str, float]:
     for k, v in s.items():
         if k in ("kernel_distance", "kernel_distance_to_limit"):
             if v > 0 and math.isfinite(v) and not (k == "kernel_distance" and step == 0):
-                out[f"ntk/log10_{k}"] = math.log10(v)
+                out[T.ntk_log10_tag(k)] = math.log10(v)
         elif k.startswith("eig_"):
             if v > 0 and math.isfinite(v):
-                out[f"ntk/spectrum/log10_{k}"] = math.log10(v)
+                out[T.ntk_spectrum_tag(k)] = math.log10(v)
         elif k.startswith("drift_") and k[len("drift_"):] in BLOCKS:
-            out[f"ntk/per_block/{k}"] = v
+            out[T.ntk_block_tag(k)] = v
         else:
-            out[f"ntk/{k}"] = v
+            out[T.ntk_tag(k)] = v
     return out
 
 
@@ -56,10 +57,11 @@ def summary_line(m: dict) -> Optional[str]:
     distance to K_∞ beside the limit's own relative error — "below the limit's resolution" when
     the distance is within twice that error (then it is not a finding)."""
     parts = []
-    if "ntk_drift_from_init" in m:
-        parts.append(f"drift from init {m['ntk_drift_from_init']:.4g}")
-    if "ntk_distance_to_limit" in m:
-        dist, err = m["ntk_distance_to_limit"], m.get("ntk_limit_relative_error", float("nan"))
+    if T.NTK_DRIFT_KEY in m:
+        parts.append(f"drift from init {m[T.NTK_DRIFT_KEY]:.4g}")
+    if T.NTK_DISTANCE_TO_LIMIT_KEY in m:
+        dist = m[T.NTK_DISTANCE_TO_LIMIT_KEY]
+        err = m.get(T.NTK_LIMIT_RELATIVE_ERROR_KEY, float("nan"))
         text = f"distance to limit {dist:.4g}"
         if math.isfinite(err):
             text += f" (limit's relative error {err:.2g}"
@@ -114,7 +116,7 @@ class NTKCallback(Callback):
         limit_draws: ... over this many independent networks (>= 2).
     """
 
-    name = "ntk"
+    name = T.NTK_CALLBACK[0]
 
     def __init__(
         self,
@@ -219,7 +221,7 @@ class NTKCallback(Callback):
         if w is not None and state.step == 0:  # (a resumed run wrote them before)
             write_layout(state, self.top_k)
             if self.K_inf is not None:  # two constants of the run: text, not one-point curves
-                w.add_text("ntk/limit_kernel", (
+                w.add_text(T.NTK_LIMIT_TEXT, (
                     f"K_∞ on the probes ({self.K_inf_method}): relative error "
                     f"‖δK_∞‖/‖K_∞‖ = {self.K_inf_rel_error:.3g} (the units of "
                     f"ntk/distance_to_limit), largest absolute error {self.K_inf_error:.3g}; "
@@ -267,12 +269,12 @@ class NTKCallback(Callback):
         self.log(state, step, K, blocks)
 
     def on_train_end(self, state: TrainState) -> None:
-        state.metrics.update({f"ntk_{k}": v for k, v in self.last.items()})
+        state.metrics.update({T.ntk_key(k): v for k, v in self.last.items()})
         if self.K_inf is not None:
-            state.metrics["ntk_limit_error_estimate"] = self.K_inf_error
-            state.metrics["ntk_limit_relative_error"] = self.K_inf_rel_error
-            state.metrics["ntk_limit_method"] = self.K_inf_method
-            state.metrics["ntk_initial_distance_to_limit"] = float(
+            state.metrics[T.NTK_LIMIT_ERROR_KEY] = self.K_inf_error
+            state.metrics[T.NTK_LIMIT_RELATIVE_ERROR_KEY] = self.K_inf_rel_error
+            state.metrics[T.NTK_LIMIT_METHOD_KEY] = self.K_inf_method
+            state.metrics[T.NTK_INITIAL_DISTANCE_TO_LIMIT_KEY] = float(
                 M.relative_frobenius(self.K0, self.K_inf))
 
     # --- logging --------------------------------------------------------------------------
@@ -308,10 +310,11 @@ class NTKCallback(Callback):
             for name, p in state.model.named_parameters():
                 if name in self.theta0:
                     d = (p.detach() - self.theta0[name])
-                    w.add_scalar(f"params/displacement_{name}",
+                    w.add_scalar(T.displacement_tag(name),
                                  float(d.norm() / self.theta0[name].norm().clamp_min(1e-30)), step)
                     if self.hist_every and step % self.hist_every == 0:
-                        w.add_histogram(f"params/abs_displacement_{name}", d.abs().cpu(), step)
+                        w.add_histogram(T.displacement_tag(name, absolute=True), d.abs().cpu(),
+                                        step)
             if self.image_every and (step % self.image_every == 0 or step == state.n_steps):
                 self.width = state.model.width
                 self.log_images(w, step, K)
@@ -332,7 +335,7 @@ class NTKCallback(Callback):
         t = step / self.width if self.width else float("nan")
 
         def add(tag, arr):
-            writer.add_image(f"ntk_images/{tag}", arr, step, dataformats="HWC")
+            writer.add_image(T.NTK_IMAGES + tag, arr, step, dataformats="HWC")
 
         add("K_t", img.heatmap("K_t", K, f"K_t (step {step}, t = {t:.3g})"))
         if step > 0:

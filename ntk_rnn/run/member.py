@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .. import tags as T
 from ..callbacks.base import Callback, TrainState
 from ..callbacks.checkpoint import CheckpointCallback
 from ..callbacks.progress import ProgressCallback, start_note
@@ -409,12 +410,12 @@ class Member:
     def _log_train(self, now: float) -> None:
         s0, t0 = self.last_log
         w = self.writer
-        w.add_scalar("train/loss", 0.5 * self.loss_sum / max(1, self.step - s0), self.step)
+        w.add_scalar(T.TRAIN_LOSS, 0.5 * self.loss_sum / max(1, self.step - s0), self.step)
         self.loss_sum = 0.0
-        w.add_scalar("train/running_mse", self.state.running_mse, self.step)
-        w.add_scalar("train/t", self.step / self.width, self.step)
+        w.add_scalar(T.TRAIN_RUNNING_MSE, self.state.running_mse, self.step)
+        w.add_scalar(T.TRAIN_T, self.step / self.width, self.step)
         if now > t0:
-            w.add_scalar("train/steps_per_s", (self.step - s0) / (now - t0), self.step)
+            w.add_scalar(T.TRAIN_STEPS_PER_S, (self.step - s0) / (now - t0), self.step)
 
     def interrupt(self, signum: int) -> TrainingInterrupted:
         """A signal: checkpoint the current state (a step boundary) and record why."""
@@ -459,8 +460,8 @@ class Member:
             "status": "completed",
             "steps": self.step,
             "t": self.step / self.width,
-            "running_mse": st.running_mse,
-            "final_loss": 0.5 * float(self._ring[(self.step - 1) % self.mse_window]),
+            T.RUNNING_MSE: st.running_mse,
+            T.FINAL_LOSS: 0.5 * float(self._ring[(self.step - 1) % self.mse_window]),
             "wall_s": wall,
             "steps_per_s": (self.step - self.start_step) / wall if wall > 0 else float("nan"),
             "callback_s": self.t_cb,

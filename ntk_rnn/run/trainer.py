@@ -39,6 +39,7 @@ from typing import Any, Optional, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from .. import tags as T
 from ..callbacks.base import Callback
 from ..callbacks.progress import ProgressCallback, interactive, progress_bar
 from ..checkpoint import atomic_write_text
@@ -65,7 +66,6 @@ from .lock import RunLock
 from .member import Member
 from .resources import check_resources
 from .signals import StopSignals, TrainingInterrupted
-
 
 # metrics.json's time measurements: the only numbers that differ between equal runs (a resumed
 # run's limit_s is 0: K_∞ comes from the checkpoint)
@@ -575,15 +575,14 @@ class Trainer:
             row = {"member": m.e, "dir": member_dir(m.e), "seed": m.seed,
                    "data_seed": opt(m.cfg, "data_seed"), "status": m.status,
                    "steps": m.metrics.get("steps", m.step)}
-            for k in ("running_mse", "final_loss", "ntk_drift_from_init",
-                      "ntk_distance_to_limit"):
+            for k in T.SUMMARY_KEYS:
                 if k in m.metrics:
                     row[k] = m.metrics[k]
             if m.error:
                 row["error"] = m.error
             members.append(row)
-        done = [r["running_mse"] for r in members
-                if r["status"] == "completed" and isinstance(r.get("running_mse"), float)]
+        done = [r[T.RUNNING_MSE] for r in members
+                if r["status"] == "completed" and isinstance(r.get(T.RUNNING_MSE), float)]
         counts: dict[str, int] = {}
         for r in members:
             counts[r["status"]] = counts.get(r["status"], 0) + 1
@@ -605,7 +604,7 @@ class Trainer:
             "gradient": self.gradient,
             "threads": 1,
             "counts": counts,
-            "running_mse": sum(done) / len(done) if done else None,  # mean over completed
+            T.RUNNING_MSE: sum(done) / len(done) if done else None,  # mean over completed
             "members": members,
         }
 

@@ -1,0 +1,120 @@
+"""The names a run writes, in one place: TensorBoard tags, ``metrics.json`` keys and the config
+names of the callbacks whose charts the layout shows.
+
+A callback's log point is a dict of plain names (``drift_from_init``, ``eig_1``, ...); its tag is
+``<group>/<name>`` and its key in ``metrics.json`` is ``<group>_<name>`` (`ntk_tag`,
+`ntk_key`, `lazy_tag`, `lazy_key`). The groups sort in TensorBoard's Time Series as
+``ntk/`` < ``ntk_images/`` < ``output/`` < ``params/`` < ``train/``. The titles (`TITLES`) are
+those of the custom-scalars charts, the HParams columns and ``python -m ntk_rnn.sweep --plot``.
+"""
+
+from __future__ import annotations
+
+# --- TensorBoard tags -----------------------------------------------------------------------
+NTK_DRIFT = "ntk/drift_from_init"
+NTK_DISTANCE_TO_LIMIT = "ntk/distance_to_limit"
+NTK_LOG10_KERNEL_DISTANCE = "ntk/log10_kernel_distance"
+NTK_LOG10_KERNEL_DISTANCE_TO_LIMIT = "ntk/log10_kernel_distance_to_limit"
+NTK_VELOCITY = "ntk/velocity"
+NTK_TARGET_ALIGNMENT = "ntk/target_alignment"
+NTK_EFFECTIVE_RANK = "ntk/effective_rank"
+NTK_LIMIT_TEXT = "ntk/limit_kernel"  # a text entry: K_∞'s method and error
+NTK_IMAGES = "ntk_images/"  # + K_t, K_t_minus_K_0, ...
+
+OUTPUT_RMSE_TO_LIMIT = "output/rmse_to_limit"
+OUTPUT_LIMIT_ERROR = "output/limit_error"
+OUTPUT_LIMIT_RMS = "output/limit_rms"
+OUTPUT_NETWORK_RMS = "output/network_rms"
+
+TRAIN_LOSS = "train/loss"
+TRAIN_RUNNING_MSE = "train/running_mse"
+TRAIN_T = "train/t"
+TRAIN_STEPS_PER_S = "train/steps_per_s"
+
+
+def ntk_tag(name: str) -> str:
+    """``drift_from_init`` → ``ntk/drift_from_init``."""
+    return f"ntk/{name}"
+
+
+def ntk_log10_tag(name: str) -> str:
+    """A cosine kernel distance, logged as log10: ``ntk/log10_<name>``."""
+    return f"ntk/log10_{name}"
+
+
+def ntk_spectrum_tag(name: str) -> str:
+    """An eigenvalue ``eig_<i>``, logged as log10: ``ntk/spectrum/log10_eig_<i>``."""
+    return f"ntk/spectrum/log10_{name}"
+
+
+def ntk_block_tag(name: str) -> str:
+    """A per-block drift ``drift_<block>``: ``ntk/per_block/drift_<block>``."""
+    return f"ntk/per_block/{name}"
+
+
+def displacement_tag(param: str, absolute: bool = False) -> str:
+    """‖θ_t − θ_0‖/‖θ_0‖ of one parameter (or the histogram of |θ_t − θ_0| with ``absolute``)."""
+    return f"params/{'abs_' if absolute else ''}displacement_{param}"
+
+
+def lazy_tag(name: str) -> str:
+    """The linearized shadow's ``output_gap``, ... → ``lazy/output_gap``."""
+    return f"lazy/{name}"
+
+
+# --- metrics.json keys ----------------------------------------------------------------------
+RUNNING_MSE = "running_mse"
+FINAL_LOSS = "final_loss"
+NTK_DRIFT_KEY = "ntk_drift_from_init"
+NTK_DISTANCE_TO_LIMIT_KEY = "ntk_distance_to_limit"
+NTK_KERNEL_DISTANCE_TO_LIMIT_KEY = "ntk_kernel_distance_to_limit"
+NTK_LIMIT_ERROR_KEY = "ntk_limit_error_estimate"
+NTK_LIMIT_RELATIVE_ERROR_KEY = "ntk_limit_relative_error"
+NTK_LIMIT_METHOD_KEY = "ntk_limit_method"
+NTK_INITIAL_DISTANCE_TO_LIMIT_KEY = "ntk_initial_distance_to_limit"
+OUTPUT_RMSE_FINAL_KEY = "output_rmse_final"
+
+
+def ntk_key(name: str) -> str:
+    """``drift_from_init`` → ``ntk_drift_from_init``."""
+    return f"ntk_{name}"
+
+
+def lazy_key(name: str) -> str:
+    """``output_gap`` → ``lazy_output_gap``."""
+    return f"lazy_{name}"
+
+
+# the member columns of an ensemble's summary and the NTK columns of a sweep's table
+SUMMARY_KEYS = (RUNNING_MSE, FINAL_LOSS, NTK_DRIFT_KEY, NTK_DISTANCE_TO_LIMIT_KEY)
+
+# --- titles ---------------------------------------------------------------------------------
+TITLES = {
+    NTK_DRIFT: "drift from init ‖K_t − K_0‖/‖K_0‖",
+    NTK_DISTANCE_TO_LIMIT: "distance to limit ‖K_t − K_∞‖/‖K_∞‖",
+    NTK_LOG10_KERNEL_DISTANCE_TO_LIMIT: "log10 cosine distance to K_∞",
+    NTK_LOG10_KERNEL_DISTANCE: "log10 cosine distance to K_0",
+    NTK_VELOCITY: "velocity",
+    NTK_TARGET_ALIGNMENT: "target alignment",
+    NTK_EFFECTIVE_RANK: "effective rank",
+    OUTPUT_RMSE_TO_LIMIT: "output error rms(Ŷ − h_t)",
+    OUTPUT_LIMIT_ERROR: "error of h_t (floor)",
+    OUTPUT_LIMIT_RMS: "rms of h_t",
+    OUTPUT_NETWORK_RMS: "rms of Ŷ",
+    TRAIN_RUNNING_MSE: "running MSE",
+    TRAIN_LOSS: "loss",
+}
+
+# (tag, HParams column, metrics.json key that says the tag was logged), in the HParams order
+HPARAMS_METRICS: tuple[tuple[str, str, str], ...] = (
+    (NTK_DRIFT, "drift from init", NTK_DRIFT_KEY),
+    (NTK_DISTANCE_TO_LIMIT, "distance to limit", NTK_DISTANCE_TO_LIMIT_KEY),
+    (NTK_LOG10_KERNEL_DISTANCE_TO_LIMIT, "log10 kernel distance to limit",
+     NTK_KERNEL_DISTANCE_TO_LIMIT_KEY),
+    (OUTPUT_RMSE_TO_LIMIT, "output error", OUTPUT_RMSE_FINAL_KEY),
+    (TRAIN_RUNNING_MSE, "running MSE", RUNNING_MSE),
+)
+
+# --- callbacks whose charts the custom-scalars layout shows: (config name, class name) ------
+NTK_CALLBACK = ("ntk", "NTKCallback")
+OUTPUT_CALLBACK = ("output", "OutputTrackingCallback")
