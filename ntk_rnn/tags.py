@@ -63,18 +63,6 @@ def lazy_tag(name: str) -> str:
 
 
 # --- metrics.json keys ----------------------------------------------------------------------
-RUNNING_MSE = "running_mse"
-FINAL_LOSS = "final_loss"
-NTK_DRIFT_KEY = "ntk_drift_from_init"
-NTK_DISTANCE_TO_LIMIT_KEY = "ntk_distance_to_limit"
-NTK_KERNEL_DISTANCE_TO_LIMIT_KEY = "ntk_kernel_distance_to_limit"
-NTK_LIMIT_ERROR_KEY = "ntk_limit_error_estimate"
-NTK_LIMIT_RELATIVE_ERROR_KEY = "ntk_limit_relative_error"
-NTK_LIMIT_METHOD_KEY = "ntk_limit_method"
-NTK_INITIAL_DISTANCE_TO_LIMIT_KEY = "ntk_initial_distance_to_limit"
-OUTPUT_RMSE_FINAL_KEY = "output_rmse_final"
-
-
 def ntk_key(name: str) -> str:
     """``drift_from_init`` → ``ntk_drift_from_init``."""
     return f"ntk_{name}"
@@ -84,6 +72,17 @@ def lazy_key(name: str) -> str:
     """``output_gap`` → ``lazy_output_gap``."""
     return f"lazy_{name}"
 
+
+RUNNING_MSE = "running_mse"
+FINAL_LOSS = "final_loss"
+OUTPUT_RMSE_FINAL_KEY = "output_rmse_final"
+NTK_DRIFT_KEY = ntk_key("drift_from_init")
+NTK_DISTANCE_TO_LIMIT_KEY = ntk_key("distance_to_limit")
+NTK_KERNEL_DISTANCE_TO_LIMIT_KEY = ntk_key("kernel_distance_to_limit")
+NTK_LIMIT_ERROR_KEY = ntk_key("limit_error_estimate")
+NTK_LIMIT_RELATIVE_ERROR_KEY = ntk_key("limit_relative_error")
+NTK_LIMIT_METHOD_KEY = ntk_key("limit_method")
+NTK_INITIAL_DISTANCE_TO_LIMIT_KEY = ntk_key("initial_distance_to_limit")
 
 # the member columns of an ensemble's summary and the NTK columns of a sweep's table
 SUMMARY_KEYS = (RUNNING_MSE, FINAL_LOSS, NTK_DRIFT_KEY, NTK_DISTANCE_TO_LIMIT_KEY)
