@@ -32,24 +32,14 @@ TRAIN_T = "train/t"
 TRAIN_STEPS_PER_S = "train/steps_per_s"
 
 
-def ntk_tag(name: str) -> str:
-    """``drift_from_init`` → ``ntk/drift_from_init``."""
-    return f"ntk/{name}"
-
-
-def ntk_log10_tag(name: str) -> str:
-    """A cosine kernel distance, logged as log10: ``ntk/log10_<name>``."""
-    return f"ntk/log10_{name}"
-
-
-def ntk_spectrum_tag(name: str) -> str:
-    """An eigenvalue ``eig_<i>``, logged as log10: ``ntk/spectrum/log10_eig_<i>``."""
-    return f"ntk/spectrum/log10_{name}"
-
-
-def ntk_block_tag(name: str) -> str:
-    """A per-block drift ``drift_<block>``: ``ntk/per_block/drift_<block>``."""
-    return f"ntk/per_block/{name}"
+# a log point's plain name → its tag (``drift_from_init`` → ``ntk/drift_from_init``); the cosine
+# kernel distances and the eigenvalues ``eig_<i>`` are logged as log10, the per-block drifts
+# ``drift_<block>`` under per_block/; the linearized shadow's names (``output_gap``) under lazy/
+ntk_tag = "ntk/{}".format
+ntk_log10_tag = "ntk/log10_{}".format
+ntk_spectrum_tag = "ntk/spectrum/log10_{}".format
+ntk_block_tag = "ntk/per_block/{}".format
+lazy_tag = "lazy/{}".format
 
 
 def displacement_tag(param: str, absolute: bool = False) -> str:
@@ -57,22 +47,9 @@ def displacement_tag(param: str, absolute: bool = False) -> str:
     return f"params/{'abs_' if absolute else ''}displacement_{param}"
 
 
-def lazy_tag(name: str) -> str:
-    """The linearized shadow's ``output_gap``, ... → ``lazy/output_gap``."""
-    return f"lazy/{name}"
-
-
 # --- metrics.json keys ----------------------------------------------------------------------
-def ntk_key(name: str) -> str:
-    """``drift_from_init`` → ``ntk_drift_from_init``."""
-    return f"ntk_{name}"
-
-
-def lazy_key(name: str) -> str:
-    """``output_gap`` → ``lazy_output_gap``."""
-    return f"lazy_{name}"
-
-
+ntk_key = "ntk_{}".format  # ``drift_from_init`` → ``ntk_drift_from_init``
+lazy_key = "lazy_{}".format  # ``output_gap`` → ``lazy_output_gap``
 RUNNING_MSE = "running_mse"
 FINAL_LOSS = "final_loss"
 OUTPUT_RMSE_FINAL_KEY = "output_rmse_final"
