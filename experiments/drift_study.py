@@ -37,8 +37,9 @@ import torch
 
 from ntk_rnn import MeanFieldRNN, NTKCallback, Trainer
 from ntk_rnn.callbacks import LinearizedCallback
-from ntk_rnn.callbacks.base import Callback, generator_from_seed
+from ntk_rnn.callbacks.base import Callback
 from ntk_rnn.data import VAR1
+from ntk_rnn.models.init import generator_from_seed
 
 ROOT = Path(__file__).resolve().parent.parent
 RES = ROOT / "experiments" / "results"

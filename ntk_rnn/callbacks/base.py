@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..models.init import generator_from_seed  # noqa: F401 (callbacks/output.py imports it here)
 
 
 @dataclass
@@ -146,7 +147,3 @@ def as_float(x: float | Tensor) -> float:
     return float(x.item() if isinstance(x, torch.Tensor) else x)
 
 
-def generator_from_seed(seed: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(int(seed))
-    return g

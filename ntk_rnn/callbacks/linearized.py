@@ -98,10 +98,11 @@ from torch import Tensor
 from .. import tags as T
 from ..errors import ConfigError
 from ..models.family import family_of
+from ..models.init import generator_from_seed
 from ..models.mean_field import MeanFieldRNN
-from .base import Callback, TrainState, generator_from_seed
+from ..models.recurrence import ONLINE_GRADIENTS
+from .base import Callback, TrainState
 
-GRADIENTS = ("rtrl", "truncated")
 MAX_BLOCK = 64  # elements solved at once (auto block size)
 BLOCK_BUDGET = 2 ** 17  # entries of one (B, P) feature block (auto block size)
 
@@ -162,9 +163,9 @@ class LinearizedCallback(Callback):
                 f"features at θ_0 are RTRL recursions); got {type(model).__name__}. Remove "
                 f"{f} for this model")
         self.gradient = state.gradient
-        if self.gradient not in GRADIENTS:
+        if self.gradient not in ONLINE_GRADIENTS:
             raise ConfigError(f"{f}: train.gradient={self.gradient!r} is not one of "
-                              f"{list(GRADIENTS)}")
+                              f"{list(ONLINE_GRADIENTS)}")
         avail = getattr(state.source, "length", None) or getattr(state.source, "num_steps", None)
         if avail is not None and self.n_probes > avail - self.probe_length + 1:
             raise ConfigError(

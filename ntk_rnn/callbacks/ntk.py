@@ -24,9 +24,10 @@ from ..errors import ConfigError
 from ..limit.dispatch import default_mc_width, is_exact, limit_ntk
 from ..logging import write_layout
 from ..models.family import family_of
+from ..models.init import generator_from_seed
 from ..ntk import metrics as M
 from ..ntk import ntk_blocks, training_kernel
-from .base import Callback, TrainState, generator_from_seed
+from .base import Callback, TrainState
 from .cache import cached
 
 BLOCKS = ("c", "w", "b")

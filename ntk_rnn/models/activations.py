@@ -35,7 +35,7 @@ class Activation:
         return self.fn(z), self.deriv(z)
 
 
-_TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
+TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
 
 ACTIVATIONS: dict[str, Activation] = {
     "tanh": Activation("tanh", torch.tanh, lambda z: 1.0 - torch.tanh(z) ** 2, 1.0),
@@ -43,7 +43,7 @@ ACTIVATIONS: dict[str, Activation] = {
         "sigmoid", torch.sigmoid, lambda z: torch.sigmoid(z) * (1.0 - torch.sigmoid(z)), 0.25
     ),
     "erf": Activation(
-        "erf", torch.erf, lambda z: _TWO_OVER_SQRT_PI * torch.exp(-z * z), _TWO_OVER_SQRT_PI
+        "erf", torch.erf, lambda z: TWO_OVER_SQRT_PI * torch.exp(-z * z), TWO_OVER_SQRT_PI
     ),
 }
 

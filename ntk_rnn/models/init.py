@@ -107,7 +107,10 @@ def reseed(model: Any, seed: int) -> bool:
     reset = getattr(model, "reset_parameters", None)
     if not callable(reset) or "generator" not in inspect.signature(reset).parameters:
         return False
-    g = torch.Generator()
-    g.manual_seed(int(seed))
-    reset(g)
+    reset(generator_from_seed(seed))
     return True
+
+
+def generator_from_seed(seed: int) -> torch.Generator:
+    """A CPU torch.Generator seeded with ``seed``: every seeded draw of the package starts here."""
+    return torch.Generator().manual_seed(int(seed))

@@ -24,11 +24,10 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from .activations import Activation, get_activation
 from .init import InitLaw
-from .recurrence import recurrence_of
+from .recurrence import RECURRENCES, recurrence_of
 from .scaling import MeanFieldScaling
 
 Recurrence = Literal["diagonal", "feedback"]
-RECURRENCES = ("diagonal", "feedback")
 
 
 def check_hyper(input_dim: int, width: int, beta: float) -> None:

@@ -22,7 +22,7 @@ strings; the object knows
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -30,6 +30,11 @@ from torch import Tensor
 from ..errors import ConfigError
 from .activations import Activation
 
+# the gradients an online step carries forward along the stream: exact RTRL (∂S/∂θ through the
+# whole past) or truncated (the memory taken as an input); BPTT is not online (run/config.py's
+# TRAIN_GRADIENTS, online/bptt.py)
+OnlineGradient = Literal["rtrl", "truncated"]
+ONLINE_GRADIENTS: tuple[str, ...] = get_args(OnlineGradient)
 
 # --- online states ------------------------------------------------------------------------------
 @dataclass

@@ -8,12 +8,12 @@ the matrix-free metrics of ``ntk.large`` (``large.trace``, ``large.frobenius_nor
 from . import large
 from .cell import cell_ntk
 from .empirical import (
-    GRADIENTS,
     MEMORY_BUDGET,
     METHODS,
+    ONLINE_GRADIENTS,
     Footprint,
-    Gradient,
     Method,
+    OnlineGradient,
     check_inputs,
     choose_method,
     empirical_ntk,
@@ -37,7 +37,7 @@ from .metrics import (
 from .structured import structured_ntk, supports_structured, unit_feature_matrix
 
 __all__ = [
-    "GRADIENTS", "MEMORY_BUDGET", "METHODS", "Gradient", "Method", "check_inputs",
+    "ONLINE_GRADIENTS", "MEMORY_BUDGET", "METHODS", "OnlineGradient", "Method", "check_inputs",
     "choose_method", "empirical_ntk", "jacobian_blocks", "ntk_blocks", "ntk_vp_kernel",
     "training_kernel", "cell_ntk", "structured_ntk", "supports_structured", "unit_feature_matrix",
     "effective_rank", "intrinsic_dimension", "kernel_distance", "kernel_velocity",

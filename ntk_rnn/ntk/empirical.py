@@ -46,12 +46,11 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vmap
 
 from ..errors import ConfigError
+from ..models.recurrence import ONLINE_GRADIENTS, OnlineGradient
 from . import structured as st
 
 Method = Literal["auto", "jacobian", "ntk_vp", "structured"]
 METHODS: tuple[str, ...] = get_args(Method)
-Gradient = Literal["rtrl", "truncated"]
-GRADIENTS: tuple[str, ...] = get_args(Gradient)
 
 #: Bytes of working memory (Jacobians, tangents, saved activations) the generic methods size their
 #: chunks to, besides the (n, m) result; also the threshold in ``choose_method``.
@@ -610,7 +609,7 @@ def empirical_ntk(
 
 
 def training_kernel(
-    model: nn.Module, x: Tensor, x2: Tensor | None = None, gradient: Gradient = "truncated",
+    model: nn.Module, x: Tensor, x2: Tensor | None = None, gradient: OnlineGradient = "truncated",
     method: Method = "auto", chunk_size: int | None = None,
 ) -> Tensor:
     """The kernel that drives training: K_tr(x̄, x̄') = N^{2β−1} ∇_θ f(x̄) · g(x̄') (theory §4).
@@ -619,8 +618,9 @@ def training_kernel(
     (any method); ``"truncated"`` — the truncated gradient (memory treated as an input: P, Q
     without the b P, b Q terms), MeanFieldRNN only, asymmetric, computed by the structured engine.
     """
-    if gradient not in GRADIENTS:
-        raise ConfigError(f"gradient={gradient!r} is not known; choose one of {list(GRADIENTS)}")
+    if gradient not in ONLINE_GRADIENTS:
+        raise ConfigError(f"gradient={gradient!r} is not known; choose one of "
+                          f"{list(ONLINE_GRADIENTS)}")
     if gradient == "rtrl":
         return empirical_ntk(model, x, x2, method=method, chunk_size=chunk_size)
     if not st.supports_structured(model):

@@ -43,6 +43,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from ..models.activations import TWO_OVER_SQRT_PI
 from ..models.family import family_of
 from ..models.mean_field import MeanFieldRNN
 from . import _features_c, recurrent
@@ -63,7 +64,6 @@ C_CHUNK = 128
 
 BLOCK_NAMES = ("c", "w", "b")
 
-_TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
 
 
 def supports_structured(model: object) -> bool:
@@ -144,7 +144,7 @@ def _forward(model: MeanFieldRNN, x: Tensor, units: slice, Z: Tensor, H: Tensor)
     elif act.name == "sigmoid":
         torch.addcmul(Hn, Hn, Hn, value=-1.0, out=Z)  # σ' = S − S²
     elif act.name == "erf":
-        Z.square_().neg_().exp_().mul_(_TWO_OVER_SQRT_PI)
+        Z.square_().neg_().exp_().mul_(TWO_OVER_SQRT_PI)
     else:
         Z.copy_(act.deriv(Z))
     return 4.0 if tanh else 1.0

@@ -61,7 +61,6 @@ from ..models.gru import GRURNN
 from .fast import output_buffer
 
 ENGINES = ("auto", "kernel", "eager", "autograd")
-_ACT_CODES = {"tanh": 0, "sigmoid": 1, "erf": 2}
 
 
 def check_window(window: Any) -> int:
@@ -203,7 +202,7 @@ class _BPTTBase:
                 and self.dtype in (torch.float32, torch.float64)):
             return None
         kind = family_of(m).bptt_engine
-        if kind == "elman" and m.act.name not in _ACT_CODES:
+        if kind == "elman" and m.act.name not in loader.ACT_CODES:
             return None
         return kind
 

@@ -26,9 +26,8 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..models.family import family_of
 from ..models.mean_field import MeanFieldRNN
-from ..models.recurrence import FeedbackState, OnlineState, recurrence_of
+from ..models.recurrence import ONLINE_GRADIENTS, FeedbackState, OnlineState, recurrence_of
 from .fast import _Buffers, _check_chunk, make_engine
-from .rtrl import GRADIENTS
 
 
 def _per_member(value: Any, E: int, name: str) -> list[float]:
@@ -60,9 +59,9 @@ class EnsembleStepper:
         models = list(models)
         if not models:
             raise ConfigError("an ensemble needs at least one model")
-        if gradient not in GRADIENTS:
+        if gradient not in ONLINE_GRADIENTS:
             raise ConfigError(f"gradient={gradient!r} is not known; choose one of "
-                              f"{list(GRADIENTS)}")
+                              f"{list(ONLINE_GRADIENTS)}")
         m0 = models[0]
         for e, m in enumerate(models):
             if family_of(m).recurrence is None:

@@ -32,7 +32,6 @@ E = 1 through views of its own tensors (see `ntk_rnn.online.ensemble` for E > 1)
 from __future__ import annotations
 
 import ctypes
-import math
 import os
 import threading
 from collections import OrderedDict
@@ -43,21 +42,21 @@ from torch import Tensor
 
 from ..csrc import loader
 from ..errors import ConfigError
+from ..models.activations import TWO_OVER_SQRT_PI
 from ..models.family import family_of
 from ..models.mean_field import MeanFieldRNN
 from ..models.recurrence import (
     DIAGONAL,
     FEEDBACK,
+    ONLINE_GRADIENTS,
     RECURRENCES,
     FeedbackState,
     OnlineState,
     Recurrence,
     recurrence_of,
 )
-from .rtrl import GRADIENTS
 
 BACKENDS = ("auto", "kernel", "eager", "graphs")
-_TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
 
 # --- the compiled kernel (ntk_rnn/csrc/fast.c, built by ntk_rnn.csrc.loader) ----------------------
 _KERNELS: dict[tuple[int, str], Any] = {}  # (d, activation) -> CDLL, or the reason it is not used
@@ -103,7 +102,7 @@ def _self_check(key: tuple[int, str]) -> None:
     gen = torch.Generator().manual_seed(1234)
     for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
         for rec in RECURRENCES:
-            for grad in GRADIENTS:
+            for grad in ONLINE_GRADIENTS:
                 init = {"b": "uniform", "rho": 0.5}
                 m1 = MeanFieldRNN(d, 37, beta=0.7, activation=act, recurrence=rec, init=init,
                                   seed=5, dtype=dtype)
@@ -319,7 +318,7 @@ class _EagerEngine:
         elif name == "erf":
             def act(z: Tensor, s: Tensor, ds: Tensor) -> None:
                 torch.erf(z, out=s)
-                torch.mul(z, z, out=ds).neg_().exp_().mul_(_TWO_OVER_SQRT_PI)
+                torch.mul(z, z, out=ds).neg_().exp_().mul_(TWO_OVER_SQRT_PI)
         else:  # any other Activation: its own functions (allocating)
             fn = self.buf.act.value_and_deriv
 
@@ -492,8 +491,9 @@ def make_engine(buf: _Buffers, gradient: str, backend: str = "auto", threads: in
     """The engine for ``backend`` ('auto' picks: graphs on CUDA, the compiled kernel on the CPU
     where it builds and passes its self-check, else eager). ``engine.name`` is the backend and
     ``engine.reason`` says why it was chosen (for logs and metrics.json)."""
-    if gradient not in GRADIENTS:
-        raise ConfigError(f"gradient={gradient!r} is not known; choose one of {list(GRADIENTS)}")
+    if gradient not in ONLINE_GRADIENTS:
+        raise ConfigError(f"gradient={gradient!r} is not known; choose one of "
+                          f"{list(ONLINE_GRADIENTS)}")
     name, reason = _resolve_backend(backend, buf)
     if name == "kernel":
         if buf.device.type != "cpu" or buf.dtype not in (torch.float32, torch.float64):

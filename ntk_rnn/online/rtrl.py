@@ -13,26 +13,27 @@ between the two models.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor
 
 from ..models.mean_field import MeanFieldRNN
-from ..models.recurrence import FeedbackState, OnlineState, spq_step
+from ..models.recurrence import (
+    FeedbackState,
+    OnlineGradient,
+    OnlineState,
+    spq_step,
+)
 from .feedback import feedback_step
 
-__all__ = ["GRADIENTS", "Gradient", "OnlineState", "FeedbackState", "spq_step", "rtrl_step",
+__all__ = ["OnlineState", "FeedbackState", "spq_step", "rtrl_step",
            "ReferenceStepper"]
 
-Gradient = Literal["rtrl", "truncated"]
-GRADIENTS = ("rtrl", "truncated")
 
 
 @torch.no_grad()
 def rtrl_step(
     model: MeanFieldRNN, state: OnlineState | FeedbackState, x: Tensor, y: Tensor | float,
-    lr: float, gradient: Gradient = "rtrl",
+    lr: float, gradient: OnlineGradient = "rtrl",
 ) -> Tensor:
     """One online SGD step on (X_k = x (d,), Y_k = y); updates ``model`` and ``state`` in place.
 
@@ -57,7 +58,7 @@ class ReferenceStepper:
     """The reference loop (``train.backend=reference``): one `rtrl_step` per element,
     with the same ``run_chunk`` interface as `ntk_rnn.online.fast.FastStepper`."""
 
-    def __init__(self, model: MeanFieldRNN, state, lr: float, gradient: Gradient = "rtrl"):
+    def __init__(self, model: MeanFieldRNN, state, lr: float, gradient: OnlineGradient = "rtrl"):
         self.model, self.state, self.lr, self.gradient = model, state, lr, gradient
 
     def run_chunk(self, X: Tensor, Y: Tensor, out: Tensor | None = None) -> Tensor:

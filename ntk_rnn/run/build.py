@@ -24,7 +24,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from ..callbacks.base import Callback
 from ..data.base import check_source
 from ..errors import ConfigError
-from ..models.init import reseed
+from ..models.init import generator_from_seed, reseed
 from .config import check_callback_args, opt
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -47,12 +47,6 @@ def run_seeds(cfg: Any) -> dict[str, int]:
     if data_seed is not None:
         seeds["data"] = derive_seeds(data_seed)["data"]
     return seeds
-
-
-def generator(seed: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(int(seed))
-    return g
 
 
 def member_dir(e: int) -> str:
@@ -249,7 +243,7 @@ def build_model(cfg: Any, input_dim: int, seed: int) -> torch.nn.Module:
                           " or model=custom model._target_=my_module.MyRNN")
     params = _signature(cls)
     filled: dict[str, Any] = {"input_dim": int(input_dim)}
-    for k, v in (("generator", generator(seed)), ("dtype", DTYPES[cfg.dtype]),
+    for k, v in (("generator", generator_from_seed(seed)), ("dtype", DTYPES[cfg.dtype]),
                  ("device", cfg.device)):
         if k in params:
             filled[k] = v

@@ -16,6 +16,7 @@ from omegaconf import MISSING, DictConfig
 
 from ..errors import ConfigError
 from ..models.activations import ACTIVATIONS
+from ..models.recurrence import ONLINE_GRADIENTS
 
 
 # (the docstring's entries are `name (type): ...`: the --help page reads this class's source for
@@ -111,10 +112,9 @@ def register_configs() -> None:
 
 
 _DTYPES = ("float32", "float64")
-GRADIENTS = ("auto", "rtrl", "truncated", "bptt")
+TRAIN_GRADIENTS = ("auto", *ONLINE_GRADIENTS, "bptt")  # train.gradient
 TRAIN_BACKENDS = ("auto", "kernel", "eager", "graphs", "reference")
 MAX_STEPS = 10**9  # steps of one run (the running-MSE ring holds train.mse_window of them)
-RESUME = (True, False, "auto")
 
 
 def _require(ok: bool, msg: str) -> None:
@@ -163,8 +163,8 @@ def validate(cfg: DictConfig | Config) -> None:
                  f"{sorted(ACTIVATIONS)}")
     _require(_finite(t.alpha) and float(t.alpha) > 0,
              f"train.alpha={t.alpha} must be a finite number > 0")
-    _require(t.gradient in GRADIENTS,
-             f"train.gradient={t.gradient!r}: choose one of {list(GRADIENTS)}")
+    _require(t.gradient in TRAIN_GRADIENTS,
+             f"train.gradient={t.gradient!r}: choose one of {list(TRAIN_GRADIENTS)}")
     _require(isinstance(opt(t, "bptt_window", 32), int) and int(opt(t, "bptt_window", 32)) >= 1,
              f"train.bptt_window={opt(t, 'bptt_window')} must be an integer >= 1")
     _require(t.get("backend", "auto") in TRAIN_BACKENDS,

@@ -28,7 +28,7 @@ from ..checkpoint import atomic_write_text, save_checkpoint
 from ..data.base import check_chunk, source_name
 from ..errors import ConfigError, TrainingDiverged
 from ..logging import make_writer, tensorboard_enabled, write_hparams
-from .build import generator
+from ..models.init import generator_from_seed
 from .resume import check_same_config, completed_run, find_checkpoint, metrics_intact
 from .signals import TrainingInterrupted
 from .writer import RunWriter
@@ -89,7 +89,7 @@ class Member:
         self.writer = RunWriter(None)
         self.state = TrainState(
             model=model, online=online, source=source, cfg=cfg, run_dir=run_dir,
-            n_steps=n_steps, lr=self.lr, generators={"probe": generator(seeds["probe"])},
+            n_steps=n_steps, lr=self.lr, generators={"probe": generator_from_seed(seeds["probe"])},
             save_checkpoint=self.save, writer=self.writer, model_factory=model_factory,
             alpha=float(t.alpha), gradient=str(t.gradient),
         )
@@ -317,7 +317,7 @@ class Member:
         start = self.step
         if start >= self.n_steps:
             return
-        gen = generator(self.seeds["data"])
+        gen = generator_from_seed(self.seeds["data"])
         seen = 0
         for X, Y in self.source.stream(gen, self.chunk_size):
             check_chunk(self.source, X, Y, self.chunk_size)
