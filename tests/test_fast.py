@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from ntk_rnn import ConfigError, MeanFieldRNN, OnlineState, rtrl_step
-from ntk_rnn.online.ensemble import EnsembleStepper, make_ensemble
-from ntk_rnn.online.fast import FastStepper, fast_step, kernel_library, kernel_status
+from ntk_rnn.online.ensemble import EnsembleStepper
+from ntk_rnn.online.fast import FastStepper, kernel_library, kernel_status
 
 f64 = torch.float64
 D = 3
@@ -104,12 +104,13 @@ def test_fast_step_is_a_drop_in_for_rtrl_step():
     lr = m.learning_rate(4.0)
     out_ref, st_ref = reference(m_ref, X, Y, lr)
     st = OnlineState.zeros(m)
+    fast = FastStepper(m, lr, "rtrl", st)  # steps on the state ``st`` given, like rtrl_step
     out = torch.empty_like(Y)
     for k in range(100):
-        y_hat = fast_step(m, st, X[k], Y[k], lr)
+        y_hat = fast.step(X[k], Y[k])
         assert y_hat.dim() == 0
         out[k] = y_hat
-    out[100:] = fast_step(m, st, X[100:], Y[100:], lr)  # a chunk at once
+    out[100:] = fast.run_chunk(X[100:], Y[100:])  # a chunk at once
     assert_same(m, st, out, m_ref, st_ref, out_ref)
 
 
@@ -210,8 +211,8 @@ def test_shared_stream_equals_repeated_own_streams(backend):
 @pytest.mark.skipif(not HAS_KERNEL, reason="no compiled kernel")
 def test_ensemble_kernel_threads_equal_one_thread():
     X, Y = data(200, E=4)
-    a = make_ensemble(D, 48, seeds=[0, 1, 2, 3], alpha=2.0, dtype=f64, threads=1)
-    b = make_ensemble(D, 48, seeds=[0, 1, 2, 3], alpha=2.0, dtype=f64, threads=3)
+    a, b = (EnsembleStepper([MeanFieldRNN(D, 48, seed=s, dtype=f64) for s in range(4)],
+                            alpha=2.0, threads=threads) for threads in (1, 3))
     assert rel(b.run_chunk(X, Y), a.run_chunk(X, Y)) < 1e-15
     assert rel(b.params["w"], a.params["w"]) < 1e-15
 

@@ -14,7 +14,8 @@ from ntk_rnn.callbacks.base import TrainState
 from ntk_rnn.data.chains import VAR1
 from ntk_rnn.errors import ConfigError
 from ntk_rnn.models.mean_field import MeanFieldRNN
-from ntk_rnn.online.rtrl import OnlineState, ReferenceStepper
+from ntk_rnn.models.recurrence import OnlineState
+from ntk_rnn.online.rtrl import ReferenceStepper
 
 F64 = torch.float64
 CASES = [("diagonal", "rtrl"), ("diagonal", "truncated"), ("feedback", "rtrl"),

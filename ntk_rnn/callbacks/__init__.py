@@ -2,11 +2,10 @@
 
 from .base import Callback, TrainState
 from .checkpoint import CheckpointCallback
-from .linearized import LinearizedCallback  # noqa: F401  (linearized shadow model)
+from .linearized import LinearizedCallback  # the linearized shadow model
 from .ntk import NTKCallback
 from .output import OutputTrackingCallback
 from .progress import ProgressCallback
 
-__all__ = ["Callback", "TrainState", "CheckpointCallback", "NTKCallback", "OutputTrackingCallback",
-           "ProgressCallback"]
-__all__ += ["LinearizedCallback"]
+__all__ = ["Callback", "TrainState", "CheckpointCallback", "LinearizedCallback", "NTKCallback",
+           "OutputTrackingCallback", "ProgressCallback"]

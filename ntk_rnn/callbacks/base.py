@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import torch
 from torch import Tensor
 
 from ..errors import ConfigError
@@ -138,12 +137,5 @@ class Callback:
         pass
 
 
-def write_scalar(state: TrainState, tag: str, value: float | Tensor, step: int) -> None:
-    if state.writer is not None:
-        state.writer.add_scalar(tag, float(value), step)
-
-
-def as_float(x: float | Tensor) -> float:
-    return float(x.item() if isinstance(x, torch.Tensor) else x)
 
 

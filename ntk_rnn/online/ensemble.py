@@ -201,17 +201,3 @@ class EnsembleStepper:
         with torch.no_grad():
             self.engine.run(X3, Y2, out2)
         return res
-
-
-def make_ensemble(input_dim: int, width: int, seeds: Sequence[int], alpha: Any = 1.0,
-                  beta: Any = 0.75, gradient: str = "rtrl", *, backend: str = "auto",
-                  shared_stream: bool | None = None, threads: int = 1,
-                  **model_kwargs: Any) -> EnsembleStepper:
-    """E = len(seeds) fresh models (``MeanFieldRNN(input_dim, width, beta=β_e, seed=seeds[e],
-    **model_kwargs)``) trained with α_e; ``alpha`` and ``beta`` are one value or one per member."""
-    E = len(seeds)
-    betas = _per_member(beta, E, "beta")
-    models = [MeanFieldRNN(input_dim, width, beta=b, seed=int(s), **model_kwargs)
-              for s, b in zip(seeds, betas, strict=True)]
-    return EnsembleStepper(models, alpha=alpha, gradient=gradient, backend=backend,
-                           shared_stream=shared_stream, threads=threads)

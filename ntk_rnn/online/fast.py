@@ -34,7 +34,6 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from collections import OrderedDict
 from typing import Any, Sequence
 
 import torch
@@ -585,25 +584,3 @@ class FastStepper:
         """One step on (X_k = x (d,), Y_k = y); returns Ŷ_k (0-dim), like ``rtrl_step``."""
         Y = y.reshape(1) if isinstance(y, Tensor) else torch.tensor([float(y)])
         return self.run_chunk(x.unsqueeze(0), Y.to(x.device))[0]
-
-
-_STEPPERS: OrderedDict[int, FastStepper] = OrderedDict()  # id(state) -> stepper, a small LRU
-
-
-def fast_step(model: MeanFieldRNN, state: OnlineState | FeedbackState, x: Tensor,
-              y: Tensor | float, lr: float, gradient: str = "rtrl") -> Tensor:
-    """Drop-in for ``rtrl_step`` (same arguments, same result to round-off). ``x`` (d,) runs one
-    step and returns Ŷ_k (0-dim); ``x`` (T, d) with ``y`` (T,) runs T steps and returns Ŷ (T,).
-    The stepper behind it is cached per ``state`` object (the last few)."""
-    st = _STEPPERS.get(id(state))
-    if st is None or st.state is not state or st.model is not model or st.lr != float(lr) \
-            or st.gradient != gradient:
-        st = FastStepper(model, lr, gradient, state)
-        _STEPPERS[id(state)] = st
-        while len(_STEPPERS) > 8:
-            _STEPPERS.popitem(last=False)
-    else:
-        _STEPPERS.move_to_end(id(state))
-    if x.dim() == 1:
-        return st.step(x, y)
-    return st.run_chunk(x, y)

@@ -25,9 +25,7 @@ from ..models.recurrence import (
 )
 from .feedback import feedback_step
 
-__all__ = ["OnlineState", "FeedbackState", "spq_step", "rtrl_step",
-           "ReferenceStepper"]
-
+__all__ = ["rtrl_step", "ReferenceStepper"]
 
 
 @torch.no_grad()

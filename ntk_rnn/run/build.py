@@ -376,7 +376,3 @@ def model_node(model: Any) -> dict:
             out["width"] = int(m.width)
         return out
     return describe(model, extra)
-
-
-def to_config(node: dict) -> DictConfig:
-    return OmegaConf.create(node)

@@ -46,10 +46,11 @@ from ..checkpoint import atomic_write_text
 from ..data.base import source_name
 from ..errors import ConfigError, TrainingDiverged
 from ..models.family import family_of
+from ..models.recurrence import OnlineState
 from ..online.bptt import BPTTStepper
 from ..online.ensemble import EnsembleStepper
 from ..online.fast import FastStepper
-from ..online.rtrl import OnlineState, ReferenceStepper
+from ..online.rtrl import ReferenceStepper
 from .build import (
     build_callbacks,
     build_model,
