@@ -216,15 +216,25 @@ def write_hparams(writer: SummaryWriter, cfg: Any, metrics: dict[str, Any],
     sei = plugin_data_pb2.SessionEndInfo(status=api_pb2.Status.Value("STATUS_SUCCESS"),
                                          end_time_secs=now)
     V = metadata.PLUGIN_DATA_VERSION
-    fw = writer._get_file_writer()
     for tag, data in ((metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(
             experiment=exp, version=V)),
             (metadata.SESSION_START_INFO_TAG, plugin_data_pb2.HParamsPluginData(
                 session_start_info=ssi, version=V)),
             (metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(
                 session_end_info=sei, version=V))):
-        fw.add_summary(_plugin_summary(tag, data))
+        add_summary(writer, _plugin_summary(tag, data))
     writer.flush()
+
+
+def add_summary(writer: SummaryWriter, summary: Any) -> None:
+    """Write a raw ``Summary`` proto into the writer's own event file. SummaryWriter has no
+    public method for it (``add_hparams`` writes into a new timestamped sub-run); its public
+    ``file_writer`` does it, and after ``close()`` (None) torch's own reopening is used: the one
+    place this package touches a private member of torch."""
+    fw = writer.file_writer
+    if fw is None:
+        fw = writer._get_file_writer()
+    fw.add_summary(summary)
 
 
 def _varying_in(sweep_dir: Any) -> Optional[set[str]]:

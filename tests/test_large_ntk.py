@@ -81,8 +81,8 @@ def test_structured_blocks_over_units_and_windows(monkeypatch):
     x, x2 = windows(9, 6, 3, 2), windows(8, 6, 3, 3)
     K = empirical_ntk(model, x, x2)
     calls = []
-    real = large.emp._structured
-    monkeypatch.setattr(large.emp, "_structured",
+    real = large.emp.structured_kernel
+    monkeypatch.setattr(large.emp, "structured_kernel",
                         lambda m, a, b, units: calls.append((a.shape[0], units)) or real(m, a, b,
                                                                                          units))
     monkeypatch.setattr(large, "MIN_UNITS", 4)

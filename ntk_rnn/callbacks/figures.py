@@ -20,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from ..ntk.metrics import _eigvals
+from ..ntk.metrics import eigvals
 
 DPI = 100
 SIZE = (5.6, 4.8)  # inches: 560 × 480 px
@@ -32,7 +32,7 @@ FLOOR = 1e-12  # eigenvalues below FLOOR × the largest are numerical noise: not
 def spectrum(K: Tensor, floor: float = FLOOR) -> np.ndarray:
     """Eigenvalues of the symmetric part of K, descending, without the numerical floor: those
     ≤ ``floor`` × the largest (zero or negative from round-off) are dropped."""
-    ev = _eigvals(K.detach().double().cpu()).numpy()
+    ev = eigvals(K.detach().double().cpu()).numpy()
     top = float(ev.max()) if ev.size else 0.0
     return ev[ev > floor * top] if top > 0 else ev[:0]
 

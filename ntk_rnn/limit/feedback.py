@@ -68,7 +68,7 @@ from ..models.activations import Activation
 from ..models.family import family_of
 from ..models.init import InitLaw
 from ..ntk.cell import cell_gram, check_cell_inputs
-from .kernel import LimitAccuracyWarning, LimitKernel, _axes, _inverse_cdf
+from .kernel import LimitAccuracyWarning, LimitKernel, law_axes, inverse_cdf
 
 _F64 = torch.float64
 METHODS = ("auto", "closed", "quadrature", "rqmc", "mc")
@@ -139,7 +139,7 @@ def cell_points(law: InitLaw, d: int, n: int, generator: torch.Generator,
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     u = qmc.Sobol(d + 1, scramble=True, seed=np.random.default_rng(seed)).random(n)
     u = torch.from_numpy(np.clip(u, 2.0**-60, 1.0 - 2.0**-53)).to(device)
-    wb = torch.stack([_inverse_cdf(k, s, u[:, i]) for i, (k, s) in enumerate(_axes(law, d))], -1)
+    wb = torch.stack([inverse_cdf(k, s, u[:, i]) for i, (k, s) in enumerate(law_axes(law, d))], -1)
     return wb, math.sqrt(law.c_second_moment())
 
 

@@ -145,13 +145,13 @@ def _gram_sums(w, b, cfac, weight, act, xa, xb, truncated, chunk, out=None) -> T
 
 
 # --- laws and rules ----------------------------------------------------------------------------
-def _axes(law: InitLaw, d: int) -> list[tuple[str, float]]:
+def law_axes(law: InitLaw, d: int) -> list[tuple[str, float]]:
     """(kind, scale) of each coordinate of (w_1..w_d, b); w normal has sd w_scale/√d."""
     ws = law.w_scale / math.sqrt(d) if law.w == "normal" else law.w_scale
     return [(law.w, float(ws))] * d + [(law.b, float(law.rho))]
 
 
-def _inverse_cdf(kind: str, scale: float, u: Tensor) -> Tensor:
+def inverse_cdf(kind: str, scale: float, u: Tensor) -> Tensor:
     """Map u ~ U(0, 1) to the coordinate's law by its inverse CDF."""
     if kind == "normal":
         return torch.special.ndtri(u) * scale
@@ -282,7 +282,7 @@ def limit_ntk(
 def _replicated(method, law, d, gram, c2, tol, max_points, R, generator, G, symmetric):
     """rqmc / mc: R independent replicate estimates G_r/count, points per replicate doubling
     (Sobol' sequences extended, Monte Carlo draws added) until t·std/√R ≤ tol everywhere."""
-    axes, dev = _axes(law, d), G.device
+    axes, dev = law_axes(law, d), G.device
     if method == "rqmc":
         root = int(torch.randint(0, 2**62, (1,), generator=generator))
         engines = [qmc.Sobol(d + 1, scramble=True, seed=np.random.default_rng(s))
@@ -294,7 +294,7 @@ def _replicated(method, law, d, gram, c2, tol, max_points, R, generator, G, symm
         if method == "rqmc":
             u = np.stack([e.random(new) for e in engines])  # extends each sequence
             u = torch.from_numpy(np.clip(u, 2.0**-60, 1.0 - 2.0**-53)).to(dev)
-            wb = torch.stack([_inverse_cdf(k, s, u[..., i]) for i, (k, s) in enumerate(axes)], -1)
+            wb = torch.stack([inverse_cdf(k, s, u[..., i]) for i, (k, s) in enumerate(axes)], -1)
             w, b, cfac = wb[..., :d], wb[..., d], math.sqrt(c2)
         else:
             c, w, b = law.sample(R * new, d, generator, dtype=_F64, device=dev)
@@ -322,7 +322,7 @@ def _quadrature(law, d, gram, c2, tol, max_points, dev, symmetric) -> LimitKerne
     worse one) is doubled. A grid over ``max_points`` is not computed: the axis then keeps its
     last estimate (that of the half resolution, conservative) and the result is not converged.
     """
-    axes = _axes(law, d)
+    axes = law_axes(law, d)
     refinable = (any(k in ("normal", "uniform") for k, _ in axes[:d]),
                  axes[d][0] in ("normal", "uniform"))
     cache: dict = {}

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .activations import Activation, get_activation
-from .init import _KINDS, InitLaw
+from .init import KINDS, InitLaw
 from .mean_field import check_hyper
 from .scaling import RecurrentScaling
 
@@ -46,8 +46,8 @@ def recurrent_exponent(recurrent_scaling: str) -> float:
 
 def check_law(key: str, kind: str, scale: float) -> None:
     """A c/w law as in `InitLaw`, with the error naming ``model.<key>``."""
-    if kind not in _KINDS:
-        raise ConfigError(f"model.{key}={kind!r} is not a known law; choose one of {list(_KINDS)}")
+    if kind not in KINDS:
+        raise ConfigError(f"model.{key}={kind!r} is not a known law; choose one of {list(KINDS)}")
     if not float(scale) >= 0:
         raise ConfigError(f"model.{key.replace('law', 'scale')}={scale} must be >= 0")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, get_args
 
 import torch
 from torch import Tensor
@@ -12,7 +12,7 @@ from torch import Tensor
 from ..errors import ConfigError
 
 Kind = Literal["uniform", "normal", "rademacher", "constant"]
-_KINDS = ("uniform", "normal", "rademacher", "constant")
+KINDS: tuple[str, ...] = get_args(Kind)
 
 
 @dataclass
@@ -46,9 +46,9 @@ class InitLaw:
     def __post_init__(self) -> None:
         for group in ("c", "w", "b"):
             kind = getattr(self, group)
-            if kind not in _KINDS:
+            if kind not in KINDS:
                 raise ConfigError(
-                    f"model.init.{group}={kind!r} is not a known law; choose one of {list(_KINDS)}"
+                    f"model.init.{group}={kind!r} is not a known law; choose one of {list(KINDS)}"
                 )
         for field in ("c_scale", "w_scale", "rho"):
             if not float(getattr(self, field)) >= 0:

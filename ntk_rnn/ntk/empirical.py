@@ -108,7 +108,7 @@ def check_inputs(
     return x.to(dtype), (None if x2 is None else x2.to(dtype))
 
 
-def _check_method(model: nn.Module, method: str) -> None:
+def check_method(model: nn.Module, method: str) -> None:
     if method not in METHODS:
         raise ConfigError(f"method={method!r} is not known; choose one of {list(METHODS)}")
     if method == "structured" and st.structure_of(model) is None:
@@ -120,7 +120,7 @@ def _check_method(model: nn.Module, method: str) -> None:
 
 
 # --- generic engines (torch.func) ---------------------------------------------------------------
-def _trainable(model: nn.Module) -> dict[str, Tensor]:
+def trainable_params(model: nn.Module) -> dict[str, Tensor]:
     params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise ConfigError(f"{type(model).__name__} has no trainable parameters; no NTK to compute")
@@ -248,7 +248,7 @@ def footprint(model: nn.Module, x: Tensor | None = None, only: str | None = None
 
     Without x (or with no windows) a dense net is assumed: A = P entries, F = 2P.
     """
-    params, buffers = _trainable(model), dict(model.named_buffers())
+    params, buffers = trainable_params(model), dict(model.named_buffers())
     params_d = params if only is None else {only: params[only]}
     n_params = sum(p.numel() for p in params_d.values())
     itemsize = next(iter(params.values())).element_size()
@@ -310,7 +310,7 @@ def _vp_chunks(
     return max(1, c), max(1, r)
 
 
-def _jacobian_fn(model: nn.Module, params: dict, buffers: dict, diff: list[str]):
+def jacobian_fn(model: nn.Module, params: dict, buffers: dict, diff: list[str]):
     """xs (c, L, d) → {name: (c, numel)}: per-window gradients ``vmap(jacrev(f))`` w.r.t. ``diff``
     (the torch.func tutorial's recipe; f is one window's last output)."""
     kw = _forward_kwargs(model)
@@ -363,8 +363,8 @@ def _jacobian_kernel(
     fp: Footprint | None, memory_budget: int | None, total: bool,
 ) -> dict[str, Tensor] | Tensor:
     """``jacobian_blocks``, or with ``total`` their sum accumulated in one (n, m) tensor."""
-    params, buffers = _trainable(model), dict(model.named_buffers())
-    J = _jacobian_fn(model, params, buffers, list(params))
+    params, buffers = trainable_params(model), dict(model.named_buffers())
+    J = jacobian_fn(model, params, buffers, list(params))
     sym = x2 is None
     x2 = x if sym else x2
     n, m = x.shape[0], x2.shape[0]
@@ -408,7 +408,7 @@ def ntk_vp_kernel(
     above the diagonal are mirrored. ``only``: restrict θ to one named parameter (its block of
     the kernel).
     """
-    params, buffers = _trainable(model), dict(model.named_buffers())
+    params, buffers = trainable_params(model), dict(model.named_buffers())
     diff = list(params) if only is None else [only]
     kw = _forward_kwargs(model)
     sym = x2 is None
@@ -416,7 +416,7 @@ def ntk_vp_kernel(
     n, m = x.shape[0], x2.shape[0]
     fp = fp or footprint(model, x, only)
     c, r = _vp_chunks(fp, n, m, chunk_size, memory_budget)
-    J = _jacobian_fn(model, params, buffers, diff)
+    J = jacobian_fn(model, params, buffers, diff)
     rest = {k: v for k, v in params.items() if k not in diff}
     primal = {k: params[k] for k in diff}
     K = x.new_zeros(n, m)
@@ -449,7 +449,7 @@ def ntk_vp_kernel(
 
 
 # --- structured engine, restricted to the trainable blocks -------------------------------------
-def _structured(
+def structured_kernel(
     model: nn.Module, x: Tensor, x2: Tensor | None, chunk_size: int | None,
     blocks: bool = False, truncated2: bool = False,
 ) -> Tensor | dict[str, Tensor]:
@@ -548,7 +548,7 @@ def _resolve(
     model: nn.Module, method: str, x: Tensor, x2: Tensor | None, chunk_size: object,
     memory_budget: int | None = None,
 ) -> str:
-    _check_method(model, method)
+    check_method(model, method)
     _check_chunk(chunk_size)
     _budget(memory_budget)
     if method == "auto":
@@ -570,16 +570,16 @@ def ntk_blocks(
     x, x2 = check_inputs(model, x, x2)
     method = _resolve(model, method, x, x2, chunk_size, memory_budget)
     if _empty(x, x2):
-        names = _trainable(model)
+        names = trainable_params(model)
         return {k: x.new_zeros(x.shape[0], (x if x2 is None else x2).shape[0]) for k in names}
     if method == "structured":
-        return _structured(model, x, x2, chunk_size, blocks=True)
+        return structured_kernel(model, x, x2, chunk_size, blocks=True)
     scale = float(getattr(model, "ntk_scale", 1.0))
     if method == "jacobian":
         blocks = jacobian_blocks(model, x, x2, chunk_size, memory_budget=memory_budget)
     else:
         blocks = {k: ntk_vp_kernel(model, x, x2, chunk_size, only=k, memory_budget=memory_budget)
-                  for k in _trainable(model)}
+                  for k in trainable_params(model)}
     return {k: v.mul_(scale) for k, v in blocks.items()}
 
 
@@ -599,7 +599,7 @@ def empirical_ntk(
     if _empty(x, x2):
         return x.new_zeros(x.shape[0], (x if x2 is None else x2).shape[0])
     if method == "structured":
-        return _structured(model, x, x2, chunk_size)
+        return structured_kernel(model, x, x2, chunk_size)
     scale = float(getattr(model, "ntk_scale", 1.0))
     if method == "jacobian":
         K = _jacobian_kernel(model, x, x2, chunk_size, None, memory_budget, total=True)
@@ -628,7 +628,7 @@ def training_kernel(
             f"gradient='truncated' needs a MeanFieldRNN with diagonal recurrence; "
             f"{type(model).__name__} has no truncated gradient (use gradient='rtrl')"
         )
-    _check_method(model, method)
+    check_method(model, method)
     if method not in ("auto", "structured"):
         raise ConfigError(
             f"gradient='truncated' is computed by method='structured' (or 'auto'); got {method!r}"
@@ -637,4 +637,4 @@ def training_kernel(
     x, x2 = check_inputs(model, x, x2)
     if _empty(x, x2):
         return x.new_zeros(x.shape[0], (x if x2 is None else x2).shape[0])
-    return _structured(model, x, x2, chunk_size, truncated2=True)
+    return structured_kernel(model, x, x2, chunk_size, truncated2=True)

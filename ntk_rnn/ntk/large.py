@@ -80,7 +80,7 @@ def _resolve(model: nn.Module, method: str, x: Tensor, x2: Tensor | None, budget
     """The method to run. ``operator`` (KernelOperator): its structured products are per unit
     block, so only Model D's kernel ("units") is structured there; the recurrent structured
     kernels (Elman, GRU) serve :func:`blocked_ntk` by blocks of windows."""
-    emp._check_method(model, method)
+    emp.check_method(model, method)
     key = st.structure_of(model)
     if operator and method == "structured" and key != "units":
         raise ConfigError(
@@ -118,8 +118,8 @@ class _JacobianRows:
     computed by ``vmap(jacrev)`` a sub-chunk at a time so its activations stay within ``work``."""
 
     def __init__(self, model: nn.Module, x: Tensor, work: int) -> None:
-        params, buffers = emp._trainable(model), dict(model.named_buffers())
-        self.J = emp._jacobian_fn(model, params, buffers, list(params))
+        params, buffers = emp.trainable_params(model), dict(model.named_buffers())
+        self.J = emp.jacobian_fn(model, params, buffers, list(params))
         self.fp = emp.footprint(model, x)
         self.scale = math.sqrt(float(getattr(model, "ntk_scale", 1.0)))
         self.sub = max(1, work // (self.fp.param_bytes + self.fp.jacrev_bytes))
@@ -181,7 +181,7 @@ def _structured_blocked(model, x, x2, out, work: int) -> None:
             units = max(1, min(model.width, work // 2 // (nb * per_unit_window)))
             xi = x[i0:i1]
             xj = None if (sym and (i0, i1) == (j0, j1)) else x2_[j0:j1]
-            out[i0:i1, j0:j1] = emp._structured(model, xi, xj, units)
+            out[i0:i1, j0:j1] = emp.structured_kernel(model, xi, xj, units)
             if sym and (i0, i1) != (j0, j1):
                 out[j0:j1, i0:i1] = out[i0:i1, j0:j1].T
 
@@ -201,7 +201,7 @@ def _recurrent_blocked(model, x, x2, out, work: int) -> None:
             if sym and j1 <= i0:
                 continue
             xj = None if (sym and (i0, i1) == (j0, j1)) else x2_[j0:j1]
-            out[i0:i1, j0:j1] = emp._structured(model, x[i0:i1], xj, None)
+            out[i0:i1, j0:j1] = emp.structured_kernel(model, x[i0:i1], xj, None)
             if sym and (i0, i1) != (j0, j1):
                 out[j0:j1, i0:i1] = out[i0:i1, j0:j1].T
 
@@ -251,7 +251,7 @@ def blocked_ntk(
         rows, cols, per_unit_window = _structured_plan(x, x2, work)
         if (rows, cols) == (n, m):  # one block: structured_ntk's own result, no copy
             units = max(1, min(model.width, work // 2 // ((n + m) * per_unit_window)))
-            return emp._structured(model, x, x2, units)
+            return emp.structured_kernel(model, x, x2, units)
     K, work = _alloc_out(n, m, x, out, budget)
     if n == 0 or m == 0:
         return K

@@ -38,7 +38,7 @@ def _square(K: Tensor, name: str = "K") -> None:
         raise ConfigError(f"{name} must be a square matrix (n, n); got {shape}")
 
 
-def _eigvals(K: Tensor) -> Tensor:
+def eigvals(K: Tensor) -> Tensor:
     """Eigenvalues of the symmetric part (K + Kᵀ)/2, descending."""
     _square(K)
     return torch.linalg.eigvalsh((K + K.T) / 2).flip(0)
@@ -84,7 +84,7 @@ def top_eigenvalues(K: Tensor, k: int) -> Tensor:
     _square(K)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= K.shape[0]:
         raise ConfigError(f"k={k!r} must be an integer in [1, {K.shape[0]}]")
-    return _eigvals(K)[:k]
+    return eigvals(K)[:k]
 
 
 def effective_rank(K: Tensor) -> float:
@@ -92,7 +92,7 @@ def effective_rank(K: Tensor) -> float:
 
     Eigenvalues ≤ n·eps·λ_max count as zero. k for the identity of size k; 1 for rank one.
     """
-    lam = _eigvals(K)
+    lam = eigvals(K)
     if lam.numel() == 0 or lam[0] <= 0:
         return 0.0
     lam = lam[lam > lam.shape[0] * torch.finfo(lam.dtype).eps * lam[0]]
@@ -102,5 +102,5 @@ def effective_rank(K: Tensor) -> float:
 
 def intrinsic_dimension(K: Tensor) -> float:
     """tr(K) / ‖K‖_op = Σ λ / λ_max (for positive semidefinite K): k for the identity of size k."""
-    lam = _eigvals(K)
+    lam = eigvals(K)
     return float(torch.trace(K) / lam.abs().max())

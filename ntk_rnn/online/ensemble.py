@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from ..models.family import family_of
 from ..models.mean_field import MeanFieldRNN
 from ..models.recurrence import ONLINE_GRADIENTS, FeedbackState, OnlineState, recurrence_of
-from .fast import _Buffers, _check_chunk, make_engine
+from .fast import Buffers, check_engine_chunk, make_engine
 
 
 def _per_member(value: Any, E: int, name: str) -> list[float]:
@@ -97,7 +97,7 @@ class EnsembleStepper:
         names = list(states[0].state_dict())
         for k in names:
             t[k] = torch.stack([st.state_dict()[k].detach() for st in states]).contiguous()
-        self.buf = _Buffers(self.rec, m0.act, t, self.lr,
+        self.buf = Buffers(self.rec, m0.act, t, self.lr,
                             [m.output_scale for m in models])
         # each member's state holds views of the stacked state: with bind=True the passed-in
         # state objects themselves are rebound (so whoever holds them sees the live values)
@@ -197,7 +197,7 @@ class EnsembleStepper:
                                      else f"({self.E}, T, {self.input_dim})"))
         if self.bind:
             self._sync_bindings()
-        X3, Y2, out2, res = _check_chunk(self.buf, X, Y, out, single=False)
+        X3, Y2, out2, res = check_engine_chunk(self.buf, X, Y, out, single=False)
         with torch.no_grad():
             self.engine.run(X3, Y2, out2)
         return res

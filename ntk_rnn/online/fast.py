@@ -126,7 +126,7 @@ def _self_check(key: tuple[int, str]) -> None:
 
 
 # --- the stacked tensors an engine acts on ------------------------------------------------------
-class _Buffers:
+class Buffers:
     """Parameters and online state with a leading ensemble axis E, plus per-member lr and scale.
 
     c (E,N), w (E,N,d), b (E,N) and the recurrence's state (``rec.state_names``):
@@ -178,7 +178,7 @@ def output_buffer(out: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype
     return out
 
 
-def _check_chunk(buf: _Buffers, X: Tensor, Y: Any, out: Tensor | None, single: bool
+def check_engine_chunk(buf: Buffers, X: Tensor, Y: Any, out: Tensor | None, single: bool
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Validate and view a chunk as X (E,T,d), Y (E,T), out (E,T) (shared streams are expanded
     views). Returns (X3, Y2, out2, result) where result is what run_chunk returns."""
@@ -220,7 +220,7 @@ class _KernelEngine:
 
     name = "kernel"
 
-    def __init__(self, buf: _Buffers, gradient: str, lib: ctypes.CDLL, threads: int = 1) -> None:
+    def __init__(self, buf: Buffers, gradient: str, lib: ctypes.CDLL, threads: int = 1) -> None:
         self.buf, self.gradient, self.threads = buf, gradient, max(1, int(threads))
         sfx = "f64" if buf.dtype == torch.float64 else "f32"
         g = "rtrl" if gradient == "rtrl" else "trunc"
@@ -280,7 +280,7 @@ class _EagerEngine:
 
     name = "eager"
 
-    def __init__(self, buf: _Buffers, gradient: str) -> None:
+    def __init__(self, buf: Buffers, gradient: str) -> None:
         self.buf, self.rtrl = buf, gradient == "rtrl"
         E, N = buf.E, buf.N
         new = lambda *s: torch.empty(*s, dtype=buf.dtype, device=buf.device)
@@ -412,7 +412,7 @@ class _BlockEngine:
 
     name = "graphs"
 
-    def __init__(self, buf: _Buffers, gradient: str, max_block: int = 64,
+    def __init__(self, buf: Buffers, gradient: str, max_block: int = 64,
                  capture: bool | None = None) -> None:
         self.buf, self.eager = buf, _EagerEngine(buf, gradient)
         self.capture = buf.device.type == "cuda" if capture is None else bool(capture)
@@ -463,7 +463,7 @@ class _BlockEngine:
             j += n
 
 
-def _resolve_backend(backend: str, buf: _Buffers) -> tuple[str, str]:
+def _resolve_backend(backend: str, buf: Buffers) -> tuple[str, str]:
     """(backend name, why that one)."""
     env = os.environ.get("NTK_RNN_FAST_BACKEND")
     if backend == "auto" and env:
@@ -485,7 +485,7 @@ def _resolve_backend(backend: str, buf: _Buffers) -> tuple[str, str]:
     return "kernel", f"auto: {kernel_status(buf.d, buf.act.name)}"
 
 
-def make_engine(buf: _Buffers, gradient: str, backend: str = "auto", threads: int = 1,
+def make_engine(buf: Buffers, gradient: str, backend: str = "auto", threads: int = 1,
                 max_block: int = 64, _unchecked: bool = False) -> Any:
     """The engine for ``backend`` ('auto' picks: graphs on CUDA, the compiled kernel on the CPU
     where it builds and passes its self-check, else eager). ``engine.name`` is the backend and
@@ -513,11 +513,11 @@ def make_engine(buf: _Buffers, gradient: str, backend: str = "auto", threads: in
 
 
 # --- one model ------------------------------------------------------------------------------
-def _model_buffers(model: MeanFieldRNN, state: Any, lr: float) -> _Buffers:
+def _model_buffers(model: MeanFieldRNN, state: Any, lr: float) -> Buffers:
     """E = 1 views of the model's own parameters and state (writes go straight to them)."""
     t = {k: getattr(model, k).detach().unsqueeze(0) for k in ("c", "w", "b")}
     t.update({k: v.unsqueeze(0) for k, v in state.state_dict().items()})
-    return _Buffers(recurrence_of(model), model.act, t, [lr], [model.output_scale])
+    return Buffers(recurrence_of(model), model.act, t, [lr], [model.output_scale])
 
 
 class FastStepper:
@@ -575,7 +575,7 @@ class FastStepper:
         """Steps k = 0..T-1 on (X[k], Y[k]); returns Ŷ (T,) (written into ``out`` if given), each
         made with the parameters before its step."""
         engine = self._engine_for(self._key())
-        X3, Y2, out2, res = _check_chunk(engine.buf, X, Y, out, single=True)
+        X3, Y2, out2, res = check_engine_chunk(engine.buf, X, Y, out, single=True)
         with torch.no_grad():
             engine.run(X3, Y2, out2)
         return res
