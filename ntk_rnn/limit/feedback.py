@@ -68,7 +68,7 @@ from ..models.activations import Activation
 from ..models.family import family_of
 from ..models.init import InitLaw
 from ..ntk.cell import cell_gram, check_cell_inputs
-from .kernel import LimitAccuracyWarning, LimitKernel, law_axes, inverse_cdf
+from .kernel import LimitAccuracyWarning, LimitKernel, inverse_cdf, law_axes
 
 _F64 = torch.float64
 METHODS = ("auto", "closed", "quadrature", "rqmc", "mc")
