@@ -33,6 +33,10 @@ def cfg_factory():
     return make_cfg
 
 
+# overrides many tests share: a run without callbacks, and a width-8 one (more overrides after)
+CALLBACKS_OFF = "callbacks=none"
+BARE = ["model.width=8", CALLBACKS_OFF]
+
 # a run that takes a second: width 8, 32 steps, a small NTK callback without K_∞, no event files
 TINY = ["model.width=8", "train.steps=32", "callbacks=[ntk]", "callbacks.ntk.n_probes=4",
         "callbacks.ntk.probe_length=3", "callbacks.ntk.top_k=2", "callbacks.ntk.limit=false",

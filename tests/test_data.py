@@ -257,7 +257,8 @@ def test_file_series_errors(tmp_path):
     p = write_csv(tmp_path / "text.csv", ["a,temp", "1,2", "2,abc", "3,4"])
     with pytest.raises(ConfigError, match=r"column 'temp' has a non-numeric or infinite value "
                        r"'abc' at row 1"):
-        FileSeries(p, missing="drop", target_column="temp")  # text is not a gap, whatever data.missing says
+        # text is not a gap, whatever data.missing says
+        FileSeries(p, missing="drop", target_column="temp")
     p = write_csv(tmp_path / "ok.csv", ["a,b"] + [f"{k},{k}" for k in range(5)])
     with pytest.raises(ConfigError, match=r"column 'c' is not in .*available columns: "
                        r"\['a', 'b'\]"):
@@ -286,7 +287,8 @@ def test_file_series_missing_modes(tmp_path):
     src = FileSeries(p, missing="drop", standardize=False, horizon=0, target_column="x")
     assert src.columns == ["x", "y"] and src.dropped_rows == 5 and src.missing_cells == 5
     assert np.array_equal(table(src)[:, :2], [[2, 12], [5, 15]])
-    src = FileSeries(p, missing="ffill", standardize=False, horizon=0, target_column="x")  # row 0 has no x before
+    # row 0 has no x before it
+    src = FileSeries(p, missing="ffill", standardize=False, horizon=0, target_column="x")
     assert src.dropped_rows == 1
     assert np.array_equal(table(src)[:, :2], [[1, 10], [2, 12], [2, 13], [2, 14], [5, 15],
                                               [6, 15]])
@@ -316,14 +318,14 @@ def trainer_class():
 def test_file_series_cycle_is_unbounded(tmp_path):
     """A cycling file reports num_steps=None (the stream never ends), so a run longer than the
     file is accepted; without cycle the trainer refuses it before training."""
-    from .conftest import make_cfg
+    from .conftest import BARE, make_cfg
 
     p = write_csv(tmp_path / "year.csv", ["year,v"] + [f"{1700 + k}-12-31,{np.sin(0.5 * k)}"
                                                        for k in range(309)])
     src = FileSeries(p, cycle=True)
     assert src.columns == ["v"] and src.num_steps is None and src.length == 308
     assert FileSeries(p).num_steps == 308
-    run = ["data=csv", f"data.path={p}", "model.width=8", "train.steps=400", "callbacks=none"]
+    run = ["data=csv", f"data.path={p}", *BARE, "train.steps=400"]
     Trainer = trainer_class()
     with pytest.raises(ConfigError, match=r"holds 308; .*set data.cycle=true"):
         Trainer(make_cfg(*run), tmp_path / "a")
@@ -375,11 +377,11 @@ def test_real_series_with_gaps_and_dates(tmp_path):
 @pytest.mark.parametrize("name,extra", [("co2", ["data.missing=interpolate"]),
                                         ("sunspots", ["data.cycle=true"])])
 def test_train_on_real_series(tmp_path, name, extra):
-    from .conftest import make_cfg
+    from .conftest import CALLBACKS_OFF, make_cfg
 
     path = statsmodels_csv(tmp_path, name)
     cfg = make_cfg("data=csv", f"data.path={path}", "model.width=16", "train.steps=600",
-                   "callbacks=none", "dtype=float64", *extra)
+                   CALLBACKS_OFF, "dtype=float64", *extra)
     metrics = trainer_class()(cfg, tmp_path / "run").fit()
     assert metrics["status"] == "completed" and metrics["steps"] == 600
     assert np.isfinite(metrics["running_mse"])

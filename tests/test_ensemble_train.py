@@ -21,12 +21,12 @@ from ntk_rnn.run import Trainer, TrainingInterrupted
 from ntk_rnn.run.build import member_config, run_seeds
 from ntk_rnn.run.trainer import TIMING_KEYS, EnsembleIncomplete
 
-from .conftest import ROOT, SignalAt, make_cfg, run_cli
+from .conftest import CALLBACKS_OFF, ROOT, SignalAt, make_cfg, run_cli
 
 # float64, a cheap NTK callback (no limit kernel) whose events do not line up with the chunks
 RUN = ["model.width=16", "train.steps=300", "dtype=float64", "train.chunk_size=64",
        "train.log_every=10"]
-NO_CALLBACKS = [*RUN, "callbacks=none"]
+NO_CALLBACKS = [*RUN, CALLBACKS_OFF]
 BASE = [*RUN, "callbacks=[ntk,checkpoint]", "callbacks.ntk.every_n_steps=7",
         "callbacks.ntk.n_probes=4", "callbacks.ntk.probe_length=4", "callbacks.ntk.top_k=2",
         "callbacks.ntk.limit=false", "callbacks.ntk.image_every_n_steps=0",
@@ -240,7 +240,7 @@ def test_cli_ensemble_with_default_callbacks(tmp_path):
         assert (d / "checkpoints/final.pt").exists() and (d / "checkpoints/init.pt").exists()
     assert len({json.loads((tmp_path / f"member_{e:03d}/metrics.json").read_text())[
         "running_mse"] for e in range(3)}) == 3
-    bad = run_cli("model.width=16", "train.steps=20", "callbacks=none", "train.ensemble_size=0",
+    bad = run_cli("model.width=16", "train.steps=20", CALLBACKS_OFF, "train.ensemble_size=0",
                   f"hydra.run.dir={tmp_path}/bad")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     lines = [ln for ln in bad.stderr.splitlines() if ln.startswith("ntk_rnn:")]

@@ -17,7 +17,7 @@ from ntk_rnn.ntk import cell_ntk
 from ntk_rnn.online.feedback import FeedbackState, feedback_step
 from ntk_rnn.run import Trainer
 
-from .conftest import make_cfg
+from .conftest import CALLBACKS_OFF, make_cfg
 
 f64 = torch.float64
 GAUSS = InitLaw(b="normal", rho=1.0)
@@ -175,7 +175,7 @@ def test_rtrl_step_is_simultaneous_sgd():
 
 @pytest.mark.parametrize("gradient", ["rtrl", "truncated"])
 def test_trainer_runs_feedback_and_learns(tmp_path, gradient):
-    cfg = make_cfg("model=feedback", "callbacks=none", "model.width=256", "train.horizon=4",
+    cfg = make_cfg("model=feedback", CALLBACKS_OFF, "model.width=256", "train.horizon=4",
                    "dtype=float64", "train.mse_window=128", f"train.gradient={gradient}",
                    "logger.tensorboard=false")
     tr = Trainer.from_config(cfg, tmp_path)

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf, open_dict
 from ntk_rnn.errors import ConfigError, TrainingDiverged
 from ntk_rnn.run import Trainer
 
-from .conftest import make_cfg
+from .conftest import BARE, make_cfg
 
 # fixed examples (derandomize) keep `make test` reproducible and its time bounded; shrinking a
 # failure can take minutes, so it is on only with NTK_RNN_SHRINK=1 (then rerun the failing test).
@@ -35,7 +35,7 @@ SETTINGS = settings(
     (Phase.explicit, Phase.reuse, Phase.generate),
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 SPECIAL = st.sampled_from([math.nan, math.inf, -math.inf, 0.0, -0.0, 1e300, -1e-300])
-TINY = ["model.width=8", "train.steps=30", "callbacks=none", "logger.flush_secs=1"]
+TINY = [*BARE, "train.steps=30", "logger.flush_secs=1"]
 _BASE = {}
 
 

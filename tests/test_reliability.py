@@ -21,9 +21,9 @@ from ntk_rnn.errors import ConfigError
 from ntk_rnn.run import Trainer, TrainingInterrupted
 from ntk_rnn.run.trainer import TIMING_KEYS
 
-from .conftest import ROOT, SignalAt, make_cfg, run_cli
+from .conftest import BARE, ROOT, SignalAt, make_cfg, run_cli
 
-TINY = ["model.width=8", "train.steps=20", "callbacks=none"]
+TINY = [*BARE, "train.steps=20"]
 LAUNCHERS = {
     "basic": [],
     "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],

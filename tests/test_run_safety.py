@@ -27,15 +27,16 @@ from ntk_rnn.run.lock import RunDirLocked, RunLock
 from ntk_rnn.run.resume import find_checkpoint
 from ntk_rnn.run.trainer import TIMING_KEYS
 
-from .conftest import ROOT, make_cfg, run_cli
+from .conftest import BARE, CALLBACKS_OFF, ROOT, make_cfg, run_cli
 
-TINY = ["model.width=8", "train.steps=20", "callbacks=none"]
+TINY = [*BARE, "train.steps=20"]
 # a short run with NTK metrics and a checkpoint at its last step (shorter than the interval)
 NTK = ["model.width=8", "train.steps=30", "dtype=float64", "callbacks=[ntk,checkpoint]",
        "callbacks.ntk.every_n_steps=10", "callbacks.ntk.n_probes=4",
-       "callbacks.ntk.probe_length=4", "callbacks.ntk.top_k=2", "callbacks.ntk.image_every_n_steps=0",
+       "callbacks.ntk.probe_length=4", "callbacks.ntk.top_k=2",
+       "callbacks.ntk.image_every_n_steps=0",
        "callbacks.ntk.histogram_every_n_steps=0", "callbacks.checkpoint.every_n_steps=1000"]
-CUSTOM = ["train.steps=20", "callbacks=none", "model=custom"]
+CUSTOM = ["train.steps=20", CALLBACKS_OFF, "model=custom"]
 TIMING = {*TIMING_KEYS, "resumed_from_step"}
 
 
@@ -219,8 +220,8 @@ def test_two_concurrent_runs_on_one_directory(tmp_path):
     """The second is refused with one line naming the holder; the first's results are its own."""
     d = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(ROOT), HYDRA_FULL_ERROR="0")
-    first = subprocess.Popen([sys.executable, "-m", "ntk_rnn.train", "model.width=8",
-                              "train.steps=30000", "callbacks=none", "seed=0",
+    first = subprocess.Popen([sys.executable, "-m", "ntk_rnn.train", *BARE,
+                              "train.steps=30000", "seed=0",
                               f"hydra.run.dir={d}"], cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -301,9 +302,9 @@ def test_a_module_that_does_not_store_input_dim_trains():
 
 # --- resources ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides,key", [
-    (["model.width=1000000000", "callbacks=none"], "model.width"),
+    (["model.width=1000000000", CALLBACKS_OFF], "model.width"),
     (["callbacks.ntk.n_probes=1000000"], "callbacks.ntk.n_probes"),
-    (["model=elman", "model.width=1000000", "callbacks=none"], "model.width")])
+    (["model=elman", "model.width=1000000", CALLBACKS_OFF], "model.width")])
 def test_memory_is_checked_before_allocating(overrides, key):
     cfg = make_cfg("train.steps=10", *overrides)
     t = time.perf_counter()
@@ -317,8 +318,8 @@ def test_checkpoint_size_does_not_grow_with_the_step_count(tmp_path):
     sizes = []
     for steps in (200, 4000):
         d = tmp_path / str(steps)
-        tr = Trainer.from_config(make_cfg("model.width=8", f"train.steps={steps}",
-                                          "callbacks=none", "train.mse_window=16"), d)
+        tr = Trainer.from_config(make_cfg(*BARE, f"train.steps={steps}",
+                                          "train.mse_window=16"), d)
         m = tr.fit()
         payload = load_checkpoint(d / "checkpoints" / "final.pt")
         assert payload["sq_err"].numel() == 16 and tr.sq_err.numel() == 16
@@ -428,7 +429,7 @@ def test_console_script_finds_own_module_and_prints_its_help(tmp_path):
     script = "import sys; from ntk_rnn.train import main; sys.argv[0] = 'ntk-rnn-train'; main()"
     r = subprocess.run([sys.executable, "-P", "-c", script, "model=custom",
                         "model._target_=my_module.MyRNN", "+model.width=8", "train.steps=20",
-                        "callbacks=none", f"hydra.run.dir={tmp_path / 'run'}"],
+                        CALLBACKS_OFF, f"hydra.run.dir={tmp_path / 'run'}"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "completed"

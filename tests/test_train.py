@@ -14,9 +14,9 @@ from ntk_rnn.errors import ConfigError, TrainingDiverged
 from ntk_rnn.run import Trainer
 from ntk_rnn.run.config import num_steps
 
-from .conftest import CONF, make_cfg, run_cli
+from .conftest import BARE, CALLBACKS_OFF, CONF, make_cfg, run_cli
 
-SINE = ["data=custom", "data._target_=tests.custom_sources.SineChain", "callbacks=none"]
+SINE = ["data=custom", "data._target_=tests.custom_sources.SineChain", CALLBACKS_OFF]
 
 
 def all_config_options():
@@ -54,7 +54,7 @@ def test_every_config_composes(group, option):
 ])
 def test_bad_custom_models_fail_before_training(tmp_path, target, msg):
     cfg = make_cfg("model=custom", f"model._target_=tests.custom_models.{target}", *SINE[:2],
-                   "callbacks=none", "train.steps=4")
+                   CALLBACKS_OFF, "train.steps=4")
     with pytest.raises(ConfigError, match=msg):
         Trainer.from_config(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()  # nothing written
@@ -62,7 +62,7 @@ def test_bad_custom_models_fail_before_training(tmp_path, target, msg):
 
 def test_user_code_keeps_its_traceback(tmp_path):
     cfg = make_cfg("model=custom", "model._target_=tests.custom_models.Raises", *SINE[:2],
-                   "callbacks=none", "train.steps=4")
+                   CALLBACKS_OFF, "train.steps=4")
     with pytest.raises(Exception, match="model: tests.custom_models.Raises raised ValueError") as e:
         Trainer.from_config(cfg, tmp_path / "run")
     tb = e.value.__cause__.__traceback__
@@ -128,13 +128,13 @@ def test_config_validation_names_field(tmp_path, override, field):
 
 def test_custom_source_with_wrong_shape_fails_clearly(tmp_path):
     cfg = make_cfg("data=custom", "data._target_=tests.custom_sources.WrongShape",
-                   "callbacks=none", "model.width=8")
+                   *BARE)
     with pytest.raises(ConfigError, match=r"expected X \(T, 1\)"):
         Trainer.from_config(cfg, tmp_path).fit()
 
 
 def test_builtin_keys_with_foreign_target_fail_clearly(tmp_path):
-    cfg = make_cfg("data._target_=tests.custom_sources.SineChain", "callbacks=none")
+    cfg = make_cfg("data._target_=tests.custom_sources.SineChain", CALLBACKS_OFF)
     with pytest.raises(ConfigError, match="data=custom"):
         Trainer.from_config(cfg, tmp_path)
 
@@ -189,7 +189,7 @@ def test_trainer_backends_agree_with_reference_loop(tmp_path, gradient):
     """The default (fast) stepper and the plain rtrl_step loop end at the same parameters."""
     finals = {}
     for backend in ("auto", "eager", "reference"):
-        cfg = make_cfg("callbacks=none", "model.width=48", "train.steps=1000", "dtype=float64",
+        cfg = make_cfg(CALLBACKS_OFF, "model.width=48", "train.steps=1000", "dtype=float64",
                        f"train.gradient={gradient}", f"train.backend={backend}")
         Trainer.from_config(cfg, tmp_path / backend).fit()
         finals[backend] = load_checkpoint(tmp_path / backend / "checkpoints/final.pt")["model"]
@@ -202,7 +202,7 @@ def test_trainer_backends_agree_with_reference_loop(tmp_path, gradient):
 def test_custom_model_without_reset_parameters_is_reproducible(tmp_path):
     """TinyRNN draws θ_0 from torch's global RNG in its constructor: the run seed fixes it."""
     cfg = ["model=custom", "model._target_=tests.custom_models.TinyRNN", *SINE[:2],
-           "callbacks=none", "train.steps=40"]
+           CALLBACKS_OFF, "train.steps=40"]
     torch.manual_seed(123)
     a = Trainer.from_config(make_cfg(*cfg), None).fit()
     torch.manual_seed(456)
@@ -248,5 +248,5 @@ def test_python_api_writes_nothing_and_equals_the_config_run(tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == []
     assert [s for s, _ in tr.history["ntk/drift_from_init"]] == [0, 16, 32, 48, 64]
     cfg = make_cfg("model.width=32", "train.alpha=2.0", "train.horizon=2.0", "seed=3",
-                   "callbacks=none")
+                   CALLBACKS_OFF)
     assert Trainer.from_config(cfg, None).fit()["running_mse"] == m["running_mse"]
