@@ -346,3 +346,13 @@ def test_tensorboard_server_serves_the_scalars(ntk_run):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_layout_names_the_callbacks_as_they_are():
+    """logging's custom-scalars layout finds the callbacks by the (config name, class) pairs of
+    ntk_rnn.tags: they are the callbacks' own."""
+    from ntk_rnn import NTKCallback, OutputTrackingCallback, tags
+
+    for pair, cls in ((tags.NTK_CALLBACK, NTKCallback),
+                      (tags.OUTPUT_CALLBACK, OutputTrackingCallback)):
+        assert pair == (cls.name, cls.__name__)
