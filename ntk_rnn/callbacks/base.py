@@ -137,5 +137,18 @@ class Callback:
         pass
 
 
-
-
+def check_probes(state: TrainState, name: str, n_probes: int, probe_length: int,
+                 minimum: int = 1) -> None:
+    """``callbacks.<name>``: at least ``minimum`` probe windows of ``probe_length`` >= 1 elements,
+    no more than the distinct windows the data holds; a ConfigError otherwise."""
+    f = f"callbacks.{name}"
+    if n_probes < minimum:
+        raise ConfigError(f"{f}.n_probes={n_probes} must be >= {minimum}")
+    if probe_length < 1:
+        raise ConfigError(f"{f}.probe_length={probe_length} must be >= 1")
+    avail = getattr(state.source, "length", None) or getattr(state.source, "num_steps", None)
+    if avail is not None and n_probes > avail - probe_length + 1:
+        raise ConfigError(
+            f"{f}.n_probes={n_probes} exceeds the {max(avail - probe_length + 1, 0)} distinct "
+            f"windows of length {probe_length} that data holds; lower {f}.n_probes or "
+            f"{f}.probe_length")

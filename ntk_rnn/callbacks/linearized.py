@@ -101,7 +101,7 @@ from ..models.family import family_of
 from ..models.init import generator_from_seed
 from ..models.mean_field import MeanFieldRNN
 from ..models.recurrence import ONLINE_GRADIENTS
-from .base import Callback, TrainState
+from .base import Callback, TrainState, check_probes
 
 MAX_BLOCK = 64  # elements solved at once (auto block size)
 BLOCK_BUDGET = 2 ** 17  # entries of one (B, P) feature block (auto block size)
@@ -150,10 +150,7 @@ class LinearizedCallback(Callback):
     def setup(self, state: TrainState) -> None:
         super().setup(state)
         f = f"callbacks.{self.name}"
-        if self.n_probes < 1:
-            raise ConfigError(f"{f}.n_probes={self.n_probes} must be >= 1")
-        if self.probe_length < 1:
-            raise ConfigError(f"{f}.probe_length={self.probe_length} must be >= 1")
+        check_probes(state, self.name, self.n_probes, self.probe_length)
         if self.block_size < 0:
             raise ConfigError(f"{f}.block_size={self.block_size} must be >= 0 (0 = auto)")
         model = state.model
@@ -166,12 +163,6 @@ class LinearizedCallback(Callback):
         if self.gradient not in ONLINE_GRADIENTS:
             raise ConfigError(f"{f}: train.gradient={self.gradient!r} is not one of "
                               f"{list(ONLINE_GRADIENTS)}")
-        avail = getattr(state.source, "length", None) or getattr(state.source, "num_steps", None)
-        if avail is not None and self.n_probes > avail - self.probe_length + 1:
-            raise ConfigError(
-                f"{f}.n_probes={self.n_probes} exceeds the {max(avail - self.probe_length + 1, 0)}"
-                f" distinct windows of length {self.probe_length} that data holds; lower "
-                f"{f}.n_probes or {f}.probe_length")
         self.dtype, self.device = model.c.dtype, model.c.device
         P = model.width * (model.input_dim + 2)
         self.B = self.block_size or max(1, min(MAX_BLOCK, BLOCK_BUDGET // P))

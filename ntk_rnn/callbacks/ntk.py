@@ -27,7 +27,7 @@ from ..models.family import family_of
 from ..models.init import generator_from_seed
 from ..ntk import metrics as M
 from ..ntk import ntk_blocks, training_kernel
-from .base import Callback, TrainState
+from .base import Callback, TrainState, check_probes
 from .cache import cached
 
 BLOCKS = ("c", "w", "b")
@@ -169,23 +169,13 @@ class NTKCallback(Callback):
     def setup(self, state: TrainState) -> None:
         super().setup(state)
         f = f"callbacks.{self.name}"
-        if self.n_probes < 2:
-            raise ConfigError(f"{f}.n_probes={self.n_probes} must be >= 2")
-        if self.probe_length < 1:
-            raise ConfigError(f"{f}.probe_length={self.probe_length} must be >= 1")
+        check_probes(state, self.name, self.n_probes, self.probe_length, minimum=2)
         for key, attr in (("image_every_n_steps", "image_every"),
                           ("histogram_every_n_steps", "hist_every")):
             if getattr(self, attr) < 0:
                 raise ConfigError(f"{f}.{key}={getattr(self, attr)} must be >= 0 (0 = off)")
         if not 1 <= self.top_k <= self.n_probes:
             raise ConfigError(f"{f}.top_k={self.top_k} must be in [1, n_probes={self.n_probes}]")
-        avail = getattr(state.source, "length", None) or getattr(state.source, "num_steps", None)
-        if avail is not None and self.n_probes > avail - self.probe_length + 1:
-            raise ConfigError(
-                f"{f}.n_probes={self.n_probes} exceeds the {max(avail - self.probe_length + 1, 0)}"
-                f" distinct windows of length {self.probe_length} that data holds; lower "
-                f"{f}.n_probes or {f}.probe_length"
-            )
         law = getattr(state.model, "init_law", None)
         if self.limit and law is not None and law.is_custom and self.limit_method != "mc":
             raise ConfigError(
