@@ -1,7 +1,8 @@
 """Everything infinite-width: Model D's limit kernel K_∞ (theory §5), Model F's cell kernel and
-coupled limit (theory §6), the Monte-Carlo limit of any model, and the limit ODE with its
-closed-form solution."""
+coupled limit (theory §6), the closed-form limit of the full-matrix Elman network (theory §9),
+the Monte-Carlo limit of any model, and the limit ODE with its closed-form solution."""
 
+from .elman import elman_limit_ntk
 from .feedback import FeedbackLimit, FeedbackSolution, limit_cell_ntk, solve_feedback_limit
 from .kernel import LimitAccuracyWarning, LimitKernel, limit_ntk
 from .monte_carlo import MCLimitKernel, mc_limit_ntk
@@ -10,5 +11,5 @@ from .window import limit_window_ntk, window_drift_curve
 
 __all__ = ["LimitKernel", "LimitAccuracyWarning", "limit_ntk", "KernelSolution", "LimitODE",
            "FeedbackLimit", "FeedbackSolution", "limit_cell_ntk", "solve_feedback_limit",
-           "MCLimitKernel", "mc_limit_ntk",
+           "MCLimitKernel", "mc_limit_ntk", "elman_limit_ntk",
            "limit_window_ntk", "window_drift_curve"]
