@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ntk_rnn import train as cli
-from ntk_rnn.callbacks import CheckpointCallback
+from ntk_rnn.callbacks import Callback, CheckpointCallback
 from ntk_rnn.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from ntk_rnn.csrc import loader
 from ntk_rnn.errors import ConfigError
@@ -213,21 +213,37 @@ def test_default_run_directories_are_distinct_within_a_second(tmp_path, monkeypa
     assert (first, second) == (base, base + "_1") and Path(second).is_dir()
 
 
+class WaitFor(Callback):
+    """At step ``at``, waits (up to a minute) until the file ``release`` exists."""
+
+    def __init__(self, release: str, at: int = 10) -> None:
+        super().__init__(at)
+        self.release, self.at = release, at
+
+    def on_step_end(self, step, state):
+        deadline = time.time() + 60
+        while step == self.at and not Path(self.release).exists() and time.time() < deadline:
+            time.sleep(0.05)
+
+
 @pytest.mark.e2e
 def test_two_concurrent_runs_on_one_directory(tmp_path):
     """The second is refused with one line naming the holder; the first's results are its own."""
-    d = tmp_path / "run"
+    d, release = tmp_path / "run", tmp_path / "release"
     env = dict(os.environ, PYTHONPATH=str(ROOT), HYDRA_FULL_ERROR="0")
     first = subprocess.Popen([sys.executable, "-m", "ntk_rnn.train", "model.width=8",
-                              "train.steps=30000", "callbacks=none", "seed=0",
-                              f"hydra.run.dir={d}"], cwd=ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              "train.steps=300", "callbacks=none", "seed=0",
+                              "+callbacks.wait._target_=tests.test_run_safety.WaitFor",
+                              f"+callbacks.wait.release={release}", f"hydra.run.dir={d}"],
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
     try:
         deadline = time.time() + 120
         while not (d / "config.yaml").exists() and first.poll() is None:
             assert time.time() < deadline
             time.sleep(0.2)
         r = run_cli(*TINY, "seed=1", f"hydra.run.dir={d}")
+        release.write_text("")
         out, err = first.communicate(timeout=300)
     finally:
         first.kill()
@@ -236,7 +252,7 @@ def test_two_concurrent_runs_on_one_directory(tmp_path):
                                          f"PID {first.pid} on host")
     assert first.returncode == 0, err[-2000:]
     m = json.loads((d / "metrics.json").read_text())
-    assert m["status"] == "completed" and m["steps"] == 30000
+    assert m["status"] == "completed" and m["steps"] == 300
     assert "seed: 0" in (d / "config.yaml").read_text()
     assert len(list(d.glob("events.out.tfevents.*"))) == 1
 
@@ -387,27 +403,29 @@ def test_help_page_explains_the_main_keys_from_the_config_source():
     assert "powered by Hydra" not in page
 
 
+CLI_CASES = [
+    (["model.widht=64"], "ntk_rnn: config error: unknown key model.widht=64; did you mean "
+                         "model.width?"),
+    (["train.alpha=fast"], "ntk_rnn: config error: train.alpha=fast: Value 'fast'"),
+    (["model=lstm"], "ntk_rnn: config error: model=lstm is not a preset; choose one of custom, "
+                     "diagonal"),
+    (["model.width=${oc.env:NTK_RNN_UNSET_X}", "train.steps=5"],
+     "ntk_rnn: config error: model.width: "),
+    (["model.width=0", "hydra.run.dir=FINISHED"], "ntk_rnn: config error: model.width=0"),
+    ([*TINY, "train.resume=true", "model.beta=0.9", "hydra.run.dir=FINISHED"],
+     "ntk_rnn: config error: train.resume: the checkpoints in"),
+]
+
+
 @pytest.mark.e2e
-def test_cli_errors_are_one_line(tmp_path, finished):
+@pytest.mark.parametrize("args,start", CLI_CASES, ids=[" ".join(a[-1:]) for a, _ in CLI_CASES])
+def test_cli_errors_are_one_line(tmp_path, finished, args, start):
     d, _ = finished
     before = tree(d)
-    cases = [
-        (["model.widht=64"], 2, "ntk_rnn: config error: unknown key model.widht=64; did you "
-                                "mean model.width?"),
-        (["train.alpha=fast"], 2, "ntk_rnn: config error: train.alpha=fast: Value 'fast'"),
-        (["model=lstm"], 2, "ntk_rnn: config error: model=lstm is not a preset; choose one of "
-                            "custom, diagonal"),
-        (["model.width=${oc.env:NTK_RNN_UNSET_X}", "train.steps=5"], 2,
-         "ntk_rnn: config error: model.width: "),
-        (["model.width=0", f"hydra.run.dir={d}"], 2, "ntk_rnn: config error: model.width=0"),
-        ([*TINY, "train.resume=true", "model.beta=0.9", f"hydra.run.dir={d}"], 2,
-         "ntk_rnn: config error: train.resume: the checkpoints in"),
-    ]
-    for args, code, start in cases:
-        r = run_cli(*args, cwd=tmp_path)
-        assert r.returncode == code, (args, r.stderr[-2000:])
-        assert one_line(r.stderr).startswith(start), (args, r.stderr)
-    assert tree(d) == before  # refused commands wrote nothing into the finished run
+    r = run_cli(*[a.replace("FINISHED", str(d)) for a in args], cwd=tmp_path)
+    assert r.returncode == 2, (args, r.stderr[-2000:])
+    assert one_line(r.stderr).startswith(start), (args, r.stderr)
+    assert tree(d) == before  # a refused command wrote nothing into the finished run
 
 
 @pytest.mark.e2e
