@@ -279,7 +279,8 @@ def write_error_message(exc: OSError, run_dir: Path) -> str:
     """One line for an OSError while a run writes: the file, why, the last intact checkpoint."""
     name = exc.filename
     if name is None:  # a write of TensorBoard's event file (its thread does not name it)
-        events = sorted(Path(run_dir).glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+        events = sorted(Path(run_dir).glob("events.out.tfevents.*"),
+                        key=lambda p: p.stat().st_mtime)
         name = str(events[-1]) if events else "a file in the run directory"
     why = exc.strerror or str(exc)
     ckpts = sorted(Path(run_dir).glob("checkpoints/step_*.pt")) + sorted(
@@ -390,9 +391,9 @@ def help_page() -> str:
     rows = key_docs()
     width = max(len(k) for k, _ in rows)
     keys = "\n".join(f"  {k:<{width}}  {_short(d, 96 - width)}".rstrip() for k, d in rows)
-    return f"""ntk-rnn-train: train recurrent networks online along one long sequence and log how far
-their neural tangent kernel is from its infinite-width limit (TensorBoard, metrics.json,
-checkpoints). Each run writes into its own directory (outputs/<date>/<time>; a sweep,
+    return f"""ntk-rnn-train: train recurrent networks online along one long sequence and log
+how far their neural tangent kernel is from its infinite-width limit (TensorBoard,
+metrics.json, checkpoints). Each run writes into its own directory (outputs/<date>/<time>; a sweep,
 -m, into multirun/<date>/<time>/<job>).
 
 usage: ntk-rnn-train [key=value ...]            one run

@@ -32,7 +32,8 @@ TINY = ["model.width=8", "train.steps=20", "callbacks=none"]
 # a short run with NTK metrics and a checkpoint at its last step (shorter than the interval)
 NTK = ["model.width=8", "train.steps=30", "dtype=float64", "callbacks=[ntk,checkpoint]",
        "callbacks.ntk.every_n_steps=10", "callbacks.ntk.n_probes=4",
-       "callbacks.ntk.probe_length=4", "callbacks.ntk.top_k=2", "callbacks.ntk.image_every_n_steps=0",
+       "callbacks.ntk.probe_length=4", "callbacks.ntk.top_k=2",
+       "callbacks.ntk.image_every_n_steps=0",
        "callbacks.ntk.histogram_every_n_steps=0", "callbacks.checkpoint.every_n_steps=1000"]
 CUSTOM = ["train.steps=20", "callbacks=none", "model=custom"]
 TIMING = {"wall_s", "steps_per_s", "callback_s", "resumed_from_step"}

@@ -39,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..callbacks.base import Callback
 from ..callbacks.progress import ProgressCallback
+from ..checkpoint import atomic_write_text
 from ..data.base import source_name
 from ..errors import ConfigError, TrainingDiverged
 from ..models.mean_field import MeanFieldRNN
@@ -57,11 +58,10 @@ from .build import (
     run_seeds,
     seed_model,
 )
-from ..checkpoint import atomic_write_text
 from .config import Config, num_steps, opt, validate
 from .lock import RunLock
-from .resources import check_resources
 from .member import Member
+from .resources import check_resources
 from .signals import StopSignals, TrainingInterrupted
 
 
