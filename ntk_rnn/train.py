@@ -152,6 +152,10 @@ def hydra_error(exc: BaseException, args: list[str]) -> tuple[Optional[str], int
             return (f"ntk_rnn: config error: {g}={name} is not a preset; choose one of "
                     f"{', '.join(options)}", 2)
         return f"ntk_rnn: config error: {_first_line(exc)}", 2
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    if isinstance(exc, OSError) and not multirun:  # e.g. Hydra cannot create the run directory
+        return f"ntk_rnn: cannot write {exc.filename or ''}: {exc.strerror or exc}".replace(
+            "write :", "write:"), 1
     if isinstance(exc, (ConfigError, TrainingDiverged, OSError)):  # a failed job of a sweep
         return (f"ntk_rnn: the sweep finished with a failed job (the others ran; "
                 f"`python -m ntk_rnn.sweep <sweep dir>` lists them): {_first_line(exc)}", 1)

@@ -465,3 +465,84 @@ def test_a_sweep_with_a_failed_job_exits_1_in_one_line(tmp_path):
     last = [ln for ln in r.stderr.splitlines() if ln.startswith("ntk_rnn:")][-1]
     assert last.startswith("ntk_rnn: the sweep finished with a failed job")
     warnings.filterwarnings("ignore")
+
+
+def test_disk_full_while_logging_leaves_intact_files_and_one_line(tmp_path, monkeypatch):
+    """TensorBoard's writer fails (ENOSPC, no file name): the run stops with an OSError that
+    becomes one line naming the event file and the last checkpoint; no file is left half
+    written (metrics.json, config.yaml)."""
+    import ntk_rnn.run.member as member
+
+    real = member.make_writer
+
+    def failing(cfg, rd, purge_step=None):
+        w = real(cfg, rd, purge_step=purge_step)
+        add = w.add_scalar
+
+        def add_scalar(tag, value, step=None, *a, **k):
+            if step is not None and step >= 15:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return add(tag, value, step, *a, **k)
+
+        w.add_scalar = add_scalar
+        return w
+
+    monkeypatch.setattr(member, "make_writer", failing)
+    d = tmp_path / "run"
+    cfg = make_cfg("model.width=8", "train.steps=40", "train.log_every=5",
+                   "callbacks=[checkpoint]", "callbacks.checkpoint.every_n_steps=10")
+    with pytest.raises(OSError) as info:
+        Trainer.from_config(cfg, d).fit()
+    line = cli.write_error_message(info.value, d)
+    assert "\n" not in line and line.startswith(f"cannot write {d}/events.out.tfevents.")
+    assert line.endswith(f"the last intact checkpoint is {d}/checkpoints/step_000000010.pt "
+                         f"(continue with train.resume=true hydra.run.dir={d} once there is "
+                         "room)")
+    for name in ("config.yaml", "metrics.json"):
+        if (d / name).exists():
+            assert (d / name).stat().st_size > 0
+    assert not list(d.rglob(".*.tmp")) and not (d / lockmod.LOCK_NAME).exists()
+    load_checkpoint(d / "checkpoints" / "step_000000010.pt")
+
+
+@pytest.mark.e2e
+def test_an_unwritable_run_directory_is_one_line(tmp_path):
+    r = run_cli(*TINY, "hydra.run.dir=/proc/ntk_rnn_no_such_dir", cwd=tmp_path)
+    assert r.returncode == 1
+    assert one_line(r.stderr) == ("ntk_rnn: cannot write /proc/ntk_rnn_no_such_dir: No such "
+                                  "file or directory")
+
+
+@pytest.mark.e2e
+@pytest.mark.slow  # (about 90 s: three joblib start-ups)
+def test_a_killed_sweep_driver_and_a_restart_do_not_interleave(tmp_path):
+    """joblib's workers outlive a SIGKILLed driver and finish their jobs; a restarted sweep on
+    the same directory is refused for the jobs they still hold, and nothing is written twice."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    d, release = tmp_path / "sweep", tmp_path / "release"
+    sweep = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "model.width=8",
+             "train.steps=100", "callbacks=none", "seed=0,1", f"hydra.sweep.dir={d}",
+             "+callbacks.wait._target_=tests.test_run_safety.WaitFor",
+             f"+callbacks.wait.release={release}", "+callbacks.wait.at=50"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HYDRA_FULL_ERROR="0")
+    driver = subprocess.Popen([sys.executable, "-m", "ntk_rnn.train", *sweep], cwd=ROOT,
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    jobs = [d / "0_seed=0", d / "1_seed=1"]
+    deadline = time.time() + 180
+    while not all((j / "config.yaml").exists() for j in jobs):
+        assert time.time() < deadline and driver.poll() is None
+        time.sleep(0.2)
+    driver.kill()
+    driver.wait()
+    r = run_cli(*sweep, "train.resume=auto")  # the workers still hold both jobs
+    release.write_text("")
+    assert r.returncode == 1 and "is in use by another run" in r.stderr, r.stderr[-2000:]
+    deadline = time.time() + 120
+    while not all((j / "metrics.json").exists() for j in jobs) or \
+            any((j / lockmod.LOCK_NAME).exists() for j in jobs):
+        assert time.time() < deadline
+        time.sleep(0.2)
+    for j in jobs:
+        m = json.loads((j / "metrics.json").read_text())
+        assert m["status"] == "completed" and m["steps"] == 100
+        assert len(list(j.glob("events.out.tfevents.*"))) == 1  # one writer, one event file
