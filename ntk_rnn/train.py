@@ -362,6 +362,27 @@ def _comments(lines: list[str]) -> dict[str, str]:
     return out
 
 
+def _docstring_entries(doc: str) -> dict[str, str]:
+    """``name : type`` + indented text (numpydoc) or ``name (type): text`` / ``name: text``
+    (Google) entries of a docstring -> {name: first sentence}."""
+    import inspect
+
+    out: dict[str, str] = {}
+    lines = inspect.cleandoc(doc).splitlines()
+    for i, line in enumerate(lines):
+        m = re.match(r"\s*([A-Za-z_]\w*)\s*(?:\([^)]*\))?\s*:\s*(.*)$", line)
+        if not m:
+            continue
+        text = m.group(2).strip()
+        numpy = i + 1 < len(lines) and lines[i + 1].startswith((" ", "\t")) and \
+            not line.startswith((" ", "\t"))
+        if numpy:  # "alpha : float" then the description, indented
+            text = lines[i + 1].strip()
+        if text:
+            out.setdefault(m.group(1), text.split(". ")[0].rstrip("."))
+    return out
+
+
 def key_docs() -> list[tuple[str, str]]:
     """(key, one-line explanation) of the main keys (HELP_KEYS)."""
     import inspect
@@ -378,6 +399,9 @@ def key_docs() -> list[tuple[str, str]]:
             except OSError:
                 lines = []
         docs = _comments(lines)
+        if source == "train":  # a docstring's Attributes/Parameters entry wins where there is one
+            docs.update({k: v for k, v in _docstring_entries(TrainConfig.__doc__ or "").items()
+                         if v})
         for k in keys:
             rows.append((prefix + k, docs.get(k, "")))
     return rows
