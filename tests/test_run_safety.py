@@ -11,6 +11,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -553,3 +554,22 @@ def test_a_killed_sweep_driver_and_a_restart_do_not_interleave(tmp_path):
         m = json.loads((j / "metrics.json").read_text())
         assert m["status"] == "completed" and m["steps"] == 100
         assert len(list(j.glob("events.out.tfevents.*"))) == 1  # one writer, one event file
+
+
+@pytest.mark.skipif(loader.compiler() is None, reason="no C compiler")
+def test_a_planted_library_with_the_expected_name_is_rebuilt_not_loaded(tmp_path, monkeypatch):
+    """A same-user file put where a cached kernel goes (its name is predictable) has no digest
+    of ours: it is replaced by a fresh build, never loaded (its constructor would run)."""
+    cache = tmp_path / "kernels"
+    monkeypatch.setenv("NTK_RNN_KERNEL_CACHE", str(cache))
+    loader.build("fast", 1, "tanh")
+    (so,) = cache.glob("fast_d1_tanh_*.so")
+    planted = tmp_path / "planted.so"
+    planted.write_bytes(b"\x7fELF planted, not ours")
+    os.replace(planted, so)
+    os.chmod(so, 0o700)
+    loaded = []
+    monkeypatch.setattr(loader.ctypes, "CDLL", lambda p: loaded.append(
+        open(p, "rb").read()) or SimpleNamespace())
+    loader.build("fast", 1, "tanh")
+    assert len(loaded) == 1 and b"planted" not in loaded[0] and loaded[0] == so.read_bytes()
