@@ -162,7 +162,8 @@ def test_a_directory_named_like_a_checkpoint_is_skipped(tmp_path):
 
 
 # --- one writer per run directory ---------------------------------------------------------------
-def test_lock_refuses_a_second_writer_and_names_the_holder(tmp_path):
+def test_lock_refuses_a_second_writer_and_names_the_holder(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     a = RunLock(tmp_path).acquire()
     with pytest.raises(RunDirLocked, match=rf"in use by another run: PID {os.getpid()} on host "
                        rf"{socket.gethostname()} \(since .*lock file .*\.ntk_rnn\.lock\)"):
@@ -173,7 +174,7 @@ def test_lock_refuses_a_second_writer_and_names_the_holder(tmp_path):
         pass
 
 
-def test_stale_locks_are_taken_over(tmp_path):
+def test_stale_locks_are_taken_over(tmp_path, monkeypatch):
     path = tmp_path / lockmod.LOCK_NAME
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -188,6 +189,9 @@ def test_stale_locks_are_taken_over(tmp_path):
     old = time.time() - lockmod.STALE_AFTER_S - 60
     os.utime(path, (old, old))
     RunLock(tmp_path).acquire().release()  # another host, not refreshed for long: stale
+    path.write_text(json.dumps({"host": "node7", "pid": 1, "since": 0, "job": "4242"}))
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")  # the same Slurm job, requeued from node7
+    RunLock(tmp_path).acquire().release()
 
 
 def test_a_held_run_directory_is_left_untouched_by_fit(finished, tmp_path):
