@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ntk_rnn
-from ntk_rnn import ElmanRNN, GRURNN, MeanFieldRNN, NTKCallback, Trainer, family_of
+from ntk_rnn import GRURNN, ElmanRNN, MeanFieldRNN, NTKCallback, Trainer, family_of
 from ntk_rnn.data import VAR1
 from ntk_rnn.errors import ConfigError
 from ntk_rnn.limit import is_exact, limit_kind, limit_ntk

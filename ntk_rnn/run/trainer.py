@@ -66,7 +66,6 @@ from .member import Member
 from .resources import check_resources
 from .signals import StopSignals, TrainingInterrupted
 
-
 # metrics.json's time measurements: the only numbers that differ between equal runs (a resumed
 # run's limit_s is 0: K_∞ comes from the checkpoint)
 TIMING_KEYS = ("wall_s", "build_s", "setup_s", "limit_s", "train_s", "steps_per_s", "callback_s")
