@@ -121,3 +121,17 @@ def test_the_dispatch_check_can_fail(tmp_path):
     assert DISPATCH.search("if not isinstance(m, MeanFieldRNN):")
     assert DISPATCH.search("if type(m) is ElmanRNN and x:")
     assert DISPATCH.search('getattr(model, "recurrence", None) == "diagonal"')
+
+
+@pytest.mark.parametrize("scaling", ["mean_field", "ntk"])
+def test_cli_elman_uses_the_closed_form(tiny_cfg, scaling):
+    """`model=elman` from the config: K_∞ is the closed form at quadrature level (≤ 1e−3), and
+    its relative error is reported in the units of the distance."""
+    cfg = tiny_cfg("model=elman", "model.width=16", f"model.recurrent_scaling={scaling}",
+                   "callbacks.ntk.limit=true", "callbacks.ntk.n_probes=6",
+                   "callbacks.ntk.probe_length=5")
+    m = Trainer.from_config(cfg, None).fit()
+    assert m["ntk_limit_method"] == "elman_closed_form"
+    assert m["ntk_limit_error_estimate"] <= 1e-3
+    assert m["ntk_limit_relative_error"] <= 1e-3
+    assert m["ntk_limit_relative_error"] < m["ntk_distance_to_limit"]
