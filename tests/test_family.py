@@ -135,3 +135,18 @@ def test_cli_elman_uses_the_closed_form(tiny_cfg, scaling):
     assert m["ntk_limit_error_estimate"] <= 1e-3
     assert m["ntk_limit_relative_error"] <= 1e-3
     assert m["ntk_limit_relative_error"] < m["ntk_distance_to_limit"]
+
+
+def test_python_elman_run_config_reruns_to_the_same_numbers():
+    """A Python-built Elman run's config (config.yaml) records its real arguments: built from it,
+    the run gives the same numbers."""
+    from omegaconf import OmegaConf
+
+    model = ElmanRNN(1, 12, c_law="normal", c_scale=0.7, recurrent_scaling="ntk", A_std=0.9)
+    a = Trainer(model=model, data=VAR1(), alpha=2.0, horizon=1.0, seed=4, run_dir=None,
+                tensorboard=False)
+    ma = a.fit()
+    cfg = OmegaConf.create(OmegaConf.to_yaml(a.cfg))  # what config.yaml holds
+    assert cfg.model.c_law == "normal" and cfg.model.A_std == 0.9
+    mb = Trainer.from_config(cfg, None).fit()
+    assert ma["running_mse"] == mb["running_mse"] and ma["steps"] == mb["steps"]
