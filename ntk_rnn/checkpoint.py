@@ -82,43 +82,42 @@ def encode_checkpoint(payload: dict[str, Any]) -> bytes:
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     """Atomically write ``payload`` (plus a format tag and the c/w/b aliases) to ``path``, with
     its sha256; the file is a ``torch.save`` archive that ``torch.load`` reads directly."""
+    return atomic_write_bytes(path, encode_checkpoint(payload))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> Path:
+    """Write ``data`` to ``path`` atomically: a temporary file in the same folder, fsynced, then
+    renamed over the target, then the folder fsynced; a reader, or a crash, sees the old file or
+    the new one, never a part. ``mode``: the file's permissions (default: mkstemp's 0600). An
+    OSError (disk full, read-only, permission) names ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = encode_checkpoint(payload)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
         raise
     _fsync_dir(path.parent)
     return path
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (temporary file in the same folder, fsync, rename,
-    fsync of the folder): a reader, or a crash, sees the old file or the new one, never a part.
-    Used for every file a run writes besides checkpoints (metrics.json, config.yaml,
-    ensemble.json, the ``.hydra`` records)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    """:func:`atomic_write_bytes` of UTF-8 text, readable by all (0644 less the umask): every
+    file a run writes besides checkpoints (metrics.json, config.yaml, ensemble.json, the
+    ``.hydra`` records)."""
+    return atomic_write_bytes(path, text.encode("utf-8"), 0o644 & ~_umask())
 
 
 def _umask() -> int:

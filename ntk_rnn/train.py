@@ -154,6 +154,10 @@ def hydra_error(exc: BaseException, args: list[str]) -> tuple[Optional[str], int
             return (f"ntk_rnn: config error: {g}={name} is not a preset; choose one of "
                     f"{', '.join(options)}", 2)
         return f"ntk_rnn: config error: {_first_line(exc)}", 2
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    if isinstance(exc, OSError) and not multirun:  # e.g. Hydra cannot create the run directory
+        return f"ntk_rnn: cannot write {exc.filename or ''}: {exc.strerror or exc}".replace(
+            "write :", "write:"), 1
     if isinstance(exc, (ConfigError, TrainingDiverged, OSError)):  # a failed job of a sweep
         return (f"ntk_rnn: the sweep finished with a failed job (the others ran; "
                 f"`python -m ntk_rnn.sweep <sweep dir>` lists them): {_first_line(exc)}", 1)
@@ -281,7 +285,8 @@ def write_error_message(exc: OSError, run_dir: Path) -> str:
     """One line for an OSError while a run writes: the file, why, the last intact checkpoint."""
     name = exc.filename
     if name is None:  # a write of TensorBoard's event file (its thread does not name it)
-        events = sorted(Path(run_dir).glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+        events = sorted(Path(run_dir).glob("events.out.tfevents.*"),
+                        key=lambda p: p.stat().st_mtime)
         name = str(events[-1]) if events else "a file in the run directory"
     why = exc.strerror or str(exc)
     ckpts = sorted(Path(run_dir).glob("checkpoints/step_*.pt")) + sorted(
@@ -360,6 +365,27 @@ def _comments(lines: list[str]) -> dict[str, str]:
     return out
 
 
+def _docstring_entries(doc: str) -> dict[str, str]:
+    """``name : type`` + indented text (numpydoc) or ``name (type): text`` / ``name: text``
+    (Google) entries of a docstring -> {name: first sentence}."""
+    import inspect
+
+    out: dict[str, str] = {}
+    lines = inspect.cleandoc(doc).splitlines()
+    for i, line in enumerate(lines):
+        m = re.match(r"\s*([A-Za-z_]\w*)\s*(?:\([^)]*\))?\s*:\s*(.*)$", line)
+        if not m:
+            continue
+        text = m.group(2).strip()
+        numpy = i + 1 < len(lines) and lines[i + 1].startswith((" ", "\t")) and \
+            not line.startswith((" ", "\t"))
+        if numpy:  # "alpha : float" then the description, indented
+            text = lines[i + 1].strip()
+        if text:
+            out.setdefault(m.group(1), text.split(". ")[0].rstrip("."))
+    return out
+
+
 def key_docs() -> list[tuple[str, str]]:
     """(key, one-line explanation) of the main keys (HELP_KEYS)."""
     import inspect
@@ -376,6 +402,9 @@ def key_docs() -> list[tuple[str, str]]:
             except OSError:
                 lines = []
         docs = _comments(lines)
+        if source == "train":  # a docstring's Attributes/Parameters entry wins where there is one
+            docs.update({k: v for k, v in _docstring_entries(TrainConfig.__doc__ or "").items()
+                         if v})
         for k in keys:
             rows.append((prefix + k, docs.get(k, "")))
     return rows
@@ -393,9 +422,9 @@ def help_page() -> str:
     rows = key_docs()
     width = max(len(k) for k, _ in rows)
     keys = "\n".join(f"  {k:<{width}}  {_short(d, 96 - width)}".rstrip() for k, d in rows)
-    return f"""ntk-rnn-train: train recurrent networks online along one long sequence and log how far
-their neural tangent kernel is from its infinite-width limit (TensorBoard, metrics.json,
-checkpoints). Each run writes into its own directory (outputs/<date>/<time>; a sweep,
+    return f"""ntk-rnn-train: train recurrent networks online along one long sequence and log
+how far their neural tangent kernel is from its infinite-width limit (TensorBoard,
+metrics.json, checkpoints). Each run writes into its own directory (outputs/<date>/<time>; a sweep,
 -m, into multirun/<date>/<time>/<job>).
 
 usage: ntk-rnn-train [key=value ...]            one run

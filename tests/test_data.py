@@ -257,8 +257,8 @@ def test_file_series_errors(tmp_path):
     p = write_csv(tmp_path / "text.csv", ["a,temp", "1,2", "2,abc", "3,4"])
     with pytest.raises(ConfigError, match=r"column 'temp' has a non-numeric or infinite value "
                        r"'abc' at row 1"):
-        # text is not a gap, whatever data.missing says
-        FileSeries(p, missing="drop", target_column="temp")
+        FileSeries(p, missing="drop", target_column="temp")  # text is not a gap, whatever
+        # data.missing says
     p = write_csv(tmp_path / "ok.csv", ["a,b"] + [f"{k},{k}" for k in range(5)])
     with pytest.raises(ConfigError, match=r"column 'c' is not in .*available columns: "
                        r"\['a', 'b'\]"):
@@ -287,7 +287,7 @@ def test_file_series_missing_modes(tmp_path):
     src = FileSeries(p, missing="drop", standardize=False, horizon=0, target_column="x")
     assert src.columns == ["x", "y"] and src.dropped_rows == 5 and src.missing_cells == 5
     assert np.array_equal(table(src)[:, :2], [[2, 12], [5, 15]])
-    # row 0 has no x before it
+    # row 0 has no x before
     src = FileSeries(p, missing="ffill", standardize=False, horizon=0, target_column="x")
     assert src.dropped_rows == 1
     assert np.array_equal(table(src)[:, :2], [[1, 10], [2, 12], [2, 13], [2, 14], [5, 15],

@@ -121,3 +121,32 @@ def test_the_dispatch_check_can_fail(tmp_path):
     assert DISPATCH.search("if not isinstance(m, MeanFieldRNN):")
     assert DISPATCH.search("if type(m) is ElmanRNN and x:")
     assert DISPATCH.search('getattr(model, "recurrence", None) == "diagonal"')
+
+
+@pytest.mark.parametrize("scaling", ["mean_field", "ntk"])
+def test_cli_elman_uses_the_closed_form(tiny_cfg, scaling):
+    """`model=elman` from the config: K_∞ is the closed form at quadrature level (≤ 1e−3), and
+    its relative error is reported in the units of the distance."""
+    cfg = tiny_cfg("model=elman", "model.width=16", f"model.recurrent_scaling={scaling}",
+                   "callbacks.ntk.limit=true", "callbacks.ntk.n_probes=6",
+                   "callbacks.ntk.probe_length=5")
+    m = Trainer.from_config(cfg, None).fit()
+    assert m["ntk_limit_method"] == "elman_closed_form"
+    assert m["ntk_limit_error_estimate"] <= 1e-3
+    assert m["ntk_limit_relative_error"] <= 1e-3
+    assert m["ntk_limit_relative_error"] < m["ntk_distance_to_limit"]
+
+
+def test_python_elman_run_config_reruns_to_the_same_numbers():
+    """A Python-built Elman run's config (config.yaml) records its real arguments: built from it,
+    the run gives the same numbers."""
+    from omegaconf import OmegaConf
+
+    model = ElmanRNN(1, 12, c_law="normal", c_scale=0.7, recurrent_scaling="ntk", A_std=0.9)
+    a = Trainer(model=model, data=VAR1(), alpha=2.0, horizon=1.0, seed=4, run_dir=None,
+                tensorboard=False)
+    ma = a.fit()
+    cfg = OmegaConf.create(OmegaConf.to_yaml(a.cfg))  # what config.yaml holds
+    assert cfg.model.c_law == "normal" and cfg.model.A_std == 0.9
+    mb = Trainer.from_config(cfg, None).fit()
+    assert ma["running_mse"] == mb["running_mse"] and ma["steps"] == mb["steps"]

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -217,6 +218,65 @@ def test_csv_contents_train_or_fail_before_training(table, data):
 
 
 @st.composite
+def csv_bytes(draw):
+    """The bytes of a .csv as a user might hand one over: clean tables (UTF-8, with a BOM, CRLF
+    line ends), the same in Latin-1 with an accented header, with a huge field, thousands of
+    columns, duplicate header names, a file without line breaks, or random bytes."""
+    kind = draw(st.sampled_from(["clean", "clean", "bom crlf", "latin-1", "huge field",
+                                 "many columns", "duplicate names", "no line breaks",
+                                 "random bytes"]))
+    rows = draw(st.integers(8, 40))
+    vals = draw(st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=2 * rows,
+                         max_size=2 * rows))
+    body = [f"{vals[2 * k]!r},{vals[2 * k + 1]!r}" for k in range(rows)]
+    header, end = "x,y", "\n"
+    if kind == "many columns":
+        n = draw(st.integers(500, 5000))
+        header = ",".join(["x", "y"] + [f"c{j}" for j in range(n)])
+        body = [b + "," + ",".join("0.5" for _ in range(n)) for b in body]
+    if kind == "duplicate names":
+        header = "x,x"
+    if kind == "huge field":
+        body[draw(st.integers(0, rows - 1))] = "1," + "9" * (2 << 20)
+    if kind == "bom crlf":
+        end = "\r\n"
+    text = end.join([header, *body]) + end
+    if kind == "latin-1":
+        return (text.replace("x,y", "température,y", 1)).encode("latin-1")
+    if kind == "bom crlf":
+        return b"\xef\xbb\xbf" + text.encode()
+    if kind == "no line breaks":
+        return b"x," + b"1" * (draw(st.integers(1, 4)) << 20)  # over MAX_LINE_BYTES below
+    if kind == "random bytes":
+        return draw(st.binary(min_size=0, max_size=2000))
+    return text.encode()
+
+
+@settings(SETTINGS, max_examples=EXAMPLES or 20)
+@given(csv_bytes())
+def test_csv_bytes_train_or_fail_in_one_line_within_a_time_bound(raw):
+    """Any bytes: a run or one ConfigError naming data.path / data.target_column, in a time
+    linear in the file (a bound per case), never a traceback from csv, codecs or numpy."""
+    from ntk_rnn.data import files
+
+    limit = files.MAX_LINE_BYTES
+    files.MAX_LINE_BYTES = 1 << 20  # (the same rule at a size a test can afford)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "series.csv"
+            path.write_bytes(raw)
+            cfg = base(*TINY, "data=csv", "data.path=???", "train.steps=5")
+            cfg.data.path = str(path)
+            set_values(cfg, {"data.target_column": "y"})
+            t0 = time.perf_counter()
+            outcome = check_outcome(cfg, ["data.path", "data.target_column", "data"])
+            assert time.perf_counter() - t0 < 20 + len(raw) / 2e6, len(raw)
+            tally("csv bytes", outcome)
+    finally:
+        files.MAX_LINE_BYTES = limit
+
+
+@st.composite
 def matrices(draw, n: int, lo: float, hi: float):
     entry = st.one_of(st.floats(lo, hi, allow_nan=False), SPECIAL) if draw(st.booleans()) \
         else st.floats(lo, hi, allow_nan=False)
@@ -260,10 +320,10 @@ def test_markov_matrices_train_or_fail_before_training(data):
 
 def test_outcomes_cover_both_branches():
     """Runs last in this file: each property above saw valid and invalid inputs."""
-    if len(OUTCOMES) < 5:
+    if len(OUTCOMES) < 6:
         import pytest
 
-        pytest.skip("needs the five properties above in the same session")
+        pytest.skip("needs the six properties above in the same session")
     for name, c in OUTCOMES.items():
         assert c.get("rejected", 0) > 0 and c.get("completed", 0) > 0, (name, c)
     print("\nhypothesis outcomes:", json.dumps(OUTCOMES))

@@ -11,13 +11,14 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
 from ntk_rnn import train as cli
-from ntk_rnn.callbacks import CheckpointCallback
+from ntk_rnn.callbacks import Callback, CheckpointCallback
 from ntk_rnn.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from ntk_rnn.csrc import loader
 from ntk_rnn.errors import ConfigError
@@ -162,7 +163,8 @@ def test_a_directory_named_like_a_checkpoint_is_skipped(tmp_path):
 
 
 # --- one writer per run directory ---------------------------------------------------------------
-def test_lock_refuses_a_second_writer_and_names_the_holder(tmp_path):
+def test_lock_refuses_a_second_writer_and_names_the_holder(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     a = RunLock(tmp_path).acquire()
     with pytest.raises(RunDirLocked, match=rf"in use by another run: PID {os.getpid()} on host "
                        rf"{socket.gethostname()} \(since .*lock file .*\.ntk_rnn\.lock\)"):
@@ -173,7 +175,7 @@ def test_lock_refuses_a_second_writer_and_names_the_holder(tmp_path):
         pass
 
 
-def test_stale_locks_are_taken_over(tmp_path):
+def test_stale_locks_are_taken_over(tmp_path, monkeypatch):
     path = tmp_path / lockmod.LOCK_NAME
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -188,6 +190,9 @@ def test_stale_locks_are_taken_over(tmp_path):
     old = time.time() - lockmod.STALE_AFTER_S - 60
     os.utime(path, (old, old))
     RunLock(tmp_path).acquire().release()  # another host, not refreshed for long: stale
+    path.write_text(json.dumps({"host": "node7", "pid": 1, "since": 0, "job": "4242"}))
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")  # the same Slurm job, requeued from node7
+    RunLock(tmp_path).acquire().release()
 
 
 def test_a_held_run_directory_is_left_untouched_by_fit(finished, tmp_path):
@@ -215,21 +220,37 @@ def test_default_run_directories_are_distinct_within_a_second(tmp_path, monkeypa
     assert (first, second) == (base, base + "_1") and Path(second).is_dir()
 
 
+class WaitFor(Callback):
+    """At step ``at``, waits (up to a minute) until the file ``release`` exists."""
+
+    def __init__(self, release: str, at: int = 10) -> None:
+        super().__init__(at)
+        self.release, self.at = release, at
+
+    def on_step_end(self, step, state):
+        deadline = time.time() + 60
+        while step == self.at and not Path(self.release).exists() and time.time() < deadline:
+            time.sleep(0.05)
+
+
 @pytest.mark.e2e
 def test_two_concurrent_runs_on_one_directory(tmp_path):
     """The second is refused with one line naming the holder; the first's results are its own."""
-    d = tmp_path / "run"
+    d, release = tmp_path / "run", tmp_path / "release"
     env = dict(os.environ, PYTHONPATH=str(ROOT), HYDRA_FULL_ERROR="0")
     first = subprocess.Popen([sys.executable, "-m", "ntk_rnn.train", *BARE,
-                              "train.steps=30000", "seed=0",
-                              f"hydra.run.dir={d}"], cwd=ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              "train.steps=300", "seed=0",
+                              "+callbacks.wait._target_=tests.test_run_safety.WaitFor",
+                              f"+callbacks.wait.release={release}", f"hydra.run.dir={d}"],
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
     try:
         deadline = time.time() + 120
         while not (d / "config.yaml").exists() and first.poll() is None:
             assert time.time() < deadline
             time.sleep(0.2)
         r = run_cli(*TINY, "seed=1", f"hydra.run.dir={d}")
+        release.write_text("")
         out, err = first.communicate(timeout=300)
     finally:
         first.kill()
@@ -238,7 +259,7 @@ def test_two_concurrent_runs_on_one_directory(tmp_path):
                                          f"PID {first.pid} on host")
     assert first.returncode == 0, err[-2000:]
     m = json.loads((d / "metrics.json").read_text())
-    assert m["status"] == "completed" and m["steps"] == 30000
+    assert m["status"] == "completed" and m["steps"] == 300
     assert "seed: 0" in (d / "config.yaml").read_text()
     assert len(list(d.glob("events.out.tfevents.*"))) == 1
 
@@ -382,34 +403,43 @@ def test_help_page_explains_the_main_keys_from_the_config_source():
     page = cli.help_page()
     rows = dict(cli.key_docs())
     assert all(rows.values()), [k for k, v in rows.items() if not v]
-    assert rows["train.mse_window"] == "running-MSE window in steps; 0 = N"  # TrainConfig's
-    assert rows["model.beta"] == "β in [0.5, 1]"  # conf/model/diagonal.yaml's
+    import inspect
+
+    from ntk_rnn.run.config import TrainConfig
+
+    for key in ("train.mse_window", "train.alpha", "train.resume"):  # TrainConfig's own words
+        src = " ".join((inspect.getsource(TrainConfig) + (TrainConfig.__doc__ or ""))
+                       .replace("#", " ").split())
+        assert rows[key] and rows[key] in src, (key, rows[key])
+    assert rows["model.beta"] in (ROOT / "conf" / "model" / "diagonal.yaml").read_text()
     for text in ("ntk-rnn-train", "main keys", "--cfg job", "docs", "train.mse_window"):
         assert text in page
     assert "powered by Hydra" not in page
 
 
+CLI_CASES = [
+    (["model.widht=64"], "ntk_rnn: config error: unknown key model.widht=64; did you mean "
+                         "model.width?"),
+    (["train.alpha=fast"], "ntk_rnn: config error: train.alpha=fast: Value 'fast'"),
+    (["model=lstm"], "ntk_rnn: config error: model=lstm is not a preset; choose one of custom, "
+                     "diagonal"),
+    (["model.width=${oc.env:NTK_RNN_UNSET_X}", "train.steps=5"],
+     "ntk_rnn: config error: model.width: "),
+    (["model.width=0", "hydra.run.dir=FINISHED"], "ntk_rnn: config error: model.width=0"),
+    ([*TINY, "train.resume=true", "model.beta=0.9", "hydra.run.dir=FINISHED"],
+     "ntk_rnn: config error: train.resume: the checkpoints in"),
+]
+
+
 @pytest.mark.e2e
-def test_cli_errors_are_one_line(tmp_path, finished):
+@pytest.mark.parametrize("args,start", CLI_CASES, ids=[" ".join(a[-1:]) for a, _ in CLI_CASES])
+def test_cli_errors_are_one_line(tmp_path, finished, args, start):
     d, _ = finished
     before = tree(d)
-    cases = [
-        (["model.widht=64"], 2, "ntk_rnn: config error: unknown key model.widht=64; did you "
-                                "mean model.width?"),
-        (["train.alpha=fast"], 2, "ntk_rnn: config error: train.alpha=fast: Value 'fast'"),
-        (["model=lstm"], 2, "ntk_rnn: config error: model=lstm is not a preset; choose one of "
-                            "custom, diagonal"),
-        (["model.width=${oc.env:NTK_RNN_UNSET_X}", "train.steps=5"], 2,
-         "ntk_rnn: config error: model.width: "),
-        (["model.width=0", f"hydra.run.dir={d}"], 2, "ntk_rnn: config error: model.width=0"),
-        ([*TINY, "train.resume=true", "model.beta=0.9", f"hydra.run.dir={d}"], 2,
-         "ntk_rnn: config error: train.resume: the checkpoints in"),
-    ]
-    for args, code, start in cases:
-        r = run_cli(*args, cwd=tmp_path)
-        assert r.returncode == code, (args, r.stderr[-2000:])
-        assert one_line(r.stderr).startswith(start), (args, r.stderr)
-    assert tree(d) == before  # refused commands wrote nothing into the finished run
+    r = run_cli(*[a.replace("FINISHED", str(d)) for a in args], cwd=tmp_path)
+    assert r.returncode == 2, (args, r.stderr[-2000:])
+    assert one_line(r.stderr).startswith(start), (args, r.stderr)
+    assert tree(d) == before  # a refused command wrote nothing into the finished run
 
 
 @pytest.mark.e2e
@@ -448,3 +478,103 @@ def test_a_sweep_with_a_failed_job_exits_1_in_one_line(tmp_path):
     last = [ln for ln in r.stderr.splitlines() if ln.startswith("ntk_rnn:")][-1]
     assert last.startswith("ntk_rnn: the sweep finished with a failed job")
     warnings.filterwarnings("ignore")
+
+
+def test_disk_full_while_logging_leaves_intact_files_and_one_line(tmp_path, monkeypatch):
+    """TensorBoard's writer fails (ENOSPC, no file name): the run stops with an OSError that
+    becomes one line naming the event file and the last checkpoint; no file is left half
+    written (metrics.json, config.yaml)."""
+    import ntk_rnn.run.member as member
+
+    real = member.make_writer
+
+    def failing(cfg, rd, purge_step=None):
+        w = real(cfg, rd, purge_step=purge_step)
+        add = w.add_scalar
+
+        def add_scalar(tag, value, step=None, *a, **k):
+            if step is not None and step >= 15:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return add(tag, value, step, *a, **k)
+
+        w.add_scalar = add_scalar
+        return w
+
+    monkeypatch.setattr(member, "make_writer", failing)
+    d = tmp_path / "run"
+    cfg = make_cfg("model.width=8", "train.steps=40", "train.log_every=5",
+                   "callbacks=[checkpoint]", "callbacks.checkpoint.every_n_steps=10")
+    with pytest.raises(OSError) as info:
+        Trainer.from_config(cfg, d).fit()
+    line = cli.write_error_message(info.value, d)
+    assert "\n" not in line and line.startswith(f"cannot write {d}/events.out.tfevents.")
+    assert line.endswith(f"the last intact checkpoint is {d}/checkpoints/step_000000010.pt "
+                         f"(continue with train.resume=true hydra.run.dir={d} once there is "
+                         "room)")
+    for name in ("config.yaml", "metrics.json"):
+        if (d / name).exists():
+            assert (d / name).stat().st_size > 0
+    assert not list(d.rglob(".*.tmp")) and not (d / lockmod.LOCK_NAME).exists()
+    load_checkpoint(d / "checkpoints" / "step_000000010.pt")
+
+
+@pytest.mark.e2e
+def test_an_unwritable_run_directory_is_one_line(tmp_path):
+    r = run_cli(*TINY, "hydra.run.dir=/proc/ntk_rnn_no_such_dir", cwd=tmp_path)
+    assert r.returncode == 1
+    assert one_line(r.stderr) == ("ntk_rnn: cannot write /proc/ntk_rnn_no_such_dir: No such "
+                                  "file or directory")
+
+
+@pytest.mark.e2e
+@pytest.mark.slow  # (about 90 s: three joblib start-ups)
+def test_a_killed_sweep_driver_and_a_restart_do_not_interleave(tmp_path):
+    """joblib's workers outlive a SIGKILLed driver and finish their jobs; a restarted sweep on
+    the same directory is refused for the jobs they still hold, and nothing is written twice."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    d, release = tmp_path / "sweep", tmp_path / "release"
+    sweep = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *BARE,
+             "train.steps=100", "seed=0,1", f"hydra.sweep.dir={d}",
+             "+callbacks.wait._target_=tests.test_run_safety.WaitFor",
+             f"+callbacks.wait.release={release}", "+callbacks.wait.at=50"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HYDRA_FULL_ERROR="0")
+    driver = subprocess.Popen([sys.executable, "-m", "ntk_rnn.train", *sweep], cwd=ROOT,
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    jobs = [d / "0_seed=0", d / "1_seed=1"]
+    deadline = time.time() + 180
+    while not all((j / "config.yaml").exists() for j in jobs):
+        assert time.time() < deadline and driver.poll() is None
+        time.sleep(0.2)
+    driver.kill()
+    driver.wait()
+    r = run_cli(*sweep, "train.resume=auto")  # the workers still hold both jobs
+    release.write_text("")
+    assert r.returncode == 1 and "is in use by another run" in r.stderr, r.stderr[-2000:]
+    deadline = time.time() + 120
+    while not all((j / "metrics.json").exists() for j in jobs) or \
+            any((j / lockmod.LOCK_NAME).exists() for j in jobs):
+        assert time.time() < deadline
+        time.sleep(0.2)
+    for j in jobs:
+        m = json.loads((j / "metrics.json").read_text())
+        assert m["status"] == "completed" and m["steps"] == 100
+        assert len(list(j.glob("events.out.tfevents.*"))) == 1  # one writer, one event file
+
+
+@pytest.mark.skipif(loader.compiler() is None, reason="no C compiler")
+def test_a_planted_library_with_the_expected_name_is_rebuilt_not_loaded(tmp_path, monkeypatch):
+    """A same-user file put where a cached kernel goes (its name is predictable) has no digest
+    of ours: it is replaced by a fresh build, never loaded (its constructor would run)."""
+    cache = tmp_path / "kernels"
+    monkeypatch.setenv("NTK_RNN_KERNEL_CACHE", str(cache))
+    loader.build("fast", 1, "tanh")
+    (so,) = cache.glob("fast_d1_tanh_*.so")
+    planted = tmp_path / "planted.so"
+    planted.write_bytes(b"\x7fELF planted, not ours")
+    os.replace(planted, so)
+    os.chmod(so, 0o700)
+    loaded = []
+    monkeypatch.setattr(loader.ctypes, "CDLL", lambda p: loaded.append(
+        open(p, "rb").read()) or SimpleNamespace())
+    loader.build("fast", 1, "tanh")
+    assert len(loaded) == 1 and b"planted" not in loaded[0] and loaded[0] == so.read_bytes()

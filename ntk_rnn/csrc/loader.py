@@ -24,8 +24,10 @@ the kernels off (no warning: a choice, not a failure); ``CC`` picks the compiler
 **Loading.** A cached library is opened without following symbolic links (``O_NOFOLLOW``, for
 the folder and the file), its owner and mode are checked on the open descriptor, and it is
 loaded from that descriptor (``/proc/self/fd/<n>``): a link or a file swapped in after the check
-is never what runs. An unusable ``NTK_RNN_KERNEL_CACHE`` is warned about (once) before the
-temp-dir fallback ``ntk_rnn_kernels_<uid>`` is used.
+is never what runs; its sha256 must match the one recorded when this package built it
+(``<name>.so.sha256``), else it is built again instead of loaded. An unusable
+``NTK_RNN_KERNEL_CACHE`` is warned about (once) before the temp-dir fallback
+``ntk_rnn_kernels_<uid>`` is used.
 """
 
 from __future__ import annotations
@@ -224,15 +226,43 @@ def _folders() -> list[Path]:
 _LOADED_FDS: list[int] = []
 
 
-def load_private(folder: Path, name: str) -> ctypes.CDLL:
+def _read_digest(folder: Path, name: str) -> str | None:
+    """The sha256 recorded next to ``folder/name`` when this package built it (None if absent
+    or not private)."""
+    try:
+        fd = _open_checked(folder / (name + ".sha256"), "kernel digest", directory=False)
+    except (OSError, KernelUnavailable):
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        text = fh.read(128).decode("ascii", "replace").strip()
+    return text if len(text) == 64 else None
+
+
+def _fd_digest(fd: int) -> str:
+    h, offset = hashlib.sha256(), 0
+    while True:
+        block = os.pread(fd, 1 << 20, offset)
+        if not block:
+            return h.hexdigest()
+        h.update(block)
+        offset += len(block)
+
+
+def load_private(folder: Path, name: str, digest: str | None = "") -> ctypes.CDLL | None:
     """Load ``folder/name``: the folder and the file opened without following links, owner and
     mode checked on the descriptors, and the library loaded from that descriptor
-    (``/proc/self/fd``), so what was checked is what runs (no check/load race)."""
+    (``/proc/self/fd``), so what was checked is what runs (no check/load race). With ``digest``
+    (not ""), the file's sha256 must equal it, checked on the descriptor before anything is
+    loaded: a file this package did not build (None: no record) is not loaded; None is
+    returned and the caller builds the kernel again."""
     dfd = _open_checked(folder, "kernel cache folder", directory=True)
     try:
         fd = _open_checked(folder / name, "cached kernel", directory=False, dir_fd=dfd)
     finally:
         os.close(dfd)
+    if digest != "" and (digest is None or _fd_digest(fd) != digest):
+        os.close(fd)
+        return None
     proc = f"/proc/self/fd/{fd}"
     if not os.path.exists(proc):  # no /proc: the checked path (the folder is private)
         os.close(fd)
@@ -288,16 +318,28 @@ def build(kernel: str, d: int, act: str, what: str = "") -> ctypes.CDLL:
                                             sys.platform]).encode()).hexdigest()[:20]
             path = folder / f"{kernel}_d{int(d)}_{act}_{key}.so"
             try:
-                if not os.path.lexists(path):
-                    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-                        so = Path(tmp) / "k.so"
-                        err = _compile(cc, src, so, cflags, link, Path(tmp))
-                        if err is not None:
-                            errors.append(f"[{' '.join(comp + link)}] {err}")
-                            continue  # these flags do not build here: try the next set
-                        os.chmod(so, 0o700)
-                        os.replace(so, path)  # atomic: concurrent builders are safe
-                return load_private(folder, path.name)
+                if os.path.lexists(path):  # cached: loaded only if it is the file we built
+                    lib = load_private(folder, path.name, _read_digest(folder, path.name))
+                    if lib is not None:
+                        return lib
+                with tempfile.TemporaryDirectory(dir=folder) as tmp:
+                    so = Path(tmp) / "k.so"
+                    err = _compile(cc, src, so, cflags, link, Path(tmp))
+                    if err is not None:
+                        errors.append(f"[{' '.join(comp + link)}] {err}")
+                        continue  # these flags do not build here: try the next set
+                    os.chmod(so, 0o700)
+                    digest = hashlib.sha256(so.read_bytes()).hexdigest()
+                    side = Path(tmp) / "k.sha256"
+                    side.write_text(digest)
+                    os.chmod(side, 0o600)
+                    os.replace(side, folder / (path.name + ".sha256"))
+                    os.replace(so, path)  # atomic: concurrent builders are safe
+                lib = load_private(folder, path.name, digest)
+                if lib is None:
+                    raise KernelUnavailable(f"the kernel just built in {path} changed before it "
+                                            "was loaded")
+                return lib
             except (OSError, subprocess.SubprocessError) as exc:  # unwritable, or does not load
                 errors.append(f"[{' '.join(comp + link)}] in {folder}: {exc}")
     raise KernelUnavailable(f"could not build {what}: " + " | ".join(errors))

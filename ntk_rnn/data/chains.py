@@ -18,7 +18,7 @@ from scipy.linalg import solve_discrete_lyapunov
 from torch import Tensor
 
 from ..errors import ConfigError
-from .base import as_array, as_int, fork
+from .base import RecordsArgs, as_array, as_int, fork
 from .targets import make_target
 
 BLOCK = 256  # steps of random numbers drawn at a time
@@ -45,7 +45,7 @@ class _Noise:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-class _Chain:
+class _Chain(RecordsArgs):
     """Shared driver. Subclasses set input_dim, target, _noise_width/_noise_kind, and implement
     ``_start(n, noise) -> state`` and ``_advance(state, T, noise) -> (X (n, T, d), state)``
     (X[:, 0] is the current state)."""

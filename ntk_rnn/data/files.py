@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .base import as_int
+from .base import RecordsArgs, as_int
 
 MISSING_MODES = ("error", "drop", "ffill", "interpolate")
 MISSING_TOKENS = frozenset({"", "na", "n/a", "#n/a", "nan", "null", "none", "?"})
@@ -177,7 +177,7 @@ def _shown(names: list[str], n: int = 20) -> str:
     return str(names) if len(names) <= n else str(names[:n])[:-1] + f", ... ({len(names)} in all)]"
 
 
-class FileSeries:
+class FileSeries(RecordsArgs):
     """A recorded series read from ``path`` (.csv with a header line, or .npy).
 
     ``columns``: input columns by name (csv) or index (default: every numeric column; a column

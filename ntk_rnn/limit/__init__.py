@@ -1,9 +1,10 @@
 """Everything infinite-width: ``limit_ntk(model, x, x2=None)`` (K_∞ of any model, by its family:
 ``limit.dispatch``), Model D's limit kernel (theory §5), Model F's cell kernel and coupled limit
-(theory §6), the Elman closed form (§9), the Monte-Carlo limit of any other model, and the limit
-ODE with its closed-form solution."""
+(theory §6), the closed-form limit of the full-matrix Elman network (theory §9), the Monte-Carlo
+limit of any other model, and the limit ODE with its closed-form solution."""
 
 from .dispatch import LIMITS, is_exact, limit_kind, limit_ntk
+from .elman import elman_limit_ntk
 from .feedback import FeedbackLimit, FeedbackSolution, limit_cell_ntk, solve_feedback_limit
 from .kernel import LimitAccuracyWarning, LimitKernel
 from .monte_carlo import MCLimitKernel, mc_limit_ntk
@@ -12,5 +13,5 @@ from .window import limit_window_ntk, window_drift_curve
 
 __all__ = ["LimitKernel", "LimitAccuracyWarning", "limit_ntk", "KernelSolution", "LimitODE",
            "FeedbackLimit", "FeedbackSolution", "limit_cell_ntk", "solve_feedback_limit",
-           "MCLimitKernel", "mc_limit_ntk",
+           "MCLimitKernel", "mc_limit_ntk", "elman_limit_ntk",
            "limit_window_ntk", "window_drift_curve", "LIMITS", "is_exact", "limit_kind"]

@@ -1,4 +1,8 @@
-"""Activations σ with their derivative σ' and the bound sup|σ'| (theory §2 contraction)."""
+"""Activations σ with their derivative σ' and the bound sup|σ'| (theory §2 contraction).
+
+tanh, sigmoid and erf have compiled kernels (``ntk_rnn.csrc``); relu (max(z, 0), σ' = 1{z > 0})
+runs on the torch paths everywhere (the kernels' loaders report "no compiled kernel" and fall
+back without a warning)."""
 
 from __future__ import annotations
 
@@ -45,11 +49,13 @@ ACTIVATIONS: dict[str, Activation] = {
     "erf": Activation(
         "erf", torch.erf, lambda z: TWO_OVER_SQRT_PI * torch.exp(-z * z), TWO_OVER_SQRT_PI
     ),
+    # σ'(0) = 0, as torch's autograd of relu: the empirical kernel and the limit agree at u = 0
+    "relu": Activation("relu", torch.relu, lambda z: (z > 0).to(z.dtype), 1.0),
 }
 
 
 def get_activation(name: str | Activation) -> Activation:
-    """Look an activation up by name ('tanh', 'sigmoid', 'erf')."""
+    """Look an activation up by name ('tanh', 'sigmoid', 'erf', 'relu')."""
     if isinstance(name, Activation):
         return name
     try:

@@ -324,6 +324,14 @@ def describe(obj: Any, fields: Callable[[Any], dict] | None = None) -> dict:
     arguments it keeps as attributes of the same name (what config.yaml and HParams show)."""
     cls = type(obj)
     node: dict[str, Any] = {"_target_": f"{cls.__module__}.{cls.__qualname__}"}
+    recorded = getattr(obj, "init_args", None)
+    if isinstance(recorded, dict):  # the arguments it was built with (data.base.RecordsArgs)
+        for name, v in recorded.items():
+            if name not in ("self", "generator", "dtype", "device", "input_dim", "seed"):
+                node[name] = _plain_arg(v)
+        if fields is not None:
+            node.update(fields(obj))
+        return node
     for name in _signature(cls):
         if name in ("self", "generator", "dtype", "device", "input_dim", "seed"):
             continue
@@ -336,6 +344,25 @@ def describe(obj: Any, fields: Callable[[Any], dict] | None = None) -> dict:
     if fields is not None:
         node.update(fields(obj))
     return node
+
+
+def _plain_arg(v: Any) -> Any:
+    """A recorded constructor argument as a config value: numbers, strings, None, lists and
+    dicts as they are; tensors and arrays as (nested) lists; paths as strings."""
+    if isinstance(v, (bool, int, float, str)) or v is None:
+        return v
+    if isinstance(v, torch.Tensor):
+        return v.detach().cpu().tolist()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, dict) or OmegaConf.is_config(v):
+        items = OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
+        return {str(k): _plain_arg(x) for k, x in items.items()}
+    if isinstance(v, (list, tuple)) or OmegaConf.is_list(v):
+        return [_plain_arg(x) for x in v]
+    if dataclasses.is_dataclass(v):
+        return {k: _plain_arg(x) for k, x in dataclasses.asdict(v).items()}
+    return str(v)
 
 
 def model_node(model: Any) -> dict:

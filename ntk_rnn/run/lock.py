@@ -11,7 +11,8 @@ A lock is *stale*, and is taken over, when
   (its start time differs: the PID was reused);
 - it was written on another host and has not been refreshed for :data:`STALE_AFTER_S` seconds
   (the holder refreshes it, ``os.utime``, at most every :data:`HEARTBEAT_S` seconds while it
-  trains);
+  trains), or by an earlier run of this very Slurm job (``SLURM_JOB_ID``: a requeued job that
+  was killed on its previous node);
 - it cannot be parsed (a writer killed between creating and filling it) and is older than
   :data:`HEARTBEAT_S` seconds.
 
@@ -92,6 +93,9 @@ class RunLock:
             return True
         if not info:  # empty or unreadable: a writer killed while creating it
             return age > HEARTBEAT_S
+        job = os.environ.get("SLURM_JOB_ID")
+        if job and info.get("job") == job and info.get("host") != socket.gethostname():
+            return True  # this Slurm job's earlier run, on the node it was requeued from
         if info.get("host") == socket.gethostname():
             try:
                 pid = int(info.get("pid"))
@@ -108,7 +112,7 @@ class RunLock:
         self.dir.mkdir(parents=True, exist_ok=True)
         pid = os.getpid()
         self._ident = {"host": socket.gethostname(), "pid": pid, "start": _start_time(pid),
-                       "since": time.time()}
+                       "since": time.time(), "job": os.environ.get("SLURM_JOB_ID")}
         for _ in range(5):
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
