@@ -24,6 +24,7 @@ import torch
 from ..errors import ConfigError
 from ..limit import LimitODE
 from ..logging import write_layout
+from ..models.family import family_of
 from .base import Callback, TrainState, generator_from_seed
 from .cache import cached
 
@@ -122,7 +123,7 @@ class OutputTrackingCallback(Callback):
 
     def on_train_start(self, state: TrainState) -> None:
         if self.ode is None:
-            self.ode = (self._build_feedback(state) if state.model.recurrence == "feedback"
+            self.ode = (self._build_feedback(state) if family_of(state.model).limit == "cell"
                         else self._build_ode(state))
         if state.step == 0:
             write_layout(state)  # (the NTK callback's, when it runs too: one layout per run)
