@@ -10,6 +10,31 @@ from typing import Callable
 import torch
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo), empty where there is none."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def isa() -> str:
+    """The CPU's widest x86 vector ISA that the kernels can use: 'AVX-512' (avx512f), 'AVX2'
+    (avx2 and fma), 'SSE' or 'no x86 SIMD'; printed beside every benchmark figure."""
+    flags = cpu_flags()
+    if "avx512f" in flags:
+        return "AVX-512"
+    if "avx2" in flags:
+        return "AVX2"
+    if "sse2" in flags:
+        return "SSE"
+    return "no x86 SIMD"
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -21,7 +46,7 @@ def machine() -> str:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}; {os.cpu_count()} logical CPUs, torch {torch.__version__} "
+    return (f"{cpu} ({isa()}); {os.cpu_count()} logical CPUs, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads); {gpu}")
 
 
