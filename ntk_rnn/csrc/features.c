@@ -15,6 +15,15 @@
    turns it into vector code.
    tanh in float32 is the inline rational approximation of ntk_rnn.h (NTK_RATIONAL_TANH: a libm
    call would spill the chunk's registers at every step). */
+#if defined(__GNUC__) && !defined(__clang__)
+/* GCC keeps the clamp of tanh_rational (x < c ? x : c) as a branch when comparisons may trap
+   (its default -ftrapping-math), and only AVX-512's masked stores let it vectorise the lane loop
+   anyway: on AVX2 (-march=x86-64-v3 or an AVX2 -march=native, GCC 12) the loop stayed scalar and
+   the kernel ran slower than the torch path. Without trapping math the clamp is vminps/vmaxps
+   and the loops vectorise on AVX2 too; the values are the same (only FP exception flags, which
+   nothing reads, could differ). Clang does not trap by default. */
+#pragma GCC optimize("no-trapping-math")
+#endif
 #define NTK_RATIONAL_TANH
 #include "ntk_rnn.h"
 
