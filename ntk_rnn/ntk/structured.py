@@ -24,7 +24,8 @@ per-step slices in cache. tanh is evaluated as 2·sigmoid(2z) − 1, equal to ro
 times faster than ``torch.tanh`` on CPU.
 
 On the CPU (float32/float64, tanh/sigmoid/erf) the features of a block come from a compiled C
-kernel instead (:mod:`._features_c`, ``csrc/features.c``: the same recursion fused per unit, the
+kernel where it was measured faster than this torch path on the machine (``_features_c.choice``:
+timed at first use, cached with the compiled object, ``NTK_RNN_FEATURES=c|torch`` to force) (:mod:`._features_c`, ``csrc/features.c``: the same recursion fused per unit, the
 state of 128 units in L1, tanh inline in float32); the torch path below stays the reference and
 the CUDA path. With T = ``torch.get_num_threads()`` > 1 the units are split into T ranges, one
 per thread, each doing its features and its own Gram GEMMs single-threaded; the T partial kernels
@@ -200,7 +201,7 @@ def _block_features(
     phi = ws.take("phi" + side, x, n, d + 2, Nb)
     coef = ws.take("coef" + side, x, n, L, Nb) if factorised else None
     if use_c is None:
-        use_c = USE_C and _features_c.usable(model, x)
+        use_c = USE_C and _features_c.preferred(model, x)
     if use_c:
         _features_c.block_features(model, x, units, truncated, phi, coef, threads=threads)
         return phi, coef
@@ -227,7 +228,7 @@ def unit_feature_matrix(model: MeanFieldRNN, x: Tensor, truncated: bool = False)
     xT, ws = x.transpose(1, 2).contiguous(), _Workspace()
     out = x.new_empty(n, d + 2, N)  # a normal tensor, filled in inference mode (less overhead)
     with torch.inference_mode():
-        if USE_C and _features_c.usable(model, x):  # no work buffers: all units in one call
+        if USE_C and _features_c.preferred(model, x):  # no work buffers: all units in one call
             _features_c.block_features(model, x, slice(0, N), truncated, out, None)
             return out.view(n, -1)
         for u0 in range(0, N, Nb):
@@ -338,7 +339,8 @@ def structured_ntk(
     G = None
     if factorise:  # X_k · X'_{k'} for all window pairs and steps
         G = torch.mm(x.reshape(n * L1, d), x2.reshape(m * L2, d).T).view(n, L1, m, L2)
-    use_c = USE_C and _features_c.usable(model, x) and (x2 is x or _features_c.usable(model, x2))
+    use_c = USE_C and _features_c.preferred(model, x) and (
+        x2 is x or _features_c.preferred(model, x2))
     if not use_c:
         Nb = unit_chunk or unit_block_size(model, max(n, m), max(L1, L2))
         K = _unit_range(model, x, x2, truncated2, same, G, blocks, 0, N, Nb, False)
