@@ -40,9 +40,9 @@ from torch import nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 from ntk_rnn import MeanFieldRNN
-from ntk_rnn.ntk import empirical_ntk, relative_frobenius, unit_feature_matrix
+from ntk_rnn.ntk import _features_c, empirical_ntk, relative_frobenius, unit_feature_matrix
 
-from .common import machine
+from .common import isa, machine
 
 FULL = dict(N=4096, n=128, L=32, d=4)
 QUICK = dict(N=1024, n=32, L=16, d=4)
@@ -185,13 +185,18 @@ def _table(model, plain, x1, x2, repeats: int, skip: set[str], agreement: bool) 
     ref = "empirical_ntk structured" if "empirical_ntk structured" in outs else BASE
     base = times[BASE]
     print(f"{'K(x1, x2)':<56} {'min ms':>10} {'runs':>4}  {'time/baseline':>13}  "
-          f"{'speed-up':>8}" + ("  rel. diff vs " + ref.split()[-1] if agreement else ""))
+          f"{'speed-up':>8}" + ("  rel. diff vs " + ref.split()[-1] if agreement else "")
+          + "  [ISA, load]")
+    tag = f"  [{isa()}, load {os.getloadavg()[0]:.2f}]"
     for name, t in times.items():
         diff = ""
         if agreement and name in outs and name != ref:
             diff = f"  {relative_frobenius(outs[name], outs[ref]):.1e}"
         print(f"{name:<56} {t * 1e3:10.1f} {runs[name]:>4}  {t / base:12.2f}x  "
-              f"{base / t:7.1f}x{diff}")
+              f"{base / t:7.1f}x{diff}{tag}")
+    if GEMM in times and "empirical_ntk structured" in times:
+        print(f"{'  structured / its own Gram GEMM':<56} "
+              f"{times['empirical_ntk structured'] / times[GEMM]:10.2f}x{tag}")
     return times
 
 
@@ -310,6 +315,9 @@ def main(quick: bool | None = None, threads: tuple[int, ...] = (1, 2), repeats: 
           f"float32, CPU{', quick sizes' if quick else ''}) — {machine()}")
     print("   baseline: the torch.func tutorial's recipes on a plain user-written module with the "
           "same c, w, b and inputs")
+    model, _, x1, _ = setup(**size)
+    rec = _features_c.record(model)
+    print(f"   per-unit features of the structured rows: {rec['backend']} — {rec['reason']}")
     default = torch.get_num_threads()
     for recurrence in ("diagonal", "feedback"):
         model, plain, x1, x2 = setup(**size, recurrence=recurrence)
