@@ -41,6 +41,20 @@ def _scale(model: nn.Module) -> float:
     return float(model.ntk_scale) * float(model.output_scale) ** 2
 
 
+def _both_passes(passes: Callable[[nn.Module, Tensor], dict[str, Tensor]], model: nn.Module,
+                 x: Tensor, x2: Tensor | None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The passes of x and x2 (x2 None: the same); windows of equal length go through one pass
+    (GEMMs with n + m rows use the CPU better than two with n and m)."""
+    if x2 is None:
+        F = passes(model, x)
+        return F, F
+    if x2.shape[1] != x.shape[1]:
+        return passes(model, x), passes(model, x2)
+    n = x.shape[0]
+    F = passes(model, torch.cat([x, x2]))
+    return {k: v[:n] for k, v in F.items()}, {k: v[n:] for k, v in F.items()}
+
+
 # --- per-window passes ----------------------------------------------------------------------------
 def elman_passes(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
     """Forward and backward over windows x (n, L, d) of an ElmanRNN, θ frozen: {"S": the states
@@ -137,8 +151,7 @@ def elman_kernel(model: nn.Module, x: Tensor, x2: Tensor | None = None, *,
     block (default: Gram blocks ≤ ``GRAM_ELEMENTS``)."""
     names = tuple(names or ("c", "w", "A"))
     with torch.inference_mode():
-        F1 = elman_passes(model, x)
-        F2 = F1 if x2 is None else elman_passes(model, x2)
+        F1, F2 = _both_passes(elman_passes, model, x, x2)
         x2_ = x if x2 is None else x2
         n, m = x.shape[0], x2_.shape[0]
         L, L2 = x.shape[1], x2_.shape[1]
@@ -164,8 +177,7 @@ def gru_kernel(model: nn.Module, x: Tensor, x2: Tensor | None = None, *,
         ("cell.bias_ih", "cell.bias_hh") if model.bias else ())
     names = tuple(names or all_names)
     with torch.inference_mode():
-        F1 = gru_passes(model, x)
-        F2 = F1 if x2 is None else gru_passes(model, x2)
+        F1, F2 = _both_passes(gru_passes, model, x, x2)
         x2_ = x if x2 is None else x2
         n, m = x.shape[0], x2_.shape[0]
         L, L2 = x.shape[1], x2_.shape[1]
