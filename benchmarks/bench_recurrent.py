@@ -23,7 +23,7 @@ import os
 import torch
 from torch import nn
 
-from ntk_rnn import ElmanRNN, GRURNN
+from ntk_rnn import GRURNN, ElmanRNN
 from ntk_rnn.ntk import choose_method, empirical_ntk, relative_frobenius
 
 from .bench_ntk import min_time, tutorial_jacobian

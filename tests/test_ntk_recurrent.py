@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ntk_rnn import ElmanRNN, GRURNN
+from ntk_rnn import GRURNN, ElmanRNN
 from ntk_rnn.errors import ConfigError
 from ntk_rnn.ntk import choose_method, empirical_ntk, jacobian_blocks, ntk_blocks
 from ntk_rnn.ntk import structured as st

@@ -1,4 +1,6 @@
-"""Structured empirical NTK of MeanFieldRNN (Model D): per-unit features, then one GEMM (theory §4).
+"""Structured empirical NTK of MeanFieldRNN (Model D): per-unit features, then one GEMM (theory §4);
+and :data:`KERNELS`, the table from a model family's ``structure`` key to its structured kernel
+(Model D's here, ElmanRNN's and GRURNN's in :mod:`.recurrent`).
 
     K^N(x̄, x̄') = N^{2β−1} ∇_θ f(x̄) · ∇_θ f(x̄') = (1/N) Σ_i φ_i(x̄) · φ_i(x̄'),
     φ_i = (S_i, c_i Q_i, c_i P_i) ∈ R^{d+2}   (last step of the window, θ frozen)
@@ -24,10 +26,11 @@ per-step slices in cache. tanh is evaluated as 2·sigmoid(2z) − 1, equal to ro
 times faster than ``torch.tanh`` on CPU.
 
 On the CPU (float32/float64, tanh/sigmoid/erf) the features of a block come from a compiled C
-kernel where it was measured faster than this torch path on the machine (``_features_c.choice``:
-timed at first use, cached with the compiled object, ``NTK_RNN_FEATURES=c|torch`` to force) (:mod:`._features_c`, ``csrc/features.c``: the same recursion fused per unit, the
-state of 128 units in L1, tanh inline in float32); the torch path below stays the reference and
-the CUDA path. With T = ``torch.get_num_threads()`` > 1 the units are split into T ranges, one
+kernel (:mod:`._features_c`, ``csrc/features.c``: the same recursion fused per unit, the state of
+128 units in L1, tanh inline in float32) where it was measured faster than this torch path on
+the machine (``_features_c.choice``: timed at first use, cached with the compiled object;
+``NTK_RNN_FEATURES=c|torch`` forces one); the torch path below stays the reference and the CUDA
+path. With T = ``torch.get_num_threads()`` > 1 the units are split into T ranges, one
 per thread, each doing its features and its own Gram GEMMs single-threaded; the T partial kernels
 are summed (no hand-over between a threaded feature pass and a threaded GEMM per block).
 ``USE_C = False`` (or ``NTK_RNN_NO_KERNEL=1``) turns the kernel off.
