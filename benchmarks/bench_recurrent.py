@@ -26,7 +26,7 @@ from torch import nn
 from ntk_rnn import GRURNN, ElmanRNN
 from ntk_rnn.ntk import choose_method, empirical_ntk, relative_frobenius
 
-from .bench_ntk import min_time, tutorial_jacobian
+from .bench_ntk import min_times, tutorial_jacobian
 from .common import isa, machine
 
 FULL = dict(N=2048, n=32, L=16, d=1)
@@ -116,15 +116,17 @@ def main(quick: bool | None = None, kinds=("elman-mean_field", "elman-ntk", "gru
             model, plain, x1, x2 = setup(kind, **size)
             print(f"\n-- {kind}")
             print(f"{'K(x1, x2)':<46} {'min ms':>10} {'runs':>4} {'time/base':>10} "
-                  f"{'speed-up':>9} {'rel.diff':>9}  ISA, load")
-            times, Ks = {}, {}
+                  f"{'speed-up':>9} {'CPU ms':>10} {'CPU speed-up':>12} {'rel.diff':>9}  "
+                  "ISA, load")
+            times, cpu, Ks = {}, {}, {}
             for name, fn in rows(model, plain, x1, x2).items():
                 if any(s in name for s in skip):
                     continue
-                times[name], runs, Ks[name] = min_time(fn, repeats)
-                base = times.get(BASE)
-                ratio = f"{times[name] / base:9.3f}x {base / times[name]:8.1f}x" if base else \
-                    f"{'-':>10} {'-':>9}"
+                times[name], cpu[name], runs, Ks[name] = min_times(fn, repeats)
+                base, base_cpu = times.get(BASE), cpu.get(BASE)
+                ratio = (f"{times[name] / base:9.3f}x {base / times[name]:8.1f}x "
+                         f"{cpu[name] * 1e3:10.1f} {base_cpu / cpu[name]:11.1f}x") if base else \
+                    f"{'-':>10} {'-':>9} {cpu[name] * 1e3:10.1f} {'-':>12}"
                 diff = relative_frobenius(Ks[name], Ks[BASE]) if BASE in Ks else float("nan")
                 print(f"{name:<46} {times[name] * 1e3:10.1f} {runs:>4} {ratio} {diff:9.1e}  "
                       f"[{isa()}, load {os.getloadavg()[0]:.2f}]", flush=True)
