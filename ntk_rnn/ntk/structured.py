@@ -329,8 +329,8 @@ def structured_ntk(
     ``gradient: truncated``). ``unit_chunk``: units per block (default: ``unit_block_size``, or
     ``C_BLOCK_UNITS`` / ``C_BLOCK_BYTES`` with the compiled features). ``blocks``: return
     {"c": S·S', "w": c² P·P', "b": c² Q·Q'} (each /N) instead of the sum. ``factorise``: force
-    the coefficient factorisation of P·P' on/off (default ``use_factorised``). Inputs must already be validated,
-    in the model's dtype and device.
+    the coefficient factorisation of P·P' on/off (default ``use_factorised``). Inputs must
+    already be validated, in the model's dtype and device.
 
     With the compiled features and ``torch.get_num_threads()`` = T > 1 the units are split into T
     ranges, one per thread, each computing its features and its own Gram GEMMs (torch on one
