@@ -10,29 +10,12 @@ from typing import Callable
 import torch
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (/proc/cpuinfo), empty where there is none."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def isa() -> str:
-    """The CPU's widest x86 vector ISA that the kernels can use: 'AVX-512' (avx512f), 'AVX2'
-    (avx2 and fma), 'SSE' or 'no x86 SIMD'; printed beside every benchmark figure."""
-    flags = cpu_flags()
-    if "avx512f" in flags:
-        return "AVX-512"
-    if "avx2" in flags:
-        return "AVX2"
-    if "sse2" in flags:
-        return "SSE"
-    return "no x86 SIMD"
+    """The CPU's widest x86 vector ISA: 'AVX-512' (avx512f), 'AVX2', 'SSE' (or the machine name),
+    from /proc/cpuinfo; printed beside every benchmark figure."""
+    from ntk_rnn.ntk._features_c import cpu_isa
+
+    return cpu_isa()
 
 
 def machine() -> str:
