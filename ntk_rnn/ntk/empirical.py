@@ -440,9 +440,19 @@ def _jacobian_kernel(
         del parts
         if sym:
             add(i0, i1, i0, i1, Ji, Ji)  # the diagonal block in one product
-        for j0 in range(i1 if sym else 0, m, sub):
-            j1 = min(m, j0 + sub)
-            add(i0, i1, j0, j1, Ji, J(x2[j0:j1]))
+        # x2's rows go into the contraction `cols` at a time (what the budget leaves beside the
+        # kept rows): one product per sub-chunk would read the kept rows once per sub-chunk
+        cols = max(sub, (_budget(memory_budget) - (i1 - i0) * fp.param_bytes
+                         - sub * (fp.param_bytes + fp.jacrev_bytes)) // max(1, fp.param_bytes)
+                   ) if chunk_size is None else sub
+        for c0 in range(i1 if sym else 0, m, cols):
+            c1 = min(m, c0 + cols)
+            parts = [J(x2[a:min(c1, a + sub)]) for a in range(c0, c1, sub)]
+            Jj = parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts])
+                                                   for k in params}
+            del parts
+            add(i0, i1, c0, c1, Ji, Jj)
+            del Jj
         if sym:
             for dst in K.values():
                 dst[i1:, i0:i1] = dst[i0:i1, i1:].T
