@@ -2,9 +2,18 @@
 
 import sys
 
-from . import bench_bptt, bench_callbacks, bench_limit, bench_ntk, bench_scaling, bench_train
+from . import (
+    bench_bptt,
+    bench_callbacks,
+    bench_limit,
+    bench_ntk,
+    bench_recurrent,
+    bench_scaling,
+    bench_train,
+)
 
-SUITES = {"train": bench_train.main, "ntk": bench_ntk.main, "limit": lambda: bench_limit.main([]),
+SUITES = {"train": bench_train.main, "ntk": bench_ntk.main, "recurrent": bench_recurrent.main,
+          "limit": lambda: bench_limit.main([]),
           "callbacks": bench_callbacks.main, "scaling": bench_scaling.main,
           "bptt": bench_bptt.main}
 

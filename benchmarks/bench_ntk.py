@@ -40,9 +40,9 @@ from torch import nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 from ntk_rnn import MeanFieldRNN
-from ntk_rnn.ntk import empirical_ntk, relative_frobenius, unit_feature_matrix
+from ntk_rnn.ntk import _features_c, empirical_ntk, relative_frobenius, unit_feature_matrix
 
-from .common import machine
+from .common import isa, machine
 
 FULL = dict(N=4096, n=128, L=32, d=4)
 QUICK = dict(N=1024, n=32, L=16, d=4)
@@ -125,22 +125,32 @@ def tutorial_ntk_vp(net: nn.Module, x1, x2, scale: float = 1.0) -> torch.Tensor:
 
 
 # --- timing --------------------------------------------------------------------------------------
-def min_time(fn: Callable[[], object], repeats: int) -> tuple[float, int, object]:
-    """(min wall time, runs, result): one warm-up and ``repeats`` runs; when the warm-up takes
-    > 5 s, the min of it and one more run (a loaded machine can slow any single run)."""
-    t = time.perf_counter()
+def min_times(fn: Callable[[], object], repeats: int) -> tuple[float, float, int, object]:
+    """(min wall time, min CPU time of this process, runs, result): one warm-up and ``repeats``
+    runs; when the warm-up takes > 5 s, the min of it and one more run. CPU time
+    (``time.process_time``, all threads) is what a loaded machine hardly distorts for one
+    thread: the ratios of 1-thread rows are printed in both."""
+    t, c = time.perf_counter(), time.process_time()
     out = fn()
-    first = time.perf_counter() - t
+    first, first_cpu = time.perf_counter() - t, time.process_time() - c
     if first > 5.0:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
-        return min(first, time.perf_counter() - t), 2, out
-    times = []
+        return (min(first, time.perf_counter() - t), min(first_cpu, time.process_time() - c), 2,
+                out)
+    times, cpus = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
         times.append(time.perf_counter() - t)
-    return min(times), repeats, out
+        cpus.append(time.process_time() - c)
+    return min(times), min(cpus), repeats, out
+
+
+def min_time(fn: Callable[[], object], repeats: int) -> tuple[float, int, object]:
+    """(min wall time, runs, result) of :func:`min_times`."""
+    wall, _, runs, out = min_times(fn, repeats)
+    return wall, runs, out
 
 
 def setup(N: int, n: int, L: int, d: int, recurrence: str = "diagonal"):
@@ -176,22 +186,28 @@ def _table(model, plain, x1, x2, repeats: int, skip: set[str], agreement: bool) 
     """Time every row (min of ``repeats``) and print ms, time / baseline and speed-up; with
     ``agreement`` also each result's relative Frobenius difference from the reference."""
     rows = {k: v for k, v in candidates(model, plain, x1, x2).items() if k not in skip}
-    times, runs, outs = {}, {}, {}
+    times, cpu, runs, outs = {}, {}, {}, {}
     for name, fn in rows.items():
-        times[name], runs[name], outs[name] = min_time(fn, repeats)
+        times[name], cpu[name], runs[name], outs[name] = min_times(fn, repeats)
     if model.recurrence == "diagonal":
         F1, F2 = unit_feature_matrix(model, x1), unit_feature_matrix(model, x2)
-        times[GEMM], runs[GEMM], _ = min_time(lambda: F1 @ F2.T, repeats)
+        times[GEMM], cpu[GEMM], runs[GEMM], _ = min_times(lambda: F1 @ F2.T, repeats)
     ref = "empirical_ntk structured" if "empirical_ntk structured" in outs else BASE
-    base = times[BASE]
+    base, base_cpu = times[BASE], cpu[BASE]
     print(f"{'K(x1, x2)':<56} {'min ms':>10} {'runs':>4}  {'time/baseline':>13}  "
-          f"{'speed-up':>8}" + ("  rel. diff vs " + ref.split()[-1] if agreement else ""))
+          f"{'speed-up':>8} {'CPU ms':>9} {'CPU speed-up':>12}"
+          + ("  rel. diff vs " + ref.split()[-1] if agreement else "") + "  [ISA, load]")
+    tag = f"  [{isa()}, load {os.getloadavg()[0]:.2f}]"
     for name, t in times.items():
         diff = ""
         if agreement and name in outs and name != ref:
             diff = f"  {relative_frobenius(outs[name], outs[ref]):.1e}"
         print(f"{name:<56} {t * 1e3:10.1f} {runs[name]:>4}  {t / base:12.2f}x  "
-              f"{base / t:7.1f}x{diff}")
+              f"{base / t:7.1f}x {cpu[name] * 1e3:9.1f} {base_cpu / cpu[name]:11.1f}x{diff}{tag}")
+    if GEMM in times and "empirical_ntk structured" in times:
+        st_name = "empirical_ntk structured"
+        print(f"{'  structured / its own Gram GEMM (wall; CPU)':<56} "
+              f"{times[st_name] / times[GEMM]:10.2f}x {cpu[st_name] / cpu[GEMM]:.2f}x{tag}")
     return times
 
 
@@ -310,6 +326,9 @@ def main(quick: bool | None = None, threads: tuple[int, ...] = (1, 2), repeats: 
           f"float32, CPU{', quick sizes' if quick else ''}) — {machine()}")
     print("   baseline: the torch.func tutorial's recipes on a plain user-written module with the "
           "same c, w, b and inputs")
+    model, _, x1, _ = setup(**size)
+    rec = _features_c.record(model)
+    print(f"   per-unit features of the structured rows: {rec['backend']} — {rec['reason']}")
     default = torch.get_num_threads()
     for recurrence in ("diagonal", "feedback"):
         model, plain, x1, x2 = setup(**size, recurrence=recurrence)

@@ -10,6 +10,14 @@ from typing import Callable
 import torch
 
 
+def isa() -> str:
+    """The CPU's widest x86 vector ISA: 'AVX-512' (avx512f), 'AVX2', 'SSE' (or the machine name),
+    from /proc/cpuinfo; printed beside every benchmark figure."""
+    from ntk_rnn.ntk._features_c import cpu_isa
+
+    return cpu_isa()
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -21,7 +29,7 @@ def machine() -> str:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}; {os.cpu_count()} logical CPUs, torch {torch.__version__} "
+    return (f"{cpu} ({isa()}); {os.cpu_count()} logical CPUs, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads); {gpu}")
 
 

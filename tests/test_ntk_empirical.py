@@ -539,6 +539,7 @@ def test_c_structured_matches_jacobian_and_torch_path(monkeypatch, dtype):
     model = rnn(N=45, d=3, act="erf", dtype=dtype)
     x, x2 = windows(5, 6, 3, 31, dtype), windows(4, 7, 3, 32, dtype)
     assert _features_c.usable(model, x)
+    monkeypatch.setenv("NTK_RNN_FEATURES", "c")  # (not the measured choice: this tests the C path)
     calls = []
     real = _features_c.block_features
     monkeypatch.setattr(_features_c, "block_features", lambda *a, **k: calls.append(1) or

@@ -124,3 +124,13 @@ def test_float32_close_to_float64():
     x = windows(8, 16, 1, 10)
     K64 = empirical_ntk(m64, x)
     assert rel(empirical_ntk(m32, x.float()).double(), K64) < 1e-5
+
+
+@pytest.mark.parametrize("name,make", MODELS[::2], ids=[m[0] for m in MODELS[::2]])
+def test_equal_lengths_share_one_pass(name, make):
+    model = make()
+    x, x2 = windows(4, 6, 3, 11), windows(3, 6, 3, 12)  # same L: x and x2 in one batched pass
+    B = ntk_blocks(model, x, x2, method="structured")
+    J = jacobian_blocks(model, x, x2)
+    for k in J:
+        assert rel(B[k], J[k] * model.ntk_scale) <= 1e-10, k

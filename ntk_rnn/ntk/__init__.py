@@ -6,6 +6,8 @@ the matrix-free metrics of ``ntk.large`` (``large.trace``, ``large.frobenius_nor
 """
 
 from . import large
+from ._features_c import pin as pin_features
+from ._features_c import record as features_choice
 from .cell import cell_ntk
 from .empirical import (
     MEMORY_BUDGET,
@@ -34,7 +36,7 @@ from .metrics import (
     target_alignment,
     top_eigenvalues,
 )
-from .structured import structured_ntk, supports_structured, unit_feature_matrix
+from .structured import structure_of, structured_ntk, supports_structured, unit_feature_matrix
 
 __all__ = [
     "ONLINE_GRADIENTS", "MEMORY_BUDGET", "METHODS", "OnlineGradient", "Method", "check_inputs",
@@ -42,5 +44,6 @@ __all__ = [
     "training_kernel", "cell_ntk", "structured_ntk", "supports_structured", "unit_feature_matrix",
     "effective_rank", "intrinsic_dimension", "kernel_distance", "kernel_velocity",
     "relative_frobenius", "target_alignment", "top_eigenvalues", "Footprint", "footprint",
-    "method_costs", "large", "DEFAULT_MEMORY_BUDGET", "Estimate", "KernelOperator", "blocked_ntk",
+    "method_costs", "features_choice", "pin_features", "large", "DEFAULT_MEMORY_BUDGET",
+    "Estimate", "KernelOperator", "blocked_ntk", "structure_of",
 ]

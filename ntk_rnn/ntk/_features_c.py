@@ -18,6 +18,16 @@ Built by :mod:`ntk_rnn.csrc.loader` (one shared object per (d, activation), cach
 checked once per process against the torch recursion (:func:`_reference`); any failure means
 ``None`` here, i.e. the torch path, with one warning. ``NTK_RNN_NO_KERNEL=1`` disables it (as
 for the training kernel); ``structured.USE_C = False`` does too, at run time.
+**Chosen by measurement.** Where the kernel builds and passes its self-check it still runs only
+if it beats the torch path on this machine: :func:`choice` times both on a small block at first
+use per (d, activation, dtype) — one thread each, interleaved, min of a few runs — and caches the
+result as JSON next to the compiled object (the loader's cache folder; the object's name already
+hashes the sources, compiler, flags and CPU model and flags), so later processes on the same CPU
+reuse it without timing. The result (``Choice``: backend, reason, both timings, ISA) is what
+``make bench`` prints and what a run records (:func:`record`); ``NTK_RNN_FEATURES=c|torch`` or
+:func:`pin` fixes it (a resumed run or an ensemble member pins the recorded backend, so the
+round-off of its logged kernels does not change with the machine's load).
+
 The windows are split over ``torch.get_num_threads()`` Python threads (ctypes drops the GIL);
 :func:`run_parallel` also serves ``structured_ntk``, which splits the units over threads.
 """
@@ -26,9 +36,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import json
 import os
+import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -83,6 +98,206 @@ def usable(model: Any, x: Tensor) -> bool:
             and x.dim() == 3 and x.shape[1] >= 1 and model.w.device.type == "cpu"
             and model.w.dtype == x.dtype and model.act.name in loader.ACT_CODES
             and library(x.shape[-1], model.act.name) is not None)
+
+
+# --- the measured choice between this kernel and the torch path ---------------------------------
+BACKENDS = ("c", "torch")
+#: the timed problem: units × windows × steps of one block (the torch path's time dominates)
+PROBE = dict(units=512, n=64, L=32)
+PROBE_RUNS = 5
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Which per-unit features run for (d, activation, dtype) and why. ``backend``: "c" or
+    "torch"; ``reason``: measured / cached measurement / pinned / unavailable (with the reason);
+    ``c_ms``, ``torch_ms``: the timings of the probe block (None when not measured); ``isa``:
+    the CPU's vector ISA the timing was made on."""
+
+    backend: str
+    reason: str
+    c_ms: float | None = None
+    torch_ms: float | None = None
+    isa: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_CHOICES: dict[tuple[int, str, str], Choice] = {}
+_PINNED: dict[tuple[int, str, str], str] = {}
+
+
+def cpu_isa() -> str:
+    """'AVX-512', 'AVX2', 'SSE' or the machine name: the widest vector ISA of /proc/cpuinfo."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("sse2", "SSE")):
+        if flag in flags:
+            return name
+    return os.uname().machine if hasattr(os, "uname") else "unknown"
+
+
+def _key(d: int, act: str, dtype: torch.dtype) -> tuple[int, str, str]:
+    return int(d), act, str(dtype).replace("torch.", "")
+
+
+def pin(backend: str | None, d: int | None = None, act: str | None = None,
+        dtype: torch.dtype | None = None) -> None:
+    """Fix the backend ("c" or "torch"; None: measure again) for (d, act, dtype), or for every key
+    when they are None — e.g. from a run's recorded choice on resume. "c" where the kernel is
+    unavailable falls back to torch (with the reason in :func:`choice`)."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"features backend {backend!r}: choose one of {list(BACKENDS)}")
+    with _LOCK:
+        if d is None:
+            _PINNED.clear()
+            if backend is not None:
+                _PINNED[("*", "*", "*")] = backend  # type: ignore[index]
+            _CHOICES.clear()
+            return
+        k = _key(d, act or "tanh", dtype or torch.float32)
+        if backend is None:
+            _PINNED.pop(k, None)
+        else:
+            _PINNED[k] = backend
+        _CHOICES.pop(k, None)
+
+
+def _forced(k: tuple[int, str, str]) -> tuple[str, str] | None:
+    env = os.environ.get("NTK_RNN_FEATURES", "").strip().lower()
+    if env and env != "auto":
+        if env not in BACKENDS:
+            raise ValueError(f"NTK_RNN_FEATURES={env!r}: choose one of {list(BACKENDS)} or auto")
+        return env, f"forced by NTK_RNN_FEATURES={env}"
+    b = _PINNED.get(k) or _PINNED.get(("*", "*", "*"))  # type: ignore[arg-type]
+    return (b, "pinned (a recorded choice)") if b else None
+
+
+def _cache_file(lib: ctypes.CDLL, k: tuple[int, str, str]) -> Path | None:
+    name = getattr(lib, "_name", "")
+    if not name:
+        return None
+    so = Path(name)
+    return so.with_name(f"{so.stem}.choice_{k[2]}.json")
+
+
+def _read_cached(path: Path | None) -> Choice | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        loader.check_private(path, "cached features choice")
+        data = json.loads(path.read_text())
+        if data.get("torch") != torch.__version__ or data.get("backend") not in BACKENDS:
+            return None
+        return Choice(data["backend"], f"cached measurement ({path.name}): {data['reason']}",
+                      data.get("c_ms"), data.get("torch_ms"), data.get("isa", ""))
+    except (OSError, ValueError, KeyError, loader.KernelUnavailable):
+        return None
+
+
+def _write_cached(path: Path | None, c: Choice) -> None:
+    if path is None:
+        return
+    try:
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False,
+                                         suffix=".tmp") as fh:
+            json.dump({**c.as_dict(), "torch": torch.__version__}, fh)
+        os.chmod(fh.name, 0o600)
+        os.replace(fh.name, path)
+    except OSError:
+        pass  # (no cache: measured again next process)
+
+
+def measure(d: int, act: str, dtype: torch.dtype, lib: ctypes.CDLL | None = None
+            ) -> tuple[float, float]:
+    """(C ms, torch ms) of the features of one probe block (``PROBE``) on one thread: each the
+    min of ``PROBE_RUNS`` interleaved runs after a warm-up."""
+    from . import structured as st  # (structured imports this module)
+
+    lib = lib or library(d, act)
+    p = PROBE
+    model = MeanFieldRNN(d, p["units"], activation=act, init={"b": "uniform", "rho": 0.8},
+                         seed=0, dtype=dtype)
+    x = torch.randn(p["n"], p["L"], d, generator=torch.Generator().manual_seed(0),
+                    dtype=dtype)
+    xT, units = x.transpose(1, 2).contiguous(), slice(0, p["units"])
+    ws = st._Workspace()
+    phi = x.new_empty(p["n"], d + 2, p["units"])
+
+    def run_c() -> None:
+        block_features(model, x, units, False, phi, None, lib, threads=1)
+
+    def run_torch() -> None:
+        st._block_features(model, x, xT, units, False, False, ws, use_c=False)
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    best = {run_c: float("inf"), run_torch: float("inf")}
+    try:
+        with torch.inference_mode():
+            for fn in best:
+                fn()
+            for _ in range(PROBE_RUNS):
+                for fn in best:
+                    t = time.perf_counter()
+                    fn()
+                    best[fn] = min(best[fn], time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(old)
+    return best[run_c] * 1e3, best[run_torch] * 1e3
+
+
+def choice(d: int, act: str, dtype: torch.dtype) -> Choice:
+    """Which features run for (d, act, dtype) (see the module docstring): forced or pinned, else
+    the torch path where the kernel is unavailable, else the cached or a fresh measurement."""
+    k = _key(d, act, dtype)
+    with _LOCK:
+        forced = _forced(k)  # (read at every call: the environment or a pin may change)
+        got = _CHOICES.get(k)
+        if got is not None and forced is None:
+            return got
+        isa = cpu_isa()
+        lib = library(d, act) if act in loader.ACT_CODES else None
+        if lib is None:
+            why = _LIBS.get((int(d), act), f"activation {act!r} has no compiled kernel")
+            c = Choice("torch", f"compiled features unavailable: {why}", isa=isa)
+        elif forced is not None:
+            return Choice(forced[0], forced[1], isa=isa)
+        else:
+            path = _cache_file(lib, k)
+            c = _read_cached(path)
+            if c is None:
+                c_ms, t_ms = measure(d, act, dtype, lib)
+                backend = "c" if c_ms <= t_ms else "torch"
+                c = Choice(backend, f"measured at first use: C {c_ms:.2f} ms vs torch "
+                           f"{t_ms:.2f} ms on a {PROBE['units']}-unit, {PROBE['n']}-window, "
+                           f"L={PROBE['L']} block, 1 thread ({isa})", c_ms, t_ms, isa)
+                _write_cached(path, c)
+        _CHOICES[k] = c
+        return c
+
+
+def preferred(model: Any, x: Tensor) -> bool:
+    """True when the compiled features should run for ``model`` on windows x: :func:`usable`
+    and chosen by :func:`choice`."""
+    return usable(model, x) and choice(x.shape[-1], model.act.name, x.dtype).backend == "c"
+
+
+def record(model: Any) -> dict[str, Any]:
+    """The features choice for ``model`` (its d, activation and dtype) as a plain dict, for a
+    run's metrics and checkpoint (restore it with ``pin(rec["backend"], ...)``)."""
+    dtype = next(model.parameters()).dtype
+    c = choice(model.input_dim, model.act.name, dtype)
+    return {"d": int(model.input_dim), "activation": model.act.name,
+            "dtype": str(dtype).replace("torch.", ""), **c.as_dict()}
 
 
 def _pool() -> ThreadPoolExecutor:

@@ -7,20 +7,25 @@ of the window (per window a scalar, or a time series whose last entry is taken),
 parameters, frozen. Methods (``Method``):
 
 * ``"jacobian"``  — any nn.Module: per-window Jacobians ``vmap(jacrev(f))`` (torch.func, the
-  PyTorch tutorial's recipe), then K = Σ_params J Jᵀ. Cost (n+m) window gradients + 2nmP;
-  memory ≈ chunk·(2P + 4(P + A)) ≤ ``MEMORY_BUDGET`` (A: the activations one window saves for
-  backward; ``Footprint``) + the result.
+  PyTorch tutorial's recipe), then K = Σ_params J Jᵀ. The rows of a block of x are kept and x2
+  streams past them a few windows per ``vmap`` call (``JACREV_WORK``: large calls were measured
+  slower per window). Cost n + m⌈n/rows⌉ window gradients + 2nmP; memory ≈ rows·P +
+  sub·(P + 4(P + A)) ≤ ``MEMORY_BUDGET`` (A: the activations one window saves for backward;
+  ``Footprint``) + the result.
 * ``"ntk_vp"``    — any nn.Module: NTK-vector products, column j = J(x) g_j with g_j = J(x2)ᵀ e_j
   the gradient of window j of x2 (a vjp), pushed through the windows of x by a jvp; chunks of
   columns and of rows, so memory ≈ chunk·(P + 4(P + A)) + 2·chunk·rows·A ≤ ``MEMORY_BUDGET`` (+ the
   (n, m) result) whatever n, m and P. Cost m window gradients + n·m window jvps: for when
   the Jacobians do not fit, not for speed.
-* ``"structured"`` — MeanFieldRNN only: per-unit features φ_i = (S_i, c_i P_i, c_i Q_i) in one
-  vectorised pass, then K = (1/N) Φ Φ'ᵀ (see ``structured.py``). Cost O((n+m) N L d + n m N d).
+* ``"structured"`` — models whose family has a structured kernel (``structured.KERNELS``,
+  keyed by ``family_of(model).structure``): MeanFieldRNN D: per-unit features
+  φ_i = (S_i, c_i P_i, c_i Q_i) in one vectorised pass, then K = (1/N) Φ Φ'ᵀ (``structured.py``),
+  O((n+m) N L d + n m N d); ElmanRNN, GRURNN: per-step backward vectors δ_k and states h_{k−1}
+  of one batched forward/backward pass, the weight-matrix blocks Σ_{k,k'} (δ_k·δ'_{k'})
+  (h_{k−1}·h'_{k'−1}) from Gram matrices (``recurrent.py``), O((n+m) L N² + n m L L' N).
 * ``"auto"``      — ``choose_method``: structured where available; otherwise whichever of
-  jacobian and ntk_vp has the lower FLOP estimate (``method_costs``) given the memory budget —
-  jacobian unless its Jacobians must be recomputed so often (P huge against the budget) that
-  the n·m jvps of ntk_vp are cheaper, or the forward uses fewer FLOPs than ~2P/3 per window.
+  jacobian and ntk_vp has the lower cost estimate (``method_costs``, fitted to measurements)
+  given the memory budget.
 
 Models that accept ``forward(x, last_only=True)`` (MeanFieldRNN) are asked for the last output
 only. A module that fails under ``vmap`` (e.g. nn.RNN/GRU/LSTM with their own zero initial
@@ -53,8 +58,11 @@ Method = Literal["auto", "jacobian", "ntk_vp", "structured"]
 METHODS: tuple[str, ...] = get_args(Method)
 
 #: Bytes of working memory (Jacobians, tangents, saved activations) the generic methods size their
-#: chunks to, besides the (n, m) result; also the threshold in ``choose_method``.
-MEMORY_BUDGET = 2**29
+#: chunks to, besides the (n, m) result; also the threshold in ``choose_method``. 2 GiB (as
+#: ``large.DEFAULT_MEMORY_BUDGET``): with 512 MiB a GRU of width 2048 (P = 12.6 M) kept the rows
+#: of 5 windows and recomputed the other side's gradients 7 times, more than the tutorial's
+#: recipe, which holds both sides' Jacobians and the peak of one vmap over all windows.
+MEMORY_BUDGET = 2**31
 
 
 # --- input checks -------------------------------------------------------------------------------
@@ -284,12 +292,49 @@ def _budget(memory_budget: int | None) -> int:
     return memory_budget
 
 
-def _jacobian_chunk(fp: Footprint, chunk_size: int | None, budget: int | None = None) -> int:
-    """Windows per Jacobian chunk: the Jacobians of a chunk on each side (2 c P) and the peak of
-    computing one of them (c · ``jacrev_bytes``) within the budget (default MEMORY_BUDGET)."""
+#: Cost (FLOP-equivalents of a GEMM) of one gradient entry materialised by a window's backward
+#: under ``vmap(jacrev)``, and of one tangent entry read by a jvp: fitted to ElmanRNN at N = 1024,
+#: L = 16, 1 thread, AVX2 (153 ms per window gradient, 78 ms per jvp, GEMM 33 GFLOP/s): per-window
+#: gradients of weight matrices are bound by memory traffic, not FLOPs (3F alone predicted the
+#: jacobian method 50× too cheap there).
+GRAD_ENTRY = 300.0
+TANGENT_ENTRY = 150.0
+
+#: Bytes of one ``vmap(jacrev)`` call's working set (the gradients of a sub-chunk of windows and
+#: the peak of computing them), whatever the budget: a weight matrix applied at every step gets
+#: one P-sized outer product per use in the backward, and larger sub-chunks were measured slower
+#: per window (ElmanRNN N = 1024, L = 16, 1 thread, AVX2: 153 / 166 / 463 ms per window with
+#: 1 / 4 / 16 windows per call), as is the tutorial's one call over all windows.
+JACREV_WORK = 2**27
+
+
+def _jacobian_plan(fp: Footprint, chunk_size: int | None, budget: int | None = None
+                   ) -> tuple[int, int]:
+    """(sub, rows): windows per ``vmap(jacrev)`` call, and windows of x whose Jacobian rows are
+    kept while the x2 side streams past them in sub-chunks. rows·P + sub·(P + ``jacrev_bytes``)
+    ≤ the budget (default MEMORY_BUDGET); ``chunk_size`` sets both."""
     if chunk_size is not None:
-        return chunk_size
-    return max(1, _budget(budget) // (2 * fp.param_bytes + fp.jacrev_bytes))
+        return chunk_size, chunk_size
+    b = _budget(budget)
+    per = fp.param_bytes + fp.jacrev_bytes
+    sub = max(1, min(JACREV_WORK, b // 4) // per)
+    return sub, max(sub, (b - sub * per) // max(1, fp.param_bytes))
+
+
+def _jacobian_chunk(fp: Footprint, chunk_size: int | None, budget: int | None = None) -> int:
+    """Windows of x whose Jacobian rows are kept at once (``_jacobian_plan``'s rows)."""
+    return _jacobian_plan(fp, chunk_size, budget)[1]
+
+
+def _jacobian_passes(n: int, m: int, rows: int, sym: bool) -> tuple[int, bool]:
+    """(window gradients computed, swap): x kept in blocks of ``rows`` and x2 streamed once per
+    block (n + m⌈n/rows⌉), or the other way round when that is fewer (``swap``). Symmetric:
+    the upper block triangle, ≈ n + n(⌈n/rows⌉ − 1)/2."""
+    if sym:
+        b = math.ceil(n / rows)
+        return n + (n * (b - 1)) // 2, False
+    a, b = n + m * math.ceil(n / rows), m + n * math.ceil(m / rows)
+    return (a, False) if a <= b else (b, True)
 
 
 def _vp_chunks(
@@ -362,33 +407,54 @@ def _jacobian_kernel(
     model: nn.Module, x: Tensor, x2: Tensor | None, chunk_size: int | None,
     fp: Footprint | None, memory_budget: int | None, total: bool,
 ) -> dict[str, Tensor] | Tensor:
-    """``jacobian_blocks``, or with ``total`` their sum accumulated in one (n, m) tensor."""
+    """``jacobian_blocks``, or with ``total`` their sum accumulated in one (n, m) tensor.
+
+    The Jacobian rows of a block of ``rows`` windows of x are kept, computed ``sub`` windows per
+    ``vmap(jacrev)`` call (``_jacobian_plan``); the x2 side streams past them ``sub`` windows at
+    a time, once per block (or x2 is kept and x streams, when that computes fewer gradients)."""
     params, buffers = trainable_params(model), dict(model.named_buffers())
-    J = jacobian_fn(model, params, buffers, list(params))
     sym = x2 is None
-    x2 = x if sym else x2
-    n, m = x.shape[0], x2.shape[0]
+    n, m = x.shape[0], (x if sym else x2).shape[0]
     if chunk_size is None:
         fp = fp or footprint(model, x)
-    c = _jacobian_chunk(fp, chunk_size, memory_budget)
-    K = {k: x.new_zeros(n, m) for k in (["total"] if total else params)}
-    cache = J(x2) if not sym and m <= c else None  # x2 side fits: compute it once
-    for i0 in range(0, n, c):
-        Ji = J(x[i0:i0 + c])
-        for j0 in range(i0 if sym else 0, m, c):
-            if sym and j0 == i0:
-                Jj = Ji
-            elif cache is not None:
-                Jj = cache
-            else:
-                Jj = J(x2[j0:j0 + c])
-            for k in params:
-                dst = K["total"] if total else K[k]
-                blk = dst[i0:i0 + c, j0:j0 + c]
-                blk.addmm_(Ji[k], Jj[k].T)
-            if sym and j0 != i0:
-                for dst in K.values():
-                    dst[j0:j0 + c, i0:i0 + c] = dst[i0:i0 + c, j0:j0 + c].T
+    sub, rows = _jacobian_plan(fp, chunk_size, memory_budget)
+    if not sym and _jacobian_passes(n, m, rows, False)[1]:
+        K = _jacobian_kernel(model, x2, x, chunk_size, fp, memory_budget, total)
+        return K.T.contiguous() if total else {k: v.T.contiguous() for k, v in K.items()}
+    J = jacobian_fn(model, params, buffers, list(params))
+    x2 = x if sym else x2
+    names = ["total"] if total else list(params)
+    K = {k: x.new_zeros(n, m) for k in names}
+
+    def add(i0: int, i1: int, j0: int, j1: int, Ji: dict, Jj: dict) -> None:
+        for k in params:
+            dst = K["total"] if total else K[k]
+            dst[i0:i1, j0:j1].addmm_(Ji[k], Jj[k].T)
+
+    for i0 in range(0, n, rows):
+        i1 = min(n, i0 + rows)
+        parts = [J(x[a:min(i1, a + sub)]) for a in range(i0, i1, sub)]
+        Ji = parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts])
+                                               for k in params}
+        del parts
+        if sym:
+            add(i0, i1, i0, i1, Ji, Ji)  # the diagonal block in one product
+        # x2's rows go into the contraction `cols` at a time (what the budget leaves beside the
+        # kept rows): one product per sub-chunk would read the kept rows once per sub-chunk
+        cols = max(sub, (_budget(memory_budget) - (i1 - i0) * fp.param_bytes
+                         - sub * (fp.param_bytes + fp.jacrev_bytes)) // max(1, fp.param_bytes)
+                   ) if chunk_size is None else sub
+        for c0 in range(i1 if sym else 0, m, cols):
+            c1 = min(m, c0 + cols)
+            parts = [J(x2[a:min(c1, a + sub)]) for a in range(c0, c1, sub)]
+            Jj = parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts])
+                                                   for k in params}
+            del parts
+            add(i0, i1, c0, c1, Ji, Jj)
+            del Jj
+        if sym:
+            for dst in K.values():
+                dst[i1:, i0:i1] = dst[i0:i1, i1:].T
     return K["total"] if total else K
 
 
@@ -475,31 +541,35 @@ def method_costs(
     model: nn.Module, n: int, m: int | None = None, fp: Footprint | None = None,
     x: Tensor | None = None, memory_budget: int | None = None,
 ) -> dict[str, tuple[float, float]]:
-    """{"jacobian": (flops, bytes), "ntk_vp": (flops, bytes)}: the estimates ``choose_method``
+    """{"jacobian": (cost, bytes), "ntk_vp": (cost, bytes)}: the estimates ``choose_method``
     compares, for n × m windows (m=None: symmetric), from the model's :class:`Footprint`
     (P parameters, A saved-activation bytes and F forward FLOPs per window; measured on x[:1]).
+    Costs are in FLOP-equivalents of a GEMM.
 
-    jacobian: per-window gradients cost ≈ 3F each (forward + backward), the contraction 2nmP.
-    If both sides' Jacobians, (n + m)·P entries, and the peak of computing them (``jacrev_bytes``
-    per window) fit MEMORY_BUDGET they are computed once: 3F(n + m) + 2nmP. Otherwise chunks
-    of c = budget / (2P + 4(P + A)) windows, and the x2 side is recomputed for every x chunk:
-    3F(n + m⌈n/c⌉) + 2nmP.
-    ntk_vp: m window gradients (3F each) and n·m jvps over one window (≈ 3F: primal and tangent):
-    3F m (n + 1), in memory ≈ MEMORY_BUDGET whatever n and m. (Symmetric: both ≈ halved, as is.)
+    A window's gradient by ``vmap(jacrev)`` costs G = 3F (forward + backward) + ``GRAD_ENTRY``
+    per gradient entry it materialises, max(P, F/2) (one outer product per use of a weight: F/2
+    entries for a matrix applied at every step). One jvp of a window along one tangent costs
+    G_v = 3F + ``TANGENT_ENTRY`` · F/2 (the tangent entries it reads).
+    jacobian: G per window gradient computed — n + m⌈n/rows⌉ of them with ``rows`` windows of x
+    kept (``_jacobian_plan``; or the other way round, whichever is fewer; symmetric: the upper
+    block triangle) — and the contraction 2nmP.
+    ntk_vp: m window gradients and n·m jvps: G m + G_v n m, in memory ≈ MEMORY_BUDGET.
     """
     fp = fp or footprint(model, x)
     budget = _budget(memory_budget)
-    m_ = n if m is None else m
+    sym = m is None
+    m_ = n if sym else m
     F, P = fp.flops, fp.params
-    gemm = 2.0 * n * m_ * P
+    G = 3 * F + GRAD_ENTRY * max(P, F / 2)
+    Gv = 3 * F + TANGENT_ENTRY * F / 2
+    sub, rows = _jacobian_plan(fp, None, budget)
+    grads, _ = _jacobian_passes(n, m_, rows, sym)
+    gemm = (1.0 if sym else 2.0) * n * m_ * P
+    jac = (G * grads + gemm, float(min(rows, max(n, m_)) * fp.param_bytes
+                                   + sub * (fp.param_bytes + fp.jacrev_bytes)))
+    pairs = n * (n + 1) / 2 if sym else n * m_
     full = (n + m_) * fp.param_bytes + min(n, m_) * fp.jacrev_bytes
-    if full <= budget:
-        jac = (3 * F * (n + m_) + gemm, float(full))
-    else:
-        c = _jacobian_chunk(fp, None, budget)
-        jac = (3 * F * (n + m_ * math.ceil(n / c)) + gemm,
-               float(c * (2 * fp.param_bytes + fp.jacrev_bytes)))
-    vp = (3 * F * m_ * (n + 1), float(min(full, budget)))
+    vp = (G * m_ + Gv * pairs, float(min(full, budget)))
     return {"jacobian": jac, "ntk_vp": vp}
 
 
@@ -511,14 +581,14 @@ def choose_method(
 
     Rule (the choice neural-tangents makes between its implementations, from cost estimates):
 
-    1. ``structured`` if the model has it (MeanFieldRNN, Model D): O((n+m) N L d + n m N d)
-       FLOPs and no Jacobian — always cheapest.
-    2. else the cheaper in FLOPs of ``jacobian`` and ``ntk_vp`` as estimated by
-       ``method_costs`` (ties: jacobian). Both keep to MEMORY_BUDGET by chunking, so the budget
-       enters through the FLOPs: jacobian is picked whenever both sides' Jacobians fit
-       (unless the forward costs less than ~2P/3 FLOPs per window, i.e. few parameters are
-       used per window), ntk_vp when P is so large that the chunked jacobian would recompute
-       the x2 side's Jacobians more often than ntk_vp's n jvps per column cost.
+    1. ``structured`` if the model's family has a structured kernel (``structured.KERNELS``:
+       MeanFieldRNN D's per-unit features, ElmanRNN's and GRURNN's per-step backward vectors
+       and states) — no per-window Jacobian at all; measured 57–100× faster than the
+       tutorial's jacobian recipe on Elman/GRU (``benchmarks.bench_recurrent``).
+    2. else the cheaper of ``jacobian`` and ``ntk_vp`` as estimated by ``method_costs``
+       (ties: jacobian), whose per-window costs include the memory traffic of materialised
+       gradients and tangents, fitted to measurements. Both keep to MEMORY_BUDGET by chunking,
+       so the budget enters through the recomputed window gradients.
 
     ``x``: windows to measure the footprint on (one window is run); without it a dense net's
     footprint is assumed (A = P entries, F = 2P). ``memory_budget``: bytes (default

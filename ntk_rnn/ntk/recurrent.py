@@ -41,6 +41,20 @@ def _scale(model: nn.Module) -> float:
     return float(model.ntk_scale) * float(model.output_scale) ** 2
 
 
+def _both_passes(passes: Callable[[nn.Module, Tensor], dict[str, Tensor]], model: nn.Module,
+                 x: Tensor, x2: Tensor | None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The passes of x and x2 (x2 None: the same); windows of equal length go through one pass
+    (GEMMs with n + m rows use the CPU better than two with n and m)."""
+    if x2 is None:
+        F = passes(model, x)
+        return F, F
+    if x2.shape[1] != x.shape[1]:
+        return passes(model, x), passes(model, x2)
+    n = x.shape[0]
+    F = passes(model, torch.cat([x, x2]))
+    return {k: v[:n] for k, v in F.items()}, {k: v[n:] for k, v in F.items()}
+
+
 # --- per-window passes ----------------------------------------------------------------------------
 def elman_passes(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
     """Forward and backward over windows x (n, L, d) of an ElmanRNN, θ frozen: {"S": the states
@@ -128,6 +142,24 @@ def _row_blocks(n: int, L: int, mL2: int, chunk: int | None) -> list[tuple[int, 
     return [(i, min(n, i + rows)) for i in range(0, n, rows)]
 
 
+def _kernel(model: nn.Module, x: Tensor, x2: Tensor | None, names: tuple[str, ...],
+            blocks: bool, chunk_size: int | None,
+            passes: Callable[[nn.Module, Tensor], dict[str, Tensor]], last: str,
+            fill: Callable[..., None]) -> Tensor | dict[str, Tensor]:
+    """The passes of both sides, the readout block "c" from the last states ``F[last]``, then
+    ``fill(out, rows, F1, F2, x, x2)`` for each block of rows of x (the Gram blocks)."""
+    with torch.inference_mode():
+        F1, F2 = _both_passes(passes, model, x, x2)
+        x2_ = x if x2 is None else x2
+        n, m = x.shape[0], x2_.shape[0]
+        out = {k: x.new_empty(n, m) for k in names}
+        if "c" in out:
+            torch.mm(F1[last], F2[last].T, out=out["c"])
+        for i0, i1 in _row_blocks(n, x.shape[1], m * x2_.shape[1], chunk_size):
+            fill(out, slice(i0, i1), F1, F2, x, x2_)
+    return _finish(model, out, blocks, x2 is None)
+
+
 def elman_kernel(model: nn.Module, x: Tensor, x2: Tensor | None = None, *,
                  blocks: bool = False, chunk_size: int | None = None,
                  names: tuple[str, ...] | None = None) -> Tensor | dict[str, Tensor]:
@@ -135,24 +167,17 @@ def elman_kernel(model: nn.Module, x: Tensor, x2: Tensor | None = None, *,
     from the per-step δ's and states (module docstring). ``blocks``: {"c", "w", "A"} kernels;
     ``names``: only these blocks (the trainable ones); ``chunk_size``: windows of x per Gram
     block (default: Gram blocks ≤ ``GRAM_ELEMENTS``)."""
-    names = tuple(names or ("c", "w", "A"))
-    with torch.inference_mode():
-        F1 = elman_passes(model, x)
-        F2 = F1 if x2 is None else elman_passes(model, x2)
-        x2_ = x if x2 is None else x2
-        n, m = x.shape[0], x2_.shape[0]
-        L, L2 = x.shape[1], x2_.shape[1]
-        g2 = float(model.recurrent_scale) ** 2
-        out = {k: x.new_empty(n, m) for k in names}
-        if "c" in out:
-            torch.mm(F1["SL"], F2["SL"].T, out=out["c"])
-        for i0, i1 in _row_blocks(n, L, m * L2, chunk_size):
-            Dd = _gram(F1["d"][i0:i1], F2["d"])
-            if "w" in out:
-                out["w"][i0:i1] = _pair_sum(Dd, _gram(x[i0:i1], x2_))
-            if "A" in out:
-                out["A"][i0:i1] = _pair_sum(Dd, _gram(F1["S"][i0:i1], F2["S"])).mul_(g2)
-    return _finish(model, out, blocks, x2 is None)
+    g2 = float(model.recurrent_scale) ** 2
+
+    def fill(out: dict, rows: slice, F1: dict, F2: dict, x: Tensor, x2: Tensor) -> None:
+        Dd = _gram(F1["d"][rows], F2["d"])
+        if "w" in out:
+            out["w"][rows] = _pair_sum(Dd, _gram(x[rows], x2))
+        if "A" in out:
+            out["A"][rows] = _pair_sum(Dd, _gram(F1["S"][rows], F2["S"])).mul_(g2)
+
+    return _kernel(model, x, x2, tuple(names or ("c", "w", "A")), blocks, chunk_size,
+                   elman_passes, "SL", fill)
 
 
 def gru_kernel(model: nn.Module, x: Tensor, x2: Tensor | None = None, *,
@@ -160,38 +185,28 @@ def gru_kernel(model: nn.Module, x: Tensor, x2: Tensor | None = None, *,
                names: tuple[str, ...] | None = None) -> Tensor | dict[str, Tensor]:
     """Normalised NTK of a GRURNN (as :func:`elman_kernel`); blocks named as its parameters:
     "c", "cell.weight_ih", "cell.weight_hh", "cell.bias_ih", "cell.bias_hh"."""
-    all_names = ("c", "cell.weight_ih", "cell.weight_hh") + (
-        ("cell.bias_ih", "cell.bias_hh") if model.bias else ())
-    names = tuple(names or all_names)
-    with torch.inference_mode():
-        F1 = gru_passes(model, x)
-        F2 = F1 if x2 is None else gru_passes(model, x2)
-        x2_ = x if x2 is None else x2
-        n, m = x.shape[0], x2_.shape[0]
-        L, L2 = x.shape[1], x2_.shape[1]
-        g2 = float(model.recurrent_scale) ** 2
-        out = {k: x.new_empty(n, m) for k in names}
-        if "c" in out:
-            torch.mm(F1["hL"], F2["hL"].T, out=out["c"])
-        need_i = "cell.weight_ih" in out or "cell.bias_ih" in out
-        need_h = "cell.weight_hh" in out or "cell.bias_hh" in out
-        for i0, i1 in _row_blocks(n, L, m * L2, chunk_size):
-            rows = slice(i0, i1)
-            Grz = _gram(F1["rz"][rows], F2["rz"])
-            if need_i:  # Δ_i·Δ'_i = δ_r·δ'_r + δ_z·δ'_z + δ_n·δ'_n
-                Gi = _gram(F1["n"][rows], F2["n"]).add_(Grz)
-                if "cell.weight_ih" in out:
-                    out["cell.weight_ih"][rows] = _pair_sum(Gi, _gram(x[rows], x2_))
-                if "cell.bias_ih" in out:
-                    out["cell.bias_ih"][rows] = Gi.sum((1, 3))
-            if need_h:  # Δ_h·Δ'_h = δ_r·δ'_r + δ_z·δ'_z + (r δ_n)·(r' δ'_n)
-                Gh = _gram(F1["rn"][rows], F2["rn"]).add_(Grz)
-                if "cell.weight_hh" in out:
-                    out["cell.weight_hh"][rows] = _pair_sum(
-                        Gh, _gram(F1["h"][rows], F2["h"])).mul_(g2)
-                if "cell.bias_hh" in out:
-                    out["cell.bias_hh"][rows] = Gh.sum((1, 3))
-    return _finish(model, out, blocks, x2 is None)
+    names = tuple(names or ("c", "cell.weight_ih", "cell.weight_hh") + (
+        ("cell.bias_ih", "cell.bias_hh") if model.bias else ()))
+    g2 = float(model.recurrent_scale) ** 2
+    need_i = "cell.weight_ih" in names or "cell.bias_ih" in names
+    need_h = "cell.weight_hh" in names or "cell.bias_hh" in names
+
+    def fill(out: dict, rows: slice, F1: dict, F2: dict, x: Tensor, x2: Tensor) -> None:
+        Grz = _gram(F1["rz"][rows], F2["rz"])
+        if need_i:  # Δ_i·Δ'_i = δ_r·δ'_r + δ_z·δ'_z + δ_n·δ'_n
+            Gi = _gram(F1["n"][rows], F2["n"]).add_(Grz)
+            if "cell.weight_ih" in out:
+                out["cell.weight_ih"][rows] = _pair_sum(Gi, _gram(x[rows], x2))
+            if "cell.bias_ih" in out:
+                out["cell.bias_ih"][rows] = Gi.sum((1, 3))
+        if need_h:  # Δ_h·Δ'_h = δ_r·δ'_r + δ_z·δ'_z + (r δ_n)·(r' δ'_n)
+            Gh = _gram(F1["rn"][rows], F2["rn"]).add_(Grz)
+            if "cell.weight_hh" in out:
+                out["cell.weight_hh"][rows] = _pair_sum(Gh, _gram(F1["h"][rows], F2["h"])).mul_(g2)
+            if "cell.bias_hh" in out:
+                out["cell.bias_hh"][rows] = Gh.sum((1, 3))
+
+    return _kernel(model, x, x2, names, blocks, chunk_size, gru_passes, "hL", fill)
 
 
 def _finish(model: nn.Module, out: dict[str, Tensor], blocks: bool, sym: bool

@@ -1,4 +1,6 @@
-"""Structured empirical NTK of MeanFieldRNN (Model D): per-unit features, then one GEMM (theory §4).
+"""Structured empirical NTK of MeanFieldRNN (Model D): per-unit features, then one GEMM (theory §4);
+and :data:`KERNELS`, the table from a model family's ``structure`` key to its structured kernel
+(Model D's here, ElmanRNN's and GRURNN's in :mod:`.recurrent`).
 
     K^N(x̄, x̄') = N^{2β−1} ∇_θ f(x̄) · ∇_θ f(x̄') = (1/N) Σ_i φ_i(x̄) · φ_i(x̄'),
     φ_i = (S_i, c_i Q_i, c_i P_i) ∈ R^{d+2}   (last step of the window, θ frozen)
@@ -24,9 +26,11 @@ per-step slices in cache. tanh is evaluated as 2·sigmoid(2z) − 1, equal to ro
 times faster than ``torch.tanh`` on CPU.
 
 On the CPU (float32/float64, tanh/sigmoid/erf) the features of a block come from a compiled C
-kernel instead (:mod:`._features_c`, ``csrc/features.c``: the same recursion fused per unit, the
-state of 128 units in L1, tanh inline in float32); the torch path below stays the reference and
-the CUDA path. With T = ``torch.get_num_threads()`` > 1 the units are split into T ranges, one
+kernel (:mod:`._features_c`, ``csrc/features.c``: the same recursion fused per unit, the state of
+128 units in L1, tanh inline in float32) where it was measured faster than this torch path on
+the machine (``_features_c.choice``: timed at first use, cached with the compiled object;
+``NTK_RNN_FEATURES=c|torch`` forces one); the torch path below stays the reference and the CUDA
+path. With T = ``torch.get_num_threads()`` > 1 the units are split into T ranges, one
 per thread, each doing its features and its own Gram GEMMs single-threaded; the T partial kernels
 are summed (no hand-over between a threaded feature pass and a threaded GEMM per block).
 ``USE_C = False`` (or ``NTK_RNN_NO_KERNEL=1``) turns the kernel off.
@@ -57,8 +61,13 @@ USE_C = True
 BLOCK_ELEMENTS = 2**19
 
 #: Units per block with the compiled features (per thread: the φ of both sides, (n + m)(d + 2)
-#: entries per unit, then one Gram GEMM per block; 512: 1.5 MiB at n = m = 128, d = 4).
-C_BLOCK_UNITS = 512
+#: entries per unit, then one Gram GEMM per block): None sizes blocks to ``C_BLOCK_BYTES``, a
+#: number fixes them. Larger blocks mean fewer, larger GEMMs: on AVX2 (AMD EPYC, 1 thread, N =
+#: 4096, n = m = 128, L = 32, d = 4) 2048 units took 41–46 ms of CPU against 48–52 ms with 512.
+C_BLOCK_UNITS: int | None = None
+#: Bytes of the φ of both sides of one block when ``C_BLOCK_UNITS`` is None (2048 units at
+#: n = m = 128, d = 4, float32), at least 512 units and at most N.
+C_BLOCK_BYTES = 6 * 2**20
 #: The C kernel's chunk of units (float32): thread ranges are cut on its multiples.
 C_CHUNK = 128
 
@@ -200,7 +209,7 @@ def _block_features(
     phi = ws.take("phi" + side, x, n, d + 2, Nb)
     coef = ws.take("coef" + side, x, n, L, Nb) if factorised else None
     if use_c is None:
-        use_c = USE_C and _features_c.usable(model, x)
+        use_c = USE_C and _features_c.preferred(model, x)
     if use_c:
         _features_c.block_features(model, x, units, truncated, phi, coef, threads=threads)
         return phi, coef
@@ -227,7 +236,7 @@ def unit_feature_matrix(model: MeanFieldRNN, x: Tensor, truncated: bool = False)
     xT, ws = x.transpose(1, 2).contiguous(), _Workspace()
     out = x.new_empty(n, d + 2, N)  # a normal tensor, filled in inference mode (less overhead)
     with torch.inference_mode():
-        if USE_C and _features_c.usable(model, x):  # no work buffers: all units in one call
+        if USE_C and _features_c.preferred(model, x):  # no work buffers: all units in one call
             _features_c.block_features(model, x, slice(0, N), truncated, out, None)
             return out.view(n, -1)
         for u0 in range(0, N, Nb):
@@ -318,10 +327,10 @@ def structured_ntk(
 
     ``truncated2``: use the truncated-gradient features g on the x2 side (training kernel of
     ``gradient: truncated``). ``unit_chunk``: units per block (default: ``unit_block_size``, or
-    ``C_BLOCK_UNITS`` with the compiled features). ``blocks``: return {"c": S·S', "w": c² P·P',
-    "b": c² Q·Q'} (each /N) instead of the sum. ``factorise``: force the coefficient
-    factorisation of P·P' on/off (default ``use_factorised``). Inputs must already be validated,
-    in the model's dtype and device.
+    ``C_BLOCK_UNITS`` / ``C_BLOCK_BYTES`` with the compiled features). ``blocks``: return
+    {"c": S·S', "w": c² P·P', "b": c² Q·Q'} (each /N) instead of the sum. ``factorise``: force
+    the coefficient factorisation of P·P' on/off (default ``use_factorised``). Inputs must
+    already be validated, in the model's dtype and device.
 
     With the compiled features and ``torch.get_num_threads()`` = T > 1 the units are split into T
     ranges, one per thread, each computing its features and its own Gram GEMMs (torch on one
@@ -338,12 +347,15 @@ def structured_ntk(
     G = None
     if factorise:  # X_k · X'_{k'} for all window pairs and steps
         G = torch.mm(x.reshape(n * L1, d), x2.reshape(m * L2, d).T).view(n, L1, m, L2)
-    use_c = USE_C and _features_c.usable(model, x) and (x2 is x or _features_c.usable(model, x2))
+    use_c = USE_C and _features_c.preferred(model, x) and (
+        x2 is x or _features_c.preferred(model, x2))
     if not use_c:
         Nb = unit_chunk or unit_block_size(model, max(n, m), max(L1, L2))
         K = _unit_range(model, x, x2, truncated2, same, G, blocks, 0, N, Nb, False)
     else:
-        Nb = unit_chunk or C_BLOCK_UNITS
+        rows = d + 2 + (max(L1, L2) if factorise else 0)  # φ (and coefficients) per window
+        per_unit = (n + (0 if same else m)) * rows * x.element_size()
+        Nb = unit_chunk or C_BLOCK_UNITS or max(512, C_BLOCK_BYTES // max(1, per_unit))
         parts = max(1, min(torch.get_num_threads(), os.cpu_count() or 1, N // C_CHUNK))
         if parts == 1:
             K = _unit_range(model, x, x2, truncated2, same, G, blocks, 0, N, Nb, True)
