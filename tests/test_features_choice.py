@@ -95,3 +95,26 @@ def test_measure_times_both_paths():
     assert 0 < c_ms < 1e4 and 0 < t_ms < 1e4
     assert fc.cpu_isa() in ("AVX-512", "AVX2", "SSE") or fc.cpu_isa()
     assert st.USE_C  # (the switch that turns both off stays)
+
+
+def test_run_records_the_features_choice_and_a_resume_reuses_it(monkeypatch):
+    """metrics.json names which unit features ran and why; the callback's checkpoint state keeps
+    the choice, and loading it pins it (a resumed run does not measure again)."""
+    from ntk_rnn import MeanFieldRNN, NTKCallback, Trainer
+    from ntk_rnn.data import VAR1
+    from ntk_rnn.ntk import _features_c as fc
+
+    cb = NTKCallback(every_n_steps=8, n_probes=4, probe_length=4, top_k=2, limit=False)
+    m = Trainer(model=MeanFieldRNN(1, 16), data=VAR1(), alpha=1.0, horizon=1.0, run_dir=None,
+                callbacks=[cb], tensorboard=False, progress=False).fit()
+    assert m["ntk_features_backend"] in ("c", "torch") and m["ntk_features_reason"]
+    saved = cb.state_dict()["features"]
+    pinned = []
+    import ntk_rnn.callbacks.ntk as cbmod
+    monkeypatch.setattr(cbmod, "pin_features", lambda backend, *a, **k: pinned.append(backend))
+    cb2 = NTKCallback(every_n_steps=8, n_probes=4, probe_length=4, top_k=2, limit=False)
+    t2 = Trainer(model=MeanFieldRNN(1, 16), data=VAR1(), alpha=1.0, horizon=1.0, run_dir=None,
+                 callbacks=[cb2], tensorboard=False, progress=False)
+    cb2.load_state_dict(cb.state_dict())
+    cb2.on_train_start(t2.members[0].state)
+    assert cb2.features == saved and pinned == [saved["backend"]]

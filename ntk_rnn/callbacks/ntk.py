@@ -25,8 +25,8 @@ from ..limit.dispatch import default_mc_width, is_exact, limit_ntk
 from ..logging import write_layout
 from ..models.family import family_of
 from ..models.init import generator_from_seed
+from ..ntk import features_choice, ntk_blocks, pin_features, training_kernel
 from ..ntk import metrics as M
-from ..ntk import ntk_blocks, training_kernel
 from .base import Callback, TrainState, check_probes
 from .cache import cached
 
@@ -163,6 +163,7 @@ class NTKCallback(Callback):
         self._images = None  # KernelImages, made at the first image event
         self._spec_inf = None
         self._logged_inf = False
+        self.features: Optional[dict] = None  # Model D's unit-features choice (C or torch)
         self.width = 0
 
     # --- validation, before any step --------------------------------------------------------
@@ -197,6 +198,12 @@ class NTKCallback(Callback):
     # --- hooks ----------------------------------------------------------------------------
     def on_train_start(self, state: TrainState) -> None:
         model = state.model
+        if family_of(model).structure == "units":  # compiled or torch unit features: the choice
+            if self.features is None:  # measured on this machine; a resumed run reuses its own
+                self.features = features_choice(model)
+            else:
+                pin_features(self.features["backend"], model.input_dim, model.act.name,
+                             next(model.parameters()).dtype)
         if self.K0 is None:  # not resumed
             self.K0_blocks = ntk_blocks(model, self.probes, method=self.method)
             self.K0 = sum(self.K0_blocks.values())
@@ -261,6 +268,9 @@ class NTKCallback(Callback):
 
     def on_train_end(self, state: TrainState) -> None:
         state.metrics.update({T.ntk_key(k): v for k, v in self.last.items()})
+        if self.features is not None:  # which unit features ran, and why
+            state.metrics["ntk_features_backend"] = self.features["backend"]
+            state.metrics["ntk_features_reason"] = self.features.get("reason", "")
         if self.K_inf is not None:
             state.metrics[T.NTK_LIMIT_ERROR_KEY] = self.K_inf_error
             state.metrics[T.NTK_LIMIT_RELATIVE_ERROR_KEY] = self.K_inf_rel_error
@@ -347,7 +357,8 @@ class NTKCallback(Callback):
         d = {"probes": self.probes, "probe_y": self.probe_y, "K0": self.K0,
              "K_prev": self.K_prev, "t_prev": self.t_prev, "K_inf_error": self.K_inf_error,
              "K_inf_rel_error": self.K_inf_rel_error, "K_inf_method": self.K_inf_method,
-             "K0_blocks": self.K0_blocks, "theta0": self.theta0, "logged_inf": self._logged_inf}
+             "K0_blocks": self.K0_blocks, "theta0": self.theta0, "logged_inf": self._logged_inf,
+             "features": self.features}
         if self.K_inf is not None:
             d["K_inf"] = self.K_inf
         return {k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in d.items()}
@@ -365,4 +376,5 @@ class NTKCallback(Callback):
         self.K0_blocks = {k: mv(v) for k, v in d["K0_blocks"].items()}
         self.theta0 = {k: mv(v) for k, v in d["theta0"].items()}
         self._logged_inf = bool(d.get("logged_inf", False))  # K_∞'s image: once per run
+        self.features = d.get("features")
 
