@@ -289,5 +289,8 @@ def test_relu_runs_on_the_torch_paths():
     m = ElmanRNN(1, 16, activation="relu", recurrent_scaling="ntk", seed=0, dtype=F64)
     x = windows(3, 5, seed=11)
     assert torch.isfinite(empirical_ntk(m, x)).all()
-    assert BPTTStepper.__name__  # importable; the engine choice is tested below
+    step = BPTTStepper(m, lr=1e-2, window=4)  # engine auto: autograd (no compiled relu)
+    y = step.run_chunk(x[0], torch.zeros(5, dtype=F64))
+    assert y.shape == (5,) and torch.isfinite(y).all()
     assert ACTIVATIONS["relu"].sup_deriv == 1.0
+    MeanFieldRNN(1, 8, activation="relu")  # Model D's contraction check uses sup_deriv
