@@ -11,6 +11,12 @@ trained so far) with the limit solution h_t(x̄) at t = k / N, and logs
 The limit solution (``LimitODE.from_source``: ``samples`` independent sets of M stationary windows)
 depends on the data, α, σ and μ0 but not on N, β or the run seed, so it is cached on disk under
 ``cache_dir`` (keyed by all of those and the probe seed): a width sweep computes it once.
+
+Which limit a model has is asked of its family (``family_of(model).limit``): ``"quadrature"``
+(Model D, theory §5), ``"cell"`` (Model F, §6) and ``"elman"`` (the full-matrix Elman network,
+§9: the closed-form kernel of truncated BPTT through ``train.bptt_window`` steps, on training
+windows of ``train_length`` steps — default the probes' — that stand for the stream's memory).
+A model with a Monte-Carlo limit only has no limit ODE here (ConfigError).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..limit import LimitODE
+from ..limit import LimitODE, elman_limit_ntk
 from ..logging import write_layout
 from ..models.family import family_of
 from .base import Callback, TrainState, generator_from_seed
@@ -36,8 +42,9 @@ class OutputTrackingCallback(Callback):
                  probe_length: int = 24, M: int = 1024, samples: int = 2, limit_tol: float = 5e-4,
                  probe_seed: Optional[int] = 12345, cache_dir: Optional[str] = None,
                  every_t: Optional[float] = 0.0625, dt: float = 0.05,
-                 n_features: int = 2048) -> None:
+                 n_features: int = 2048, train_length: Optional[int] = None) -> None:
         super().__init__(every_n_steps, every_t)
+        self.train_length = None if train_length is None else int(train_length)
         self.dt, self.n_features = float(dt), int(n_features)
         self.n_probes, self.probe_length = int(n_probes), int(probe_length)
         self.M, self.samples, self.limit_tol = int(M), int(samples), float(limit_tol)
@@ -55,7 +62,14 @@ class OutputTrackingCallback(Callback):
                 raise ConfigError(f"{f}.{key}={getattr(self, key)} must be >= 1")
         if not self.dt > 0:
             raise ConfigError(f"{f}.dt={self.dt} must be > 0 (time step of the Model F solver)")
-        if getattr(state.model.init_law, "is_custom", False):
+        self.limit = family_of(state.model).limit
+        if self.limit not in ("quadrature", "cell", "elman"):
+            raise ConfigError(f"{f}: {type(state.model).__qualname__} has no closed-form limit "
+                              f"(its family's limit is {self.limit!r}), so there is no limit ODE "
+                              "to track; remove the output callback")
+        if self.train_length is not None and self.train_length < 1:
+            raise ConfigError(f"{f}.train_length={self.train_length} must be >= 1")
+        if getattr(getattr(state.model, "init_law", None), "is_custom", False):
             raise ConfigError(f"{f}: the limit ODE needs a built-in initial law, not "
                               "model.init.sampler")
         gen = (generator_from_seed(self.probe_seed) if self.probe_seed is not None
@@ -68,18 +82,28 @@ class OutputTrackingCallback(Callback):
         """The limit ODE on the probes; cached: it depends on the data, σ, μ0, α and the probe
         draw, not on N, β or the run seed."""
         cfg, alpha = state.cfg, float(state.cfg.train.alpha)
-        spec = {"data": cfg.data, "activation": cfg.model.activation, "init": cfg.model.init,
-                "input_dim": state.model.input_dim, "alpha": alpha, "M": self.M,
+        spec = {"data": cfg.data, "input_dim": state.model.input_dim, "alpha": alpha, "M": self.M,
                 "samples": self.samples, "L": self.probe_length, "n": self.n_probes,
                 "tol": self.limit_tol, "probe_seed": self.probe_seed, "dtype": cfg.dtype,
                 "run_seed": int(cfg.seed) if self.probe_seed is None else None}
+        kernel, length = None, None
+        if self.limit == "elman":
+            window = int(getattr(cfg.train, "bptt_window", 32))
+            length = self.train_length or self.probe_length
+            spec.update(model=family_of(state.model).limit_spec(state.model), window=window,
+                        train_length=length)
+
+            def kernel(model, x, x2=None, tol=self.limit_tol):
+                return elman_limit_ntk(model, x, x2, tol=tol, window=window)
+        else:
+            spec.update(activation=cfg.model.activation, init=cfg.model.init)
 
         solved: list[LimitODE] = []  # the ode kernels() solved, so reduced() need not again
 
         def kernels() -> dict:
             ode = LimitODE.from_source(state.model, state.source, self.probes, alpha, M=self.M,
                                        samples=self.samples, generator=self._gen,
-                                       tol=self.limit_tol)
+                                       tol=self.limit_tol, kernel=kernel, length=length)
             solved.append(ode)
             return {"K_MM": ode.K_MM, "Y_M": ode.Y_M, "K_xM": ode.K_xM,
                     "kernel_error": ode.kernel_error}
@@ -123,7 +147,7 @@ class OutputTrackingCallback(Callback):
 
     def on_train_start(self, state: TrainState) -> None:
         if self.ode is None:
-            self.ode = (self._build_feedback(state) if family_of(state.model).limit == "cell"
+            self.ode = (self._build_feedback(state) if self.limit == "cell"
                         else self._build_ode(state))
         if state.step == 0:
             write_layout(state)  # (the NTK callback's, when it runs too: one layout per run)
@@ -152,8 +176,9 @@ class OutputTrackingCallback(Callback):
             self.on_step_end(state.step, state)
         ts = np.array(self.trace_t)
         tr = np.stack(self.trace_y)  # (T, 3, n): network, limit, limit error
-        np.savez(Path(state.run_dir) / "output_tracking.npz", t=ts, y_net=tr[:, 0],
-                 h=tr[:, 1], h_err=tr[:, 2])
+        if state.run_dir is not None:  # run_dir=None writes nothing
+            np.savez(Path(state.run_dir) / "output_tracking.npz", t=ts, y_net=tr[:, 0],
+                     h=tr[:, 1], h_err=tr[:, 2])
         rmse = np.sqrt(((tr[:, 0] - tr[:, 1]) ** 2).mean(-1))
         herr = np.sqrt((tr[:, 2] ** 2).mean(-1))
         band = (ts >= 0.5 * ts[-1]) if ts[-1] > 0 else np.ones_like(ts, bool)

@@ -244,9 +244,11 @@ def _self_variances(act, x: Tensor, ws2: float, sA2: float, res: int) -> Tensor:
     return q
 
 
-def _ntk_pairs(act, xa, xb, ia, ib, ws2, sA2, c2, res, selfq) -> dict[str, Tensor]:
+def _ntk_pairs(act, xa, xb, ia, ib, ws2, sA2, c2, res, selfq, window=None
+               ) -> dict[str, Tensor]:
     """The three blocks under NTK scaling at one resolution for the pairs (ia, ib) (module
-    docstring); ``selfq(res)`` gives the windows' own variances."""
+    docstring); ``selfq(res)`` gives the windows' own variances; ``window`` keeps the backward
+    terms of the last ``window`` steps only (truncated BPTT)."""
     La, Lb, d = xa.shape[1], xb.shape[1], xa.shape[2]
     ell = min(La, Lb)
     oa, ob = La - ell, Lb - ell  # steps aligned from the end
@@ -263,7 +265,8 @@ def _ntk_pairs(act, xa, xb, ia, ib, ws2, sA2, c2, res, selfq) -> dict[str, Tenso
         dV.append(edv)
     Kw, KA = torch.zeros_like(V), torch.zeros_like(V)
     Pi = c2 * dV[-1]
-    for t in range(ell - 1, -1, -1):
+    first = 0 if window is None else max(0, ell - int(window))
+    for t in range(ell - 1, first - 1, -1):
         if t < ell - 1:
             Pi = sA2 * dV[t] * Pi
         Kw += Pi * G[t]
@@ -343,7 +346,7 @@ def _check(model, x: Tensor, x2: Tensor | None, tol: float) -> None:
 
 
 def elman_limit_ntk(model, x: Tensor, x2: Tensor | None = None, tol: float = 1e-4,
-                    blocks: bool = False, max_res: int = _MAX_RES
+                    blocks: bool = False, max_res: int = _MAX_RES, window: int | None = None
                     ) -> LimitKernel | dict[str, LimitKernel]:
     """K_∞(x̄_i, x̄'_j) of an :class:`~ntk_rnn.models.ElmanRNN` for windows x (n, L, d) and x2
     (m, L', d) (default x2 = x; L ≠ L' pairs the steps from the windows' ends), both recurrent
@@ -353,9 +356,14 @@ def elman_limit_ntk(model, x: Tensor, x2: Tensor | None = None, tol: float = 1e-
     (up to ``max_res`` half-intervals per axis, then a :class:`LimitAccuracyWarning`) until two
     resolutions agree to ``tol``. ``blocks=True`` returns {"c", "w", "A"}: the kernels of the
     readout c, the input weights w and the recurrent matrix A (they sum to the total), each a
-    LimitKernel with its own error. ConfigError where no limit is implemented (module docstring).
+    LimitKernel with its own error. ``window`` = W gives the kernel of truncated BPTT through W
+    steps, ⟨∇Ŷ(x̄), ∇_W Ŷ(x̄')⟩: the backward sum keeps the pairs j < W from the end (the forward
+    covariances are unchanged; under mean-field scaling only j = 0 contributes anyway).
+    ConfigError where no limit is implemented (module docstring).
     """
     _check(model, x, x2, tol)
+    if window is not None and (isinstance(window, bool) or int(window) != window or window < 1):
+        raise ConfigError(f"window={window!r} must be an integer >= 1 (the BPTT window) or None")
     xa = (x if x.dim() == 3 else x.unsqueeze(0)).detach().to("cpu", _F64)
     xb = xa if x2 is None else (x2 if x2.dim() == 3 else x2.unsqueeze(0)).detach().to("cpu", _F64)
     law, act = model.init_cw, model.act
@@ -366,7 +374,7 @@ def elman_limit_ntk(model, x: Tensor, x2: Tensor | None = None, tol: float = 1e-
                                    _self_variances(act, xb, ws2, sA2, r)))
 
         def fn(r, ia, ib):
-            return _ntk_pairs(act, xa, xb, ia, ib, ws2, sA2, c2, r, selfq)
+            return _ntk_pairs(act, xa, xb, ia, ib, ws2, sA2, c2, r, selfq, window)
     else:
         means = _cached(lambda r: (mean_states(act, xa, ws2, model.A_mean, r),
                                    mean_states(act, xb, ws2, model.A_mean, r)))

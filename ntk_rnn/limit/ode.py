@@ -13,7 +13,7 @@ and h_∞(x̄) = K_{x̄M} K_MM^+ Y_M (kernel regression). The π-sample adds an 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -125,21 +125,33 @@ class LimitODE:
     def from_source(cls, model, source, probes: Tensor, alpha: float, M: int = 1024,
                     samples: int = 2, length: Optional[int] = None,
                     generator: Optional[torch.Generator] = None, tol: float = 5e-4,
-                    ) -> "LimitODE":
-        """Draw ``samples`` independent sets of M stationary windows (length L of the probes),
-        compute the limit kernel on [sample, probes] once per set and solve."""
+                    kernel: Optional[Callable] = None) -> "LimitODE":
+        """Draw ``samples`` independent sets of M stationary windows (length ``length``, default
+        the probes' L), compute the limit kernel on [sample, probes] once per set and solve.
+
+        ``kernel(model, x, x2=None, tol=...) -> LimitKernel`` is the limit kernel (default
+        :func:`~ntk_rnn.limit.limit_ntk`, Model D); the Elman network's is
+        :func:`~ntk_rnn.limit.elman_limit_ntk` (with its BPTT ``window`` bound, theory §9),
+        which also takes training windows longer than the probes."""
         if samples < 1 or M < 1:
             raise ConfigError(f"LimitODE: samples={samples} and M={M} must be >= 1")
         L = int(length or probes.shape[1])
         K_MM, Y_M, K_xM, err = [], [], [], 0.0
         for _ in range(samples):
             X, Y = source.windows(M, L, generator)
-            allx = torch.cat([X.to(_F64), probes.to(_F64)], dim=0)
-            lim = limit_ntk(model, allx, tol=tol)
-            K_MM.append(lim.value[:M, :M])
-            K_xM.append(lim.value[M:, :M])
+            if kernel is None:
+                allx = torch.cat([X.to(_F64), probes.to(_F64)], dim=0)
+                lim = limit_ntk(model, allx, tol=tol)
+                K_MM.append(lim.value[:M, :M])
+                K_xM.append(lim.value[M:, :M])
+                err = max(err, float(lim.error))
+            else:
+                lim, cross = kernel(model, X.to(_F64), tol=tol), \
+                    kernel(model, probes.to(_F64), X.to(_F64), tol=tol)
+                K_MM.append(lim.value)
+                K_xM.append(cross.value)
+                err = max(err, float(lim.error), float(cross.error))
             Y_M.append(Y.to(_F64))
-            err = max(err, float(lim.error))
         return cls.from_kernels(K_MM, Y_M, K_xM, alpha, err)
 
     def _stack(self, coeffs: list[Tensor]) -> Tensor:
