@@ -150,3 +150,16 @@ def test_python_elman_run_config_reruns_to_the_same_numbers():
     assert cfg.model.c_law == "normal" and cfg.model.A_std == 0.9
     mb = Trainer.from_config(cfg, None).fit()
     assert ma["running_mse"] == mb["running_mse"] and ma["steps"] == mb["steps"]
+
+
+def test_start_note_names_the_models_own_limit():
+    """The line printed before K_∞ is computed says which limit: closed form for Elman, Monte
+    Carlo (with N′) for the GRU."""
+    notes = {}
+    for name, model in (("elman", ElmanRNN(1, 16)), ("gru", GRURNN(1, 16))):
+        cb = NTKCallback(every_n_steps=4, n_probes=4, probe_length=4, top_k=2)
+        tr = Trainer(model=model, data=VAR1(), alpha=1.0, horizon=0.5, run_dir=None,
+                     callbacks=[cb], tensorboard=False, progress=False)
+        notes[name] = cb.start_note(tr.members[0].state)
+    assert "elman" in notes["elman"] and "Monte Carlo" not in notes["elman"]
+    assert "Monte Carlo over 8 networks of width 256" in notes["gru"]

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .. import tags as T
 from ..errors import ConfigError
-from ..limit.dispatch import default_mc_width, is_exact, limit_ntk
+from ..limit.dispatch import default_mc_width, is_exact, limit_kind, limit_ntk
 from ..logging import write_layout
 from ..models.family import family_of
 from ..models.init import generator_from_seed
@@ -228,6 +228,17 @@ class NTKCallback(Callback):
                     f"value of ntk/distance_to_limit)"), 0)
         if state.step == 0:
             self.log(state, 0, self.K0, self.K0_blocks)
+
+    def start_note(self, state: TrainState) -> Optional[str]:
+        """What ``on_train_start`` is about to compute when it may take a while (the progress
+        callback prints it): K_∞, by the model's family."""
+        if not self.limit or self.K0 is not None:
+            return None
+        model = state.model
+        how = (f"{limit_kind(model)}, to tol {self.limit_tol:g}" if is_exact(model) else
+               f"Monte Carlo over {self.limit_draws} networks of width {self._mc_width(model)}")
+        return (f"computing the limit kernel K_∞ on {self.n_probes} probe windows of length "
+                f"{self.probe_length} ({how}; callbacks.ntk.limit=false skips it)")
 
     def limit_kernel(self, state: TrainState) -> dict:
         """K_∞ on the probes with its error (absolute, largest entry) and relative error

@@ -145,6 +145,13 @@ class OutputTrackingCallback(Callback):
         d = cached(self.cache_dir, "feedback_limit", spec, compute)
         return _FeedbackTrack(d["t"], d["h"])
 
+    def start_note(self, state: TrainState) -> Optional[str]:
+        """What ``on_train_start`` is about to compute (the progress callback prints it)."""
+        if self.ode is not None:
+            return None
+        return (f"solving the limit ODE h_t on {self.n_probes} probe windows ({self.samples} × "
+                f"{self.M} stationary windows; cached under callbacks.output.cache_dir)")
+
     def on_train_start(self, state: TrainState) -> None:
         if self.ode is None:
             self.ode = (self._build_feedback(state) if self.limit == "cell"

@@ -53,20 +53,7 @@ def start_note(cb: Callback, state: TrainState) -> Optional[str]:
     """What ``cb.on_train_start`` is about to compute, when that may take a while (a callback
     of one's own can say it with a ``start_note(state)`` method); None when nothing slow is due."""
     own = getattr(cb, "start_note", None)
-    if callable(own):
-        return own(state)
-    from .ntk import NTKCallback
-    from .output import OutputTrackingCallback
-
-    if isinstance(cb, NTKCallback) and cb.limit and cb.K0 is None:
-        how = (f"to tol {cb.limit_tol:g}" if type(state.model).__name__ == "MeanFieldRNN"
-               else f"Monte Carlo over {cb.limit_draws} networks")
-        return (f"computing the limit kernel K_∞ on {cb.n_probes} probe windows of length "
-                f"{cb.probe_length} ({how}; callbacks.ntk.limit=false skips it)")
-    if isinstance(cb, OutputTrackingCallback) and getattr(cb, "ode", None) is None:
-        return (f"solving the limit ODE h_t on {cb.n_probes} probe windows ({cb.samples} × "
-                f"{cb.M} stationary windows; cached under callbacks.output.cache_dir)")
-    return None
+    return own(state) if callable(own) else None
 
 
 class ProgressCallback(Callback):
