@@ -136,14 +136,14 @@ def mc_limit_ntk(
     (‖stderr‖_F² / ‖K̂‖_F² + bias_estimate²)^{1/2} and ``error_entries`` gain the per-entry bias
     |K̂ − K̂″| N″/(N′ − N″). Checked against the Elman closed form (64 VAR(1) windows of length
     24, R = 8, N′ = 256, 512, 1024, both recurrent scalings, two seeds each): the true relative
-    error, 0.7–3.1%, stayed below this stated one, 1.3–5.7%, in every case, while
-    ‖stderr‖/‖K̂‖ alone fell short in 4 of the 10 cases (e.g. 1.84% true vs 1.51%).
+    error, 0.4–3.1%, stayed below this stated one, 1.1–5.7%, in all 12 cases, while
+    ‖stderr‖/‖K̂‖ alone fell short in 5 of them (e.g. 1.84% true vs 1.51%).
 
     ``extrapolate=True`` removes the O(1/N′) bias (Richardson): with K̂″ the estimate at N″ =
     ``compare_width`` (default N′/2), the value is (N′K̂ − N″K̂″)/(N′ − N″), ``stderr`` the
     propagated one, (N′² se² + N″² se″²)^{1/2}/(N′ − N″), and the O(1/N′²) remainder is bounded
     by the 1/N′ term times N″/N′. Measured on the same Elman cases it is worse than plain Monte
-    Carlo at R = 8 (true error 0.8–6.2%, larger in 9 of 10 cases: the difference amplifies the
+    Carlo at R = 8 (true error 0.4–6.2%, larger in 11 of 12 cases: the difference amplifies the
     draws' noise more than it removes bias), so it is not the default.
     """
     width = _check_int("width", width, 1)
