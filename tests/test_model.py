@@ -132,7 +132,7 @@ def test_learning_rate_and_time_scaling():
         (dict(beta=0.4), "model.beta"),
         (dict(init=InitLaw(rho=1.2)), "model.init.rho"),
         (dict(activation="erf", init=InitLaw(rho=0.9)), "model.init.rho"),
-        (dict(activation="relu"), "model.activation"),
+        (dict(activation="softplus"), "model.activation"),
         (dict(init=InitLaw(b="normal")), "model.init.b"),
     ],
 )

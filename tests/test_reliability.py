@@ -183,7 +183,9 @@ def assert_same_run(ref: Path, ref_metrics: dict, d: Path, metrics: dict) -> Non
             if isinstance(v, torch.Tensor):
                 assert torch.equal(v, w), (name, k)
             elif isinstance(v, dict):
-                assert v.keys() == w.keys() and all(torch.equal(v[i], w[i]) for i in v), k
+                assert v.keys() == w.keys() and all(
+                    torch.equal(v[i], w[i]) if isinstance(v[i], torch.Tensor) else v[i] == w[i]
+                    for i in v), k
             else:
                 assert v == w, (name, k)
     strip = lambda m: {k: v for k, v in m.items() if k not in TIMING}  # noqa: E731

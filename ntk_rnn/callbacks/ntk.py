@@ -369,7 +369,9 @@ class NTKCallback(Callback):
              "K_prev": self.K_prev, "t_prev": self.t_prev, "K_inf_error": self.K_inf_error,
              "K_inf_rel_error": self.K_inf_rel_error, "K_inf_method": self.K_inf_method,
              "K0_blocks": self.K0_blocks, "theta0": self.theta0, "logged_inf": self._logged_inf,
-             "features": self.features}
+             # (the backend alone: the record's timings and reason differ between equal runs)
+             "features": None if self.features is None else
+             {"backend": self.features["backend"], "reason": "recorded with the run"}}
         if self.K_inf is not None:
             d["K_inf"] = self.K_inf
         return {k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in d.items()}

@@ -216,27 +216,34 @@ def _write_cached(path: Path | None, c: Choice) -> None:
         pass  # (no cache: measured again next process)
 
 
+#: ``TORCH_FEATURES(model, x, units) -> run()``: the torch path of the same unit features, the
+#: competitor of the compiled kernel; registered by ``ntk.structured`` (which imports this
+#: module, so this one does not import it back).
+TORCH_FEATURES: Callable[[Any, Tensor, slice], Callable[[], Any]] | None = None
+
+
 def measure(d: int, act: str, dtype: torch.dtype, lib: ctypes.CDLL | None = None
             ) -> tuple[float, float]:
     """(C ms, torch ms) of the features of one probe block (``PROBE``) on one thread: each the
     min of ``PROBE_RUNS`` interleaved runs after a warm-up."""
-    from . import structured as st  # (structured imports this module)
-
+    if TORCH_FEATURES is None:
+        raise RuntimeError("the torch path of the unit features is not registered "
+                           "(ntk_rnn.ntk.structured registers it when imported)")
     lib = lib or library(d, act)
     p = PROBE
     model = MeanFieldRNN(d, p["units"], activation=act, init={"b": "uniform", "rho": 0.8},
                          seed=0, dtype=dtype)
     x = torch.randn(p["n"], p["L"], d, generator=torch.Generator().manual_seed(0),
                     dtype=dtype)
-    xT, units = x.transpose(1, 2).contiguous(), slice(0, p["units"])
-    ws = st._Workspace()
+    units = slice(0, p["units"])
     phi = x.new_empty(p["n"], d + 2, p["units"])
+    run_torch_once = TORCH_FEATURES(model, x, units)
 
     def run_c() -> None:
         block_features(model, x, units, False, phi, None, lib, threads=1)
 
     def run_torch() -> None:
-        st._block_features(model, x, xT, units, False, False, ws, use_c=False)
+        run_torch_once()
 
     old = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -224,6 +224,16 @@ def _block_features(
     return phi, coef
 
 
+def _torch_features_runner(model: MeanFieldRNN, x: Tensor, units: slice):
+    """The torch path of ``_block_features`` on ``units`` of ``model`` for windows x, ready to
+    time (``_features_c.measure`` compares it with the compiled kernel)."""
+    xT, ws = x.transpose(1, 2).contiguous(), _Workspace()
+    return lambda: _block_features(model, x, xT, units, False, False, ws, use_c=False)
+
+
+_features_c.TORCH_FEATURES = _torch_features_runner
+
+
 def unit_feature_matrix(model: MeanFieldRNN, x: Tensor, truncated: bool = False) -> Tensor:
     """Φ (n, N(d+2)) with K^N = (1/N) Φ Φ'ᵀ: per unit the features (S_i, c_i Q_i, c_i P_i).
 

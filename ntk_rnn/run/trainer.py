@@ -70,7 +70,8 @@ from .signals import StopSignals, TrainingInterrupted
 
 # metrics.json's time measurements: the only numbers that differ between equal runs (a resumed
 # run's limit_s is 0: K_∞ comes from the checkpoint)
-TIMING_KEYS = ("wall_s", "build_s", "setup_s", "limit_s", "train_s", "steps_per_s", "callback_s")
+TIMING_KEYS = ("wall_s", "build_s", "setup_s", "limit_s", "train_s", "steps_per_s", "callback_s",
+               "ntk_features_reason")  # (the last: why the unit features ran, with timings)
 
 
 class EnsembleIncomplete(TrainingDiverged):
