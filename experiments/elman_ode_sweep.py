@@ -1,0 +1,159 @@
+"""Does a full-matrix Elman network follow its kernel ODE? Width sweep of ‖Ŷ − h_t‖ on probes
+(issue 25, item 2), Elman with mean-field and NTK recurrent scaling beside Model D.
+
+    nice python -m experiments.elman_ode_sweep --widths 256 512 1024 --seeds 4
+
+Public API only: ``ntk_rnn.Trainer``, ``OutputTrackingCallback`` (which asks the model's family for
+its limit: the closed-form Elman kernel of truncated BPTT, theory §9, or Model D's quadrature
+kernel, §5) and ``ntk_rnn.limit``. For each (model, N, seed) one run of horizon T = 2 at α, β =
+0.75; ``output/rmse_to_limit`` = rms over the probes of Ŷ_θ(x̄) − h_t(x̄) is read at t = 0.5, 1,
+2. Slopes: least squares of log(seed-mean rmse) on log N, with a 95% interval from the per-seed
+fits (mean ± t·sd/√S). The limit solution is computed once per model (cache_dir) and its own
+error (π-sample spread, ``output/limit_error``) is recorded beside.
+
+The window-length truncation of the limit (the stream's kept memory represented by training
+windows of ``train_length`` steps): h_2 on the probes with train_length 24 and 48 (same M).
+
+Results: ``experiments/results/elman_ode_<tag>.json`` (rewritten after every run), figure
+``experiments/figures/elman_ode_<tag>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import stats
+
+from ntk_rnn import ElmanRNN, MeanFieldRNN, Trainer
+from ntk_rnn.callbacks import OutputTrackingCallback
+from ntk_rnn.data import VAR1
+from ntk_rnn.limit import LimitODE, elman_limit_ntk
+
+HERE = Path(__file__).resolve().parent
+MODELS = {
+    "diagonal": lambda N: MeanFieldRNN(input_dim=1, width=N),
+    "elman_mf": lambda N: ElmanRNN(input_dim=1, width=N, recurrent_scaling="mean_field"),
+    "elman_ntk": lambda N: ElmanRNN(input_dim=1, width=N, recurrent_scaling="ntk"),
+}
+TIMES = (0.5, 1.0, 2.0)
+
+
+def run_one(name, N, seed, args, cache):
+    cb = OutputTrackingCallback(every_n_steps=max(1, N // 4), n_probes=args.probes,
+                                probe_length=args.probe_length, M=args.M, samples=2,
+                                limit_tol=1e-3, probe_seed=12345, cache_dir=cache,
+                                train_length=args.train_length)
+    tr = Trainer(model=MODELS[name](N), data=VAR1(), alpha=args.alpha, horizon=max(TIMES),
+                 callbacks=[cb], seed=seed, run_dir=None, bptt_window=args.bptt_window)
+    t0 = time.time()
+    metrics = tr.fit()
+    hist = dict(tr.history["output/rmse_to_limit"])
+    herr = dict(tr.history["output/limit_error"])
+    out = {"rmse": {str(t): hist.get(int(round(t * N))) for t in TIMES},
+           "limit_error": {str(t): herr.get(int(round(t * N))) for t in TIMES},
+           "rmse_t0": hist.get(0), "kernel_error": metrics.get("limit_ode_kernel_error"),
+           "seconds": time.time() - t0}
+    return out
+
+
+def fit(widths, per_seed):
+    """per_seed: (S, W) rmse. Pooled slope of the seed mean; per-seed slopes' mean ± 95% t."""
+    x = np.log(widths)
+    pooled = float(np.polyfit(x, np.log(per_seed.mean(0)), 1)[0])
+    slopes = np.array([np.polyfit(x, np.log(r), 1)[0] for r in per_seed])
+    S = len(slopes)
+    half = float(stats.t.ppf(0.975, S - 1) * slopes.std(ddof=1) / math.sqrt(S)) if S > 1 else \
+        float("nan")
+    return {"pooled": pooled, "mean": float(slopes.mean()), "ci95": half}
+
+
+def truncation(name, args):
+    """h_2(probes) from training windows of 24 and 48 steps (theory §9: the stream memory)."""
+    model = MODELS[name](8)
+    src = VAR1()
+    probes, _ = src.windows(args.probes, args.probe_length, torch.Generator().manual_seed(12345))
+    hs, errs = [], []
+    for L in (24, 48):
+        kern = (lambda m, x, x2=None, tol=1e-3: elman_limit_ntk(  # noqa: E731
+            m, x, x2, tol=tol, window=args.bptt_window))
+        ode = LimitODE.from_source(model, src, probes, args.alpha, M=args.M, samples=2,
+                                   length=L, generator=torch.Generator().manual_seed(7),
+                                   tol=1e-3, kernel=kern)
+        hs.append(ode.h(2.0)[0])
+        errs.append(ode.error(2.0)[0])
+    diff = float((hs[0] - hs[1]).pow(2).mean().sqrt())
+    se = float((errs[0].pow(2) + errs[1].pow(2)).mean().sqrt())
+    return {"rms_h24_minus_h48": diff, "combined_sampling_error": se}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024])
+    p.add_argument("--seeds", type=int, default=4)
+    p.add_argument("--models", nargs="+", default=list(MODELS))
+    p.add_argument("--alpha", type=float, default=4.0)
+    p.add_argument("--bptt-window", type=int, default=16)
+    p.add_argument("--train-length", type=int, default=24)
+    p.add_argument("--probes", type=int, default=32)
+    p.add_argument("--probe-length", type=int, default=24)
+    p.add_argument("--M", type=int, default=256)
+    p.add_argument("--tag", default="sweep")
+    args = p.parse_args(argv)
+    out_path = HERE / "results" / f"elman_ode_{args.tag}.json"
+    cache = tempfile.mkdtemp(prefix="elman_ode_")
+    res = {"args": vars(args), "runs": {}, "fits": {}, "truncation": {}}
+    start = time.time()
+    for name in args.models:
+        if name != "diagonal":
+            res["truncation"][name] = truncation(name, args)
+        for N in args.widths:
+            for s in range(args.seeds):
+                res["runs"][f"{name}/{N}/{s}"] = run_one(name, N, s, args, cache)
+                res["wall_seconds"] = time.time() - start
+                out_path.write_text(json.dumps(res, indent=1))
+                print(name, N, s, res["runs"][f"{name}/{N}/{s}"]["rmse"], flush=True)
+        for t in TIMES:
+            ws = [N for N in args.widths
+                  if all(f"{name}/{N}/{s}" in res["runs"] for s in range(args.seeds))]
+            if len(ws) >= 2:
+                arr = np.array([[res["runs"][f"{name}/{N}/{s}"]["rmse"][str(t)] for N in ws]
+                                for s in range(args.seeds)])
+                res["fits"][f"{name}/t={t}"] = fit(np.array(ws, float), arr)
+        out_path.write_text(json.dumps(res, indent=1))
+    res["wall_seconds"] = time.time() - start
+    out_path.write_text(json.dumps(res, indent=1))
+    figure(res, HERE / "figures" / f"elman_ode_{args.tag}.png")
+    print(json.dumps(res["fits"], indent=1), json.dumps(res["truncation"], indent=1))
+
+
+def figure(res, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(TIMES), figsize=(4 * len(TIMES), 3.4), sharey=True)
+    for ax, t in zip(axes, TIMES):
+        for name in res["args"]["models"]:
+            ws = sorted({int(k.split("/")[1]) for k in res["runs"] if k.startswith(name + "/")})
+            m = [np.mean([r["rmse"][str(t)] for k, r in res["runs"].items()
+                          if k.startswith(f"{name}/{N}/")]) for N in ws]
+            f = res["fits"].get(f"{name}/t={t}")
+            lab = name + (f" ({f['mean']:.2f}±{f['ci95']:.2f})" if f else "")
+            ax.loglog(ws, m, "o-", label=lab)
+        ax.set_title(f"t = {t}")
+        ax.set_xlabel("N")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("rms(Ŷ − h_t) on probes")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
