@@ -102,7 +102,6 @@ def test_run_records_the_features_choice_and_a_resume_reuses_it(monkeypatch):
     the choice, and loading it pins it (a resumed run does not measure again)."""
     from ntk_rnn import MeanFieldRNN, NTKCallback, Trainer
     from ntk_rnn.data import VAR1
-    from ntk_rnn.ntk import _features_c as fc
 
     cb = NTKCallback(every_n_steps=8, n_probes=4, probe_length=4, top_k=2, limit=False)
     m = Trainer(model=MeanFieldRNN(1, 16), data=VAR1(), alpha=1.0, horizon=1.0, run_dir=None,
