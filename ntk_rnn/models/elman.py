@@ -126,11 +126,6 @@ class ElmanRNN(RecurrentScaling, nn.Module):
     ) -> None:
         super().__init__()
         check_hyper(input_dim, width, beta)
-        self.init_args = dict(input_dim=input_dim, width=width, beta=beta,
-                              recurrent_scaling=recurrent_scaling,
-                              activation=getattr(activation, "name", activation), A_mean=A_mean,
-                              A_std=A_std, A_law=A_law, c_law=c_law, c_scale=c_scale,
-                              w_law=w_law, w_scale=w_scale)
         self.gamma = recurrent_exponent(recurrent_scaling)
         if A_law not in A_LAWS:
             raise ConfigError(f"model.A_law={A_law!r} is not known; choose one of {list(A_LAWS)}")

@@ -112,7 +112,7 @@ class Family:
         """The law K_∞ depends on (not the width N or the seed): the class and its recorded
         constructor arguments — the cache key of a limit kernel."""
         args = {k: v for k, v in constructor_args(model).items()
-                if k not in ("width", "seed", "generator", "device")}
+                if k not in ("width", "seed", "generator", "device", "dtype")}
         act = getattr(model, "act", None)
         if act is not None and hasattr(act, "name"):
             args["activation"] = act.name

@@ -78,9 +78,6 @@ class GRURNN(RecurrentScaling, nn.Module):
     ) -> None:
         super().__init__()
         check_hyper(input_dim, width, beta)
-        self.init_args = dict(input_dim=input_dim, width=width, beta=beta,
-                              recurrent_scaling=recurrent_scaling, bias=bias, c_law=c_law,
-                              c_scale=c_scale, w_scale=w_scale, hh_std=hh_std, bias_std=bias_std)
         self.gamma = recurrent_exponent(recurrent_scaling)
         check_law("c_law", c_law, c_scale)
         for key, v in (("w_scale", w_scale), ("hh_std", hh_std), ("bias_std", bias_std)):

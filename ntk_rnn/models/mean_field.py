@@ -97,9 +97,6 @@ class MeanFieldRNN(MeanFieldScaling, nn.Module):
             init = InitLaw(**rec.default_b)
         elif isinstance(init, dict):
             init = InitLaw(**init)
-        self.init_args = dict(input_dim=input_dim, width=width, beta=beta,
-                              activation=getattr(activation, "name", activation),
-                              recurrence=recurrence, init=init)
         self.input_dim = int(input_dim)
         self.width = int(width)
         self.beta = float(beta)

@@ -4,8 +4,10 @@ GRURNN."""
 
 from __future__ import annotations
 
+from ..records import RecordsArgs
 
-class MeanFieldScaling:
+
+class MeanFieldScaling(RecordsArgs):
     """Readout N^{-β}, normalised kernel N^{2β−1}, learning rate α N^{2β−2}; the class sets
     ``width`` (N) and ``beta`` (β)."""
 
@@ -34,7 +36,9 @@ class MeanFieldScaling:
         if not isinstance(getattr(self, "init_args", None), dict):
             raise NotImplementedError("at_width needs the constructor arguments (init_args)")
         p = next(iter(self.parameters()))
-        args = {**self.init_args, "width": int(width), "seed": int(seed)}
+        args = {k: v for k, v in self.init_args.items() if k not in ("generator", "dtype",
+                                                                    "device")}
+        args.update(width=int(width), seed=int(seed))
         return type(self)(**args, dtype=p.dtype, device=p.device)
 
 

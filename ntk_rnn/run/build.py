@@ -376,6 +376,8 @@ def model_node(model: Any) -> dict:
         for k, v in args.items():
             if k in ("input_dim", "seed", "generator", "dtype", "device"):
                 continue
+            if k == "activation" and not isinstance(v, str):
+                v = getattr(v, "name", v)  # an Activation object: its name
             if dataclasses.is_dataclass(v):
                 v = {f: (None if f == "sampler" else x) for f, x in dataclasses.asdict(v).items()
                      if f == "sampler" or isinstance(x, (bool, int, float, str))}
