@@ -381,6 +381,8 @@ def model_node(model: Any) -> dict:
             if dataclasses.is_dataclass(v):
                 v = {f: (None if f == "sampler" else x) for f, x in dataclasses.asdict(v).items()
                      if f == "sampler" or isinstance(x, (bool, int, float, str))}
+            elif isinstance(v, dict) or OmegaConf.is_config(v):  # (a law given as a mapping)
+                v = {str(f): (None if f == "sampler" else _plain_arg(x)) for f, x in v.items()}
             node[k] = v
         if node.get("init", 0) is None:
             node.pop("init")  # MeanFieldRNN's default law: the model's own, as below
