@@ -47,7 +47,28 @@ def make_writer(cfg: Any, run_dir: str | Path,
         return None
     lg = cfg.get("logger") if hasattr(cfg, "get") else getattr(cfg, "logger", None)
     flush = int(lg.get("flush_secs", 10)) if lg is not None else 10
+    if purge_step is not None:
+        _after_existing_event_files(Path(run_dir))
     return SummaryWriter(log_dir=str(run_dir), flush_secs=flush, purge_step=purge_step)
+
+
+def _after_existing_event_files(run_dir: Path) -> None:
+    """Wait (≤ 1 s) until the clock's second is past every event file's in ``run_dir``.
+
+    Event files are named ``events.out.tfevents.<second>.<host>.<pid>.<counter>`` and read in
+    name order; a resumed writer's purge only drops what files *before* it hold. A resume in the
+    same process and second as the interrupted run (a notebook, the tests) would otherwise be
+    ordered by the counter as text ("10" before "9") and its purge could come first."""
+    stamps = []
+    for f in run_dir.glob("events.out.tfevents.*"):
+        try:
+            stamps.append(int(f.name.split(".")[3]))
+        except (IndexError, ValueError):
+            continue
+    if stamps:
+        latest, deadline = max(stamps), time.time() + 1.5  # (a file from a skewed clock:
+        while int(time.time()) <= latest and time.time() < deadline:  # do not wait for it)
+            time.sleep(0.05)
 
 
 def _select(cfg: Any, key: str) -> Any:
