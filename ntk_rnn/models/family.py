@@ -187,10 +187,16 @@ def family_of(model: Any) -> Family:
     return GENERIC
 
 
+_SUBCLASS_FAMILIES: dict[type, Family] = {}
+
+
 def _subclass_family(fam: Family) -> Family:
-    sub = type(f"{type(fam).__name__}Subclass", (type(fam),), {})()
-    sub.bptt_engine = None
-    sub.structure = None
+    """``fam`` without the hand-written engine and structured kernel (one object per family)."""
+    sub = _SUBCLASS_FAMILIES.get(type(fam))
+    if sub is None:
+        sub = type(f"{type(fam).__name__}Subclass", (type(fam),),
+                   {"bptt_engine": None, "structure": None})()
+        _SUBCLASS_FAMILIES[type(fam)] = sub
     return sub
 
 

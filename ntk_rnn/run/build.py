@@ -369,37 +369,13 @@ def model_node(model: Any) -> dict:
     """``describe`` for models: the constructor arguments the model recorded (``init_args``: the
     package's models), else its attributes of the constructor's names; activation, recurrence and
     initial law included."""
-    args = getattr(model, "init_args", None)
-    if isinstance(args, dict):
-        cls = type(model)
-        node: dict[str, Any] = {"_target_": f"{cls.__module__}.{cls.__qualname__}"}
-        for k, v in args.items():
-            if k in ("input_dim", "seed", "generator", "dtype", "device"):
-                continue
-            if k == "activation" and not isinstance(v, str):
-                v = getattr(v, "name", v)  # an Activation object: its name
-            if dataclasses.is_dataclass(v):
-                v = {f: (None if f == "sampler" else x) for f, x in dataclasses.asdict(v).items()
-                     if f == "sampler" or isinstance(x, (bool, int, float, str))}
-            elif isinstance(v, dict) or OmegaConf.is_config(v):  # (a law given as a mapping)
-                v = {str(f): (None if f == "sampler" else _plain_arg(x)) for f, x in v.items()}
-            node[k] = v
-        if node.get("init", 0) is None:
-            node.pop("init")  # MeanFieldRNN's default law: the model's own, as below
-        law = getattr(model, "init_law", None)
-        if dataclasses.is_dataclass(law) and "init" not in node:
-            node["init"] = {k: (None if k == "sampler" else v)
-                            for k, v in dataclasses.asdict(law).items()
-                            if k == "sampler" or isinstance(v, (bool, int, float, str))}
-        return node
-
     def extra(m: Any) -> dict:
         out: dict[str, Any] = {}
         act = getattr(m, "act", None)
         if act is not None and hasattr(act, "name"):
             out["activation"] = act.name
         law = getattr(m, "init_law", None)
-        if dataclasses.is_dataclass(law):
+        if dataclasses.is_dataclass(law):  # the law as built (a custom sampler as null)
             out["init"] = {k: (None if k == "sampler" else v)
                            for k, v in dataclasses.asdict(law).items()
                            if k == "sampler" or isinstance(v, (bool, int, float, str))}
