@@ -21,7 +21,7 @@ import time
 import torch
 
 from ntk_rnn.models import GRURNN, ElmanRNN
-from ntk_rnn.online.bptt import BPTTStepper, kernel_status
+from ntk_rnn.online.bptt import KERNEL, BPTTStepper
 
 from .common import machine
 
@@ -67,7 +67,7 @@ def main(width: int = 256, window: int = 32, d: int = 1, steps: int = 200,
     ratios = {}
     try:
         print(f"\n== truncated BPTT online training (N={width}, window={window}, d={d}, "
-              f"float32, CPU, {threads} torch thread(s); kernel: {kernel_status()}) — {machine()}")
+              f"float32, CPU, {threads} torch thread(s); kernel: {KERNEL.status()}) — {machine()}")
         print(f"{'model':>20} {'engine':>9} {'naive steps/s':>14} {'bptt steps/s':>13} "
               f"{'bptt/naive':>10}")
         g = torch.Generator().manual_seed(0)
@@ -75,7 +75,7 @@ def main(width: int = 256, window: int = 32, d: int = 1, steps: int = 200,
         Y = torch.tanh(X[:, 0])
         for name, make in MODELS.items():
             engines = ["kernel", "eager" if name.startswith("elman") else "autograd"]
-            if not kernel_status().startswith("ok"):
+            if not KERNEL.status().startswith("ok"):
                 engines.remove("kernel")
             lr = make(d, width).learning_rate(1.0)
             warm = min(steps, 2 * window)

@@ -29,7 +29,7 @@ import torch
 
 from ntk_rnn import MeanFieldRNN, OnlineState, rtrl_step
 from ntk_rnn.online.ensemble import EnsembleStepper
-from ntk_rnn.online.fast import FastStepper, kernel_status
+from ntk_rnn.online.fast import KERNEL, FastStepper
 
 from .bench_train import naive_runner
 from .common import machine
@@ -157,7 +157,7 @@ def scaling_table(min_log2: int, max_log2: int, d: int, target: float, device: s
                 f"rtrl_step@{all_threads}t": reference(N, d, cur, all_threads),
                 "fast eager@1t": fast(N, d, cur, "eager"),
             }
-            if kernel_status(d).startswith("ok"):
+            if KERNEL.status(d).startswith("ok"):
                 runners["fast kernel"] = fast(N, d, cur, "kernel")
         else:
             runners = {"rtrl_step": reference(N, d, cur, all_threads, device),
@@ -231,7 +231,7 @@ def ensemble_table(N: int, d: int, target: float, Es=(1, 4, 16), n_seq: int = 16
         return go
 
     backends = ["kernel", "eager"] if device == "cpu" else ["graphs", "eager"]
-    if device == "cpu" and not kernel_status(d).startswith("ok"):
+    if device == "cpu" and not KERNEL.status(d).startswith("ok"):
         backends = ["eager"]
     for be in backends:
         for E in Es:
@@ -299,7 +299,7 @@ def compile_row(N: int, d: int, K: int = 8, n: int = 4000) -> None:
 def main(min_log2: int = 8, max_log2: int = 18, d: int = 4, target: float = 0.12,
          compile: bool = False) -> None:
     print(f"\n== scaling of online training with N (d={d}, float32) — {machine()}")
-    print(f"compiled kernel: {kernel_status(d)}")
+    print(f"compiled kernel: {KERNEL.status(d)}")
     t0 = time.perf_counter()
     scaling_table(min_log2, max_log2, d, target)
     print(f"\n== ensembles at N=1024 (d={d}, float32, CPU, own stream per member)")

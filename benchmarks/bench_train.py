@@ -16,7 +16,7 @@ import time
 import torch
 
 from ntk_rnn import MeanFieldRNN, OnlineState, rtrl_step
-from ntk_rnn.online.fast import FastStepper, kernel_status
+from ntk_rnn.online.fast import KERNEL, FastStepper
 
 from .common import machine
 
@@ -82,7 +82,7 @@ def main(widths=(1024, 16384), d: int = 4, steps: int = 3000, threads: int = 1) 
     try:
         print(f"\n== training throughput (d={d}, float32, CPU, {threads} torch thread(s)) — "
               f"{machine()}")
-        print(f"compiled kernel: {kernel_status(d)}")
+        print(f"compiled kernel: {KERNEL.status(d)}")
         print(f"{'N':>7} {'naive steps/s':>14} {'rtrl steps/s':>13} {'trunc steps/s':>14} "
               f"{'fast steps/s':>13} {'rtrl/naive':>10} {'fast/naive':>10}")
         g = torch.Generator().manual_seed(0)

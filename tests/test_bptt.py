@@ -14,7 +14,7 @@ from ntk_rnn.online import bptt
 from ntk_rnn.online.bptt import BPTTEnsembleStepper, BPTTStepper
 
 F64 = torch.float64
-KERNEL = bptt.kernel_library("tanh") is not None
+KERNEL = bptt.KERNEL.library(act="tanh") is not None
 ELMAN_ENGINES = ["eager", "autograd"] + (["kernel"] if KERNEL else [])
 
 
@@ -230,7 +230,7 @@ def test_ensemble_resume_and_rebinding(engine):
 def test_kernel_builds_and_passes_its_self_check(act):
     """With a compiler the kernel must be in use: a failed self-check would otherwise only
     show up as skipped kernel tests."""
-    assert bptt.kernel_status(act).startswith("ok"), bptt.kernel_status(act)
+    assert bptt.KERNEL.status(act=act).startswith("ok"), bptt.KERNEL.status(act=act)
 
 
 def test_errors():

@@ -30,8 +30,8 @@ F64 = torch.float64
 @pytest.fixture
 def fresh(monkeypatch, tmp_path):
     """Empty kernel tables and warning memory, a private cache folder under tmp_path."""
-    monkeypatch.setattr(fast, "_KERNELS", {})
-    monkeypatch.setattr(_features_c, "_LIBS", {})
+    monkeypatch.setattr(fast.KERNEL, "table", {})
+    monkeypatch.setattr(_features_c.KERNEL, "table", {})
     monkeypatch.setattr(loader, "_WARNED", set())
     monkeypatch.delenv("NTK_RNN_NO_KERNEL", raising=False)
     monkeypatch.delenv("NTK_RNN_FAST_BACKEND", raising=False)
@@ -81,8 +81,9 @@ def test_kernels_build_and_pass_self_check_when_a_compiler_is_present(fresh):
     with warnings.catch_warnings():
         warnings.simplefilter("error", loader.KernelFallbackWarning)
         for act in ("tanh", "sigmoid", "erf"):
-            assert fast.kernel_status(3, act).startswith("ok"), fast.kernel_status(3, act)
-            assert _features_c.status(3, act).startswith("ok"), _features_c.status(3, act)
+            assert fast.KERNEL.status(3, act).startswith("ok"), fast.KERNEL.status(3, act)
+            status = _features_c.KERNEL.status(3, act)
+            assert status.startswith("ok"), status
     built = sorted(p.name for p in fresh.iterdir() if p.suffix == ".so")
     assert len(built) == 6, built
     assert sorted(p.name for p in fresh.iterdir()) == sorted(built + [b + ".sha256" for b in built])
@@ -144,8 +145,8 @@ def test_world_writable_cache_folder_is_refused(fresh):
     fresh.mkdir()
     os.chmod(fresh, 0o777)
     _falls_back_exactly("writable by group or others")
-    assert "refused" in fast.kernel_status(3) and list(fresh.iterdir()) == []
-    assert _features_c.library(3, "tanh") is None  # no warning again: same reason
+    assert "refused" in fast.KERNEL.status(3) and list(fresh.iterdir()) == []
+    assert _features_c.KERNEL.library(3, "tanh") is None  # no warning again: same reason
 
 
 def test_cache_folder_of_another_user_is_refused(fresh, monkeypatch):
@@ -177,7 +178,7 @@ def test_cached_library_of_another_user_is_refused(fresh, monkeypatch):
 def test_no_compiler_warns_once_and_stays_exact(fresh, monkeypatch):
     monkeypatch.setattr(loader, "compiler", lambda: None)
     _falls_back_exactly("no C compiler")
-    assert fast.kernel_status(3) == "unavailable: no C compiler (set CC, or install cc/gcc/clang)"
+    assert fast.KERNEL.status(3) == "unavailable: no C compiler (set CC, or install cc/gcc/clang)"
     m = MeanFieldRNN(2, 8, seed=0, dtype=F64)
     x = torch.randn(3, 4, 2, dtype=F64)
     assert not _features_c.usable(m, x)  # structured features: the torch path
@@ -191,12 +192,12 @@ def test_build_failure_and_self_check_failure_fall_back(fresh, monkeypatch):
     if CC is None:
         return
     monkeypatch.setattr(loader, "compiler", lambda: CC)
-    monkeypatch.setattr(fast, "_KERNELS", {})
+    monkeypatch.setattr(fast.KERNEL, "table", {})
 
-    def bad_check(key):
+    def bad_check(lib, d, act):
         raise loader.KernelUnavailable("self-check failed (simulated)")
 
-    monkeypatch.setattr(fast, "_self_check", bad_check)
+    monkeypatch.setattr(fast.KERNEL, "self_check", bad_check)
     _falls_back_exactly("self-check failed")
 
 

@@ -7,11 +7,11 @@ import torch
 
 from ntk_rnn import ConfigError, MeanFieldRNN, OnlineState, rtrl_step
 from ntk_rnn.online.ensemble import EnsembleStepper
-from ntk_rnn.online.fast import FastStepper, kernel_library, kernel_status
+from ntk_rnn.online.fast import KERNEL, FastStepper
 
 f64 = torch.float64
 D = 3
-HAS_KERNEL = kernel_library(D, "tanh") is not None
+HAS_KERNEL = KERNEL.library(D, "tanh") is not None
 CPU_BACKENDS = ["eager", "graphs"] + (["kernel"] if HAS_KERNEL else [])
 CHUNKS = ((0, 1), (1, 300), (300, 301), (301, 777), (777, 1000))  # odd sizes, single steps
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -74,7 +74,7 @@ def test_fast_matches_reference(backend, gradient, recurrence):
     assert rel(m.w, model(recurrence).w) > 1e-2  # it trained: the comparison is not vacuous
 
 
-@pytest.mark.skipif(not HAS_KERNEL, reason=f"no compiled kernel: {kernel_status(D)}")
+@pytest.mark.skipif(not HAS_KERNEL, reason=f"no compiled kernel: {KERNEL.status(D)}")
 @pytest.mark.parametrize("act", ["sigmoid", "erf"])
 @pytest.mark.parametrize("recurrence", ["diagonal", "feedback"])
 def test_kernel_other_activations(act, recurrence):
@@ -83,7 +83,7 @@ def test_kernel_other_activations(act, recurrence):
     lr = m.learning_rate(4.0)
     out_ref, st_ref = reference(m_ref, X, Y, lr)
     stepper = FastStepper(m, lr, backend="auto")
-    assert stepper.backend == "kernel" or kernel_library(D, act) is None
+    assert stepper.backend == "kernel" or KERNEL.library(D, act) is None
     out = stepper.run_chunk(X, Y)
     assert_same(m, stepper.state, out, m_ref, st_ref, out_ref)
 
@@ -135,7 +135,7 @@ def test_state_written_from_outside_is_picked_up(backend):
 
 
 def test_kernel_status_and_backend_choice(monkeypatch):
-    assert isinstance(kernel_status(D), str)
+    assert isinstance(KERNEL.status(D), str)
     m = model()
     assert FastStepper(m, 0.1).backend == ("kernel" if HAS_KERNEL else "eager")
     monkeypatch.setenv("NTK_RNN_FAST_BACKEND", "eager")

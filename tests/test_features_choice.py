@@ -12,8 +12,8 @@ from ntk_rnn.ntk import empirical_ntk
 from ntk_rnn.ntk import structured as st
 
 F64 = torch.float64
-needs_c = pytest.mark.skipif(fc.library(2, "tanh") is None,
-                             reason=f"compiled features: {fc.status(2, 'tanh')}")
+needs_c = pytest.mark.skipif(fc.KERNEL.library(2, "tanh") is None,
+                             reason=f"compiled features: {fc.KERNEL.status(2, 'tanh')}")
 
 
 @pytest.fixture
@@ -83,8 +83,7 @@ def test_forced_and_pinned(fresh, monkeypatch):
 
 def test_unavailable_kernel_means_torch(fresh, monkeypatch):
     _, calls = fresh
-    monkeypatch.setattr(fc, "library", lambda d, act: None)
-    monkeypatch.setattr(fc, "_LIBS", {(2, "tanh"): "no C compiler"})
+    monkeypatch.setattr(fc.KERNEL, "table", {(2, "tanh"): "no C compiler"})
     c = fc.choice(2, "tanh", F64)
     assert c.backend == "torch" and "no C compiler" in c.reason
 

@@ -503,8 +503,8 @@ def test_cuda_matches_cpu(dtype):
 from ntk_rnn.ntk import _features_c  # noqa: E402
 from ntk_rnn.ntk import structured as st  # noqa: E402
 
-needs_c = pytest.mark.skipif(_features_c.library(3, "tanh") is None,
-                             reason=f"compiled features: {_features_c.status(3, 'tanh')}")
+needs_c = pytest.mark.skipif(_features_c.KERNEL.library(3, "tanh") is None,
+                             reason=f"compiled features: {_features_c.KERNEL.status(3, 'tanh')}")
 
 
 @needs_c
@@ -519,7 +519,7 @@ def test_c_features_match_torch_path(act, dtype):
                              init={"b": "uniform", "rho": 0.8})
         x = windows(n, L, d, N + L, dtype)
         xT, units = x.transpose(1, 2).contiguous(), slice(1, N)
-        assert _features_c.usable(model, x), _features_c.status(d, act)
+        assert _features_c.usable(model, x), _features_c.KERNEL.status(d, act)
         for truncated in (False, True):
             for fac in (False, True):
                 ws = st._Workspace()
@@ -579,12 +579,13 @@ def test_c_features_threads():
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the loader's KernelFallbackWarning
 def test_c_features_fallback_without_compiler(monkeypatch):
     from ntk_rnn.csrc import loader
-    monkeypatch.setattr(_features_c, "_LIBS", {})
+    monkeypatch.setattr(_features_c.KERNEL, "table", {})
     monkeypatch.setattr(loader, "compiler", lambda: None)
     monkeypatch.setattr(loader, "_WARNED", set())
     monkeypatch.delenv("NTK_RNN_NO_KERNEL", raising=False)
     model = rnn(N=8, d=2)
     x = windows(3, 4, 2, 34)
-    assert _features_c.library(2, "tanh") is None and "no C compiler" in _features_c.status(2)
+    assert _features_c.KERNEL.library(2, "tanh") is None
+    assert "no C compiler" in _features_c.KERNEL.status(2)
     assert not _features_c.usable(model, x)
     assert rel(empirical_ntk(model, x), empirical_ntk(model, x, method="jacobian")) < 1e-12

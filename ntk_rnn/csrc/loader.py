@@ -1,12 +1,13 @@
 """Build, cache and load the C kernels of this folder: the one place that runs a compiler.
 
-Each kernel is one ``.c`` file here (``fast.c``: online training, ``features.c``: structured NTK
-features) that includes the shared header ``ntk_rnn.h`` (σ, σ' and Model D's S/P/Q recursion,
-written once). `build` compiles a kernel for one input dimension ``d`` and activation with
-``-DD=<d> -DACT=<code>``, once for float64 and once with ``-DNTK_FLOAT``, and links both into one
-shared object whose exported names end in ``_f64`` / ``_f32``. Flags are tried in order
-(``_FLAG_SETS``): ``-march=native`` with glibc's vector math (libmvec), then without libmvec, then
-portable.
+Each kernel is one ``.c`` file here (``fast.c``: online training of Models D and F,
+``features.c``: structured NTK features, ``bptt.c``: truncated BPTT of ElmanRNN and GRURNN) that
+includes the shared header ``ntk_rnn.h`` (σ, σ' and Model D's S/P/Q recursion, written once).
+`build` compiles a kernel for one input dimension ``d`` and activation with ``-DD=<d>
+-DACT=<code>`` (``bptt.c`` takes d at run time), once for float64 and once with ``-DNTK_FLOAT``,
+and links both into one shared object whose exported names end in ``_f64`` / ``_f32``. Flags are
+tried in order (``_FLAG_SETS``): ``-march=native`` with glibc's vector math (libmvec), then
+without libmvec, then portable.
 
 **Cache.** Shared objects are cached on disk, named by a hash of the sources, compiler, flags and
 CPU: in ``$NTK_RNN_KERNEL_CACHE`` if set, else ``$XDG_CACHE_HOME/ntk_rnn/kernels`` (default
@@ -15,11 +16,12 @@ not owned by this user, or writable by group or others, is refused — another u
 library there — and the kernel is not used. When the folder cannot be created at all (read-only
 home), a private folder under the system temp dir is used, with the same checks.
 
-**Fallback.** `load_checked` builds a kernel once per process and key, runs its self-check
-against the torch path, and on any failure (no compiler, build or load error, refused cache,
-self-check mismatch) records why and returns None, so that the caller falls back to eager torch
-— with one `KernelFallbackWarning` per process and reason. ``NTK_RNN_NO_KERNEL=1`` turns
-the kernels off (no warning: a choice, not a failure); ``CC`` picks the compiler.
+**Binding and fallback.** Each kernel module declares one `Kernel` (its source, the signatures of
+its exported functions, its self-check against the torch path). `Kernel.library` builds once per
+process and key, runs the self-check, and on any failure (no compiler, build or load error,
+refused cache, self-check mismatch) records why and returns None, so that the caller falls back
+to eager torch — with one `KernelFallbackWarning` per process and reason. ``NTK_RNN_NO_KERNEL=1``
+turns the kernels off (no warning: a choice, not a failure); ``CC`` picks the compiler.
 
 **Loading.** A cached library is opened without following symbolic links (``O_NOFOLLOW``, for
 the folder and the file), its owner and mode are checked on the open descriptor, and it is
@@ -360,37 +362,80 @@ def warn_fallback(what: str, reason: str) -> None:
                   f"results, slower): {reason}", KernelFallbackWarning, stacklevel=3)
 
 
-def load_checked(table: dict, lock: Any, key: tuple[int, str],
-                 build: Callable[[int, str], ctypes.CDLL],
-                 self_check: Callable[[tuple[int, str]], None], what: str = "a compiled kernel"
-                 ) -> ctypes.CDLL | None:
-    """``table[key]`` for key = (d, activation): the library ``build(*key)`` made and
-    ``self_check(key)`` kept, else None with the reason stored in ``table[key]`` instead (no
-    kernel for the activation, ``NTK_RNN_NO_KERNEL``, or a failure: these warn once). The
-    library is in the table while its self-check runs (so the check can reach it); the check
-    raises to reject it. Built once per key and process."""
-    d, act = key
-    with lock:
-        if key not in table:
-            if act not in ACT_CODES:
-                table[key] = f"activation {act!r} has no compiled kernel"
-            elif os.environ.get("NTK_RNN_NO_KERNEL"):
-                table[key] = "disabled by NTK_RNN_NO_KERNEL"
-            else:
-                try:
-                    table[key] = build(d, act)
-                    self_check(key)
-                except Exception as exc:  # noqa: BLE001 - any failure means: the fallback
-                    reason = str(exc) if isinstance(exc, KernelUnavailable) else \
-                        f"{type(exc).__name__}: {exc}"
-                    table[key] = reason
-                    warn_fallback(what, reason)
-        lib = table[key]
-    return lib if isinstance(lib, ctypes.CDLL) else None
+class Kernel:
+    """One compiled kernel as its Python module declares it, in a few lines:
 
+        KERNEL = loader.Kernel("features", "the compiled NTK features kernel",
+                               {"features": ([c_long, ..., c_void_p], c_int)}, _self_check)
+        KERNEL.library(d, act)   # the checked CDLL, or None (the reason: KERNEL.reason)
+        KERNEL.status(d, act)    # 'ok (<path>)' or 'unavailable: <why>'
 
-def status(table: dict, key: tuple[int, str], lib: ctypes.CDLL | None) -> str:
-    """'ok (<path>)' or 'unavailable: <why>' for a `load_checked` result."""
-    if lib is not None:
-        return f"ok ({getattr(lib, '_ntk_path', getattr(lib, '_name', ''))})"
-    return f"unavailable: {table.get(key, 'not built')}"
+    ``source``: the ``.c`` file here; ``signatures``: exported name (without ``_f32`` /
+    ``_f64``) → (argtypes, restype), declared on both precisions; ``self_check(lib, d, act)``
+    compares the fresh library with the torch path and raises to reject it; ``per_d=False``:
+    d is a run-time argument of the kernel (one library per activation, ``d`` ignored).
+    `library` builds once per process and (d, act), runs the self-check, and on any failure
+    (no kernel for the activation, ``NTK_RNN_NO_KERNEL``, no compiler, a refused cache, a
+    mismatch) keeps the reason in ``table`` and warns once (not for the first two: a choice).
+    """
+
+    def __init__(self, source: str, what: str,
+                 signatures: dict[str, tuple[list[Any], Any]],
+                 self_check: Callable[[ctypes.CDLL, int, str], None],
+                 per_d: bool = True) -> None:
+        self.source, self.what, self.signatures = source, what, signatures
+        self.self_check, self.per_d = self_check, per_d
+        #: (d, activation) → the checked CDLL, or the reason it is not used
+        self.table: dict[tuple[int, str], Any] = {}
+        self._lock = threading.RLock()
+
+    def _key(self, d: int | None, act: str) -> tuple[int, str]:
+        return (int(d if d is not None else 4) if self.per_d else 0), act
+
+    def build(self, d: int | None, act: str) -> ctypes.CDLL:
+        """The library built (or loaded from the cache) and declared, not self-checked: the one
+        in ``table`` while its self-check runs (the check reaches it through here)."""
+        key = self._key(d, act)
+        lib = self.table.get(key)
+        if isinstance(lib, ctypes.CDLL):
+            return lib
+        lib = build(self.source, key[0] if self.per_d else 1, act, self.what)
+        for name, (argtypes, restype) in self.signatures.items():
+            for sfx in ("f32", "f64"):
+                fn = getattr(lib, f"{name}_{sfx}")
+                fn.argtypes, fn.restype = list(argtypes), restype
+        return lib
+
+    def library(self, d: int | None = None, act: str = "tanh") -> ctypes.CDLL | None:
+        """The compiled, self-checked library for input dimension ``d`` and activation ``act``,
+        or None (the reason: `reason`)."""
+        key = self._key(d, act)
+        with self._lock:
+            if key not in self.table:
+                if act not in ACT_CODES:
+                    self.table[key] = f"activation {act!r} has no compiled kernel"
+                elif os.environ.get("NTK_RNN_NO_KERNEL"):
+                    self.table[key] = "disabled by NTK_RNN_NO_KERNEL"
+                else:
+                    try:
+                        self.table[key] = self.build(*key)
+                        self.self_check(self.table[key], *key)
+                    except Exception as exc:  # noqa: BLE001 - any failure means: the fallback
+                        reason = str(exc) if isinstance(exc, KernelUnavailable) else \
+                            f"{type(exc).__name__}: {exc}"
+                        self.table[key] = reason
+                        warn_fallback(self.what, reason)
+            lib = self.table[key]
+        return lib if isinstance(lib, ctypes.CDLL) else None
+
+    def reason(self, d: int | None = None, act: str = "tanh") -> str:
+        """Why `library` gives None for (d, act) ('' when it gives a library)."""
+        lib = self.library(d, act)
+        return "" if lib is not None else str(self.table[self._key(d, act)])
+
+    def status(self, d: int | None = None, act: str = "tanh") -> str:
+        """'ok (<path of the shared object>)' or 'unavailable: <why>' (d defaults to 4)."""
+        lib = self.library(d, act)
+        if lib is not None:
+            return f"ok ({getattr(lib, '_ntk_path', getattr(lib, '_name', ''))})"
+        return f"unavailable: {self.reason(d, act)}"

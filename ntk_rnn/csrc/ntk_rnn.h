@@ -1,5 +1,6 @@
 /* ntk_rnn.h: what the compiled kernels of ntk_rnn share (fast.c: online training, theory §3, §6;
-   features.c: the per-unit features of the structured NTK, theory §4).
+   features.c: the per-unit features of the structured NTK, theory §4; bptt.c: truncated BPTT of
+   ElmanRNN and GRURNN, which uses σ and the precision only).
 
    Compile-time parameters, passed as -D by ntk_rnn/csrc/loader.py:
      D          input dimension (>= 1)
@@ -103,7 +104,8 @@ INL void act_eval(real z, real *s, real *ds) {
 }
 
 /* Model D, one unit, one step: the forward pass and its RTRL recursion (theory §3), written once
-   for both kernels. The textbook form (the torch spq_step of ntk_rnn/models/recurrence.py) is
+   for fast.c and features.c. The textbook form (the torch reference, spq_step of
+   ntk_rnn/models/recurrence.py) is
 
        z = w·x + b S,   S ← σ(z),   P ← σ'(z) (x + g P),   Q ← σ'(z) (S + g Q)
 

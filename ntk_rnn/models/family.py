@@ -7,8 +7,8 @@ their own tables (so ``models/`` imports none of them and no import cycle appear
 ``online``         how it trains along the stream: ``"rtrl"`` (an exact online step, Models D
                    and F: ``ntk_rnn.online``) or ``"bptt"`` (truncated backpropagation through
                    a window, any other model)
-``recurrence``     Model D/F's `Recurrence` (online state,
-                   compiled-kernel layout), None for the others
+``recurrence``     Model D/F's `Recurrence` (its online state; its compiled-kernel layout is
+                   ``ntk_rnn.online.fast.LAYOUTS[recurrence.name]``), None for the others
 ``bptt_engine``    the hand-written BPTT engine (``"elman"``, ``"gru"``) or None (autograd)
 ``structure``      the structured empirical NTK (``ntk_rnn.ntk``): ``"units"`` (Model D's
                    per-unit features), ``"elman"``, ``"gru"`` (per-step backward vectors and

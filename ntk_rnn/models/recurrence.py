@@ -7,14 +7,14 @@ strings; the object knows
 - ``state_class``: the online (RTRL) state it carries along the stream, `OnlineState`
   (S, P = ∂S/∂w, Q = ∂S/∂b per unit, theory §3) or `FeedbackState` (the memory m and the
   last gradient, theory §6), with ``zeros(model)``; ``state_names`` are its tensors;
-- ``kernel``: the prefix of its functions in the compiled training kernel (``csrc/fast.c``:
-  ``<kernel>_{rtrl,trunc}_{f32,f64}``), ``kernel_state`` the order of the state tensors there and
-  ``kernel_scratch`` the per-unit scratch rows it needs;
 - ``unit_features``: whether the NTK has per-unit features (the structured NTK, theory §4) — Model
   D's come from `spq_step`, the torch form of the recursion (its C twin is ``spq_step`` in
   ``csrc/ntk_rnn.h``);
 - the reference step: `ntk_rnn.online.rtrl.rtrl_step` (Model D) and
   `ntk_rnn.online.feedback.feedback_step` (Model F); ``rtrl_step`` runs either.
+
+How the compiled training kernel lays a recurrence's state out is the kernel's business:
+``ntk_rnn.online.fast.LAYOUTS``, keyed by the recurrence's name.
 
 ``model.recurrence`` stays the string of the configs; ``recurrence_of`` maps it to the object.
 """
@@ -121,9 +121,6 @@ class Recurrence:
     contraction: bool
     default_b: dict
     state_class: type
-    kernel: str
-    kernel_state: tuple[str, ...]
-    kernel_scratch: tuple[str, ...]
     unit_features: bool
 
     @property
@@ -150,11 +147,7 @@ class Diagonal(Recurrence):
     contraction = True  # μ0 must keep |b| sup|σ'| < 1
     default_b = {}  # μ0's b law: InitLaw's default, b ~ U[-ρ, ρ]
     state_class = OnlineState
-    kernel = "diag"
-    kernel_state = ("S", "P", "Q")
-    kernel_scratch = ("Dl",)  # σ'(z) of the last step (fast.c carries P = σ'·U, Q = σ'·V)
     unit_features = True
-    recursion = staticmethod(spq_step)
 
 
 class Feedback(Recurrence):
@@ -164,9 +157,6 @@ class Feedback(Recurrence):
     contraction = False  # no bound on b (theory §6)
     default_b = {"b": "normal", "rho": 1.0}  # μ0's b law: b ~ N(0, 1)
     state_class = FeedbackState
-    kernel = "fb"
-    kernel_state = ("dc", "dw", "db", "m")
-    kernel_scratch = ("H", "dH")  # σ(z), σ'(z)
     unit_features = False
 
 

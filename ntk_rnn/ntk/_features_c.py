@@ -53,10 +53,7 @@ from ..csrc import loader
 from ..models.mean_field import MeanFieldRNN
 from ..models.recurrence import spq_step
 
-_WHAT = "the compiled NTK features kernel"
-
-_LIBS: dict[tuple[int, str], Any] = {}  # (d, activation) -> CDLL, or the reason it is not used
-_LOCK = threading.RLock()
+_LOCK = threading.RLock()  # the choices and the pool
 _POOL: ThreadPoolExecutor | None = None
 
 
@@ -69,35 +66,12 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
 
 
-def _build(d: int, act: str) -> ctypes.CDLL:
-    """Compile (or load from the per-user cache) csrc/features.c for (d, act)."""
-    lib = loader.build("features", d, act, _WHAT)
-    Lg, P = ctypes.c_long, ctypes.c_void_p
-    for sfx in ("f32", "f64"):
-        fn = getattr(lib, f"features_{sfx}")
-        fn.argtypes = [Lg, Lg, Lg, Lg, ctypes.c_int, P, P, Lg, P, P, P, P]
-        fn.restype = ctypes.c_int
-    return lib
-
-
-def library(d: int, act: str) -> ctypes.CDLL | None:
-    """The compiled, self-checked kernel for input dimension ``d`` and activation ``act``, or None
-    (the reason is in :func:`status`)."""
-    return loader.load_checked(_LIBS, _LOCK, (int(d), act), _build, _self_check, _WHAT)
-
-
-def status(d: int = 4, act: str = "tanh") -> str:
-    """'ok (...)' or why the compiled features are not used for (d, act)."""
-    lib = library(d, act)
-    return loader.status(_LIBS, (int(d), act), lib)
-
-
 def usable(model: Any, x: Tensor) -> bool:
     """True when :func:`block_features` can run: CPU float32/float64 and a working kernel."""
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
             and x.dim() == 3 and x.shape[1] >= 1 and model.w.device.type == "cpu"
             and model.w.dtype == x.dtype and model.act.name in loader.ACT_CODES
-            and library(x.shape[-1], model.act.name) is not None)
+            and KERNEL.library(x.shape[-1], model.act.name) is not None)
 
 
 # --- the measured choice between this kernel and the torch path ---------------------------------
@@ -229,7 +203,7 @@ def measure(d: int, act: str, dtype: torch.dtype, lib: ctypes.CDLL | None = None
     if TORCH_FEATURES is None:
         raise RuntimeError("the torch path of the unit features is not registered "
                            "(ntk_rnn.ntk.structured registers it when imported)")
-    lib = lib or library(d, act)
+    lib = lib or KERNEL.library(d, act)
     p = PROBE
     model = MeanFieldRNN(d, p["units"], activation=act, init={"b": "uniform", "rho": 0.8},
                          seed=0, dtype=dtype)
@@ -272,10 +246,10 @@ def choice(d: int, act: str, dtype: torch.dtype) -> Choice:
         if got is not None and forced is None:
             return got
         isa = cpu_isa()
-        lib = library(d, act) if act in loader.ACT_CODES else None
+        lib = KERNEL.library(d, act)
         if lib is None:
-            why = _LIBS.get((int(d), act), f"activation {act!r} has no compiled kernel")
-            c = Choice("torch", f"compiled features unavailable: {why}", isa=isa)
+            c = Choice("torch", f"compiled features unavailable: {KERNEL.reason(d, act)}",
+                       isa=isa)
         elif forced is not None:
             return Choice(forced[0], forced[1], isa=isa)
         else:
@@ -334,7 +308,7 @@ def block_features(model: Any, x: Tensor, units: slice, truncated: bool, phi: Te
     coef must be contiguous; call only when :func:`usable`. The windows are split over
     ``threads`` threads (default ``torch.get_num_threads()``)."""
     n, L, d = x.shape
-    lib = lib or library(d, model.act.name)
+    lib = lib or KERNEL.library(d, model.act.name)
     x = x.contiguous()
     wT = model.w.detach()[units].T.contiguous()
     b, c = model.b.detach()[units].contiguous(), model.c.detach()[units].contiguous()
@@ -369,12 +343,10 @@ def _reference(model: MeanFieldRNN, x: Tensor, units: slice, truncated: bool
     return phi, c * torch.stack(a[::-1], 1)
 
 
-def _self_check(key: tuple[int, str]) -> None:
+def _self_check(lib: ctypes.CDLL, d: int, act: str) -> None:
     """Compare the fresh kernel with :func:`_reference` on a small problem (float64 and float32,
     truncated or not, with and without coefficients, a partial SIMD chunk); raises on a
     mismatch (the kernel is then not used)."""
-    d, act = key
-    lib = _LIBS[key]
     gen = torch.Generator().manual_seed(4321)
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
         model = MeanFieldRNN(d, 37, beta=0.7, activation=act, init={"b": "uniform", "rho": 0.8},
@@ -394,3 +366,10 @@ def _self_check(key: tuple[int, str]) -> None:
                     raise loader.KernelUnavailable(
                         f"self-check failed ({dtype}, truncated={truncated}): the features "
                         "kernel disagrees with the torch recursion")
+
+
+_L, _P = ctypes.c_long, ctypes.c_void_p
+#: the compiled features: ``KERNEL.library(d, act)``, ``KERNEL.status(d, act)``
+KERNEL = loader.Kernel("features", "the compiled NTK features kernel",
+                       {"features": ([_L, _L, _L, _L, ctypes.c_int, _P, _P, _L, _P, _P, _P, _P],
+                                     ctypes.c_int)}, _self_check)

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import threading
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -97,28 +96,10 @@ def _check_lr(lr: Any, E: int) -> list[float]:
 
 
 # --- the compiled kernel (ntk_rnn/csrc/bptt.c) ---------------------------------------------
-_KERNELS: dict = {}
-_LOCK = threading.RLock()
-_WHAT = "the compiled BPTT kernel (ElmanRNN, GRURNN)"
-def _build(_d: int, act: str) -> ctypes.CDLL:
-    """Compile ``csrc/bptt.c`` for ``act`` through the one kernel loader (cached, private)."""
-    lib = loader.build("bptt", 1, act, what=_WHAT)  # (d is a run-time argument of bptt.c)
-    L, P, Dbl = ctypes.c_long, ctypes.c_void_p, ctypes.c_double
-    for sfx in ("f32", "f64"):
-        fn = getattr(lib, f"elman_bptt_{sfx}")
-        fn.argtypes = [L] * 6 + [P] * 5 + [P, L, P, L, P, L, P, Dbl, Dbl, P]
-        fn.restype = None
-        fn = getattr(lib, f"gru_bptt_{sfx}")
-        fn.argtypes = [L] * 7 + [P] * 7 + [P, L, P, L, P, L, P, Dbl, Dbl, P]
-        fn.restype = None
-    return lib
-
-
-def _self_check(key: tuple[int, str]) -> None:
+def _self_check(lib: ctypes.CDLL, d: int, act: str) -> None:
     """The kernel vs a torch engine on small ensembles, float64 and float32: ElmanRNN of this
     activation against "eager", and (in the tanh library, which serves GRURNN) GRURNN against
     "autograd"; raises on a mismatch, so the kernel is not used."""
-    _, act = key
     X = torch.randn(2, 11, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     Y = torch.randn(2, 11, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     cases = [(f"elman {scaling}", "eager",
@@ -147,14 +128,13 @@ def _self_check(key: tuple[int, str]) -> None:
                                        f"disagrees with the {other} engine")
 
 
-def kernel_library(act: str) -> Optional[ctypes.CDLL]:
-    """The compiled, self-checked BPTT kernel for ElmanRNN with activation ``act``, or None."""
-    return loader.load_checked(_KERNELS, _LOCK, (0, act), _build, _self_check, _WHAT)
-
-
-def kernel_status(act: str = "tanh") -> str:
-    """'ok (<path>)' or 'unavailable: <why>' for the BPTT kernel of ``act``."""
-    return loader.status(_KERNELS, (0, act), kernel_library(act))
+_L, _P, _D = ctypes.c_long, ctypes.c_void_p, ctypes.c_double
+#: the compiled BPTT kernel (d is a run-time argument of bptt.c: one library per activation):
+#: ``KERNEL.library(act=act)``, ``KERNEL.status(act=act)``
+KERNEL = loader.Kernel("bptt", "the compiled BPTT kernel (ElmanRNN, GRURNN)", {
+    "elman_bptt": ([_L] * 6 + [_P] * 5 + [_P, _L, _P, _L, _P, _L, _P, _D, _D, _P], None),
+    "gru_bptt": ([_L] * 7 + [_P] * 7 + [_P, _L, _P, _L, _P, _L, _P, _D, _D, _P], None),
+}, _self_check, per_d=False)
 
 
 # --- the steppers -------------------------------------------------------------------------------
@@ -222,10 +202,10 @@ class _BPTTBase:
             return engine
         act = self.model0.act.name if kind == "elman" else "tanh"
         cpu = self.device.type == "cpu"
-        lib = (_build(0, act) if unchecked else kernel_library(act)) if cpu else None
+        lib = (KERNEL.build(0, act) if unchecked else KERNEL.library(act=act)) if cpu else None
         if lib is None:
             if engine == "kernel":
-                why = "the model is not on the CPU" if not cpu else kernel_status(act)
+                why = "the model is not on the CPU" if not cpu else KERNEL.status(act=act)
                 raise ConfigError(f"engine='kernel' is unavailable: {why}")
             return "eager" if kind == "elman" else "autograd"
         self._lib = lib

@@ -15,7 +15,7 @@ Backends (``backend=``):
     chunk: per step ONE pass over the units, the update of step k fused with the forward/RTRL
     recursion of step k+1 (they only share the scalar Ŷ_k), σ vectorised through glibc's libmvec
     where available. A self-check against the eager backend runs once per process and kernel;
-    any failure falls back to ``"eager"`` with one warning saying why (`kernel_status`;
+    any failure falls back to ``"eager"`` with one warning saying why (``KERNEL.status``;
     ``NTK_RNN_NO_KERNEL=1`` disables it, ``NTK_RNN_KERNEL_CACHE`` moves the cache,
     ``NTK_RNN_FAST_BACKEND`` overrides ``backend="auto"``).
 ``"eager"``  (any device)
@@ -34,6 +34,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -57,47 +58,39 @@ from ..models.recurrence import (
 
 BACKENDS = ("auto", "kernel", "eager", "graphs")
 
+
 # --- the compiled kernel (ntk_rnn/csrc/fast.c, built by ntk_rnn.csrc.loader) ----------------------
-_KERNELS: dict[tuple[int, str], Any] = {}  # (d, activation) -> CDLL, or the reason it is not used
-_KERNEL_LOCK = threading.RLock()
-_WHAT = "the compiled training kernel"
+@dataclass(frozen=True)
+class KernelLayout:
+    """The arguments of one recurrence's functions in ``csrc/fast.c``:
+    ``<prefix>_{rtrl,trunc}_{f32,f64}(E, N, T, c, w, b, *state, *scratch, X, xs, Y, ys, out, os,
+    lr, scale)`` — ``state`` the online state's tensors in that order, ``scratch`` the per-unit
+    rows the kernel needs besides."""
+
+    prefix: str
+    state: tuple[str, ...]
+    scratch: tuple[str, ...]
 
 
-def _build(d: int, act: str) -> ctypes.CDLL:
-    lib = loader.build("fast", d, act, _WHAT)
-    _declare(lib)
-    return lib
+#: the recurrence's key (``family_of(model).recurrence.name``) → its layout in csrc/fast.c
+LAYOUTS: dict[str, KernelLayout] = {
+    # scratch: σ'(z) of the last step (fast.c carries P = σ'·U, Q = σ'·V)
+    DIAGONAL.name: KernelLayout("diag", ("S", "P", "Q"), ("Dl",)),
+    FEEDBACK.name: KernelLayout("fb", ("dc", "dw", "db", "m"), ("H", "dH")),  # σ(z), σ'(z)
+}
 
 
-def kernel_library(d: int, act: str) -> ctypes.CDLL | None:
-    """The compiled, self-checked kernel for input dimension ``d`` and activation ``act``, or None
-    (the reason is in `kernel_status`; a failure warns once)."""
-    return loader.load_checked(_KERNELS, _KERNEL_LOCK, (int(d), act), _build, _self_check,
-                               _WHAT)
-
-
-def kernel_status(d: int = 4, act: str = "tanh") -> str:
-    """'ok (<path of the shared object>)' or 'unavailable: <why>' for the kernel of (d, act)."""
-    lib = kernel_library(d, act)
-    return loader.status(_KERNELS, (int(d), act), lib)
-
-
-def _declare(lib: ctypes.CDLL) -> None:
+def _signatures() -> dict[str, tuple[list[Any], Any]]:
     L, P = ctypes.c_long, ctypes.c_void_p
     tail = [P, L, P, L, P, L, P, P]  # X, xs, Y, ys, out, os, lr, scale
-    for sfx in ("f32", "f64"):
-        for g in ("rtrl", "trunc"):
-            for rec in RECURRENCES.values():  # c w b, the state, the scratch rows
-                fn = getattr(lib, f"{rec.kernel}_{g}_{sfx}")
-                n_ptr = 3 + len(rec.kernel_state) + len(rec.kernel_scratch)
-                fn.argtypes = [L, L, L] + [P] * n_ptr + tail
-                fn.restype = None
+    return {f"{lay.prefix}_{g}": ([L, L, L] + [P] * (3 + len(lay.state) + len(lay.scratch))
+                                  + tail, None)  # E N T, c w b, the state, the scratch rows
+            for lay in LAYOUTS.values() for g in ("rtrl", "trunc")}
 
 
-def _self_check(key: tuple[int, str]) -> None:
+def _self_check(lib: ctypes.CDLL, d: int, act: str) -> None:
     """Run the fresh kernel on a small problem and compare with the eager backend (float64 and
     float32, both models and gradients); raises on a mismatch (the kernel is then not used)."""
-    d, act = key
     gen = torch.Generator().manual_seed(1234)
     for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
         for rec in RECURRENCES:
@@ -123,6 +116,10 @@ def _self_check(key: tuple[int, str]) -> None:
                         raise loader.KernelUnavailable(
                             f"self-check failed ({rec}, {grad}, {dtype}): the kernel disagrees "
                             "with the eager steps")
+
+
+#: the compiled training kernel: ``KERNEL.library(d, act)``, ``KERNEL.status(d, act)``
+KERNEL = loader.Kernel("fast", "the compiled training kernel", _signatures(), _self_check)
 
 
 # --- the stacked tensors an engine acts on ------------------------------------------------------
@@ -224,11 +221,12 @@ class _KernelEngine:
         self.buf, self.gradient, self.threads = buf, gradient, max(1, int(threads))
         sfx = "f64" if buf.dtype == torch.float64 else "f32"
         g = "rtrl" if gradient == "rtrl" else "trunc"
-        self.fn = getattr(lib, f"{buf.rec.kernel}_{g}_{sfx}")
+        layout = LAYOUTS[buf.rec.name]
+        self.fn = getattr(lib, f"{layout.prefix}_{g}_{sfx}")
         self.item = buf.t["c"].element_size()
         # the kernel's arguments after (E, N, T): c, w, b, the state, per-unit scratch rows
-        scratch = [torch.empty(buf.E, buf.N, dtype=buf.dtype) for _ in buf.rec.kernel_scratch]
-        self.args = [buf.t[k] for k in ("c", "w", "b") + buf.rec.kernel_state] + scratch
+        scratch = [torch.empty(buf.E, buf.N, dtype=buf.dtype) for _ in layout.scratch]
+        self.args = [buf.t[k] for k in ("c", "w", "b") + layout.state] + scratch
 
     def run(self, X3: Tensor, Y2: Tensor, out2: Tensor) -> None:
         buf = self.buf
@@ -480,9 +478,10 @@ def _resolve_backend(backend: str, buf: Buffers) -> tuple[str, str]:
         return "eager", "auto: the compiled kernel needs float32/float64 on the CPU"
     if not all(t.is_contiguous() for t in buf.mutable()):
         return "eager", "auto: the compiled kernel needs contiguous parameters and state"
-    if kernel_library(buf.d, buf.act.name) is None:
-        return "eager", f"auto: the compiled kernel is {kernel_status(buf.d, buf.act.name)}"
-    return "kernel", f"auto: {kernel_status(buf.d, buf.act.name)}"
+    status = KERNEL.status(buf.d, buf.act.name)
+    if KERNEL.library(buf.d, buf.act.name) is None:
+        return "eager", f"auto: the compiled kernel is {status}"
+    return "kernel", f"auto: {status}"
 
 
 def make_engine(buf: Buffers, gradient: str, backend: str = "auto", threads: int = 1,
@@ -497,12 +496,11 @@ def make_engine(buf: Buffers, gradient: str, backend: str = "auto", threads: int
     if name == "kernel":
         if buf.device.type != "cpu" or buf.dtype not in (torch.float32, torch.float64):
             raise ConfigError("backend='kernel' needs float32/float64 tensors on the CPU")
-        lib = _KERNELS.get((buf.d, buf.act.name)) if _unchecked else None
-        if not isinstance(lib, ctypes.CDLL):
-            lib = kernel_library(buf.d, buf.act.name)
+        lib = (KERNEL.build(buf.d, buf.act.name) if _unchecked
+               else KERNEL.library(buf.d, buf.act.name))
         if lib is None:
             raise ConfigError(f"backend='kernel' is not available: "
-                              f"{_KERNELS[(buf.d, buf.act.name)]}")
+                              f"{KERNEL.reason(buf.d, buf.act.name)}")
         engine: Any = _KernelEngine(buf, gradient, lib, threads)
     elif name == "graphs":
         engine = _BlockEngine(buf, gradient, max_block)
