@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ntk_rnn import ConfigError, InitLaw, MeanFieldRNN
-from ntk_rnn.limit.kernel import LimitAccuracyWarning, LimitKernel, limit_ntk, unit_features_from
+from ntk_rnn.limit.kernel import LimitAccuracyWarning, LimitKernel, limit_ntk
 
 F64 = torch.float64
 
@@ -68,13 +68,18 @@ def ref16(x16):
 
 
 # --- building blocks -----------------------------------------------------------------------------
-@pytest.mark.parametrize("truncated", [False, True])
-def test_unit_features_from_matches_model(truncated):
-    net = MeanFieldRNN(2, 64, dtype=F64, seed=3)
-    x = ar1_windows(5, 9, d=2)
-    ours = unit_features_from(net.w.detach(), net.b.detach(), net.act, x, truncated)
-    for a, b in zip(ours, net.unit_features(x, truncated), strict=True):
-        assert torch.allclose(a, b, rtol=0, atol=1e-13)
+def test_unit_features_are_the_gradients_of_the_output():
+    """The features the sampler integrates (``spq_features``, via ``unit_features``) against
+    autograd of the forward: ∂Ŷ_L/∂(c, w, b) = N^{-β} (S, c P, c Q) per window (the truncated
+    features: ``test_ntk_empirical.test_truncated_training_kernel``)."""
+    net = MeanFieldRNN(2, 16, dtype=F64, seed=3)
+    x = ar1_windows(3, 9, d=2)
+    S, P, Q = net.unit_features(x)
+    c, s = net.c.detach(), net.output_scale
+    for i in range(x.shape[0]):
+        gc, gw, gb = torch.autograd.grad(net(x[i])[-1], [net.c, net.w, net.b])
+        for a, ref in ((gc, s * S[i]), (gw, s * c[:, None] * P[i]), (gb, s * c * Q[i])):
+            assert torch.allclose(a, ref, rtol=0, atol=1e-14)
 
 
 def test_result_type_symmetric_psd(x16, ref16):

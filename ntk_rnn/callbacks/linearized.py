@@ -100,7 +100,7 @@ from ..errors import ConfigError
 from ..models.family import family_of
 from ..models.init import generator_from_seed
 from ..models.mean_field import MeanFieldRNN
-from ..models.recurrence import ONLINE_GRADIENTS
+from ..models.recurrence import ONLINE_GRADIENTS, spq_step
 from .base import Callback, TrainState, check_probes
 
 MAX_BLOCK = 64  # elements solved at once (auto block size)
@@ -271,29 +271,14 @@ class LinearizedCallback(Callback):
         act, scale = m0.act, m0.output_scale
         B, N, d = X.shape[0], m0.width, m0.input_dim
         f = self.feat
-        u = X @ w0.T  # (B, N)
-        Sb, Pb, Qb, dsb = (u.new_empty(B, N), u.new_empty(B, N, d), u.new_empty(B, N),
-                           u.new_empty(B, N))
+        Sb, Pb, Qb, dsb = (X.new_empty(B, N), X.new_empty(B, N, d), X.new_empty(B, N),
+                           X.new_empty(B, N))
         Sprev = torch.cat([f["S"].unsqueeze(0), Sb[:-1]])  # S_k; rows 1.. filled after the loop
         S, P, Q = f["S"], f["P"], f["Q"]
-        bcol = b0.unsqueeze(1)
-        tanh, one = act.name == "tanh", u.new_ones(N)
-        for j in range(B):  # the rows of Sb, Pb, Qb are the states: no copies
-            z = torch.addcmul(u[j], b0, S)
-            if tanh:
-                s = torch.tanh(z, out=Sb[j])
-                ds = torch.addcmul(one, s, s, value=-1.0, out=dsb[j])
-            else:
-                s, ds = act.value_and_deriv(z)
-                Sb[j], dsb[j] = s, ds
-            # P ← σ'(z)(X_k + b P), Q ← σ'(z)(S_k + b Q)
-            torch.addcmul(X[j], bcol, P, out=Pb[j]).mul_(ds.unsqueeze(1))
-            torch.addcmul(S, b0, Q, out=Qb[j]).mul_(ds)
-            S, P, Q = Sb[j], Pb[j], Qb[j]
+        for j in range(B):  # the θ_0 network's S, P, Q (theory §3), advanced in place
+            dsb[j] = spq_step(act, w0, b0, X[j], S, P, Q)
+            Sb[j], Pb[j], Qb[j] = S, P, Q
         Sprev[1:] = Sb[:-1]
-        f["S"].copy_(S)
-        f["P"].copy_(P)
-        f["Q"].copy_(Q)
         cs = c0 * scale
         y0 = Sb @ cs
         G = torch.cat([Sb * scale, (Pb * cs.view(1, N, 1)).reshape(B, N * d), Qb * cs], dim=1)

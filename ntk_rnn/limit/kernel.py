@@ -5,7 +5,7 @@
 
 S, P, Q are the per-unit features of theory §3/§4 at the last step of each window, read from
 zero memory with θ frozen. For points (w_j, b_j), j = 1..M, they are exactly what the network
-recursion computes with width M (:func:`unit_features_from`), so with positive weights ω_j
+recursion computes with width M (``models.recurrence.spq_features``), so with positive weights ω_j
 
     K ≈ Σ_j ω_j φ_j(x̄)·φ_j(x̄'),   φ_j = (S_j, √E[c²] P_j, √E[c²] Q_j),
 
@@ -49,7 +49,7 @@ from ..errors import ConfigError
 from ..models.activations import Activation
 from ..models.family import family_of
 from ..models.init import InitLaw
-from ..models.recurrence import spq_step
+from ..models.recurrence import spq_features
 
 METHODS = ("auto", "rqmc", "quadrature", "mc")
 _F64 = torch.float64
@@ -93,28 +93,9 @@ class LimitKernel:
 
 
 # --- features ---------------------------------------------------------------------------------
-def unit_features_from(
-    w: Tensor, b: Tensor, act: Activation, x: Tensor, truncated: bool = False
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(S, P, Q) at the last step of each window for units with parameters w (M, d), b (M,).
-
-    z_k = w·X_k + b S_k,  S_{k+1} = σ(z_k),  P_{k+1} = σ'(z_k)(X_k + b P_k),
-    Q_{k+1} = σ'(z_k)(S_k + b Q_k), S_0 = P_0 = Q_0 = 0 (``truncated`` drops b P_k and b Q_k).
-    x is (B, L, d); returns (B, M), (B, M, d), (B, M) — the same as ``MeanFieldRNN.unit_features``
-    of a network with these w and b, computed step by step so no (B, L, M) array is formed.
-    """
-    B, L, d = x.shape
-    S = x.new_zeros(B, w.shape[0])
-    P = x.new_zeros(B, w.shape[0], d)
-    Q = torch.zeros_like(S)
-    for k in range(L):  # the shared recursion, in place
-        spq_step(act, w, b, x[:, k], S, P, Q, truncated)
-    return S, P, Q
-
-
 def _phi(w: Tensor, b: Tensor, cfac, act: Activation, x: Tensor, truncated: bool) -> Tensor:
     """φ = (S, c P, c Q) as (B, M, d+2); cfac is √E[c²] (float) or the drawn c (M,)."""
-    S, P, Q = unit_features_from(w, b, act, x, truncated)
+    S, P, Q = spq_features(act, w, b, x, truncated)
     if isinstance(cfac, Tensor):
         cfac = cfac.unsqueeze(-1)
     return torch.cat([S.unsqueeze(-1), cfac * torch.cat([P, Q.unsqueeze(-1)], -1)], -1)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from .activations import Activation, get_activation
 from .init import InitLaw
-from .recurrence import RECURRENCES, recurrence_of
+from .recurrence import RECURRENCES, recurrence_of, spq_features
 from .scaling import MeanFieldScaling
 
 Recurrence = Literal["diagonal", "feedback"]
@@ -209,7 +209,8 @@ class MeanFieldRNN(MeanFieldScaling, nn.Module):
         """(S, P, Q) of every unit at the last step of each window, θ frozen (theory §3, §4).
 
         P_{k+1} = σ'(z_k)(X_k + b P_k),  Q_{k+1} = σ'(z_k)(S_k + b Q_k), P_0 = Q_0 = 0;
-        ``truncated=True`` drops the b P and b Q terms. Shapes (B, N), (B, N, d), (B, N).
+        ``truncated=True`` drops the b P and b Q terms (`spq_features`, the recursion
+        ``spq_step``). Shapes (B, N), (B, N, d), (B, N).
         Model D only (Model F's per-window gradients are not per-unit: see
         ``ntk_rnn.online.feedback``).
         """
@@ -219,20 +220,4 @@ class MeanFieldRNN(MeanFieldScaling, nn.Module):
         if x.dim() == 2:
             x = x.unsqueeze(0)
         with torch.no_grad():
-            w, b = self.w.detach(), self.b.detach()
-            u = x @ w.T  # (B, L, N)
-            B, L, N = u.shape
-            S = u.new_zeros(B, N)
-            P = u.new_zeros(B, N, self.input_dim)
-            Q = u.new_zeros(B, N)
-            for k in range(L):
-                S_new, ds = self.act.value_and_deriv(u[:, k] + b * S)
-                xk = x[:, k].unsqueeze(1)  # (B, 1, d)
-                if truncated:
-                    P = ds.unsqueeze(-1) * xk
-                    Q = ds * S
-                else:
-                    P = ds.unsqueeze(-1) * (xk + b.unsqueeze(-1) * P)
-                    Q = ds * (S + b * Q)
-                S = S_new
-        return S, P, Q
+            return spq_features(self.act, self.w.detach(), self.b.detach(), x, truncated)

@@ -99,9 +99,13 @@ def spq_step(act: Activation, w: Tensor, b: Tensor, x: Tensor, S: Tensor, P: Ten
         z = w·x + b S,  S ← σ(z),  P ← σ'(z)(x + b P),  Q ← σ'(z)(S + b Q)   (old S on the right)
 
     ``truncated`` drops the b P and b Q terms. Units w (M, d), b (M,); batched over leading
-    dims: x (..., d), S and Q (..., M), P (..., M, d). Returns σ'(z) (..., M). Used by the
-    reference step (``online.rtrl.rtrl_step``), the K_∞ sampler (``limit.kernel``) and the
-    compiled features' self-check (``ntk._features_c``)."""
+    dims: x (..., d), S and Q (..., M), P (..., M, d). Returns σ'(z) (..., M).
+
+    The reference: the reference step (``online.rtrl.rtrl_step``), `spq_features` (the unit
+    features, the K_∞ sampler, the linearised callback) and the compiled kernels' self-checks
+    use it. The fast path is ``online.fast._EagerEngine._diag_step`` (fused with the SGD
+    update, in place over an ensemble axis; its C twin ``dfwd`` in ``csrc/fast.c``), checked
+    against this by ``tests/test_fast.py``."""
     S_new, ds = act.value_and_deriv(torch.addcmul(x @ w.T, b, S))
     if truncated:
         torch.mul(ds.unsqueeze(-1), x.unsqueeze(-2), out=P)
@@ -111,6 +115,21 @@ def spq_step(act: Activation, w: Tensor, b: Tensor, x: Tensor, S: Tensor, P: Ten
         Q.mul_(b).add_(S).mul_(ds)
     S.copy_(S_new)
     return ds
+
+
+def spq_features(act: Activation, w: Tensor, b: Tensor, x: Tensor, truncated: bool = False
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """(S, P, Q) at the last step of each window x (B, L, d) from S_0 = P_0 = Q_0 = 0, for units
+    w (M, d), b (M,): `spq_step` over the window, θ frozen (theory §3, §4). Shapes (B, M),
+    (B, M, d), (B, M); no (B, L, M) array is formed. ``MeanFieldRNN.unit_features``, the K_∞
+    sampler (``limit.kernel``) and the linearised callback use it."""
+    B, L, d = x.shape
+    S = x.new_zeros(B, w.shape[0])
+    P = x.new_zeros(B, w.shape[0], d)
+    Q = torch.zeros_like(S)
+    for k in range(L):
+        spq_step(act, w, b, x[:, k], S, P, Q, truncated)
+    return S, P, Q
 
 
 # --- the recurrences ----------------------------------------------------------------------------

@@ -22,8 +22,8 @@ so K = (1/N) Φ Φ'ᵀ with Φ of shape (n, N(d+2)). The features come from one 
 
 Work is split into blocks of units (the kernel is a sum over units, so nothing is recomputed)
 and of windows, each buffer ≤ ``BLOCK_ELEMENTS`` entries, which keeps memory bounded and the
-per-step slices in cache. tanh is evaluated as 2·sigmoid(2z) − 1, equal to round-off and several
-times faster than ``torch.tanh`` on CPU.
+per-step slices in cache. tanh is evaluated as 2·sigmoid(2z) − 1 (``Activation.sigmoid_form``),
+equal to round-off and several times faster than ``torch.tanh`` on CPU.
 
 On the CPU (float32/float64, tanh/sigmoid/erf) the features of a block come from a compiled C
 kernel (:mod:`._features_c`, ``csrc/features.c``: the same recursion fused per unit, the state of
@@ -47,7 +47,6 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from ..models.activations import TWO_OVER_SQRT_PI
 from ..models.family import family_of
 from ..models.mean_field import MeanFieldRNN
 from . import _features_c, recurrent
@@ -124,39 +123,40 @@ class _Workspace:
 def _forward(model: MeanFieldRNN, x: Tensor, units: slice, Z: Tensor, H: Tensor) -> float:
     """Z ← σ'(z_k)/r and H ← S_0..S_L (memories) for windows x (n, L, d), all ``units``; returns r.
 
-    z_k = b S_k + w·X_k, S_{k+1} = σ(z_k), S_0 = 0: per step one elementwise op, one small GEMM
-    (added in place) and σ. tanh runs in s = sigmoid(2z) (S = 2s − 1, σ' = 4 s(1 − s), r = 4):
-    2z_k = (−2b + 4b s_k) + 2w·X_k, s_0 = 1/2.
+    z_k = b S_k + w·X_k, S_{k+1} = σ(z_k), S_0 = 0 (the forward of ``models.recurrence.
+    spq_step``; the P, Q recursion is unrolled by the caller): per step one elementwise op, one
+    small GEMM (added in place) and σ. A σ of sigmoid form, σ(z) = a·sigmoid(k z) + c
+    (``Activation.sigmoid_form``; tanh = 2·sigmoid(2z) − 1, several times faster than
+    ``torch.tanh`` on CPU), runs in s = sigmoid(k z): k z_k = k c b + k a b s_k + k w·X_k,
+    s_0 = −c/a, S = a s + c, σ' = a k s(1 − s), r = a k.
     """
     L = x.shape[1]
     act = model.act
     w, b = model.w.detach()[units], model.b.detach()[units]
-    tanh = act.name == "tanh"
-    wT, rec = (2.0 * w.T, 4.0 * b) if tanh else (w.T, b)
-    shift = -2.0 * b
-    fn = {"tanh": torch.sigmoid, "sigmoid": torch.sigmoid, "erf": torch.erf}.get(act.name)
-    H[:, 0].fill_(0.5 if tanh else 0.0)
-    for k in range(L):  # Z[:, k] ← (scaled) pre-activation z_k, H[:, k+1] ← σ
-        if tanh:
+    form = act.sigmoid_form
+    if form is None:
+        H[:, 0].zero_()
+        for k in range(L):  # Z[:, k] ← z_k, H[:, k+1] ← σ(z_k)
+            torch.mul(H[:, k], b, out=Z[:, k]).addmm_(x[:, k], w.T)
+            H[:, k + 1] = act.fn(Z[:, k])
+        Z.copy_(act.deriv(Z))
+        return 1.0
+    ks, a, c = form
+    wT, rec = (w.T, b) if (ks, a) == (1.0, 1.0) else (ks * w.T, (ks * a) * b)
+    shift = (ks * c) * b if c else None
+    H[:, 0].fill_(-c / a if c else 0.0)
+    for k in range(L):  # Z[:, k] ← k z_k, H[:, k+1] ← s_{k+1} = sigmoid(k z_k)
+        if shift is not None:
             z = torch.addcmul(shift, H[:, k], rec, out=Z[:, k])
         else:
             z = torch.mul(H[:, k], rec, out=Z[:, k])
         z.addmm_(x[:, k], wT)
-        if fn is None:
-            H[:, k + 1] = act.fn(z)
-        else:
-            fn(z, out=H[:, k + 1])
+        torch.sigmoid(z, out=H[:, k + 1])
     Hn = H[:, 1:]
-    if tanh:  # Z ← s (1 − s) = σ'/4: the caller folds the 4 into the a recursion
-        torch.addcmul(Hn, Hn, Hn, value=-1.0, out=Z)
-        torch.add(H.new_full((), -1.0), H, alpha=2.0, out=H)  # S = 2 s − 1
-    elif act.name == "sigmoid":
-        torch.addcmul(Hn, Hn, Hn, value=-1.0, out=Z)  # σ' = S − S²
-    elif act.name == "erf":
-        Z.square_().neg_().exp_().mul_(TWO_OVER_SQRT_PI)
-    else:
-        Z.copy_(act.deriv(Z))
-    return 4.0 if tanh else 1.0
+    torch.addcmul(Hn, Hn, Hn, value=-1.0, out=Z)  # s (1 − s) = σ'/r: the caller folds r in
+    if (a, c) != (1.0, 0.0):
+        torch.add(H.new_full((), c), H, alpha=a, out=H)  # S = a s + c
+    return ks * a
 
 
 def _window_chunk(

@@ -42,7 +42,6 @@ from torch import Tensor
 
 from ..csrc import loader
 from ..errors import ConfigError
-from ..models.activations import TWO_OVER_SQRT_PI
 from ..models.family import family_of
 from ..models.mean_field import MeanFieldRNN
 from ..models.recurrence import (
@@ -284,8 +283,7 @@ class _EagerEngine:
         new = lambda *s: torch.empty(*s, dtype=buf.dtype, device=buf.device)
         self.z, self.ds, self.gc = new(E, N), new(E, N), new(E, N)
         self.yh, self.err = new(E, 1, 1), new(E)
-        self.ones = torch.ones(E, N, dtype=buf.dtype, device=buf.device)
-        # one lr and one scale for all members (the usual case): Python scalars save an op
+                # one lr and one scale for all members (the usual case): Python scalars save an op
         uniform = bool((buf.lr_host == buf.lr_host[0]).all() and
                        (buf.scale_host == buf.scale_host[0]).all())
         self.uniform = uniform
@@ -301,33 +299,12 @@ class _EagerEngine:
                                 Y2.unbind(1), out2.unbind(1), strict=True):
             step(xc, xr, y, o)
 
-    def _act(self) -> Any:
-        name = self.buf.act.name
-        ones = self.ones
-        if name == "tanh":
-            def act(z: Tensor, s: Tensor, ds: Tensor) -> None:
-                torch.tanh(z, out=s)
-                torch.addcmul(ones, s, s, value=-1.0, out=ds)
-        elif name == "sigmoid":
-            def act(z: Tensor, s: Tensor, ds: Tensor) -> None:
-                torch.sigmoid(z, out=s)
-                torch.addcmul(s, s, s, value=-1.0, out=ds)
-        elif name == "erf":
-            def act(z: Tensor, s: Tensor, ds: Tensor) -> None:
-                torch.erf(z, out=s)
-                torch.mul(z, z, out=ds).neg_().exp_().mul_(TWO_OVER_SQRT_PI)
-        else:  # any other Activation: its own functions (allocating)
-            fn = self.buf.act.value_and_deriv
-
-            def act(z: Tensor, s: Tensor, ds: Tensor) -> None:
-                v, dv = fn(z)
-                s.copy_(v)
-                ds.copy_(dv)
-        return act
-
     def _diag_step(self) -> Any:
-        """x_col (E,d,1), x_row (E,1,d), y (E,), o (E,) -> one step of theory §3."""
-        buf, act, rtrl = self.buf, self._act(), self.rtrl
+        """x_col (E,d,1), x_row (E,1,d), y (E,), o (E,) -> one step of theory §3: Model D's
+        fast path, the recursion of the reference ``models.recurrence.spq_step`` (z = w·x + b S,
+        S ← σ(z), P ← σ'(z)(x + b P), Q ← σ'(z)(S + b Q)) fused with the SGD update, in place
+        over the ensemble axis."""
+        buf, act, rtrl = self.buf, self.buf.act.into(self.z), self.rtrl
         c, w, b, S, P, Q = (buf.t[k] for k in ("c", "w", "b", "S", "P", "Q"))
         z, ds, gc, err, yh = self.z, self.ds, self.gc, self.err, self.yh
         z3, b3, ds3, gc3, err2 = (z.unsqueeze(-1), b.unsqueeze(-1), ds.unsqueeze(-1),
@@ -368,7 +345,7 @@ class _EagerEngine:
 
     def _feedback_step(self) -> Any:
         """x_col (E,d,1), x_row (E,1,d), y (E,), o (E,) -> one step of theory §6."""
-        buf, act, rtrl = self.buf, self._act(), self.rtrl
+        buf, act, rtrl = self.buf, self.buf.act.into(self.z), self.rtrl
         c, w, b, m, dc, dw, db = (buf.t[k] for k in ("c", "w", "b", "m", "dc", "dw", "db"))
         new = lambda *s: torch.empty(*s, dtype=buf.dtype, device=buf.device)
         H, cd, g = new(buf.E, buf.N), new(buf.E, buf.N), new(buf.E, 1, 1)
