@@ -66,7 +66,8 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..models.activations import Activation
 from ..models.family import family_of
-from ..models.init import InitLaw
+from ..models.init import InitLaw, generator_from_seed
+from ..models.recurrence import ONLINE_GRADIENTS
 from ..ntk.cell import cell_gram, check_cell_inputs
 from .kernel import LimitAccuracyWarning, LimitKernel, inverse_cdf, law_axes
 
@@ -206,7 +207,7 @@ def limit_cell_ntk(
             prev, n = value, 2 * n
     # rqmc / mc: R independent replicates of n_points (w, b) points
     if generator is None:
-        generator = torch.Generator().manual_seed(int(seed))
+        generator = generator_from_seed(seed)
     reps = torch.stack([
         cell_gram(*cell_points(law, d, n_points, generator, method == "rqmc", a.device), act,
                   a, None if sym else a2) / n_points
@@ -251,7 +252,7 @@ class FeedbackLimit:
     def from_model(cls, model, n_features: int = 2**11, seed: int = 0) -> "FeedbackLimit":
         """J = ``n_features`` RQMC points of ``model.init_law`` (Monte Carlo for a custom law)."""
         _check_feedback(model)
-        g = torch.Generator().manual_seed(int(seed))
+        g = generator_from_seed(seed)
         wb, cfac = cell_points(model.init_law, model.input_dim, int(n_features), g,
                                device=model.w.device)
         return cls(wb, cfac, model.act)
@@ -358,8 +359,8 @@ def solve_feedback_limit(
                           f"{model.input_dim}) and their last-step targets (M,)")
     if not (float(alpha) > 0 and float(horizon) >= 0 and float(dt) > 0):
         raise ConfigError(f"alpha={alpha}, dt={dt} must be > 0 and horizon={horizon} >= 0")
-    if gradient not in ("rtrl", "truncated"):
-        raise ConfigError(f"gradient={gradient!r}: choose 'rtrl' or 'truncated'")
+    if gradient not in ONLINE_GRADIENTS:
+        raise ConfigError(f"gradient={gradient!r}: choose one of {list(ONLINE_GRADIENTS)}")
     lim = FeedbackLimit.from_model(model, n_features, seed) if limit is None else limit
     Y = Y.to(_F64)
     steps = max(0, round(float(horizon) / float(dt)))

@@ -48,7 +48,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..models.activations import Activation
 from ..models.family import family_of
-from ..models.init import InitLaw
+from ..models.init import InitLaw, generator_from_seed
 from ..models.recurrence import spq_features
 
 METHODS = ("auto", "rqmc", "quadrature", "mc")
@@ -248,7 +248,7 @@ def limit_ntk(
         per_point = 8 * (n + (m if (xb is not None or truncated) else 0)) * (2 * d + 8)
         chunk_size = int(min(2**16, max(256, _MEM_BUDGET // per_point)))
     if generator is None:
-        generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
+        generator = generator_from_seed(0 if seed is None else seed)
     dev = xa.device
     c2 = law.c_second_moment()
     gram = lambda w, b, cfac, weight, out=None: _gram_sums(  # noqa: E731

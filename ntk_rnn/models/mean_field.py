@@ -16,18 +16,16 @@ sup|∂_s h_t| < 1 of the learnt function (theory §6).
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .activations import Activation, get_activation
-from .init import InitLaw
-from .recurrence import RECURRENCES, recurrence_of, spq_features
+from .init import InitLaw, generator_from_seed
+from .recurrence import RecurrenceName, recurrence_of, spq_features
 from .scaling import MeanFieldScaling
-
-Recurrence = Literal["diagonal", "feedback"]
 
 
 def check_hyper(input_dim: int, width: int, beta: float) -> None:
@@ -78,7 +76,7 @@ class MeanFieldRNN(MeanFieldScaling, nn.Module):
         width: int,
         beta: float = 0.75,
         activation: str | Activation = "tanh",
-        recurrence: Recurrence = "diagonal",
+        recurrence: RecurrenceName = "diagonal",
         init: Optional[InitLaw | dict] = None,
         *,
         generator: Optional[torch.Generator] = None,
@@ -88,10 +86,6 @@ class MeanFieldRNN(MeanFieldScaling, nn.Module):
     ) -> None:
         super().__init__()
         check_hyper(input_dim, width, beta)
-        if recurrence not in RECURRENCES:
-            raise ConfigError(
-                f"model.recurrence={recurrence!r} is not known; choose one of {list(RECURRENCES)}"
-            )
         rec = recurrence_of(recurrence)
         if init is None:  # each model's usual μ0 (as conf/model/{diagonal,feedback}.yaml)
             init = InitLaw(**rec.default_b)
@@ -117,8 +111,7 @@ class MeanFieldRNN(MeanFieldScaling, nn.Module):
                     f"{bound:.4g}); choose rho < {1.0 / self.act.sup_deriv:.4g}"
                 )
         if generator is None:
-            generator = torch.Generator()
-            generator.manual_seed(0 if seed is None else int(seed))
+            generator = generator_from_seed(0 if seed is None else seed)
         self.c, self.w, self.b = (nn.Parameter(t) for t in self._draw(generator, dtype, device))
 
     def _draw(self, generator: torch.Generator, dtype: torch.dtype,

@@ -1,7 +1,8 @@
 """One object per recurrence of `MeanFieldRNN`: the seam between
 Model D (``recurrence="diagonal"``) and Model F (``recurrence="feedback"``).
 
-Code that treats the two models differently asks ``recurrence_of(model)`` instead of comparing
+Code that treats the two models differently asks ``family_of(model).recurrence`` (the model-family
+seam, ``models.family``; ``recurrence_of(name)`` for a config's name) instead of comparing
 strings; the object knows
 
 - ``state_class``: the online (RTRL) state it carries along the stream, `OnlineState`
@@ -48,7 +49,7 @@ class OnlineState:
     @classmethod
     def zeros(cls, model: Any) -> "OnlineState | FeedbackState":
         """The zero state of ``model``'s recurrence (a `FeedbackState` for Model F)."""
-        rec = recurrence_of(model)
+        rec = recurrence_of(model.recurrence)
         if rec.state_class is not cls:
             return rec.zeros(model)
         c = model.c.detach()
@@ -179,15 +180,18 @@ class Feedback(Recurrence):
     unit_features = False
 
 
+#: the ``model.recurrence`` names, and their objects
+RecurrenceName = Literal["diagonal", "feedback"]
 DIAGONAL, FEEDBACK = Diagonal(), Feedback()
 RECURRENCES: dict[str, Recurrence] = {r.name: r for r in (DIAGONAL, FEEDBACK)}
+assert tuple(RECURRENCES) == get_args(RecurrenceName)
 
 
-def recurrence_of(model: Any) -> Recurrence:
-    """The recurrence object of a MeanFieldRNN (or of its ``recurrence`` name)."""
-    name = model if isinstance(model, str) else getattr(model, "recurrence", None)
+def recurrence_of(name: str) -> Recurrence:
+    """The recurrence object of a ``model.recurrence`` name (of a model:
+    ``family_of(model).recurrence``, the model-family seam)."""
     try:
         return RECURRENCES[name]
-    except KeyError:
-        raise ConfigError(f"recurrence {name!r} is not known; choose one of "
+    except (KeyError, TypeError):
+        raise ConfigError(f"model.recurrence={name!r} is not known; choose one of "
                           f"{list(RECURRENCES)}") from None

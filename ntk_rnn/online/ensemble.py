@@ -26,7 +26,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..models.family import family_of
 from ..models.mean_field import MeanFieldRNN
-from ..models.recurrence import ONLINE_GRADIENTS, FeedbackState, OnlineState, recurrence_of
+from ..models.recurrence import ONLINE_GRADIENTS, FeedbackState, OnlineState
 from .fast import Buffers, check_engine_chunk, make_engine
 
 
@@ -82,7 +82,7 @@ class EnsembleStepper:
             self.lr = _per_member(lr, E, "lr")
         self.models, self.gradient, self.bind = models, gradient, bool(bind)
         self.shared_stream = shared_stream
-        self.rec = recurrence_of(m0)
+        self.rec = family_of(m0).recurrence
         self.recurrence = self.rec.name
         given_states = states is not None
         if states is None:

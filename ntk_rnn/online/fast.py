@@ -52,7 +52,6 @@ from ..models.recurrence import (
     FeedbackState,
     OnlineState,
     Recurrence,
-    recurrence_of,
 )
 
 BACKENDS = ("auto", "kernel", "eager", "graphs")
@@ -492,7 +491,7 @@ def _model_buffers(model: MeanFieldRNN, state: Any, lr: float) -> Buffers:
     """E = 1 views of the model's own parameters and state (writes go straight to them)."""
     t = {k: getattr(model, k).detach().unsqueeze(0) for k in ("c", "w", "b")}
     t.update({k: v.unsqueeze(0) for k, v in state.state_dict().items()})
-    return Buffers(recurrence_of(model), model.act, t, [lr], [model.output_scale])
+    return Buffers(family_of(model).recurrence, model.act, t, [lr], [model.output_scale])
 
 
 class FastStepper:
@@ -510,10 +509,10 @@ class FastStepper:
     def __init__(self, model: MeanFieldRNN, lr: float, gradient: str = "rtrl",
                  state: OnlineState | FeedbackState | None = None, *, backend: str = "auto",
                  max_block: int = 64, _unchecked: bool = False) -> None:
-        if family_of(model).recurrence is None:
+        rec = family_of(model).recurrence
+        if rec is None:
             raise ConfigError(f"FastStepper needs a MeanFieldRNN, not {type(model).__name__}")
         self.model, self.lr, self.gradient = model, float(lr), gradient
-        rec = recurrence_of(model)
         self.state = rec.zeros(model) if state is None else state
         rec.check_state(self.state)
         self._opts = dict(backend=backend, max_block=max_block, _unchecked=_unchecked)
