@@ -52,6 +52,18 @@ def tiny_cfg():
     return lambda *overrides: make_cfg(*TINY, *overrides)
 
 
+def assert_forward_is_loop(model, x, loop) -> None:
+    """``model(x)`` (B, L) equals ``loop(model, window)`` (an independent per-unit loop) on
+    every window of x, and ``model(x[0])`` (one (L, d) window) its first row."""
+    import torch
+
+    y = model(x)
+    assert y.shape == x.shape[:2]
+    for n in range(x.shape[0]):
+        torch.testing.assert_close(y[n], loop(model, x[n]), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(model(x[0]), y[0])
+
+
 @pytest.fixture
 def tiny_model():
     """A tiny Model D network (d = 1, N = 8) for Python-API runs."""

@@ -17,7 +17,7 @@ from ntk_rnn.ntk import cell_ntk
 from ntk_rnn.online.feedback import FeedbackState, feedback_step
 from ntk_rnn.run import Trainer
 
-from .conftest import CALLBACKS_OFF, make_cfg
+from .conftest import CALLBACKS_OFF, assert_forward_is_loop, make_cfg
 
 f64 = torch.float64
 GAUSS = InitLaw(b="normal", rho=1.0)
@@ -64,12 +64,7 @@ def autograd_last(model, x, detach_memory=False):
 @pytest.mark.parametrize("act", ["tanh", "sigmoid", "erf"])
 def test_forward_equals_per_unit_loop(act):
     m = fmodel(act=act, init=InitLaw(b="normal", rho=2.0))
-    x = torch.randn(2, 7, 2, dtype=f64)
-    y = m(x)
-    assert y.shape == (2, 7)
-    for n in range(2):
-        torch.testing.assert_close(y[n], per_unit_loop(m, x[n]), rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(m(x[0]), y[0])
+    assert_forward_is_loop(m, torch.randn(2, 7, 2, dtype=f64), per_unit_loop)
     a = torch.randn(5, 3, dtype=f64)  # the cell f_θ(x, s)
     ref = torch.stack([m.output_scale * torch.dot(
         m.c.detach(), m.act(m.w.detach() @ r[:2] + m.b.detach() * r[2])) for r in a])

@@ -7,6 +7,8 @@ import torch
 
 from ntk_rnn import ConfigError, InitLaw, MeanFieldRNN, OnlineState, rtrl_step
 
+from .conftest import assert_forward_is_loop
+
 f64 = torch.float64
 
 
@@ -26,12 +28,7 @@ def per_unit_loop(model, x):
 @pytest.mark.parametrize("activation", ["tanh", "sigmoid", "erf"])
 def test_forward_equals_per_unit_loop(activation):
     m = MeanFieldRNN(3, 17, beta=0.6, activation=activation, dtype=f64, seed=1)
-    x = torch.randn(2, 9, 3, dtype=f64)
-    y = m(x)
-    assert y.shape == (2, 9)
-    for n in range(2):
-        torch.testing.assert_close(y[n], per_unit_loop(m, x[n]), rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(m(x[0]), y[0])
+    assert_forward_is_loop(m, torch.randn(2, 9, 3, dtype=f64), per_unit_loop)
 
 
 def test_default_init_law_matches_theory():

@@ -140,28 +140,29 @@ def tally(test: str, outcome: str) -> None:
     OUTCOMES[test][outcome] += 1
 
 
-@SETTINGS
-@given(st.data())
-def test_config_values_train_or_fail_before_training(data):
-    keys = data.draw(st.lists(st.sampled_from(sorted(CONFIG_FIELDS)), min_size=1, max_size=4,
+def draw_and_check(data, fields: dict, max_size: int, overrides: list, name: str) -> None:
+    """Draw 1..max_size of ``fields`` with values, set them on the config of ``overrides``, and
+    tally how the run ends (it trains, or fails with a ConfigError before training)."""
+    keys = data.draw(st.lists(st.sampled_from(sorted(fields)), min_size=1, max_size=max_size,
                               unique=True))
-    values = {k: data.draw(CONFIG_FIELDS[k], label=k) for k in keys}
-    cfg = base(*TINY)
+    values = {k: data.draw(fields[k], label=k) for k in keys}
+    cfg = base(*overrides)
     if "train.horizon" in values and "train.steps" not in values:
         values["train.steps"] = None  # let the horizon decide
     set_values(cfg, values)
-    tally("config", check_outcome(cfg, list(values)))
+    tally(name, check_outcome(cfg, list(values)))
+
+
+@SETTINGS
+@given(st.data())
+def test_config_values_train_or_fail_before_training(data):
+    draw_and_check(data, CONFIG_FIELDS, 4, TINY, "config")
 
 
 @SETTINGS
 @given(st.data())
 def test_callback_settings_train_or_fail_before_training(data):
-    keys = data.draw(st.lists(st.sampled_from(sorted(CALLBACK_FIELDS)), min_size=1, max_size=3,
-                              unique=True))
-    values = {k: data.draw(CALLBACK_FIELDS[k], label=k) for k in keys}
-    cfg = base(*NTK)
-    set_values(cfg, values)
-    tally("callbacks", check_outcome(cfg, list(values)))
+    draw_and_check(data, CALLBACK_FIELDS, 3, NTK, "callbacks")
 
 
 CELL = st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(repr),

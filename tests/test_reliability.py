@@ -311,6 +311,16 @@ def wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, timeout: float = 
         time.sleep(0.005)
 
 
+def signal_mid_run(run_dir: Path, sig: int) -> tuple[int, str]:
+    """Start the CLI run, send ``sig`` once its first checkpoint is on disk; (returncode,
+    stderr) when it has exited."""
+    proc = start_cli(run_dir)
+    wait_for_checkpoint(proc, run_dir)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err
+
+
 @pytest.fixture(scope="module")
 def cli_reference(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli") / "reference"
@@ -322,11 +332,7 @@ def cli_reference(tmp_path_factory):
 @pytest.mark.e2e
 def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path, cli_reference):
     d = tmp_path / "killed"
-    proc = start_cli(d)
-    wait_for_checkpoint(proc, d)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    assert signal_mid_run(d, signal.SIGKILL)[0] == -signal.SIGKILL
     assert not (d / "metrics.json").exists() and not (d / "checkpoints" / "final.pt").exists()
     last = max(int(p.stem[5:]) for p in (d / "checkpoints").glob("step_*.pt"))
     assert 0 < last < 10000  # killed mid-way
@@ -341,11 +347,8 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path, cli_reference):
 @pytest.mark.e2e
 def test_sigterm_cli_leaves_checkpoint_and_clear_message(tmp_path, cli_reference):
     d = tmp_path / "terminated"
-    proc = start_cli(d)
-    wait_for_checkpoint(proc, d)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    code, err = signal_mid_run(d, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, err[-3000:]
     lines = [ln for ln in err.splitlines() if ln.startswith("ntk_rnn: interrupted")]
     assert len(lines) == 1 and "stopped by SIGTERM at step" in lines[0]
     assert "train.resume=true" in lines[0] and f"hydra.run.dir={d} " in lines[0]

@@ -52,7 +52,6 @@ from typing import Any, Callable
 ACT_CODES = {"tanh": 0, "sigmoid": 1, "erf": 2}
 #: where the ``.c`` / ``.h`` files live (shipped as package data)
 SOURCE_DIR = Path(__file__).resolve().parent
-HEADER = "ntk_rnn.h"
 
 _CFLAGS = ("-O3", "-fPIC", "-fno-math-errno", "-fopenmp-simd", "-std=gnu11")
 _FLAG_SETS = (  # (compile flags, link flags), tried in order
