@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from ..models.family import family_of
 from ..models.mean_field import MeanFieldRNN
 from ..models.recurrence import ONLINE_GRADIENTS, FeedbackState, OnlineState
-from .fast import Buffers, check_engine_chunk, make_engine
+from .fast import Buffers, EngineBackend, check_engine_chunk, make_engine
 
 
 def _per_member(value: Any, E: int, name: str) -> list[float]:
@@ -39,7 +39,7 @@ def _per_member(value: Any, E: int, name: str) -> list[float]:
     return vals
 
 
-class EnsembleStepper:
+class EnsembleStepper(EngineBackend):
     """Exact online SGD for E models at once (see the module docstring).
 
     ``lr`` (α_N, one value or one per member) or ``alpha`` (then lr_e = α_e N^{2β_e−2}).
@@ -99,6 +99,7 @@ class EnsembleStepper:
             t[k] = torch.stack([st.state_dict()[k].detach() for st in states]).contiguous()
         self.buf = Buffers(self.rec, m0.act, t, self.lr,
                             [m.output_scale for m in models])
+        self.E, self.width, self.input_dim = self.buf.E, self.buf.N, self.buf.d
         # each member's state holds views of the stacked state: with bind=True the passed-in
         # state objects themselves are rebound (so whoever holds them sees the live values)
         if self.bind and given_states:
@@ -116,28 +117,6 @@ class EnsembleStepper:
                                   max_block=max_block)
 
     # --- members ------------------------------------------------------------------------
-    @property
-    def E(self) -> int:
-        return self.buf.E
-
-    @property
-    def width(self) -> int:
-        return self.buf.N
-
-    @property
-    def input_dim(self) -> int:
-        return self.buf.d
-
-    @property
-    def backend(self) -> str:
-        """The backend in use: 'kernel', 'eager' or 'graphs'."""
-        return self.engine.name
-
-    @property
-    def backend_reason(self) -> str:
-        """Why `backend` runs (see ``FastStepper.backend_reason``)."""
-        return self.engine.reason
-
     @property
     def params(self) -> dict[str, Tensor]:
         """The stacked parameters c (E, N), w (E, N, d), b (E, N) (live, not copies)."""

@@ -486,6 +486,23 @@ def make_engine(buf: Buffers, gradient: str, backend: str = "auto", threads: int
     return engine
 
 
+class EngineBackend:
+    """What a stepper tells about the engine it runs (``self.engine``)."""
+
+    engine: Any
+
+    @property
+    def backend(self) -> str:
+        """The backend in use: 'kernel', 'eager' or 'graphs'."""
+        return self.engine.name
+
+    @property
+    def backend_reason(self) -> str:
+        """Why `backend` runs, e.g. 'auto: ok (<kernel path>)' or 'auto: the compiled
+        kernel is unavailable: no C compiler ...' (for logs and metrics.json)."""
+        return self.engine.reason
+
+
 # --- one model ------------------------------------------------------------------------------
 def _model_buffers(model: MeanFieldRNN, state: Any, lr: float) -> Buffers:
     """E = 1 views of the model's own parameters and state (writes go straight to them)."""
@@ -494,7 +511,7 @@ def _model_buffers(model: MeanFieldRNN, state: Any, lr: float) -> Buffers:
     return Buffers(family_of(model).recurrence, model.act, t, [lr], [model.output_scale])
 
 
-class FastStepper:
+class FastStepper(EngineBackend):
     """Exact online SGD on one model, a chunk per call; same semantics as ``rtrl_step``.
 
         stepper = FastStepper(model, lr=model.learning_rate(alpha), gradient="rtrl")
@@ -516,7 +533,7 @@ class FastStepper:
         self.state = rec.zeros(model) if state is None else state
         rec.check_state(self.state)
         self._opts = dict(backend=backend, max_block=max_block, _unchecked=_unchecked)
-        self._engine: Any = None
+        self.engine: Any = None
         self._engine_key: tuple | None = None
         self._engine_for(self._key())
 
@@ -530,20 +547,9 @@ class FastStepper:
         its buffers are views of the model's and the state's tensors."""
         if key != self._engine_key:
             buf = _model_buffers(self.model, self.state, self.lr)
-            self._engine = make_engine(buf, self.gradient, **self._opts)
+            self.engine = make_engine(buf, self.gradient, **self._opts)
             self._engine_key = key
-        return self._engine
-
-    @property
-    def backend(self) -> str:
-        """The backend in use: 'kernel', 'eager' or 'graphs'."""
-        return self._engine.name
-
-    @property
-    def backend_reason(self) -> str:
-        """Why `backend` runs, e.g. 'auto: ok (<kernel path>)' or 'auto: the compiled
-        kernel is unavailable: no C compiler ...' (for logs and metrics.json)."""
-        return self._engine.reason
+        return self.engine
 
     def run_chunk(self, X: Tensor, Y: Tensor, out: Tensor | None = None) -> Tensor:
         """Steps k = 0..T-1 on (X[k], Y[k]); returns Ŷ (T,) (written into ``out`` if given), each
