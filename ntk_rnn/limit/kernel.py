@@ -260,28 +260,46 @@ def limit_ntk(
                        xa.new_zeros(replicates, n, m), xb is None and not truncated)
 
 
+def _sobol_points(law, d, R, generator, c2, dev):
+    """rqmc: ``draw(n)`` → the next n points (w (R, n, d), b (R, n), √E[c²]) of R independently
+    scrambled Sobol' sequences (each extended, nothing redrawn), mapped to μ0 by the inverse
+    CDF."""
+    axes = law_axes(law, d)
+    root = int(torch.randint(0, 2**62, (1,), generator=generator))
+    engines = [qmc.Sobol(d + 1, scramble=True, seed=np.random.default_rng(s))
+               for s in np.random.SeedSequence(root).spawn(R)]
+
+    def draw(new):
+        u = np.stack([e.random(new) for e in engines])  # extends each sequence
+        u = torch.from_numpy(np.clip(u, 2.0**-60, 1.0 - 2.0**-53)).to(dev)
+        wb = torch.stack([inverse_cdf(k, s, u[..., i]) for i, (k, s) in enumerate(axes)], -1)
+        return wb[..., :d], wb[..., d], math.sqrt(c2)
+    return draw
+
+
+def _monte_carlo_points(law, d, R, generator, c2, dev):
+    """mc: ``draw(n)`` → n fresh draws of μ0 per replicate (a custom law's c as drawn, else
+    √E[c²])."""
+    def draw(new):
+        c, w, b = law.sample(R * new, d, generator, dtype=_F64, device=dev)
+        cfac = c.reshape(R, new) if law.is_custom else math.sqrt(c2)
+        return w.reshape(R, new, d), b.reshape(R, new), cfac
+    return draw
+
+
+#: the replicated methods' point sources: ``method → f(law, d, R, generator, c2, device)``
+POINTS = {"rqmc": _sobol_points, "mc": _monte_carlo_points}
+
+
 def _replicated(method, law, d, gram, c2, tol, max_points, R, generator, G, symmetric):
     """rqmc / mc: R independent replicate estimates G_r/count, points per replicate doubling
     (Sobol' sequences extended, Monte Carlo draws added) until t·std/√R ≤ tol everywhere."""
-    axes, dev = law_axes(law, d), G.device
-    if method == "rqmc":
-        root = int(torch.randint(0, 2**62, (1,), generator=generator))
-        engines = [qmc.Sobol(d + 1, scramble=True, seed=np.random.default_rng(s))
-                   for s in np.random.SeedSequence(root).spawn(R)]
+    draw = POINTS[method](law, d, R, generator, c2, G.device)
     count = 0
     first = 2 ** int(math.log2(max(64, min(1024, max_points // R))))  # a power of 2 for Sobol'
     while True:
         new = first if count == 0 else count
-        if method == "rqmc":
-            u = np.stack([e.random(new) for e in engines])  # extends each sequence
-            u = torch.from_numpy(np.clip(u, 2.0**-60, 1.0 - 2.0**-53)).to(dev)
-            wb = torch.stack([inverse_cdf(k, s, u[..., i]) for i, (k, s) in enumerate(axes)], -1)
-            w, b, cfac = wb[..., :d], wb[..., d], math.sqrt(c2)
-        else:
-            c, w, b = law.sample(R * new, d, generator, dtype=_F64, device=dev)
-            w, b = w.reshape(R, new, d), b.reshape(R, new)
-            cfac = c.reshape(R, new) if law.is_custom else math.sqrt(c2)  # custom: c as drawn
-        gram(w, b, cfac, None, out=G)
+        gram(*draw(new), None, out=G)
         count += new
         value, half = _replicate_result(G, count)
         if symmetric:
