@@ -23,9 +23,9 @@ def rel(a, b) -> float:
 
 
 def model(recurrence="diagonal", act="tanh", seed=1, beta=0.75, N=48, dtype=f64, device="cpu"):
-    init = {"b": "normal", "rho": 1.0} if recurrence == "feedback" else None
-    return MeanFieldRNN(D, N, beta=beta, activation=act, recurrence=recurrence, init=init,
-                        seed=seed, dtype=dtype, device=device)
+    """Model D or F with its usual μ0 (Model F: b ~ N(0, 1))."""
+    return MeanFieldRNN(D, N, beta=beta, activation=act, recurrence=recurrence, seed=seed,
+                        dtype=dtype, device=device)
 
 
 def data(T=1000, E=None, seed=0, dtype=f64, device="cpu"):

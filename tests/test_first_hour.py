@@ -127,7 +127,8 @@ def test_readme_custom_model_runs_under_vmap_without_the_fallback_warning():
     assert K.shape == (5, 5)
 
 
-def test_python_model_without_reset_parameters_warns_that_the_seed_does_not_fix_theta0():
+def test_python_model_without_reset_parameters_warns_that_the_seed_does_not_fix_theta0(
+        tiny_model):
     from .custom_models import TinyRNN
 
     with pytest.warns(UserWarning, match=r"no reset_parameters\(generator\).*seed=3"):
@@ -136,7 +137,7 @@ def test_python_model_without_reset_parameters_warns_that_the_seed_does_not_fix_
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a model with reset_parameters: no warning
-        Trainer(model=MeanFieldRNN(input_dim=1, width=8), data=VAR1(), progress=False, steps=4)
+        Trainer(model=tiny_model, data=VAR1(), progress=False, steps=4)
 
 
 def test_cli_run_announces_the_limit_and_wall_s_covers_it(tiny_cfg, capsys):

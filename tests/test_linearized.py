@@ -31,8 +31,8 @@ class Writer:
 
 
 def make_model(recurrence, N=6, d=2, seed=3):
-    init = {"b": "normal", "rho": 1.0} if recurrence == "feedback" else None
-    return MeanFieldRNN(d, N, beta=0.75, recurrence=recurrence, init=init, seed=seed, dtype=F64)
+    """Model D or F with its usual μ0 (Model F: b ~ N(0, 1))."""
+    return MeanFieldRNN(d, N, beta=0.75, recurrence=recurrence, seed=seed, dtype=F64)
 
 
 def make_stream(T, d=2, seed=0):

@@ -25,11 +25,11 @@ def test_cli_run_from_any_directory(tmp_path):
     assert metrics["status"] == "completed" and metrics["steps"] == 32
 
 
-def test_python_run(tmp_path):
-    from ntk_rnn import MeanFieldRNN, NTKCallback, Trainer
+def test_python_run(tmp_path, tiny_model):
+    from ntk_rnn import NTKCallback, Trainer
     from ntk_rnn.data import VAR1
 
     cb = NTKCallback(n_probes=4, probe_length=3, top_k=2, limit=False)
-    metrics = Trainer(model=MeanFieldRNN(input_dim=1, width=8), data=VAR1(), steps=32,
+    metrics = Trainer(model=tiny_model, data=VAR1(), steps=32,
                       callbacks=[cb], seed=0, run_dir=tmp_path, progress=False).fit()
     assert metrics["status"] == "completed" and (tmp_path / "metrics.json").is_file()
