@@ -44,14 +44,16 @@ conditional closed form on the half line where σ ≠ 0; otherwise the trapezoid
 whitened coordinates (z₁, z₂) on [-9, 9]², weights ∝ exp(-z²/2) (exponentially convergent for
 integrands analytic in a strip, as ``limit_ntk``'s normal axes). The resolution doubles until two
 resolutions differ by ≤ tol in every entry; the finer one is returned with that difference as
-its per-entry error (conservative), like Model D's quadrature limit.
+its per-entry error (conservative), like Model D's quadrature limit. tanh and sigmoid at zero
+means (``method="auto"``) interpolate instead a table computed once (:mod:`.gauss_table`), its
+nodes at spacings 2h and h being the two resolutions; pairs that miss tol continue with the
+trapezoidal rule at 32, 64, ….
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-
 from dataclasses import dataclass
 
 import torch

@@ -93,24 +93,39 @@ def build() -> Tensor:
 
 
 def _cache_path() -> str:
-    root = os.environ.get("NTK_RNN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                           "ntk_rnn")
+    root = os.environ.get("NTK_RNN_TABLE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "ntk_rnn", "tables")
     key = f"v{_VERSION}_{N_ALPHA}x{N_THETA}_a{A_MAX:g}_l{LAM:g}_k{KAPPA:g}_p{N_PHI}_s{S_STEP:g}"
-    return os.path.join(root, f"gauss_tanh_{key}.pt")
+    return os.path.join(os.path.expanduser(root), f"gauss_tanh_{key}.pt")
+
+
+def _spot_check(T: Tensor) -> bool:
+    """Whether a cached table has the right shape and, at a few nodes, the right values."""
+    shape = (N_ALPHA + 2 * _GHOST + 1,) * 2 + (N_THETA + 2 * _GHOST + 1, 2)
+    if not isinstance(T, Tensor) or tuple(T.shape) != shape or T.dtype != _F64:
+        return False
+    i = torch.tensor([1, N_ALPHA // 3, N_ALPHA + 3])
+    j = torch.tensor([0, N_THETA // 2 + 1, N_THETA + 4])
+    al = (i.to(_F64) - _GHOST) * _alpha_step()
+    a = LAM * torch.sinh(al)
+    V, Vd = polar_moments(a, a.flip(0), _theta_of((j.to(_F64) - _GHOST) / N_THETA))
+    sc = torch.sqrt(1.0 + a * a)
+    want = torch.stack([V, Vd * sc[:, None, None] * sc.flip(0)[None, :, None]], -1)
+    return bool(torch.allclose(T[i][:, i.flip(0)][:, :, j], want, rtol=0, atol=1e-12))
 
 
 @lru_cache(maxsize=1)
 def table() -> Tensor:
-    """The table, from the disk cache ($NTK_RNN_CACHE, default ~/.cache/ntk_rnn) when a valid
-    copy is there, else built (a few seconds) and cached (atomically; unwritable: memory only)."""
-    shape = (N_ALPHA + 2 * _GHOST + 1,) * 2 + (N_THETA + 2 * _GHOST + 1, 2)
+    """The table, from the disk cache ($NTK_RNN_TABLE_CACHE, default
+    $XDG_CACHE_HOME/ntk_rnn/tables) when a copy there passes :func:`_spot_check`, else built
+    (seconds) and cached (atomically; unwritable: memory only)."""
     path = _cache_path()
     try:
         T = torch.load(path, weights_only=True)
-        if isinstance(T, Tensor) and tuple(T.shape) == shape and T.dtype == _F64 \
-                and bool(torch.isfinite(T).all()):
+        if _spot_check(T):
             return T
-    except (OSError, RuntimeError, EOFError, ValueError):
+    except (OSError, RuntimeError, EOFError, ValueError, KeyError):
         pass
     T = build()
     try:
@@ -144,8 +159,8 @@ def _rows(stride: int) -> Tensor:
     (p, q, j) = T[p, q, j + stride·(0..3)], (Nα · Nα · (Nθ − 3 stride), 8); one gather per
     (a, b) node of a stencil."""
     T = table()
-    w = T.unfold(2, 3 * stride + 1, 1)[..., ::stride]  # (Nα, Nα, Nθ', 2, 4)
-    return w.transpose(-1, -2).reshape(-1, 8).contiguous()
+    n = T.shape[2] - 3 * stride
+    return torch.stack([T[:, :, k * stride:k * stride + n] for k in range(4)], 3).view(-1, 8)
 
 
 @dataclass(frozen=True)
