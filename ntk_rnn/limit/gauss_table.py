@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -163,37 +162,28 @@ def _rows(stride: int) -> Tensor:
     return torch.stack([T[:, :, k * stride:k * stride + n] for k in range(4)], 3).view(-1, 8)
 
 
-@dataclass(frozen=True)
-class Axis:
-    """One variance axis of the table for a set of windows: the stencil's first row offset
-    (premultiplied), its cubic weights (n, 4), a = √q, √(1+a²) and whether a ≤ A_MAX."""
-
-    base: Tensor
-    w: Tensor
-    a: Tensor
-    scale: Tensor
-    ok: Tensor
-
-
-def axis(q: Tensor, stride: int, first: bool) -> Axis:
-    """The stencil of a = √q on the α axis (``first``: the table's first axis, else second)."""
+def axis(q: Tensor, stride: int, first: bool) -> Tensor:
+    """The stencil of a = √q on the α axis (``first``: the table's first axis, else second),
+    packed as columns (n, 8): the stencil's first row offset (premultiplied, exact in float64),
+    its 4 cubic weights, a, √(1+a²) and 1.0 where a ≤ A_MAX (one gather per pair and step)."""
     a = q.clamp_min(0).sqrt()
-    ok = a <= A_MAX
     c = a.clamp(max=A_MAX)
     i, w = _stencil(torch.asinh(c / LAM) / _alpha_step(), N_ALPHA, stride)
     n1, n2 = N_ALPHA + 2 * _GHOST + 1, N_THETA + 2 * _GHOST + 1 - 3 * stride
-    return Axis(i * (n1 * n2 if first else n2), w, a, torch.sqrt(1.0 + c * c), ok)
+    base = (i * (n1 * n2 if first else n2)).to(_F64)
+    return torch.cat([base[:, None], w, a[:, None], torch.sqrt(1.0 + c * c)[:, None],
+                      (a <= A_MAX).to(_F64)[:, None]], 1)
 
 
-def tanh_pairs(A: Axis, B: Axis, ia: Tensor | None, ib: Tensor | None, q12: Tensor,
+def tanh_pairs(A: Tensor, B: Tensor, ia: Tensor | None, ib: Tensor | None, q12: Tensor,
                stride: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(V, V̇, in_range) of tanh for the pairs (A[ia], B[ib]) (None: all, elementwise) with
-    covariances q12, by the table at ``stride`` (1 or 2); V, V̇ are 0 where not in_range."""
-    def pick(X: Axis, i):
-        return X if i is None else Axis(X.base[i], X.w[i], X.a[i], X.scale[i], X.ok[i])
-    A, B = pick(A, ia), pick(B, ib)
-    ok = A.ok & B.ok
-    sab, ab = A.scale * B.scale, A.a * B.a
+    """(V, V̇, in_range) of tanh for the pairs (A[ia], B[ib]) of :func:`axis` rows (None: all,
+    elementwise) with covariances q12, by the table at ``stride`` (1 or 2); V, V̇ are 0 where
+    not in_range."""
+    A = A if ia is None else A.index_select(0, ia)
+    B = B if ib is None else B.index_select(0, ib)
+    ok = (A[:, 7] * B[:, 7]) > 0
+    sab, ab = A[:, 6] * B[:, 6], A[:, 5] * B[:, 5]
     rho = torch.where(ab > 0, q12 / ab.clamp_min(1e-300), torch.zeros_like(ab)).clamp(-1.0, 1.0)
     t = torch.asinh(torch.acos(rho.abs()) * (math.sinh(KAPPA) * 2.0 / math.pi)) / KAPPA
     it, wt = _stencil(t * N_THETA, N_THETA, stride)
@@ -201,12 +191,12 @@ def tanh_pairs(A: Axis, B: Axis, ia: Tensor | None, ib: Tensor | None, q12: Tens
     n1, n2 = N_ALPHA + 2 * _GHOST + 1, N_THETA + 2 * _GHOST + 1 - 3 * stride
     off = torch.arange(4) * stride
     offsets = ((off[:, None] * n1 + off[None, :]) * n2).reshape(-1)  # (16,) over (a, b) nodes
-    base = A.base + B.base + it
+    base = (A[:, 0] + B[:, 0]).long() + it
     out = torch.empty(base.shape[0], 2, dtype=_F64)
     for s0 in range(0, base.shape[0], _CHUNK):
         sl = slice(s0, s0 + _CHUNK)
         vals = rows.index_select(0, (base[sl, None] + offsets).reshape(-1)).view(-1, 16, 8)
-        w = (A.w[sl, :, None] * B.w[sl, None, :]).view(-1, 16, 1)  # (P, 16, 1)
+        w = (A[sl, 1:5, None] * B[sl, None, 1:5]).reshape(-1, 16, 1)  # (P, 16, 1)
         vals = torch.bmm(vals.transpose(1, 2), w).view(-1, 4, 2)
         out[sl] = (vals * wt[sl, :, None]).sum(1)
     zero = torch.zeros_like(ab)
