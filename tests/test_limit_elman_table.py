@@ -138,3 +138,22 @@ def test_method_table_refused_where_it_does_not_apply():
     mf = ElmanRNN(1, 4, activation="tanh", recurrent_scaling="mean_field")
     assert elman_limit_ntk(mf, x, method="table").n_points == 64
     assert math.isfinite(elman_limit_ntk(mf, x, method="quadrature").error)
+
+
+@pytest.mark.parametrize("act", ["sigmoid", "tanh", "erf"])
+def test_mean_field_rank_one_rule_against_pair_quadrature(act):
+    """d = 1, means ≠ 0 (mean-field, mean(A) ≠ 0): the shared 1-D rule over w, as matrix
+    products, against the 2-D pair quadrature with means (ρ = ±1) at a high resolution."""
+    from ntk_rnn.limit.elman import _rank_one, pair_moments
+    g = torch.Generator().manual_seed(5)
+    xa, xb = torch.randn(5, generator=g, dtype=F64) * 2, torch.randn(4, generator=g, dtype=F64)
+    ma, mb = torch.randn(5, generator=g, dtype=F64), torch.randn(4, generator=g, dtype=F64)
+    s = 1.3
+    ia, ib = torch.arange(5).repeat_interleave(4), torch.arange(4).repeat(5)
+    f = ACTIVATIONS[act]
+    want = pair_moments(f, s * s * xa[ia] ** 2, s * s * xb[ib] ** 2, s * s * xa[ia] * xb[ib], 64,
+                        ma[ia], mb[ib])
+    for sub in (slice(None), slice(0, 3)):  # all pairs (GEMM) and a few (row sums)
+        got = _rank_one(f, xa, xb, ma, mb, ia[sub], ib[sub], s, 16)
+        for g_, w_ in zip(got, want):
+            torch.testing.assert_close(g_, w_[sub], atol=1e-9, rtol=0)

@@ -47,7 +47,8 @@ resolutions differ by ≤ tol in every entry; the finer one is returned with tha
 its per-entry error (conservative), like Model D's quadrature limit. tanh and sigmoid at zero
 means (``method="auto"``) interpolate instead a table computed once (:mod:`.gauss_table`), its
 nodes at spacings 2h and h being the two resolutions; pairs that miss tol continue with the
-trapezoidal rule at 32, 64, ….
+trapezoidal rule at 32, 64, …. Mean-field with means and d = 1 (one scalar w for both windows):
+one trapezoidal rule over w shared by all windows, two matrix products (:func:`_rank_one`).
 """
 
 from __future__ import annotations
@@ -349,15 +350,36 @@ def _mf_pairs(act, xa, xb, ia, ib, ws2, mA, c2, res, means) -> dict[str, Tensor]
     """The blocks under mean-field scaling at one resolution for the pairs (ia, ib)."""
     d = xa.shape[2]
     ua, ub = xa[ia, -1], xb[ib, -1]
+    g = (ua * ub).sum(-1)
     if mA != 0.0:
         ma, mb = means(res)
+        if d == 1 and act.name != "relu" and isinstance(res, int):
+            ev, edv = _rank_one(act, xa[:, -1, 0], xb[:, -1, 0], mA * ma[:, -2], mA * mb[:, -2],
+                                ia, ib, math.sqrt(ws2), res)
+            return {"c": ev, "w": c2 * edv * g, "A": torch.zeros_like(ev)}
         mu1, mu2 = mA * ma[ia, -2], mA * mb[ib, -2]
     else:
         mu1 = mu2 = None
-    g = (ua * ub).sum(-1)
     q11, q22 = (ua * ua).sum(-1) * (ws2 / d), (ub * ub).sum(-1) * (ws2 / d)
     ev, edv = pair_moments(act, q11, q22, g * (ws2 / d), res, mu1, mu2)
     return {"c": ev, "w": c2 * edv * g, "A": torch.zeros_like(ev)}
+
+
+def _rank_one(act, xa, xb, mua, mub, ia, ib, s, res) -> tuple[Tensor, Tensor]:
+    """d = 1, mean-field: u = w x + μ with one scalar w ~ N(0, s²) for both windows, so
+    E[σ(u)σ(u')] = ∫ φ(z) σ(s z x_i + μ_i) σ(s z x_j + μ_j) dz: one trapezoidal rule in z on
+    [−9, 9] (16 res + 1 nodes; σ analytic in a strip of half-width ≥ π/(2 s|x|), so the error
+    falls like exp(−π²/(s|x| h))) shared by all windows — a matrix product F_a diag(ω) F_bᵀ."""
+    z = torch.linspace(-_HALF_WIDTH, _HALF_WIDTH, 16 * res + 1, dtype=_F64)
+    wz = torch.exp(-0.5 * z * z)
+    wz[0] *= 0.5
+    wz[-1] *= 0.5
+    wz = wz / wz.sum()
+    Fa, Da = act.value_and_deriv(mua[:, None] + s * xa[:, None] * z)
+    Fb, Db = act.value_and_deriv(mub[:, None] + s * xb[:, None] * z)
+    if 4 * ia.numel() >= Fa.shape[0] * Fb.shape[0]:  # (nearly) all pairs: two GEMMs
+        return ((Fa * wz) @ Fb.T)[ia, ib], ((Da * wz) @ Db.T)[ia, ib]
+    return (Fa[ia] * wz * Fb[ib]).sum(-1), (Da[ia] * wz * Db[ib]).sum(-1)
 
 
 def _unflatten(v: Tensor, ia: Tensor, ib: Tensor, n: int, m: int, symmetric: bool) -> Tensor:
