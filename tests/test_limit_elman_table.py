@@ -157,3 +157,25 @@ def test_mean_field_rank_one_rule_against_pair_quadrature(act):
         got = _rank_one(f, xa, xb, ma, mb, ia[sub], ib[sub], s, 16)
         for g_, w_ in zip(got, want):
             torch.testing.assert_close(g_, w_[sub], atol=1e-9, rtol=0)
+
+
+def test_corrupt_cache_is_rebuilt(tmp_path, monkeypatch):
+    """A garbage or wrong table in the cache is not used: the table is rebuilt and rewritten."""
+    good = gauss_table.table()
+    monkeypatch.setenv("NTK_RNN_TABLE_CACHE", str(tmp_path))
+    path = gauss_table._cache_path()
+    built = []
+    monkeypatch.setattr(gauss_table, "build", lambda: built.append(1) or good.clone())
+    for junk in (b"not a tensor", None):
+        if junk is None:
+            torch.save(good * 1.001, path)
+        else:
+            with open(path, "wb") as f:
+                f.write(junk)
+        gauss_table.table.cache_clear()
+        try:
+            assert torch.equal(gauss_table.table(), good)
+        finally:
+            gauss_table.table.cache_clear()
+        assert gauss_table._spot_check(torch.load(path, weights_only=True))
+    assert len(built) == 2
