@@ -244,10 +244,11 @@ def test_mean_field_memory_through_mean_of_A():
 def test_error_estimate_covers_a_finer_quadrature(kw):
     x = windows(6, 12, seed=9) * 1.5  # larger variances: harder integrands
     model = ElmanRNN(1, 4, **kw)
-    coarse = elman_limit_ntk(model, x, tol=1e-3)
-    fine = elman_limit_ntk(model, x, tol=1e-8, max_res=128)
-    assert coarse.error <= 1e-3
-    assert torch.all((coarse.value - fine.value).abs() <= coarse.error_entries + 1e-12)
+    fine = elman_limit_ntk(model, x, tol=1e-8, max_res=128, method="quadrature")
+    for method in ("auto", "quadrature"):  # auto: the table for tanh/sigmoid
+        coarse = elman_limit_ntk(model, x, tol=1e-3, method=method)
+        assert coarse.error <= 1e-3
+        assert torch.all((coarse.value - fine.value).abs() <= coarse.error_entries + 1e-12)
 
 
 def test_blocks_sum_and_errors():

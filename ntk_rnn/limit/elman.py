@@ -44,21 +44,27 @@ conditional closed form on the half line where σ ≠ 0; otherwise the trapezoid
 whitened coordinates (z₁, z₂) on [-9, 9]², weights ∝ exp(-z²/2) (exponentially convergent for
 integrands analytic in a strip, as ``limit_ntk``'s normal axes). The resolution doubles until two
 resolutions differ by ≤ tol in every entry; the finer one is returned with that difference as
-its per-entry error (conservative), like Model D's quadrature limit.
+its per-entry error (conservative), like Model D's quadrature limit. tanh and sigmoid at zero
+means (``method="auto"``) interpolate instead a table computed once (:mod:`.gauss_table`), its
+nodes at spacings 2h and h being the two resolutions; pairs that miss tol continue with the
+trapezoidal rule at 32, 64, …. Mean-field with means and d = 1 (one scalar w for both windows):
+one trapezoidal rule over w shared by all windows, two matrix products (:func:`_rank_one`).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 
 import torch
 from scipy import special
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..models.activations import Activation
+from ..models.activations import ACTIVATIONS, Activation
 from ..models.family import family_of
+from . import gauss_table
 from .kernel import LimitAccuracyWarning, LimitKernel
 
 _F64 = torch.float64
@@ -67,6 +73,48 @@ _CENTRE = 2.5  # largest shift of a rule's centre (sd) from the Gaussian's
 _START_RES, _MAX_RES = 8, 64  # trapezoid half-intervals per axis: 2 res + 1 nodes
 _CHUNK = 2**22  # pair × node elements per temporary
 BLOCKS = ("c", "w", "A")
+TABLE_ACTS = ("tanh", "sigmoid")  # centred pair moments from gauss_table
+
+
+@dataclass(frozen=True)
+class Table:
+    """The interpolation-table rule (:mod:`ntk_rnn.limit.gauss_table`) at ``stride`` (2: every
+    other node, the coarse resolution); pairs outside the table by the 2-D quadrature at
+    ``fallback``."""
+
+    stride: int
+
+    @property
+    def fallback(self) -> int:
+        return 32 // self.stride
+
+
+def _table_moments(act: Activation, A, B, ia, ib, q12: Tensor, rule: Table, qa: Tensor,
+                   qb: Tensor) -> tuple[Tensor, Tensor]:
+    """(V, V̇) at zero means for tanh or sigmoid (σ = ½ + ½ tanh(u/2): V = ¼ + ¼ V_tanh(q/4),
+    V̇ = V̇_tanh(q/4)/16) from the table axes A, B (of q or q/4) for the pairs (ia, ib) (None:
+    elementwise); pairs outside the table by :func:`_mapped2`."""
+    sig = act.name == "sigmoid"
+    c12 = q12 * 0.25 if sig else q12
+    ev, edv, ok = gauss_table.tanh_pairs(A, B, ia, ib, c12, rule.stride)
+    if not bool(ok.all()):
+        out = (~ok).nonzero().squeeze(-1)
+        q11 = qa if ia is None else qa[ia]
+        q22 = qb if ib is None else qb[ib]
+        q11, q22, c = (v[out] * (0.25 if sig else 1.0) for v in (q11, q22, c12))
+        e1, e2 = _mapped2(ACTIVATIONS["tanh"], *_whiten(q11, q22, c), rule.fallback, None, None)
+        ev, edv = ev.clone(), edv.clone()
+        ev[out], edv[out] = e1, e2
+    if sig:
+        return 0.25 + 0.25 * ev, edv / 16.0
+    return ev, edv
+
+
+def _axes(act: Activation, qa: Tensor, qb: Tensor, rule: Table):
+    """The table axes of the variances qa (first) and qb (second) (q/4 for sigmoid)."""
+    f = 0.25 if act.name == "sigmoid" else 1.0
+    return (gauss_table.axis(qa * f, rule.stride, True),
+            gauss_table.axis(qb * f, rule.stride, False))
 
 
 # --- Gaussian expectations ----------------------------------------------------------------------
@@ -121,6 +169,14 @@ def pair_moments(act: Activation, q11: Tensor, q22: Tensor, q12: Tensor, res: in
         mu1, mu2 = mu1.expand_as(q11), mu2.expand_as(q11)
         if not (bool(mu1.any()) or bool(mu2.any())):
             mu1 = mu2 = None
+    if isinstance(res, Table):
+        if mu1 is not None or act.name not in TABLE_ACTS:
+            raise ValueError(f"the table is for centred {TABLE_ACTS}, not {act.name} with means")
+        shape = q11.shape
+        q11, q22, q12 = q11.reshape(-1), q22.reshape(-1), q12.reshape(-1)
+        A, B = _axes(act, q11, q22, res)
+        ev, edv = _table_moments(act, A, B, None, None, q12, res, q11, q22)
+        return ev.reshape(shape), edv.reshape(shape)
     if mu1 is None and act.name == "erf":
         det = (1.0 + 2.0 * q11) * (1.0 + 2.0 * q22)
         ev = (2.0 / math.pi) * torch.asin((2.0 * q12 / det.sqrt()).clamp(-1.0, 1.0))
@@ -248,19 +304,24 @@ def _ntk_pairs(act, xa, xb, ia, ib, ws2, sA2, c2, res, selfq, window=None
                ) -> dict[str, Tensor]:
     """The three blocks under NTK scaling at one resolution for the pairs (ia, ib) (module
     docstring); ``selfq(res)`` gives the windows' own variances; ``window`` keeps the backward
-    terms of the last ``window`` steps only (truncated BPTT)."""
+    terms of the last ``window`` steps only (truncated BPTT). Under a :class:`Table` rule the
+    table stencils of the variances are made once per window and step, not per pair."""
     La, Lb, d = xa.shape[1], xb.shape[1], xa.shape[2]
     ell = min(La, Lb)
     oa, ob = La - ell, Lb - ell  # steps aligned from the end
     qa, qb = selfq(res)
     xa, xb = xa[ia, oa:], xb[ib, ob:]
-    qa, qb = qa[ia, oa:], qb[ib, ob:]
     V = xa.new_zeros(xa.shape[0])
     G, Vprev, dV = [], [], []
     for t in range(ell):
         g = (xa[:, t] * xb[:, t]).sum(-1)
         Vprev.append(V)
-        V, edv = pair_moments(act, qa[:, t], qb[:, t], g * (ws2 / d) + sA2 * V, res)
+        q12 = g * (ws2 / d) + sA2 * V
+        if isinstance(res, Table):
+            A, B = _axes(act, qa[:, oa + t], qb[:, ob + t], res)
+            V, edv = _table_moments(act, A, B, ia, ib, q12, res, qa[:, oa + t], qb[:, ob + t])
+        else:
+            V, edv = pair_moments(act, qa[ia, oa + t], qb[ib, ob + t], q12, res)
         G.append(g)
         dV.append(edv)
     Kw, KA = torch.zeros_like(V), torch.zeros_like(V)
@@ -289,15 +350,36 @@ def _mf_pairs(act, xa, xb, ia, ib, ws2, mA, c2, res, means) -> dict[str, Tensor]
     """The blocks under mean-field scaling at one resolution for the pairs (ia, ib)."""
     d = xa.shape[2]
     ua, ub = xa[ia, -1], xb[ib, -1]
+    g = (ua * ub).sum(-1)
     if mA != 0.0:
         ma, mb = means(res)
+        if d == 1 and act.name != "relu" and isinstance(res, int):
+            ev, edv = _rank_one(act, xa[:, -1, 0], xb[:, -1, 0], mA * ma[:, -2], mA * mb[:, -2],
+                                ia, ib, math.sqrt(ws2), res)
+            return {"c": ev, "w": c2 * edv * g, "A": torch.zeros_like(ev)}
         mu1, mu2 = mA * ma[ia, -2], mA * mb[ib, -2]
     else:
         mu1 = mu2 = None
-    g = (ua * ub).sum(-1)
     q11, q22 = (ua * ua).sum(-1) * (ws2 / d), (ub * ub).sum(-1) * (ws2 / d)
     ev, edv = pair_moments(act, q11, q22, g * (ws2 / d), res, mu1, mu2)
     return {"c": ev, "w": c2 * edv * g, "A": torch.zeros_like(ev)}
+
+
+def _rank_one(act, xa, xb, mua, mub, ia, ib, s, res) -> tuple[Tensor, Tensor]:
+    """d = 1, mean-field: u = w x + μ with one scalar w ~ N(0, s²) for both windows, so
+    E[σ(u)σ(u')] = ∫ φ(z) σ(s z x_i + μ_i) σ(s z x_j + μ_j) dz: one trapezoidal rule in z on
+    [−9, 9] (16 res + 1 nodes; σ analytic in a strip of half-width ≥ π/(2 s|x|), so the error
+    falls like exp(−π²/(s|x| h))) shared by all windows — a matrix product F_a diag(ω) F_bᵀ."""
+    z = torch.linspace(-_HALF_WIDTH, _HALF_WIDTH, 16 * res + 1, dtype=_F64)
+    wz = torch.exp(-0.5 * z * z)
+    wz[0] *= 0.5
+    wz[-1] *= 0.5
+    wz = wz / wz.sum()
+    Fa, Da = act.value_and_deriv(mua[:, None] + s * xa[:, None] * z)
+    Fb, Db = act.value_and_deriv(mub[:, None] + s * xb[:, None] * z)
+    if 4 * ia.numel() >= Fa.shape[0] * Fb.shape[0]:  # (nearly) all pairs: two GEMMs
+        return ((Fa * wz) @ Fb.T)[ia, ib], ((Da * wz) @ Db.T)[ia, ib]
+    return (Fa[ia] * wz * Fb[ib]).sum(-1), (Da[ia] * wz * Db[ib]).sum(-1)
 
 
 def _unflatten(v: Tensor, ia: Tensor, ib: Tensor, n: int, m: int, symmetric: bool) -> Tensor:
@@ -345,16 +427,33 @@ def _check(model, x: Tensor, x2: Tensor | None, tol: float) -> None:
                           "mean(A), which is not implemented; use a c law of mean 0 or A_mean=0")
 
 
+def _ladder(method: str, act: Activation, model, max_res: int) -> list:
+    """The rules tried in turn: the table at 2h and h, then the quadrature at 32, 64, ... (the
+    table's pairs that do not reach tol); or the quadrature at 8, 16, ..., max_res."""
+    quad = [r for r in (8, 16, 32, 64, 128, 256, 512) if r <= max(16, max_res)]
+    usable = act.name in TABLE_ACTS and (model.recurrent_scaling == "ntk" or model.A_mean == 0.0)
+    if method == "table" and not usable:
+        raise ConfigError(f"method='table' needs activation tanh or sigmoid at zero means (NTK "
+                          f"scaling, or mean-field with A_mean=0), not {act.name!r} with "
+                          f"recurrent_scaling={model.recurrent_scaling!r}, A_mean={model.A_mean}")
+    if method == "quadrature" or not usable:
+        return quad
+    return [Table(2), Table(1)] + [r for r in quad if r >= 32]
+
+
 def elman_limit_ntk(model, x: Tensor, x2: Tensor | None = None, tol: float = 1e-4,
-                    blocks: bool = False, max_res: int = _MAX_RES, window: int | None = None
-                    ) -> LimitKernel | dict[str, LimitKernel]:
+                    blocks: bool = False, max_res: int = _MAX_RES, window: int | None = None,
+                    method: str = "auto") -> LimitKernel | dict[str, LimitKernel]:
     """K_∞(x̄_i, x̄'_j) of an :class:`~ntk_rnn.models.ElmanRNN` for windows x (n, L, d) and x2
     (m, L', d) (default x2 = x; L ≠ L' pairs the steps from the windows' ends), both recurrent
     scalings, in float64 (module docstring, theory §9).
 
     ``tol`` is the target for the largest per-entry error: the quadrature resolution doubles
     (up to ``max_res`` half-intervals per axis, then a :class:`LimitAccuracyWarning`) until two
-    resolutions agree to ``tol``. ``blocks=True`` returns {"c", "w", "A"}: the kernels of the
+    resolutions agree to ``tol``. ``method``: "auto" (the table of :mod:`.gauss_table` at
+    spacings 2h and h for tanh and sigmoid at zero means, the pairs that miss tol then by the
+    quadrature from 32; the quadrature otherwise), "table" or "quadrature" (the 2-D rule
+    only). ``blocks=True`` returns {"c", "w", "A"}: the kernels of the
     readout c, the input weights w and the recurrent matrix A (they sum to the total), each a
     LimitKernel with its own error. ``window`` = W gives the kernel of truncated BPTT through W
     steps, ⟨∇Ŷ(x̄), ∇_W Ŷ(x̄')⟩: the backward sum keeps the pairs j < W from the end (the forward
@@ -362,6 +461,8 @@ def elman_limit_ntk(model, x: Tensor, x2: Tensor | None = None, tol: float = 1e-
     ConfigError where no limit is implemented (module docstring).
     """
     _check(model, x, x2, tol)
+    if method not in ("auto", "table", "quadrature"):
+        raise ConfigError(f"method={method!r} must be 'auto', 'table' or 'quadrature'")
     if window is not None and (isinstance(window, bool) or int(window) != window or window < 1):
         raise ConfigError(f"window={window!r} must be an integer >= 1 (the BPTT window) or None")
     xa = (x if x.dim() == 3 else x.unsqueeze(0)).detach().to("cpu", _F64)
@@ -386,37 +487,37 @@ def elman_limit_ntk(model, x: Tensor, x2: Tensor | None = None, tol: float = 1e-
         ia, ib = torch.triu_indices(n, n)
     else:
         ia, ib = torch.arange(n).repeat_interleave(m), torch.arange(m).repeat(n)
-    # every pair at resolutions r and 2r; the pairs whose two values differ by more than tol
-    # are recomputed at 4r, ... (each pair's recursion is its own)
-    res = _START_RES
-    coarse, fine = fn(res, ia, ib), fn(2 * res, ia, ib)
+    # every pair at the first two rules of the ladder; the pairs whose two values differ by more
+    # than tol are recomputed at the next rule, ... (each pair's recursion is its own)
+    rules = _ladder(method, act, model, max_res)
+    coarse, fine = fn(rules[0], ia, ib), fn(rules[1], ia, ib)
     errs = {k: (fine[k] - coarse[k]).abs() for k in BLOCKS}
     total = sum(errs.values())
-    top = torch.full_like(total, 2 * res)
-    while 2 * res < max_res:
+    level = torch.ones_like(total, dtype=torch.long)
+    for i in range(2, len(rules)):
         bad = (total > tol).nonzero().squeeze(-1)
         if bad.numel() == 0:
             break
-        res *= 2
-        finer = fn(2 * res, ia[bad], ib[bad])
+        finer = fn(rules[i], ia[bad], ib[bad])
         for k in BLOCKS:
             errs[k][bad] = (finer[k] - fine[k][bad]).abs()
             fine[k][bad] = finer[k]
         total[bad] = sum(errs[k][bad] for k in BLOCKS)
-        top[bad] = 2 * res
+        level[bad] = i
     err = float(total.max()) if total.numel() else 0.0
     converged = err <= tol
+    last = rules[int(level.max())] if level.numel() else rules[1]
     if not converged:
-        warnings.warn(f"elman_limit_ntk stopped at resolution {int(top.max())} (max_res={max_res})"
+        warnings.warn(f"elman_limit_ntk stopped at resolution {last} (max_res={max_res})"
                       f" with estimated max error {err:.3g} > tol={tol:.3g}; raise max_res or tol",
                       LimitAccuracyWarning, stacklevel=2)
-    n_points = int(((2 * top + 1) ** 2).max()) if top.numel() else 0
-    method, dev = "elman_closed_form", x.device
+    n_points = 64 if isinstance(last, Table) else (2 * last + 1) ** 2
+    name, dev = "elman_closed_form", x.device
     out = {k: (_unflatten(fine[k], ia, ib, n, m, x2 is None),
                _unflatten(errs[k], ia, ib, n, m, x2 is None)) for k in BLOCKS}
     if blocks:
         return {k: LimitKernel(v.to(dev), float(e.max()) if e.numel() else 0.0, e.to(dev),
-                               method, n_points, converged) for k, (v, e) in out.items()}
+                               name, n_points, converged) for k, (v, e) in out.items()}
     value = sum(out[k][0] for k in BLOCKS)
     error = sum(out[k][1] for k in BLOCKS)
-    return LimitKernel(value.to(dev), err, error.to(dev), method, n_points, converged)
+    return LimitKernel(value.to(dev), err, error.to(dev), name, n_points, converged)
