@@ -339,6 +339,11 @@ class Member:
         self.chunk = Chunk(X, Y, torch.empty_like(Y), self.step, self.snapshot())
         return self.chunk
 
+    def segment(self, L: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The next L steps of the chunk: X (L, d), Y (L,) and where their Ŷ go (L,) (views)."""
+        c, j = self.chunk, self.chunk.j
+        return c.X[j:j + L], c.Y[j:j + L], c.y_hat[j:j + L]
+
     def steps_to_event(self) -> int:
         """Steps until the next event (log, callback, end of run) or the end of the chunk."""
         return min(self.chunk.T - self.chunk.j, self.next_event - self.step)
@@ -352,12 +357,15 @@ class Member:
         nxt += [(s // cb.every_n_steps + 1) * cb.every_n_steps for cb in self.callbacks]
         return min(nxt)
 
-    def advance(self, L: int) -> None:
-        """The stepper has run L more steps of the chunk: segment callbacks see them; at an event
-        or the chunk's end the errors are recorded (divergence stops the run); at an event the
-        trainer logs and the callbacks run."""
+    def advance(self, y_hat: torch.Tensor) -> None:
+        """The stepper has run the ``segment`` of L steps, predicting ``y_hat`` (L,): segment
+        callbacks see them; at an event or the chunk's end the errors are recorded (divergence
+        stops the run); at an event the trainer logs and the callbacks run."""
         chunk = self.chunk
+        L = y_hat.shape[0]
         j0, j1 = chunk.j, chunk.j + L
+        if y_hat.data_ptr() != chunk.y_hat[j0:j1].data_ptr():  # (E = 1 predicts in place)
+            chunk.y_hat[j0:j1] = y_hat
         self.step += L
         chunk.j = j1
         st = self.state
