@@ -155,7 +155,13 @@ class Trainer:
         validate(cfg)  # nothing is written before the whole run is built and checked
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.E = int(opt(cfg.train, "ensemble_size", 1))
+        # Python: progress=None is on where someone watches (a terminal, a notebook); the CLI's
+        # bar is callbacks.progress, and it announces slow start-up phases always
+        show = interactive() if progress is None else bool(progress)
+        self._notes = show or not python
         self.backend_asked = str(opt(cfg.train, "backend", "auto"))
+        self.stepper: Any = None  # (built by fit: _stepper_of)
+        self._stepper_ids: list[int] = []
         self.members: list[Member] = []
         for e in range(self.E):
             cfg_e = member_config(cfg, e) if self.E > 1 else cfg
@@ -164,26 +170,16 @@ class Trainer:
             self.members.append(self._member(e, cfg_e, dir_e, source, models, cbs))
         self.gradient = str(cfg.train.gradient)  # (resolved from auto by _member)
         self._check_resume_mode()
-        self.stepper: Any = None
-        self._stepper_ids: list[int] = []
         self.network_steps, self.stepper_s, self.wall_s = 0, 0.0, 0.0
         self.setup_s = 0.0  # fit's start-up: writers, callbacks' on_train_start (K_∞), files
         self.status = "pending"
         self._locks: list[RunLock] = []
-        for m in self.members:  # what a checkpoint records of the run (its backend)
-            m.run_info = self._run_info
         # one progress bar for the ensemble instead of one per member
         self.progress = [cb for cb in self.members[0].callbacks if isinstance(cb, ProgressCallback)]
         if self.E > 1:
             for m in self.members:
-                m.callbacks = [cb for cb in m.callbacks if not isinstance(cb, ProgressCallback)]
-        # Python: progress=None is on where someone watches (a terminal, a notebook); the CLI's
-        # bar is callbacks.progress, and it announces slow start-up phases always
-        show = interactive() if progress is None else bool(progress)
+                m.drop_callbacks(ProgressCallback)
         self.own_bar = python and show and not self.progress
-        for m in self.members:
-            m.notes = show or not python
-            m.label = f"{member_dir(m.e)}: " if self.E > 1 else ""
         self.build_s = time.perf_counter() - self._t_built
 
     @classmethod
@@ -235,7 +231,8 @@ class Trainer:
             else alpha
         online = online_state(model, lr, gradient, int(opt(cfg.train, "bptt_window", 32)))
         return Member(e, cfg, run_dir, source, model, online, lr, callbacks, seeds, n_steps,
-                      model_factory=factory)
+                      model_factory=factory, run_info=self._run_info, ensemble=self.E > 1,
+                      notes=self._notes)
 
     def _check_resume_mode(self) -> None:
         mode = opt(self.cfg.train, "resume", False)
@@ -245,9 +242,6 @@ class Trainer:
                               f"not an ensemble; resume it without train.ensemble_size={self.E}")
         for m in self.members:
             m.resume(mode)
-            if self.E > 1:
-                m.resume_hint = (f"run the ensemble's command again with train.resume=true and "
-                                 f"hydra.run.dir={self.run_dir}")
 
     # --- one writer per run directory -------------------------------------------------------
     def lock(self) -> None:
@@ -339,9 +333,7 @@ class Trainer:
 
     def _fit(self) -> dict:
         for m in self.members:
-            m.repair_record()
-            if m.completed is not None:  # resumed after it completed: nothing to redo
-                m.status, m.metrics = "completed", dict(m.completed)
+            m.prepare()
         if all(m.status == "completed" for m in self.members):
             return self._finished()
         self.status = "running"
@@ -356,7 +348,7 @@ class Trainer:
                 self._open_streams()
                 self.setup_s = time.perf_counter() - t0
                 bar = self._progress_bar()
-                while self._refill():  # each member's next chunk of the stream; ends finish here
+                while self._next_chunks():  # each member's next chunk; a finished run ends here
                     for lk in self._locks:
                         lk.heartbeat()
                     if stop.signum is not None:
@@ -415,29 +407,17 @@ class Trainer:
         for m in self.active:
             groups.setdefault((m.seeds["data"], m.step), []).append(m)
         for ms in groups.values():
-            its = itertools.tee(ms[0].open_stream(), len(ms))
-            for m, it in zip(ms, its, strict=True):
-                m.stream = it
+            for m, it in zip(ms, itertools.tee(ms[0].open_stream(), len(ms)), strict=True):
+                m.attach_stream(it)
 
-    def _refill(self) -> bool:
+    def _next_chunks(self) -> bool:
         """A member whose chunk is done gets its next one, or ends (its last step); a data error
         fails that member alone. False when no member is left running."""
         for m in self.active:
-            if m.chunk is not None and not m.chunk.done:
-                continue
-            if m.step < m.n_steps:
-                try:
-                    X, Y = next(m.stream)
-                except StopIteration:
-                    self._drop(m, "failed", ConfigError(
-                        f"data: the stream ended at step {m.step}; the run needs {m.n_steps}"))
-                    continue
-                except ConfigError as exc:
-                    self._drop(m, "failed", exc)
-                    continue
-                m.start_chunk(X, Y)
-                continue
-            m.end(self._run_info(m))
+            try:
+                m.next_chunk()
+            except ConfigError as exc:
+                self._drop(m, "failed", exc)
         return bool(self.active)
 
     def _run_info(self, m: Optional[Member] = None) -> dict:
