@@ -91,10 +91,12 @@ class Member:
         self.stream: Optional[Iterator] = None
         self.writer = RunWriter(None)
         self.state = TrainState(
-            model=model, online=online, source=source, cfg=cfg, run_dir=run_dir,
+            model=model, online=online, source=source, run_dir=run_dir,
             n_steps=n_steps, lr=self.lr, generators={"probe": generator_from_seed(seeds["probe"])},
             save_checkpoint=self.save, writer=self.writer, model_factory=model_factory,
             alpha=float(t.alpha), gradient=str(t.gradient),
+            bptt_window=int(t.get("bptt_window", 32)), seed=int(cfg.seed),
+            data=OmegaConf.to_container(cfg.data, resolve=True), callbacks=tuple(callbacks),
         )
         for cb in callbacks:  # bad callback settings fail here, before any step
             cb.setup(self.state)
@@ -223,6 +225,7 @@ class Member:
         members); returns them."""
         dropped = [cb for cb in self.callbacks if isinstance(cb, kind)]
         self.callbacks = [cb for cb in self.callbacks if not isinstance(cb, kind)]
+        self.state.callbacks = tuple(self.callbacks)
         return dropped
 
     # --- resume ---------------------------------------------------------------------------
