@@ -11,12 +11,10 @@ A stepper moves E >= 1 networks along their streams, L online SGD steps per call
 `make_stepper` picks it from the model family's online step (`family_of(model).online`, via
 `resolve_gradient`) and the backend asked for:
 
-=====================  =======================================================================
-gradient ``bptt``      each network's `BPTTStepper` (it is the network's online state: the window)
-backend ``reference``  each network's `ReferenceStepper` (one `rtrl_step` per element)
-E = 1                  `FastStepper` on the model's own tensors
-E > 1                  `EnsembleStepper` (the models and states become views of its stacks)
-=====================  =======================================================================
+- gradient `bptt`: each network's `BPTTStepper` (it is the network's online state: the window);
+- backend `reference`: each network's `ReferenceStepper` (one `rtrl_step` per element);
+- E = 1: `FastStepper` on the model's own tensors;
+- E > 1: `EnsembleStepper` (the models and states become views of its stacks).
 
 Each gives the reference's numbers (to round-off), and member e of an ensemble the single run's.
 """
