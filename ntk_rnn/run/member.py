@@ -220,13 +220,11 @@ class Member:
         if self.completed is not None and not metrics_intact(self.run_dir):
             self.write_metrics(self.completed)
 
-    def drop_callbacks(self, kind: type) -> list[Callback]:
+    def drop_callbacks(self, kind: type) -> None:
         """Remove the callbacks of class ``kind`` (an ensemble draws one progress bar for all
-        members); returns them."""
-        dropped = [cb for cb in self.callbacks if isinstance(cb, kind)]
+        members)."""
         self.callbacks = [cb for cb in self.callbacks if not isinstance(cb, kind)]
         self.state.callbacks = tuple(self.callbacks)
-        return dropped
 
     # --- resume ---------------------------------------------------------------------------
     def resume(self, mode: Any = True) -> bool:

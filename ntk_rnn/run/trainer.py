@@ -12,9 +12,10 @@ Each step k reads (X_k, Y_k), predicts Ŷ_k with the current θ, then moves ever
     θ ← θ + α_N (Y_k − Ŷ_k) ∂Ŷ_k/∂θ,     α_N = α N^{2β−2},     t = k / N,
 
 with ∂Ŷ_k/∂θ exact by RTRL (Models D and F: `N^{-β} (S, c P, c Q)`, see
-`ntk_rnn.online.rtrl`) or truncated. The stepper runs many steps per call (a compiled
-kernel); the loop stops it at every event — a log point, a callback, the end of a chunk of the
-stream — where errors are recorded and callbacks see the state.
+`ntk_rnn.online.rtrl`) or truncated. One stepper (`ntk_rnn.online.stepper.make_stepper`, picked
+from the model family) runs many steps of every network per call; the loop in `Trainer._fit`
+stops it at every event — a log point, a callback, the end of a chunk of the stream — where each
+`Member` records its errors and its callbacks see the state.
 
 A run is determined by its config and seed: θ_0 is drawn from the seed's model stream whichever
 way the model was built, so the same settings from the CLI and from Python give the same numbers.
