@@ -338,33 +338,29 @@ def custom_scalar_layout(top_k: int = 0, ntk: bool = True, output: bool = False,
     return layout
 
 
-def _has_callback(cfg: Any, callback: tuple[str, str]) -> bool:
-    """Is the callback (`ntk_rnn.tags.NTK_CALLBACK`, ...: config name, class name) configured?"""
+def _callback(callbacks: Any, callback: tuple[str, str]) -> Any:
+    """The run's callback (`ntk_rnn.tags.NTK_CALLBACK`, ...: config name, class name), or None."""
     name, target = callback
-    cbs = _select(cfg, "callbacks")
-    if cbs is None:
-        return False
-    if OmegaConf.is_config(cbs):
-        cbs = OmegaConf.to_container(cbs, resolve=False)
-    if isinstance(cbs, dict):
-        return any(k == name or target in str((v or {}).get("_target_", "") if isinstance(
-            v, dict) else v) for k, v in cbs.items())
-    return any(target in str(c) for c in (cbs or ()))
+    for cb in callbacks or ():
+        if getattr(cb, "name", None) == name or any(c.__name__ == target
+                                                    for c in type(cb).__mro__):
+            return cb
+    return None
 
 
 def write_layout(state: Any, top_k: int = 0) -> None:
     """The run's custom-scalars layout, written once per run by the first callback that calls it
-    (TensorBoard reads one layout per run): NTK charts when the NTK callback is configured,
-    output charts when the output callback is."""
+    (TensorBoard reads one layout per run): NTK charts when the run has the NTK callback,
+    output charts when it has the output callback (``state.callbacks``)."""
     w = getattr(state, "writer", None)
     if w is None or getattr(state, "_ntk_rnn_layout_written", False):
         return
-    cfg = state.cfg
-    ntk = _has_callback(cfg, T.NTK_CALLBACK)
-    if ntk and not top_k:
-        top_k = int(_select(cfg, "callbacks.ntk.top_k") or 5)
-    layout = custom_scalar_layout(top_k, ntk=ntk,
-                                  output=_has_callback(cfg, T.OUTPUT_CALLBACK))
+    cbs = getattr(state, "callbacks", ())
+    ntk = _callback(cbs, T.NTK_CALLBACK)
+    if ntk is not None and not top_k:
+        top_k = int(getattr(ntk, "top_k", 5) or 5)
+    layout = custom_scalar_layout(top_k, ntk=ntk is not None,
+                                  output=_callback(cbs, T.OUTPUT_CALLBACK) is not None)
     w.add_custom_scalars(layout)
     try:
         state._ntk_rnn_layout_written = True

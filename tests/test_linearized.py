@@ -3,7 +3,6 @@ against an independent float64 computation (torch.func Jacobians through whole w
 naive linear-model loop), the second-order law of the gap in the learning rate, exact resume."""
 
 import io
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -44,7 +43,6 @@ def make_stream(T, d=2, seed=0):
 
 def make_state(model, src, gradient, lr, n_steps, probe_seed=7):
     return TrainState(model=model, online=OnlineState.zeros(model), source=src,
-                      cfg=SimpleNamespace(train=SimpleNamespace(gradient=gradient)),
                       run_dir=None, n_steps=n_steps, lr=lr, writer=Writer(),
                       generators={"probe": torch.Generator().manual_seed(probe_seed)},
                       gradient=gradient)
@@ -53,7 +51,7 @@ def make_state(model, src, gradient, lr, n_steps, probe_seed=7):
 def drive(cb, state, X, Y, segments, start=0, events_first=False):
     """Train the real network (ReferenceStepper) segment by segment, feeding the callback as the
     trainer does; returns Ŷ^lin of every element."""
-    stepper = ReferenceStepper(state.model, state.online, state.lr, state.cfg.train.gradient)
+    stepper = ReferenceStepper(state.model, state.online, state.lr, state.gradient)
     k, out = start, []
     for L in segments:
         y_hat = stepper.run_chunk(X[k:k + L], Y[k:k + L])

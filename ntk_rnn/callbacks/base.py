@@ -15,7 +15,8 @@ from ..models.init import generator_from_seed  # noqa: F401 (callbacks/output.py
 
 @dataclass
 class TrainState:
-    """What callbacks see. Treat it as read-only: the trainer owns every field.
+    """What callbacks see. Treat it as read-only: the trainer owns every field, each value
+    derived once from the validated config (callbacks do not read the config).
 
     ``step`` counts completed SGD steps; ``t = step / N`` is the limit time (theory §3).
     """
@@ -23,9 +24,8 @@ class TrainState:
     model: Any
     online: Any  # OnlineState (S, P, Q)
     source: Any
-    cfg: Any
-    run_dir: Path
-    n_steps: int
+    run_dir: Optional[Path]
+    n_steps: int  # steps of the whole run: train.steps, or round(train.horizon · N)
     lr: float  # α_N = α N^{2β−2}, the SGD step size
     writer: Optional[Any] = None  # torch.utils.tensorboard.SummaryWriter
     generators: dict = field(default_factory=dict)  # 'probe' for probe draws
@@ -41,6 +41,15 @@ class TrainState:
     model_factory: Optional[Callable[[int, int], Any]] = None
     alpha: float = float("nan")  # α, the learning-rate scale of the limit ODE (train.alpha)
     gradient: str = ""  # the online gradient that trains: rtrl, truncated or bptt
+    bptt_window: int = 32  # elements the truncated-BPTT gradient reaches back (train.bptt_window)
+    seed: int = 0  # the run's seed (θ_0, probes, and the data unless data_seed is set)
+    data: dict = field(default_factory=dict)  # the data source as config.yaml describes it
+    callbacks: tuple = ()  # the run's callbacks
+
+    @property
+    def horizon(self) -> float:
+        """The limit time at the end of the run, n_steps / N."""
+        return self.n_steps / self.model.width
 
     @property
     def t(self) -> float:

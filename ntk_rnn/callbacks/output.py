@@ -78,25 +78,32 @@ class OutputTrackingCallback(Callback):
         self.probes = X.to(state.model.c.device, state.model.c.dtype)
         self._gen = gen
 
+    def _spec(self, state: TrainState) -> dict:
+        """What a cached limit on the probes depends on: the data, the model's law
+        (`Family.limit_spec`: not N or θ_0, and for Models D and F not β), α, the probes and
+        their draw."""
+        law = family_of(state.model).limit_spec(state.model)
+        if self.limit != "elman":
+            law["args"].pop("beta", None)
+        return {"data": state.data, "model": law, "input_dim": state.model.input_dim,
+                "alpha": state.alpha, "M": self.M, "samples": self.samples,
+                "L": self.probe_length, "n": self.n_probes, "probe_seed": self.probe_seed,
+                "dtype": str(self.probes.dtype),
+                "run_seed": state.seed if self.probe_seed is None else None}
+
     def _build_ode(self, state: TrainState) -> LimitODE:
         """The limit ODE on the probes; cached: it depends on the data, σ, μ0, α and the probe
         draw, not on N, β or the run seed."""
-        cfg, alpha = state.cfg, float(state.cfg.train.alpha)
-        spec = {"data": cfg.data, "input_dim": state.model.input_dim, "alpha": alpha, "M": self.M,
-                "samples": self.samples, "L": self.probe_length, "n": self.n_probes,
-                "tol": self.limit_tol, "probe_seed": self.probe_seed, "dtype": cfg.dtype,
-                "run_seed": int(cfg.seed) if self.probe_seed is None else None}
+        alpha = state.alpha
+        spec = {**self._spec(state), "tol": self.limit_tol}
         kernel, length = None, None
         if self.limit == "elman":
-            window = int(getattr(cfg.train, "bptt_window", 32))
+            window = state.bptt_window
             length = self.train_length or self.probe_length
-            spec.update(model=family_of(state.model).limit_spec(state.model), window=window,
-                        train_length=length)
+            spec.update(window=window, train_length=length)
 
             def kernel(model, x, x2=None, tol=self.limit_tol):
                 return elman_limit_ntk(model, x, x2, tol=tol, window=window)
-        else:
-            spec.update(activation=cfg.model.activation, init=cfg.model.init)
 
         solved: list[LimitODE] = []  # the ode kernels() solved, so reduced() need not again
 
@@ -122,14 +129,9 @@ class OutputTrackingCallback(Callback):
         horizon, from ``samples`` independent π-samples (their spread is the error); cached."""
         from ..limit.feedback import solve_feedback_limit
 
-        cfg, alpha = state.cfg, float(state.cfg.train.alpha)
-        horizon = state.n_steps / state.model.width
-        spec = {"data": cfg.data, "activation": cfg.model.activation, "init": cfg.model.init,
-                "input_dim": state.model.input_dim, "alpha": alpha, "M": self.M,
-                "samples": self.samples, "L": self.probe_length, "n": self.n_probes,
-                "probe_seed": self.probe_seed, "dtype": cfg.dtype, "dt": self.dt,
-                "J": self.n_features, "horizon": horizon, "gradient": cfg.train.gradient,
-                "run_seed": int(cfg.seed) if self.probe_seed is None else None}
+        alpha, horizon = state.alpha, state.horizon
+        spec = {**self._spec(state), "dt": self.dt, "J": self.n_features, "horizon": horizon,
+                "gradient": state.gradient}
 
         def compute() -> dict:
             hs = []
@@ -137,7 +139,7 @@ class OutputTrackingCallback(Callback):
                 X, Y = state.source.windows(self.M, self.probe_length, self._gen)
                 sol = solve_feedback_limit(state.model, X.double(), Y.double(), alpha, horizon,
                                            self.dt, probes=self.probes.double(),
-                                           gradient=cfg.train.gradient,
+                                           gradient=state.gradient,
                                            n_features=self.n_features, seed=r)
                 hs.append(sol.h_probes)
             return {"t": sol.t, "h": torch.stack(hs)}

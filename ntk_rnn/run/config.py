@@ -174,10 +174,6 @@ def validate(cfg: DictConfig | Config) -> None:
                  f"train.horizon={t.horizon} must be a finite number > 0 (or set train.steps)")
     else:
         _require(int(t.steps) >= 1, f"train.steps={t.steps} must be >= 1")
-    if t.steps is not None or "width" in m:
-        steps = num_steps(cfg)
-        _require(steps <= MAX_STEPS, f"train.steps={steps} (train.horizon · model.width) is "
-                 f"above the limit {MAX_STEPS:.0e}; train in several runs or lower train.horizon")
     _require(int(t.chunk_size) >= 1, f"train.chunk_size={t.chunk_size} must be >= 1")
     _require(int(t.log_every) >= 0, f"train.log_every={t.log_every} must be >= 0")
     _require(int(t.mse_window) >= 0, f"train.mse_window={t.mse_window} must be >= 0")
@@ -256,8 +252,13 @@ def check_callback_args(name: str, node: Any, cls: Any) -> None:
 
 def num_steps(cfg: DictConfig | Config, width: Optional[int] = None) -> int:
     """Training steps: train.steps if set, else round(train.horizon · N) (time t = k / N); N is
-    ``width`` (the built model's) or ``model.width`` of the config."""
+    ``width`` (the built model's: the trainer computes it once, after building) or
+    ``model.width`` of the config. More than MAX_STEPS is a ConfigError."""
     if cfg.train.steps is not None:
-        return int(cfg.train.steps)
-    N = int(width if width is not None else cfg.model.width)
-    return max(1, round(float(cfg.train.horizon) * N))
+        steps = int(cfg.train.steps)
+    else:
+        N = int(width if width is not None else cfg.model.width)
+        steps = max(1, round(float(cfg.train.horizon) * N))
+    _require(steps <= MAX_STEPS, f"train.steps={steps} (train.horizon · model.width) is above "
+             f"the limit {MAX_STEPS:.0e}; train in several runs or lower train.horizon")
+    return steps

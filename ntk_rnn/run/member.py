@@ -29,6 +29,7 @@ from ..data.base import check_chunk, source_name
 from ..errors import ConfigError, TrainingDiverged
 from ..logging import make_writer, tensorboard_enabled, write_hparams
 from ..models.init import generator_from_seed
+from .build import member_dir
 from .resume import check_same_config, completed_run, find_checkpoint, metrics_intact
 from .signals import TrainingInterrupted
 from .writer import RunWriter
@@ -64,7 +65,9 @@ class Member:
     def __init__(self, e: int, cfg: Any, run_dir: Optional[Path], source: Any,
                  model: torch.nn.Module, online: Any, lr: float, callbacks: list[Callback],
                  seeds: dict[str, int], n_steps: int,
-                 model_factory: Optional[Callable[[int, int], torch.nn.Module]] = None) -> None:
+                 model_factory: Optional[Callable[[int, int], torch.nn.Module]] = None, *,
+                 run_info: Optional[Callable[..., dict]] = None, ensemble: bool = False,
+                 notes: bool = True) -> None:
         self.e, self.cfg, self.run_dir = e, cfg, run_dir
         self.source, self.model, self.online, self.lr = source, model, online, float(lr)
         self.callbacks, self.seeds, self.n_steps = callbacks, seeds, n_steps
@@ -88,21 +91,29 @@ class Member:
         self.stream: Optional[Iterator] = None
         self.writer = RunWriter(None)
         self.state = TrainState(
-            model=model, online=online, source=source, cfg=cfg, run_dir=run_dir,
+            model=model, online=online, source=source, run_dir=run_dir,
             n_steps=n_steps, lr=self.lr, generators={"probe": generator_from_seed(seeds["probe"])},
             save_checkpoint=self.save, writer=self.writer, model_factory=model_factory,
             alpha=float(t.alpha), gradient=str(t.gradient),
+            bptt_window=int(t.get("bptt_window", 32)), seed=int(cfg.seed),
+            data=OmegaConf.to_container(cfg.data, resolve=True), callbacks=tuple(callbacks),
         )
         for cb in callbacks:  # bad callback settings fail here, before any step
             cb.setup(self.state)
         self.resumed_from: Optional[Path] = None
-        self.notes, self.label = True, ""  # announce slow starts on stderr (label: member_0..)
+        # announce slow starts on stderr (``notes``), labelled member_<e> in an ensemble
+        self.notes, self.label = notes, f"{member_dir(e)}: " if ensemble else ""
         self.completed: Optional[dict] = None  # metrics of a finished run asked to resume
-        self.run_info: Any = None  # the trainer's (backend, gradient): recorded in checkpoints
+        # the trainer's (backend, gradient), recorded in checkpoints; with the member, what its
+        # metrics.json adds (times)
+        self.run_info = run_info if run_info is not None else (lambda member=None: {})
         self.restored_info: Optional[dict] = None  # ... as read back from one
         self._fresh_logs = False  # starting over in a directory that holds older event files
-        self.resume_hint = (f"run the same command again with train.resume=true and "
-                            f"hydra.run.dir={run_dir} (a sweep: hydra.sweep.dir=<its dir> "
+        where = run_dir.parent if ensemble and run_dir is not None else run_dir
+        self.resume_hint = (f"run the ensemble's command again with train.resume=true and "
+                            f"hydra.run.dir={where}" if ensemble else
+                            f"run the same command again with train.resume=true and "
+                            f"hydra.run.dir={where} (a sweep: hydra.sweep.dir=<its dir> "
                             "train.resume=auto)")
 
     @property
@@ -129,7 +140,7 @@ class Member:
             # from its last step reports the same metrics
             "callback_metrics": {k: v for k, v in self.state.metrics.items()
                                  if not k.startswith("_") and _plain_value(v)},
-            "run_info": dict(self.run_info()) if callable(self.run_info) else {},
+            "run_info": dict(self.run_info()),
         }
 
     def config_yaml(self) -> str:
@@ -194,10 +205,13 @@ class Member:
                  for k, v in metrics.items()}
         atomic_write_text(self.run_dir / "metrics.json", json.dumps(clean, indent=2, default=float))
 
-    def repair_record(self) -> None:
+    def prepare(self) -> None:
         """Before the run writes (its directory locked): remove temporary files of a write cut
-        short, and give a completed run whose metrics.json is missing or damaged its record
-        back (from ``final.pt``). An intact metrics.json is never rewritten."""
+        short; a run that already completed is marked so, and its record given back (from
+        ``final.pt``) when metrics.json is missing or damaged (an intact one is never
+        rewritten)."""
+        if self.completed is not None:  # resumed after it completed: nothing to redo
+            self.status, self.metrics = "completed", dict(self.completed)
         if self.run_dir is None:
             return
         for stale in (self.run_dir / "checkpoints").glob(".*.tmp"):  # a write cut short
@@ -205,6 +219,12 @@ class Member:
                 stale.unlink(missing_ok=True)
         if self.completed is not None and not metrics_intact(self.run_dir):
             self.write_metrics(self.completed)
+
+    def drop_callbacks(self, kind: type) -> None:
+        """Remove the callbacks of class ``kind`` (an ensemble draws one progress bar for all
+        members)."""
+        self.callbacks = [cb for cb in self.callbacks if not isinstance(cb, kind)]
+        self.state.callbacks = tuple(self.callbacks)
 
     # --- resume ---------------------------------------------------------------------------
     def resume(self, mode: Any = True) -> bool:
@@ -330,6 +350,26 @@ class Member:
         raise ConfigError(f"data: {source_name(self.source)}.stream ended after {seen} "
                           f"elements; the run needs {self.n_steps}")
 
+    def attach_stream(self, stream: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Read the run's chunks from ``stream`` (``open_stream``'s, or a copy of one shared by
+        members that read the same stream from the same step)."""
+        self.stream = stream
+
+    def next_chunk(self) -> None:
+        """When the chunk is done: the next one from the stream, or at the last step the run
+        ends (``end``). A stream that fails or ends early is a ConfigError."""
+        if self.chunk is not None and not self.chunk.done:
+            return
+        if self.step >= self.n_steps:
+            self.end()
+            return
+        try:
+            X, Y = next(self.stream)
+        except StopIteration:
+            raise ConfigError(f"data: the stream ended at step {self.step}; the run needs "
+                              f"{self.n_steps}") from None
+        self.start_chunk(X, Y)
+
     def start_chunk(self, X: torch.Tensor, Y: torch.Tensor) -> Chunk:
         """A chunk of the stream (cut at the last step), on the model's device and dtype."""
         p = next(self.model.parameters())
@@ -338,6 +378,11 @@ class Member:
         # the state before the chunk: the last good one, in case it diverges
         self.chunk = Chunk(X, Y, torch.empty_like(Y), self.step, self.snapshot())
         return self.chunk
+
+    def segment(self, L: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The next L steps of the chunk: X (L, d), Y (L,) and where their Ŷ go (L,) (views)."""
+        c, j = self.chunk, self.chunk.j
+        return c.X[j:j + L], c.Y[j:j + L], c.y_hat[j:j + L]
 
     def steps_to_event(self) -> int:
         """Steps until the next event (log, callback, end of run) or the end of the chunk."""
@@ -352,12 +397,15 @@ class Member:
         nxt += [(s // cb.every_n_steps + 1) * cb.every_n_steps for cb in self.callbacks]
         return min(nxt)
 
-    def advance(self, L: int) -> None:
-        """The stepper has run L more steps of the chunk: segment callbacks see them; at an event
-        or the chunk's end the errors are recorded (divergence stops the run); at an event the
-        trainer logs and the callbacks run."""
+    def advance(self, y_hat: torch.Tensor) -> None:
+        """The stepper has run the ``segment`` of L steps, predicting ``y_hat`` (L,): segment
+        callbacks see them; at an event or the chunk's end the errors are recorded (divergence
+        stops the run); at an event the trainer logs and the callbacks run."""
         chunk = self.chunk
+        L = y_hat.shape[0]
         j0, j1 = chunk.j, chunk.j + L
+        if y_hat.data_ptr() != chunk.y_hat[j0:j1].data_ptr():  # (E = 1 predicts in place)
+            chunk.y_hat[j0:j1] = y_hat
         self.step += L
         chunk.j = j1
         st = self.state
@@ -448,9 +496,10 @@ class Member:
         self.status, self.error = status, self.error or str(exc)
         self.chunk = self.stream = None
 
-    def end(self, info: dict) -> dict:
-        """The run completed: callbacks end, ``final.pt``, HParams, ``metrics.json``. ``info``:
-        what the trainer adds (backend, gradient mode)."""
+    def end(self) -> dict:
+        """The run completed: callbacks end, ``final.pt``, HParams, ``metrics.json`` (with what
+        the trainer adds: backend, gradient mode, times)."""
+        info = self.run_info(self)
         wall = time.perf_counter() - self.t_start
         st = self.state
         st.step, st.running_mse = self.step, self.running_mse()

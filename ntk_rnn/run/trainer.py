@@ -12,9 +12,10 @@ Each step k reads (X_k, Y_k), predicts Ŷ_k with the current θ, then moves ever
     θ ← θ + α_N (Y_k − Ŷ_k) ∂Ŷ_k/∂θ,     α_N = α N^{2β−2},     t = k / N,
 
 with ∂Ŷ_k/∂θ exact by RTRL (Models D and F: `N^{-β} (S, c P, c Q)`, see
-`ntk_rnn.online.rtrl`) or truncated. The stepper runs many steps per call (a compiled
-kernel); the loop stops it at every event — a log point, a callback, the end of a chunk of the
-stream — where errors are recorded and callbacks see the state.
+`ntk_rnn.online.rtrl`) or truncated. One stepper (`ntk_rnn.online.stepper.make_stepper`, picked
+from the model family) runs many steps of every network per call; the loop in `Trainer._fit`
+stops it at every event — a log point, a callback, the end of a chunk of the stream — where each
+`Member` records its errors and its callbacks see the state.
 
 A run is determined by its config and seed: θ_0 is drawn from the seed's model stream whichever
 way the model was built, so the same settings from the CLI and from Python give the same numbers.
@@ -45,12 +46,7 @@ from ..callbacks.progress import ProgressCallback, interactive, progress_bar
 from ..checkpoint import atomic_write_text
 from ..data.base import source_name
 from ..errors import ConfigError, TrainingDiverged
-from ..models.family import family_of
-from ..models.recurrence import OnlineState
-from ..online.bptt import BPTTStepper
-from ..online.ensemble import EnsembleStepper
-from ..online.fast import FastStepper
-from ..online.rtrl import ReferenceStepper
+from ..online.stepper import make_stepper, online_state, resolve_gradient, stack_segments
 from .build import (
     build_callbacks,
     build_model,
@@ -160,7 +156,13 @@ class Trainer:
         validate(cfg)  # nothing is written before the whole run is built and checked
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.E = int(opt(cfg.train, "ensemble_size", 1))
+        # Python: progress=None is on where someone watches (a terminal, a notebook); the CLI's
+        # bar is callbacks.progress, and it announces slow start-up phases always
+        show = interactive() if progress is None else bool(progress)
+        self._notes = show or not python
         self.backend_asked = str(opt(cfg.train, "backend", "auto"))
+        self.stepper: Any = None  # (built by fit: _stepper_of)
+        self._stepper_ids: list[int] = []
         self.members: list[Member] = []
         for e in range(self.E):
             cfg_e = member_config(cfg, e) if self.E > 1 else cfg
@@ -169,26 +171,16 @@ class Trainer:
             self.members.append(self._member(e, cfg_e, dir_e, source, models, cbs))
         self.gradient = str(cfg.train.gradient)  # (resolved from auto by _member)
         self._check_resume_mode()
-        self.stepper: Any = None
-        self._stepper_ids: list[int] = []
         self.network_steps, self.stepper_s, self.wall_s = 0, 0.0, 0.0
         self.setup_s = 0.0  # fit's start-up: writers, callbacks' on_train_start (K_∞), files
         self.status = "pending"
         self._locks: list[RunLock] = []
-        for m in self.members:  # what a checkpoint records of the run (its backend)
-            m.run_info = self._run_info
         # one progress bar for the ensemble instead of one per member
         self.progress = [cb for cb in self.members[0].callbacks if isinstance(cb, ProgressCallback)]
         if self.E > 1:
             for m in self.members:
-                m.callbacks = [cb for cb in m.callbacks if not isinstance(cb, ProgressCallback)]
-        # Python: progress=None is on where someone watches (a terminal, a notebook); the CLI's
-        # bar is callbacks.progress, and it announces slow start-up phases always
-        show = interactive() if progress is None else bool(progress)
+                m.drop_callbacks(ProgressCallback)
         self.own_bar = python and show and not self.progress
-        for m in self.members:
-            m.notes = show or not python
-            m.label = f"{member_dir(m.e)}: " if self.E > 1 else ""
         self.build_s = time.perf_counter() - self._t_built
 
     @classmethod
@@ -238,12 +230,10 @@ class Trainer:
         alpha = float(cfg.train.alpha)
         lr = model.learning_rate(alpha) if callable(getattr(model, "learning_rate", None)) \
             else alpha
-        if gradient == "bptt":  # the stepper carries the window: it is the member's online state
-            online = BPTTStepper(model, lr, window=int(opt(cfg.train, "bptt_window", 32)))
-        else:
-            online = OnlineState.zeros(model)
+        online = online_state(model, lr, gradient, int(opt(cfg.train, "bptt_window", 32)))
         return Member(e, cfg, run_dir, source, model, online, lr, callbacks, seeds, n_steps,
-                      model_factory=factory)
+                      model_factory=factory, run_info=self._run_info, ensemble=self.E > 1,
+                      notes=self._notes)
 
     def _check_resume_mode(self) -> None:
         mode = opt(self.cfg.train, "resume", False)
@@ -253,9 +243,6 @@ class Trainer:
                               f"not an ensemble; resume it without train.ensemble_size={self.E}")
         for m in self.members:
             m.resume(mode)
-            if self.E > 1:
-                m.resume_hint = (f"run the ensemble's command again with train.resume=true and "
-                                 f"hydra.run.dir={self.run_dir}")
 
     # --- one writer per run directory -------------------------------------------------------
     def lock(self) -> None:
@@ -347,9 +334,7 @@ class Trainer:
 
     def _fit(self) -> dict:
         for m in self.members:
-            m.repair_record()
-            if m.completed is not None:  # resumed after it completed: nothing to redo
-                m.status, m.metrics = "completed", dict(m.completed)
+            m.prepare()
         if all(m.status == "completed" for m in self.members):
             return self._finished()
         self.status = "running"
@@ -364,22 +349,23 @@ class Trainer:
                 self._open_streams()
                 self.setup_s = time.perf_counter() - t0
                 bar = self._progress_bar()
-                while self._refill():  # each member's next chunk of the stream; ends finish here
+                while self._next_chunks():  # each member's next chunk; a finished run ends here
                     for lk in self._locks:
                         lk.heartbeat()
                     if stop.signum is not None:
                         self._interrupt(stop.signum)
                     active = self.active
                     L = min(m.steps_to_event() for m in active)
-                    # L online SGD steps for every active network, in one call:
+                    # L online SGD steps of every active network, in one stepper call:
                     #   Ŷ_k = f_θ(X_k);  θ ← θ + α_N (Y_k − Ŷ_k) ∂Ŷ_k/∂θ
                     ts = time.perf_counter()
-                    self._run_segment(active, L)
+                    X, Y, Y_hat = stack_segments([m.segment(L) for m in active])
+                    self._stepper_of(active).run_chunk(X, Y, Y_hat)
                     self.stepper_s += time.perf_counter() - ts
                     self.network_steps += L * len(active)
-                    for m in active:  # errors, divergence, logs and callbacks at events
+                    for m, y_hat in zip(active, Y_hat):  # errors, logs, callbacks at events
                         try:
-                            m.advance(L)
+                            m.advance(y_hat)
                         except TrainingDiverged as exc:
                             self._drop(m, "diverged", exc)
                     if bar is not None:
@@ -422,29 +408,17 @@ class Trainer:
         for m in self.active:
             groups.setdefault((m.seeds["data"], m.step), []).append(m)
         for ms in groups.values():
-            its = itertools.tee(ms[0].open_stream(), len(ms))
-            for m, it in zip(ms, its, strict=True):
-                m.stream = it
+            for m, it in zip(ms, itertools.tee(ms[0].open_stream(), len(ms)), strict=True):
+                m.attach_stream(it)
 
-    def _refill(self) -> bool:
+    def _next_chunks(self) -> bool:
         """A member whose chunk is done gets its next one, or ends (its last step); a data error
         fails that member alone. False when no member is left running."""
         for m in self.active:
-            if m.chunk is not None and not m.chunk.done:
-                continue
-            if m.step < m.n_steps:
-                try:
-                    X, Y = next(m.stream)
-                except StopIteration:
-                    self._drop(m, "failed", ConfigError(
-                        f"data: the stream ended at step {m.step}; the run needs {m.n_steps}"))
-                    continue
-                except ConfigError as exc:
-                    self._drop(m, "failed", exc)
-                    continue
-                m.start_chunk(X, Y)
-                continue
-            m.end(self._run_info(m))
+            try:
+                m.next_chunk()
+            except ConfigError as exc:
+                self._drop(m, "failed", exc)
         return bool(self.active)
 
     def _run_info(self, m: Optional[Member] = None) -> dict:
@@ -466,11 +440,11 @@ class Trainer:
     def backend(self) -> str:
         """The stepper that ran: `kernel` (compiled C), `eager`, `graphs`, `reference`, or
         `bptt-<engine>` for truncated BPTT."""
-        if self.backend_asked == "reference":
-            return "reference"
+        if self.stepper is not None:
+            return self.stepper.backend
         if self.gradient == "bptt":
             return f"bptt-{getattr(self.members[0].online, 'engine', 'autograd')}"
-        return self.stepper.backend if self.stepper is not None else self.backend_asked
+        return self.backend_asked
 
     def _drop(self, m: Member, status: str, exc: BaseException) -> None:
         """Member m stops (its metrics.json says why; a diverged one keeps last_good.pt)."""
@@ -479,54 +453,14 @@ class Trainer:
             raise exc
         print(f"ntk_rnn: {member_dir(m.e)} (seed {m.seed}) {status}: {exc}", file=sys.stderr)
 
-    def _run_segment(self, active: list[Member], L: int) -> None:
-        """Steps j..j+L of every active member's chunk, as one stepper call."""
-        if self.gradient == "bptt":  # each network's own truncated-BPTT stepper
-            for m in active:
-                c, j = m.chunk, m.chunk.j
-                m.online.run_chunk(c.X[j:j + L], c.Y[j:j + L], out=c.y_hat[j:j + L])
-            return
-        if self.backend_asked == "reference":  # one network, one rtrl_step at a time
-            for m in active:
-                c, j = m.chunk, m.chunk.j
-                ReferenceStepper(m.model, m.online, m.lr, self.gradient).run_chunk(
-                    c.X[j:j + L], c.Y[j:j + L], out=c.y_hat[j:j + L])
-            return
-        stepper = self._stepper(active)
-        if len(active) == 1 and isinstance(stepper, FastStepper):
-            c, j = active[0].chunk, active[0].chunk.j
-            stepper.run_chunk(c.X[j:j + L], c.Y[j:j + L], out=c.y_hat[j:j + L])
-            return
-        c0, j0 = active[0].chunk, active[0].chunk.j
-        same = all(m.chunk.j == j0 and m.chunk.X.data_ptr() == c0.X.data_ptr() and
-                   m.chunk.Y.data_ptr() == c0.Y.data_ptr() for m in active)
-        if same:  # one shared stream at the same place: X (L, d), Y (L,)
-            X, Y = c0.X[j0:j0 + L], c0.Y[j0:j0 + L]
-        else:
-            X = torch.stack([m.chunk.X[m.chunk.j:m.chunk.j + L] for m in active])
-            Y = torch.stack([m.chunk.Y[m.chunk.j:m.chunk.j + L] for m in active])
-        out = torch.empty(len(active), L, dtype=c0.y_hat.dtype, device=c0.y_hat.device)
-        stepper.run_chunk(X, Y, out=out)
-        for i, m in enumerate(active):
-            m.chunk.y_hat[m.chunk.j:m.chunk.j + L] = out[i]
-
-    def _stepper(self, active: list[Member]) -> Any:
-        """The stepper of the active members (rebuilt when one leaves). E = 1: FastStepper on the
-        model's own tensors; E > 1: the batched EnsembleStepper, whose stacked buffers the
-        members' parameters and online states become views of."""
+    def _stepper_of(self, active: list[Member]) -> Any:
+        """The active networks' stepper (`make_stepper`, from the model family), rebuilt when one
+        leaves."""
         ids = [m.e for m in active]
         if self.stepper is None or ids != self._stepper_ids:
-            if self.E == 1:
-                m = active[0]
-                self.stepper = FastStepper(m.model, m.lr, self.gradient, state=m.online,
-                                           backend=self.backend_asked)
-            else:
-                # one thread: segments between events are short, and a thread per call costs
-                # more than it saves there
-                self.stepper = EnsembleStepper(
-                    [m.model for m in active], lr=[m.lr for m in active], gradient=self.gradient,
-                    states=[m.online for m in active], backend=self.backend_asked, bind=True,
-                    threads=1)
+            self.stepper = make_stepper([m.model for m in active], [m.lr for m in active],
+                                        [m.online for m in active], self.gradient,
+                                        self.backend_asked)
             self._stepper_ids = ids
         return self.stepper
 
@@ -637,20 +571,6 @@ def warn_unseeded(model: torch.nn.Module, seed: int) -> None:
         f"its constructor drew from torch's global RNG, not determined by seed={seed} (ensemble "
         "members start from copies of it); call torch.manual_seed(...) before building the "
         "model, or give it reset_parameters(generator)", UserWarning, stacklevel=4)
-
-
-def resolve_gradient(gradient: str, model: torch.nn.Module) -> str:
-    """``train.gradient=auto``: the model family's online step — exact RTRL for Models D and F,
-    truncated BPTT for any other model; rtrl/truncated on a model without an exact online step
-    is an error."""
-    exact = family_of(model).online == "rtrl"
-    if gradient == "auto":
-        return "rtrl" if exact else "bptt"
-    if gradient in ("rtrl", "truncated") and not exact:
-        raise ConfigError(f"train.gradient={gradient}: {type(model).__qualname__} has no exact "
-                          "online step (only MeanFieldRNN has); use train.gradient=auto or bptt "
-                          "(truncated backpropagation through train.bptt_window elements)")
-    return gradient
 
 
 def width_factory(cfg: DictConfig, input_dim: int) -> Any:
