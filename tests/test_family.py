@@ -29,7 +29,7 @@ def test_families():
     cases = [(MeanFieldRNN(1, 4), "diagonal", "rtrl", "units", "quadrature"),
              (MeanFieldRNN(1, 4, recurrence="feedback"), "feedback", "rtrl", None, "cell"),
              (ElmanRNN(1, 4), "elman", "bptt", "elman", "elman"),
-             (GRURNN(1, 4), "gru", "bptt", "gru", "monte_carlo"),
+             (GRURNN(1, 4), "gru", "bptt", "gru", "coordinate"),
              (TinyRNN(1, 4), "generic", "bptt", None, "monte_carlo")]
     for model, name, online, structure, limit in cases:
         fam = family_of(model)
