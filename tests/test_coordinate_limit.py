@@ -113,3 +113,16 @@ def test_gru_against_wide_networks(kw):
     rich = 2 * means[1] - means[0]
     se = (4 * ses[1] ** 2 + ses[0] ** 2 + lim.stderr ** 2).sqrt()
     assert float((rich - lim.value).norm()) <= 3 * float(se.norm())
+
+
+def test_cli_gru_uses_the_coordinate_limit(tiny_cfg):
+    """`model=gru` from the config: K_∞ is the sampled coordinate limit, its relative error
+    reported in the units of the distance (and far below it at N = 16)."""
+    from ntk_rnn import Trainer
+
+    cfg = tiny_cfg("model=gru", "model.width=16", "callbacks.ntk.limit=true",
+                   "callbacks.ntk.n_probes=6", "callbacks.ntk.probe_length=5")
+    m = Trainer.from_config(cfg, None).fit()
+    assert m["ntk_limit_method"] == "coordinate"
+    assert 0 < m["ntk_limit_relative_error"] < 0.01
+    assert m["ntk_limit_relative_error"] < m["ntk_distance_to_limit"] / 5
