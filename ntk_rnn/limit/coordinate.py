@@ -51,7 +51,7 @@ from ..models.family import family_of
 _F64 = torch.float64
 _DT = torch.float64  # the samples too: float32 left a bias of several % (conditioning cancels)
 _CUT = 1e-8  # relative conditional variance below which a direction is not sampled
-DEFAULT_SAMPLES, DEFAULT_REPLICATES = 4096, 32  # limit_ntk's: ~0.3% at 64 windows × 24 (§10)
+DEFAULT_SAMPLES, DEFAULT_REPLICATES = 4096, 40  # limit_ntk's: ~0.25% at 64 windows × 24 (§10)
 
 
 @dataclass
