@@ -126,3 +126,17 @@ def test_cli_gru_uses_the_coordinate_limit(tiny_cfg):
     assert m["ntk_limit_method"] == "coordinate"
     assert 0 < m["ntk_limit_relative_error"] < 0.01
     assert m["ntk_limit_relative_error"] < m["ntk_distance_to_limit"] / 5
+
+
+@pytest.mark.slow
+def test_stated_error_covers_the_truth_over_seeds():
+    """Ten independent estimates on the Elman network: the true error is within twice the
+    stated relative error (one standard error) in at least 8 of 10, within it in at least 3."""
+    x = _x(8, 8, 1, 7)
+    model = ElmanRNN(1, 8, recurrent_scaling="ntk")
+    truth = elman_limit_ntk(model, x).value
+    pairs = [(_rel(lim.value, truth), lim.relative_error) for lim in
+             (coordinate_limit_ntk(model, x, samples=2048, replicates=8, seed=s)
+              for s in range(10))]
+    assert sum(t <= 2 * e for t, e in pairs) >= 8
+    assert sum(t <= e for t, e in pairs) >= 3
