@@ -29,7 +29,7 @@ def test_families():
     cases = [(MeanFieldRNN(1, 4), "diagonal", "rtrl", "units", "quadrature"),
              (MeanFieldRNN(1, 4, recurrence="feedback"), "feedback", "rtrl", None, "cell"),
              (ElmanRNN(1, 4), "elman", "bptt", "elman", "elman"),
-             (GRURNN(1, 4), "gru", "bptt", "gru", "monte_carlo"),
+             (GRURNN(1, 4), "gru", "bptt", "gru", "coordinate"),
              (TinyRNN(1, 4), "generic", "bptt", None, "monte_carlo")]
     for model, name, online, structure, limit in cases:
         fam = family_of(model)
@@ -153,8 +153,8 @@ def test_python_elman_run_config_reruns_to_the_same_numbers():
 
 
 def test_start_note_names_the_models_own_limit():
-    """The line printed before K_∞ is computed says which limit: closed form for Elman, Monte
-    Carlo (with N′) for the GRU."""
+    """The line printed before K_∞ is computed says which limit: closed form for Elman, the
+    sampled coordinate limit for the GRU."""
     notes = {}
     for name, model in (("elman", ElmanRNN(1, 16)), ("gru", GRURNN(1, 16))):
         cb = NTKCallback(every_n_steps=4, n_probes=4, probe_length=4, top_k=2)
@@ -162,4 +162,4 @@ def test_start_note_names_the_models_own_limit():
                      callbacks=[cb], tensorboard=False, progress=False)
         notes[name] = cb.start_note(tr.members[0].state)
     assert "elman" in notes["elman"] and "Monte Carlo" not in notes["elman"]
-    assert "Monte Carlo over 8 networks of width 256" in notes["gru"]
+    assert "coordinate" in notes["gru"] and "Monte Carlo" not in notes["gru"]

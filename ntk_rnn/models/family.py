@@ -17,8 +17,9 @@ their own tables (so ``models/`` imports none of them and no import cycle appear
                    or None
 ``limit``          the infinite-width kernel K_∞ (``ntk_rnn.limit.limit_ntk``):
                    ``"quadrature"`` (Model D, theory §5), ``"cell"`` (Model F at
-                   initialisation, §6), ``"elman"`` (closed form, §9) or ``"monte_carlo"``
-                   (wide networks drawn with `Family.at_width`)
+                   initialisation, §6), ``"elman"`` (closed form, §9), ``"coordinate"`` (GRU:
+                   sampled infinite-width coordinates, §10) or ``"monte_carlo"`` (wide
+                   networks drawn with `Family.at_width`)
 =================  =========================================================================
 
 and `Family.at_width` builds the same network at another width with θ_0 from a seed (the
@@ -52,8 +53,8 @@ from .recurrence import DIAGONAL, FEEDBACK, Recurrence
 
 Online = Literal["rtrl", "bptt"]
 Structure = Literal["units", "elman", "gru"]
-LimitKind = Literal["quadrature", "cell", "elman", "monte_carlo"]
-LIMIT_KINDS = ("quadrature", "cell", "elman", "monte_carlo")
+LimitKind = Literal["quadrature", "cell", "elman", "coordinate", "monte_carlo"]
+LIMIT_KINDS = ("quadrature", "cell", "elman", "coordinate", "monte_carlo")
 
 
 def constructor_args(model: nn.Module) -> dict[str, Any]:
@@ -148,9 +149,10 @@ class ElmanFamily(Family):
 
 
 class GRUFamily(Family):
-    """GRURNN: truncated BPTT (compiled), structured NTK, Monte-Carlo K_∞."""
+    """GRURNN: truncated BPTT (compiled), structured NTK, K_∞ sampled from the infinite-width
+    coordinate distribution (theory §10)."""
 
-    name, bptt_engine, structure = "gru", "gru", "gru"
+    name, bptt_engine, structure, limit = "gru", "gru", "gru", "coordinate"
 
 
 GENERIC, DIAGONAL_F, FEEDBACK_F = Family(), DiagonalFamily(), FeedbackFamily()
