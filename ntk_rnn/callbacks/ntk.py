@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .. import tags as T
 from ..errors import ConfigError
-from ..limit.dispatch import default_mc_width, is_exact, limit_kind, limit_ntk
+from ..limit.dispatch import default_mc_width, is_exact, limit_kind, limit_ntk, sampler_settings
 from ..logging import write_layout
 from ..models.family import family_of
 from ..models.init import generator_from_seed
@@ -235,7 +235,10 @@ class NTKCallback(Callback):
         if not self.limit or self.K0 is not None:
             return None
         model = state.model
-        how = (f"{limit_kind(model)}, to tol {self.limit_tol:g}" if is_exact(model) else
+        sampled = sampler_settings(model)
+        how = (f"coordinate sampler, {sampled['replicates']} replicates of {sampled['samples']} "
+               "coordinates" if sampled else
+               f"{limit_kind(model)}, to tol {self.limit_tol:g}" if is_exact(model) else
                f"Monte Carlo over {self.limit_draws} networks of width {self._mc_width(model)}")
         return (f"computing the limit kernel K_∞ on {self.n_probes} probe windows of length "
                 f"{self.probe_length} ({how}; callbacks.ntk.limit=false skips it)")
@@ -264,7 +267,8 @@ class NTKCallback(Callback):
                 "probes_sha256": hashlib.sha256(probes.numpy().tobytes()).hexdigest(),
                 "n": self.n_probes, "L": self.probe_length,
                 "tol": self.limit_tol, "method": self.limit_method, "probe_seed": self.probe_seed,
-                "dtype": str(probes.dtype), "mc": None if exact else
+                "dtype": str(probes.dtype), "limit": limit_kind(model),
+                "sampler": sampler_settings(model) or None, "mc": None if exact else
                 [self._mc_width(model), self.limit_draws, getattr(model, "beta", None)]}
         return cached(self.cache_dir, "limit_kernel", spec, compute)
 

@@ -114,6 +114,16 @@ def is_exact(model: Any) -> bool:
     return limit_kind(model) != "monte_carlo"
 
 
+def sampler_settings(model: Any) -> dict:
+    """What a sampled limit's numbers depend on besides the model and the windows (start notes,
+    the K_∞ cache key): the coordinate sampler's ``samples`` and ``replicates``; {} otherwise."""
+    if limit_kind(model) != "coordinate":
+        return {}
+    from .coordinate import DEFAULT_REPLICATES, DEFAULT_SAMPLES
+
+    return {"samples": DEFAULT_SAMPLES, "replicates": DEFAULT_REPLICATES}
+
+
 def limit_ntk(model: nn.Module, x: Tensor, x2: Optional[Tensor] = None, **kw: Any):
     """K_∞(x̄_i, x̄'_j) of ``model`` for windows x (n, L, d) and x2 (m, L′, d) (default x), by its
     family's limit (see the module docstring). Keywords go to that limit: ``tol``, ``method``
