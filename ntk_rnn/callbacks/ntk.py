@@ -111,7 +111,8 @@ class NTKCallback(Callback):
         probe_seed: Fix the probes across runs (None: drawn from the run's seed); with it K_∞
             can be cached, computed once for a whole sweep.
         cache_dir: Where K_∞ is cached when `probe_seed` is set (None: no cache).
-        limit_width: Models without a closed-form limit (`GRURNN`, your own): K_∞ is a
+        limit_width: Models whose limit is a Monte Carlo over networks (your own; `GRURNN`
+            has a sampled infinite-width limit, theory §10): K_∞ is a
             Monte-Carlo estimate over networks of this width N' (None: 2N within [256, 2048]),
             its 1/N' bias estimated from width N'/2 and included in its stated error.
         limit_draws: ... over this many independent networks (>= 2).
