@@ -64,14 +64,19 @@ def run_one(name, N, seed, args, cache):
 
 
 def fit(widths, per_seed):
-    """per_seed: (S, W) rmse. Pooled slope of the seed mean; per-seed slopes' mean ± 95% t."""
+    """per_seed: (S, W) rmse. Pooled slope of the seed mean; per-seed slopes' mean ± 95% t;
+    and the least-squares slope of all S·W points log rmse = a + b log N with its 95% t
+    interval (``ols``, ``ols_ci95``; S·W − 2 degrees of freedom)."""
     x = np.log(widths)
     pooled = float(np.polyfit(x, np.log(per_seed.mean(0)), 1)[0])
     slopes = np.array([np.polyfit(x, np.log(r), 1)[0] for r in per_seed])
     S = len(slopes)
     half = float(stats.t.ppf(0.975, S - 1) * slopes.std(ddof=1) / math.sqrt(S)) if S > 1 else \
         float("nan")
-    return {"pooled": pooled, "mean": float(slopes.mean()), "ci95": half}
+    ols = stats.linregress(np.tile(x, S), np.log(per_seed).ravel())
+    ols_half = float(stats.t.ppf(0.975, per_seed.size - 2) * ols.stderr)
+    return {"pooled": pooled, "mean": float(slopes.mean()), "ci95": half, "seeds": S,
+            "ols": float(ols.slope), "ols_ci95": ols_half}
 
 
 def truncation(name, args):
@@ -93,6 +98,33 @@ def truncation(name, args):
     return {"rms_h24_minus_h48": diff, "combined_sampling_error": se}
 
 
+def _reusable(args):
+    """The earlier results of ``--reuse`` if they were made with the same limit and data."""
+    if args.reuse is None:
+        return {}
+    old = json.loads(args.reuse.read_text())
+    same = ("alpha", "bptt_window", "train_length", "probes", "probe_length", "M")
+    diff = [k for k in same if old["args"].get(k) != getattr(args, k)]
+    if diff:
+        raise SystemExit(f"--reuse {args.reuse}: made with other {', '.join(diff)}")
+    return old
+
+
+def fits(res, args):
+    """Slopes per model and time over the seeds complete at every width (at least 2)."""
+    out = {}
+    for name in args.models:
+        seeds = [s for s in range(args.seeds)
+                 if all(f"{name}/{N}/{s}" in res["runs"] for N in args.widths)]
+        if len(seeds) < 2:
+            continue
+        for t in TIMES:
+            arr = np.array([[res["runs"][f"{name}/{N}/{s}"]["rmse"][str(t)] for N in args.widths]
+                            for s in seeds])
+            out[f"{name}/t={t}"] = fit(np.array(args.widths, float), arr)
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024])
@@ -105,30 +137,46 @@ def main(argv=None):
     p.add_argument("--probe-length", type=int, default=24)
     p.add_argument("--M", type=int, default=256)
     p.add_argument("--tag", default="sweep")
+    p.add_argument("--reuse", type=Path, default=None,
+                   help="an earlier results JSON: its runs (and truncation check) with the same "
+                        "alpha, windows, probes and M are copied, not rerun")
+    p.add_argument("--seed-block", type=int, default=4,
+                   help="seeds run in blocks of this size, every width and model per block, so "
+                        "a cut-short sweep has complete blocks")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     out_path = HERE / "results" / f"elman_ode_{args.tag}.json"
     cache = tempfile.mkdtemp(prefix="elman_ode_")
-    res = {"args": vars(args), "runs": {}, "fits": {}, "truncation": {}}
+    res = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+           "runs": {}, "fits": {}, "truncation": {}, "reused": []}
+    old = _reusable(args)
     start = time.time()
+
+    def save():
+        res["wall_seconds"] = time.time() - start
+        out_path.write_text(json.dumps(res, indent=1))
+
     for name in args.models:
         if name != "diagonal":
-            res["truncation"][name] = truncation(name, args)
+            res["truncation"][name] = old.get("truncation", {}).get(name) or \
+                truncation(name, args)
+    for lo in range(0, args.seeds, args.seed_block):
         for N in args.widths:
-            for s in range(args.seeds):
-                res["runs"][f"{name}/{N}/{s}"] = run_one(name, N, s, args, cache)
-                res["wall_seconds"] = time.time() - start
-                out_path.write_text(json.dumps(res, indent=1))
-                print(name, N, s, res["runs"][f"{name}/{N}/{s}"]["rmse"], flush=True)
-        for t in TIMES:
-            ws = [N for N in args.widths
-                  if all(f"{name}/{N}/{s}" in res["runs"] for s in range(args.seeds))]
-            if len(ws) >= 2:
-                arr = np.array([[res["runs"][f"{name}/{N}/{s}"]["rmse"][str(t)] for N in ws]
-                                for s in range(args.seeds)])
-                res["fits"][f"{name}/t={t}"] = fit(np.array(ws, float), arr)
-        out_path.write_text(json.dumps(res, indent=1))
-    res["wall_seconds"] = time.time() - start
-    out_path.write_text(json.dumps(res, indent=1))
+            for name in args.models:
+                for s in range(lo, min(lo + args.seed_block, args.seeds)):
+                    key = f"{name}/{N}/{s}"
+                    if key in old.get("runs", {}):
+                        res["runs"][key] = old["runs"][key]
+                        res["reused"].append(key)
+                        continue
+                    res["runs"][key] = run_one(name, N, s, args, cache)
+                    res["fits"] = fits(res, args)
+                    save()
+                    print(key, res["runs"][key]["rmse"], f"{res['runs'][key]['seconds']:.0f} s",
+                          flush=True)
+    res["fits"] = fits(res, args)
+    save()
     figure(res, HERE / "figures" / f"elman_ode_{args.tag}.png")
     print(json.dumps(res["fits"], indent=1), json.dumps(res["truncation"], indent=1))
 
