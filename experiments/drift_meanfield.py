@@ -1,8 +1,8 @@
 """Issue 25, item 4: the coherent part of Model D's kernel drift from the deterministic
 mean-field flow at a free displacement scale ε (the N → ∞ limit at fixed ε = N^{β−1}).
 
-    nice python -m experiments.drift_meanfield            # ~5-10 min on one shared core
-    nice python -m experiments.drift_meanfield --m-scan   # M = 256, 512; dτ/2; population ×2
+    nice python -m experiments.drift_meanfield            # ~10 min on one loaded core
+    nice python -m experiments.drift_meanfield --check    # finer nodes, dτ/2, M = 256, MC
 
 The finite-N network moves unit i by Δθ_i = ε ∫_0^τ E_π[(Y − Ŷ_u) φ_i] du + (SGD noise and the
 initial output's fluctuation, O(N^{−1/2}) per unit), τ = α t, ε = N^{β−1}, φ = (S, cP, cQ).
@@ -11,9 +11,11 @@ Dropping the O(N^{−1/2}) terms leaves the characteristic flow of a population 
     dθ/dτ = ε E_π[(Y − Ŷ^ε) φ_θ(X̄)],   Ŷ^ε(x̄) = ε^{−1} E_μ[c S_θ(x̄)],
 
 whose kernel change K^ε_τ − K_0 (K = E_μ[φ φᵀ] on the drift study's probes) is the ensemble mean
-of the finite-N drift up to those terms: the *coherent* part. It is computed here on an
-antithetic population (units in pairs (c, w, b), (−c, w, b), so Ŷ^ε_0 = 0 exactly) for a grid of
-ε, and compared with the coherent parts measured in experiments/results/drift_full.json.
+of the finite-N drift up to those terms: the *coherent* part. μ0 is represented by a weighted
+tensor-product quadrature in (c, w, b), symmetric under c → −c (so Ŷ^ε_0 = 0 exactly); a Monte
+Carlo population of 512 units was too noisy (two draws differ by up to 2× at small τ). It is
+computed for a grid of ε and compared with the coherent parts measured in
+experiments/results/drift_full.json.
 
 Parity (theory §5, *The drift's coherent part*): with the population symmetric under c → −c the
 flow gives δK(ε) = δK(−ε), so the coherent drift holds only even orders, ε² B_2(τ) + ε⁴ B_4(τ)
@@ -35,6 +37,7 @@ import torch
 
 from ntk_rnn import MeanFieldRNN
 from ntk_rnn.data import VAR1
+from ntk_rnn.limit import limit_ntk
 from ntk_rnn.models.init import generator_from_seed
 
 HERE = Path(__file__).resolve().parent
@@ -61,48 +64,69 @@ def features(c, w, b, x, act):
     return S, torch.cat([S, c[:, None, :] * P, c[:, None, :] * Q], dim=2)
 
 
-def kernel(c, w, b, x, act):
+def kernel(c, w, b, nu, x, act):
+    """K = Σ_i ν_i φ_i φ_iᵀ on windows x, for each ε: (E, n, n)."""
     _, phi = features(c, w, b, x, act)
-    return phi @ phi.transpose(1, 2) / c.shape[1]
+    return (phi * nu.repeat(3)) @ phi.transpose(1, 2)
 
 
-def velocity(theta, eps, X, Y, act):
-    """dθ/dτ = ε E_M[(Y − Ŷ^ε) φ_θ], Ŷ^ε = ε^{−1} mean_units(c S)."""
+def velocity(theta, nu, eps, X, Y, act):
+    """dθ/dτ = ε E_M[(Y − Ŷ^ε) φ_θ], Ŷ^ε = ε^{−1} Σ_i ν_i c_i S_i."""
     c, w, b = theta
     S, phi = features(c, w, b, X, act)
-    yhat = (c[:, None, :] * S).mean(2) / eps[:, None]  # (E, M)
+    yhat = (c[:, None, :] * S * nu).sum(2) / eps[:, None]  # (E, M)
     r = Y[None, :] - yhat
     g = eps[:, None] * torch.einsum("em,emj->ej", r, phi) / X.shape[0]
     n = c.shape[1]
     return (g[:, :n], g[:, n:2 * n], g[:, 2 * n:]), float((r ** 2).mean())
 
 
-def flow(eps, n_pairs, M, L, dtau, seed=0):
+def population(model, pairs=None, nodes=None):
+    """Units (c, w, b) and weights ν (Σ ν = 1) representing μ0, symmetric under c → −c:
+    ``pairs`` Monte Carlo draws of the model's law, each with its mirror (−c, w, b); or ``nodes``
+    = (n_c, n_w, n_b), the tensor product of Gauss–Legendre in c ~ U[−s, s], Gauss–Legendre on
+    [−7, 7] weighted by the density in w ~ N(0, s_w²) (Gauss–Hermite is too coarse where
+    tanh(w x) is steep: K_0 off by 9% at 24 nodes, 0.25% here at 128), Gauss–Legendre in
+    b ~ U[−ρ, ρ] (d = 1; even n_c: mirror-symmetric nodes)."""
+    if nodes is None:
+        c0, w0, b0 = (model.c.detach()[:pairs], model.w.detach()[:pairs, 0],
+                      model.b.detach()[:pairs])
+        c, w, b = torch.cat([c0, -c0]), torch.cat([w0, w0]), torch.cat([b0, b0])
+        return c, w, b, torch.full_like(c, 1.0 / len(c))
+    law = model.init_law
+    assert (law.c, law.w, law.b) == ("uniform", "normal", "uniform") and model.input_dim == 1
+    xc, vc = np.polynomial.legendre.leggauss(nodes[0])
+    xw, vw = np.polynomial.legendre.leggauss(nodes[1])  # on [−7, 7]: tanh(w x) is steep in w
+    xw = 7.0 * xw
+    vw = vw * np.exp(-xw ** 2 / 2)
+    xb, vb = np.polynomial.legendre.leggauss(nodes[2])
+    C, W, B = np.meshgrid(xc * law.c_scale, xw * law.w_scale, xb * law.b_bound, indexing="ij")
+    V = np.einsum("i,j,k->ijk", vc / 2, vw / vw.sum(), vb / 2)
+    return tuple(torch.tensor(a.ravel(), dtype=torch.float64) for a in (C, W, B, V))
+
+
+def flow(eps, M, L, dtau, seed=0, pairs=None, nodes=None):
     """Heun steps of the characteristic flow for every ε at once; K and D at TAUS."""
-    model = MeanFieldRNN(input_dim=1, width=2 * n_pairs, dtype=torch.float64,
+    model = MeanFieldRNN(input_dim=1, width=max(2 * (pairs or 1), 8), dtype=torch.float64,
                          generator=generator_from_seed(seed))
     act = model.act
-    c0 = model.c.detach()[:n_pairs]
-    w0 = model.w.detach()[:n_pairs, 0]
-    b0 = model.b.detach()[:n_pairs]
+    c, w, b, nu = population(model, pairs, nodes)
     E = len(eps)
-    c = torch.cat([c0, -c0]).expand(E, -1).clone()
-    w = torch.cat([w0, w0]).expand(E, -1).clone()
-    b = torch.cat([b0, b0]).expand(E, -1).clone()
+    c, w, b = (a.expand(E, -1).clone() for a in (c, w, b))
     src = VAR1()
     X, Y = src.windows(M, L, generator_from_seed(seed + 1))
     X, Y = X[..., 0].double(), Y.double()
     xp, _ = src.windows(32, 16, generator_from_seed(PROBE_SEED))
     xp = xp[..., 0].double()
     eps_t = torch.tensor(eps, dtype=torch.float64)
-    # the model's own features must agree with this recursion (one ε, unpaired check)
+    # the model's own features must agree with this recursion
     S_ref, P_ref, Q_ref = model.unit_features(xp[..., None])
     S_me, phi_me = features(model.c.detach()[None], model.w.detach()[None, :, 0],
                             model.b.detach()[None], xp, act)
     assert torch.allclose(S_me[0], S_ref) and torch.allclose(
         phi_me[0, :, 2 * model.width:], model.c.detach() * Q_ref)
     theta0 = (c.clone(), w.clone(), b.clone())
-    K0 = kernel(*theta0, xp, act)
+    K0 = kernel(*theta0, nu, xp, act)
     n0 = K0.flatten(1).norm(dim=1)
     out = {str(t): {} for t in TAUS}
     theta, tau, losses = theta0, 0.0, []
@@ -110,16 +134,17 @@ def flow(eps, n_pairs, M, L, dtau, seed=0):
         n = max(1, math.ceil((t - tau) / dtau - 1e-9))
         h = (t - tau) / n
         for _ in range(n):
-            v1, loss = velocity(theta, eps_t, X, Y, act)
+            v1, loss = velocity(theta, nu, eps_t, X, Y, act)
             mid = tuple(p + h * v for p, v in zip(theta, v1))
-            v2, _ = velocity(mid, eps_t, X, Y, act)
+            v2, _ = velocity(mid, nu, eps_t, X, Y, act)
             theta = tuple(p + h / 2 * (a + bb) for p, a, bb in zip(theta, v1, v2))
             losses.append(loss)
         tau = t
-        K = kernel(*theta, xp, act)
+        K = kernel(*theta, nu, xp, act)
         dK = (K - K0).flatten(1).norm(dim=1) / n0
-        D = torch.sqrt(sum(((p - p0) ** 2).sum(1) for p, p0 in zip(theta, theta0)) / c.shape[1])
+        D = torch.sqrt(sum((((p - p0) ** 2) * nu).sum(1) for p, p0 in zip(theta, theta0)))
         out[str(t)] = {"drift": dK.tolist(), "D": D.tolist()}
+    out["K0"] = K0[0].tolist()
     return out
 
 
@@ -150,35 +175,47 @@ def measured():
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--pairs", type=int, default=256)
-    p.add_argument("--M", type=int, default=128)
-    p.add_argument("--L", type=int, default=24)
-    p.add_argument("--dtau", type=float, default=0.125)
-    p.add_argument("--m-scan", action="store_true",
-                   help="ε = 1/2, 1/4, 1/16 with M = 256, 512 windows, a doubled population "
-                        "and dτ/2 (the π-sample bias of the flow and the solver's error)")
+    p.add_argument("--nodes", type=int, nargs=3, default=[4, 128, 4],
+                   help="quadrature nodes in c, w, b (the population)")
+    p.add_argument("--pairs", type=int, default=None,
+                   help="a Monte Carlo population of this many mirror pairs instead")
+    p.add_argument("--M", type=int, default=128, help="π-sample: training windows")
+    p.add_argument("--L", type=int, default=24, help="their length")
+    p.add_argument("--dtau", type=float, default=0.25)
+    p.add_argument("--check", action="store_true",
+                   help="ε = 1/2, 1/4, 1/16 with finer nodes, dτ/2, M = 256, and two Monte "
+                        "Carlo populations of 256 pairs")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    eps = [2.0 ** (-k / 2) for k in range(0, 13)] + [2.0 ** -8, 2.0 ** -10]
     t0 = time.time()
-    if args.m_scan:
+    base = dict(M=args.M, L=args.L, dtau=args.dtau, pairs=args.pairs,
+                nodes=None if args.pairs else tuple(args.nodes))
+    if args.check:
         sub = [0.5, 0.25, 0.0625]
-        res = {"args": vars(args), "eps": sub, "M": {}}
-        path = HERE / "results" / "drift_meanfield_mscan.json"
-        for key, kw in (("dtau_half", dict(M=args.M, dtau=args.dtau / 2)),
-                        ("double_pop", dict(M=args.M, pairs=2 * args.pairs, seed=10)),
-                        ("M256", dict(M=256)), ("M512", dict(M=512))):
-            kw = {"M": args.M, "pairs": args.pairs, "dtau": args.dtau, **kw}
-            res["M"][key] = {"kw": kw, "flow": flow(sub, kw["pairs"], kw["M"], args.L,
-                                                     kw["dtau"], seed=kw.get("seed", 0))}
+        res = {"args": vars(args), "eps": sub, "runs": {}}
+        path = HERE / "results" / "drift_meanfield_check.json"
+        fine = tuple(int(round(n * 1.5)) for n in args.nodes)
+        for key, kw in (("base", {}), ("dtau_half", dict(dtau=args.dtau / 2)),
+                        ("nodes_x1.5", dict(nodes=fine)), ("M256", dict(M=256)),
+                        ("mc256_seed0", dict(pairs=256, nodes=None)),
+                        ("mc256_seed10", dict(pairs=256, nodes=None, seed=10))):
+            kw = {**base, **kw}
+            f = flow(sub, **kw)
+            f.pop("K0")
+            res["runs"][key] = {"kw": {k: v for k, v in kw.items()}, "flow": f}
             res["wall_seconds"] = time.time() - t0
             path.write_text(json.dumps(res, indent=1))
-            print(key, {t: [round(x, 5) for x in v["drift"]]
-                        for t, v in res["M"][key]["flow"].items()}, flush=True)
+            print(key, {t: [round(x, 5) for x in v["drift"]] for t, v in f.items()}, flush=True)
         return
-    res = {"args": vars(args), "eps": eps, "flow": flow(eps, args.pairs, args.M, args.L,
-                                                        args.dtau)}
+    eps = [2.0 ** (-k / 2) for k in range(0, 13)] + [2.0 ** -8, 2.0 ** -10]
+    f = flow(eps, **base)
+    K0 = torch.tensor(f.pop("K0"))
+    res = {"args": vars(args), "eps": eps, "flow": f}
+    model = MeanFieldRNN(input_dim=1, width=8, dtype=torch.float64)
+    xp, _ = VAR1().windows(32, 16, generator_from_seed(PROBE_SEED))
+    Kq = limit_ntk(model, xp.double(), tol=1e-6).value
+    res["K0_vs_limit_ntk"] = float((K0 - Kq).norm() / Kq.norm())
     res["wall_seconds"] = time.time() - t0
     name = "drift_meanfield"
     (HERE / "results" / f"{name}.json").write_text(json.dumps(res, indent=1))  # raw, first
@@ -187,7 +224,8 @@ def main(argv=None):
     (HERE / "results" / f"{name}.json").write_text(json.dumps(res, indent=1))
     figure(res, HERE / "figures" / f"{name}.png")
     print(json.dumps({t: [round(s, 3) for s in v] for t, v in res["local_slope"].items()}))
-    print(json.dumps(res["measured"]["summary"], indent=1), f"{res['wall_seconds']:.0f} s")
+    print(json.dumps(res["measured"]["summary"], indent=1), "K0 vs limit_ntk",
+          res["K0_vs_limit_ntk"], f"{res['wall_seconds']:.0f} s")
 
 
 def interp(res, eps, tau, key="drift"):
