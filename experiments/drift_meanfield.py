@@ -1,7 +1,7 @@
 """Issue 25, item 4: the coherent part of Model D's kernel drift from the deterministic
 mean-field flow at a free displacement scale ε (the N → ∞ limit at fixed ε = N^{β−1}).
 
-    nice python -m experiments.drift_meanfield            # ~10 min on one loaded core
+    nice python -m experiments.drift_meanfield            # ~15 min on one loaded core
     nice python -m experiments.drift_meanfield --check    # finer nodes, dτ/2, M = 256, MC
 
 The finite-N network moves unit i by Δθ_i = ε ∫_0^τ E_π[(Y − Ŷ_u) φ_i] du + (SGD noise and the
@@ -85,8 +85,9 @@ def population(model, pairs=None, nodes=None):
     """Units (c, w, b) and weights ν (Σ ν = 1) representing μ0, symmetric under c → −c:
     ``pairs`` Monte Carlo draws of the model's law, each with its mirror (−c, w, b); or ``nodes``
     = (n_c, n_w, n_b), the tensor product of Gauss–Legendre in c ~ U[−s, s], Gauss–Legendre on
-    [−7, 7] weighted by the density in w ~ N(0, s_w²) (Gauss–Hermite is too coarse where
-    tanh(w x) is steep: K_0 off by 9% at 24 nodes, 0.25% here at 128), Gauss–Legendre in
+    [−7, 7] weighted by the density in w ~ N(0, s_w²) (tanh(w x) is steep in w: Gauss–Hermite
+    with 24 nodes has K_0 off by 9%; with 128 Legendre nodes K_0 is within 0.25% but δK/ε² is
+    still 25–55% off; 512 and 1024 nodes agree to 0.1%), Gauss–Legendre in
     b ~ U[−ρ, ρ] (d = 1; even n_c: mirror-symmetric nodes)."""
     if nodes is None:
         c0, w0, b0 = (model.c.detach()[:pairs], model.w.detach()[:pairs, 0],
@@ -175,18 +176,32 @@ def measured():
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--nodes", type=int, nargs=3, default=[4, 128, 4],
+    p.add_argument("--nodes", type=int, nargs=3, default=[4, 512, 4],
                    help="quadrature nodes in c, w, b (the population)")
     p.add_argument("--pairs", type=int, default=None,
                    help="a Monte Carlo population of this many mirror pairs instead")
-    p.add_argument("--M", type=int, default=128, help="π-sample: training windows")
+    p.add_argument("--M", type=int, default=64, help="π-sample: training windows")
+    p.add_argument("--eps-halves", type=int, nargs="+", default=[1, 3, 5, 7, 9, 11, 16],
+                   help="ε = 2^(−k/2) for these k")
     p.add_argument("--L", type=int, default=24, help="their length")
     p.add_argument("--dtau", type=float, default=0.25)
     p.add_argument("--check", action="store_true",
                    help="ε = 1/2, 1/4, 1/16 with finer nodes, dτ/2, M = 256, and two Monte "
                         "Carlo populations of 256 pairs")
+    p.add_argument("--nodes-convergence", action="store_true",
+                   help="δK/ε² at ε = 2^−4, 2^−8, τ = 1/4, 1 for w-nodes 128..1024 (M = 128)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    if args.nodes_convergence:
+        global TAUS
+        TAUS = (0.25, 1.0)
+        ee = [2.0 ** -4, 2.0 ** -8]
+        for nodes in [(4, 128, 4), (4, 256, 4), (4, 512, 4), (6, 256, 6), (4, 1024, 4)]:
+            f = flow(ee, 128, args.L, args.dtau, nodes=nodes)
+            f.pop("K0")
+            print(nodes, {k: [round(x / e ** 2, 5) for x, e in zip(v["drift"], ee)]
+                          for k, v in f.items()}, flush=True)
+        return None
     torch.set_num_threads(args.threads)
     t0 = time.time()
     base = dict(M=args.M, L=args.L, dtau=args.dtau, pairs=args.pairs,
@@ -208,7 +223,7 @@ def main(argv=None):
             path.write_text(json.dumps(res, indent=1))
             print(key, {t: [round(x, 5) for x in v["drift"]] for t, v in f.items()}, flush=True)
         return
-    eps = [2.0 ** (-k / 2) for k in range(0, 13)] + [2.0 ** -8, 2.0 ** -10]
+    eps = [2.0 ** (-k / 2) for k in args.eps_halves]
     f = flow(eps, **base)
     K0 = torch.tensor(f.pop("K0"))
     res = {"args": vars(args), "eps": eps, "flow": f}
@@ -220,6 +235,8 @@ def main(argv=None):
     name = "drift_meanfield"
     (HERE / "results" / f"{name}.json").write_text(json.dumps(res, indent=1))  # raw, first
     res["local_slope"] = {t: local_slopes(eps, res["flow"][t]["drift"]) for t in res["flow"]}
+    res["delta_K_over_eps2"] = {t: [y / e ** 2 for y, e in zip(v["drift"], eps)]
+                                for t, v in res["flow"].items()}
     res["measured"] = compare(res, measured())
     (HERE / "results" / f"{name}.json").write_text(json.dumps(res, indent=1))
     figure(res, HERE / "figures" / f"{name}.png")
@@ -230,8 +247,9 @@ def main(argv=None):
 
 def interp(res, eps, tau, key="drift"):
     """The mean-field value at (ε, τ): linear in log-log between the ε grid points."""
-    e = np.array(res["eps"][:13])[::-1]
-    y = np.array(res["flow"][str(tau)][key][:13])[::-1]
+    o = np.argsort(res["eps"])
+    e = np.array(res["eps"])[o]
+    y = np.array(res["flow"][str(tau)][key])[o]
     return float(np.exp(np.interp(np.log(eps), np.log(e), np.log(y))))
 
 
