@@ -27,6 +27,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .. import tags as T
 from ..errors import ConfigError
 from ..limit import LimitODE, elman_limit_ntk
 from ..logging import write_layout
@@ -169,10 +170,10 @@ class OutputTrackingCallback(Callback):
         h = self.ode.h(t)[0]
         err = self.ode.error(t)[0]
         rmse = float((y_net - h).pow(2).mean().sqrt())
-        scalars = {"output/rmse_to_limit": rmse,
-                   "output/limit_rms": float(h.pow(2).mean().sqrt()),
-                   "output/network_rms": float(y_net.pow(2).mean().sqrt()),
-                   "output/limit_error": float(err.pow(2).mean().sqrt())}
+        scalars = {T.OUTPUT_RMSE_TO_LIMIT: rmse,
+                   T.OUTPUT_LIMIT_RMS: float(h.pow(2).mean().sqrt()),
+                   T.OUTPUT_NETWORK_RMS: float(y_net.pow(2).mean().sqrt()),
+                   T.OUTPUT_LIMIT_ERROR: float(err.pow(2).mean().sqrt())}
         if state.writer is not None:
             for k, v in scalars.items():
                 state.writer.add_scalar(k, v, step)
