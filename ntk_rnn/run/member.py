@@ -404,7 +404,8 @@ class Member:
         chunk = self.chunk
         L = y_hat.shape[0]
         j0, j1 = chunk.j, chunk.j + L
-        if y_hat.data_ptr() != chunk.y_hat[j0:j1].data_ptr():  # (E = 1 predicts in place)
+        if y_hat.data_ptr() != chunk.y_hat.data_ptr() + j0 * y_hat.element_size():  # (E = 1
+            # predicts in place: y_hat is then the view segment() gave)
             chunk.y_hat[j0:j1] = y_hat
         self.step += L
         chunk.j = j1

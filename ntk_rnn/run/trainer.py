@@ -363,7 +363,7 @@ class Trainer:
                     self._stepper_of(active).run_chunk(X, Y, Y_hat)
                     self.stepper_s += time.perf_counter() - ts
                     self.network_steps += L * len(active)
-                    for m, y_hat in zip(active, Y_hat):  # errors, logs, callbacks at events
+                    for m, y_hat in zip(active, Y_hat.unbind(0)):  # errors, logs, callbacks
                         try:
                             m.advance(y_hat)
                         except TrainingDiverged as exc:
