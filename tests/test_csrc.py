@@ -260,3 +260,19 @@ def test_default_cache_is_per_user_xdg(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert loader.cache_dir() == tmp_path / ".cache" / "ntk_rnn" / "kernels"
+
+
+def test_march_override_names_the_build_and_refuses_garbage(monkeypatch):
+    """$NTK_RNN_MARCH picks GCC's -march (x86-64-v3: the AVX2 build on an AVX-512 machine); a
+    value that is not a -march name is refused with the variable named."""
+    from ntk_rnn.csrc import loader
+    from ntk_rnn.ntk._features_c import cpu_isa
+
+    monkeypatch.setenv("NTK_RNN_MARCH", "x86-64-v3")
+    assert loader._flag_sets()[0][0][0] == "-march=x86-64-v3"
+    assert cpu_isa().startswith("AVX2 build (x86-64-v3) on ")
+    monkeypatch.setenv("NTK_RNN_MARCH", "native; rm -rf /")
+    with pytest.raises(loader.KernelUnavailable, match="NTK_RNN_MARCH"):
+        loader._flag_sets()
+    monkeypatch.delenv("NTK_RNN_MARCH")
+    assert loader._flag_sets()[0][0][0] == "-march=native"

@@ -6,7 +6,8 @@ includes the shared header ``ntk_rnn.h`` (σ, σ' and Model D's S/P/Q recursion,
 `build` compiles a kernel for one input dimension ``d`` and activation with ``-DD=<d>
 -DACT=<code>`` (``bptt.c`` takes d at run time), once for float64 and once with ``-DNTK_FLOAT``,
 and links both into one shared object whose exported names end in ``_f64`` / ``_f32``. Flags are
-tried in order (``_FLAG_SETS``): ``-march=native`` with glibc's vector math (libmvec), then
+tried in order (``_flag_sets``): ``-march=native`` (``$NTK_RNN_MARCH`` overrides it, e.g.
+``x86-64-v3`` to build for AVX2 on an AVX-512 machine) with glibc's vector math (libmvec), then
 without libmvec, then portable.
 
 **Cache.** Shared objects are cached on disk, named by a hash of the sources, compiler, flags and
@@ -38,6 +39,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import stat
 import subprocess
@@ -54,11 +56,24 @@ ACT_CODES = {"tanh": 0, "sigmoid": 1, "erf": 2}
 SOURCE_DIR = Path(__file__).resolve().parent
 
 _CFLAGS = ("-O3", "-fPIC", "-fno-math-errno", "-fopenmp-simd", "-std=gnu11")
-_FLAG_SETS = (  # (compile flags, link flags), tried in order
-    (("-march=native", "-DUSE_MVEC"), ("-lmvec", "-lm")),
-    (("-march=native",), ("-lm",)),
-    ((), ("-lm",)),
-)
+#: the -march of a build when $NTK_RNN_MARCH does not say (x86-64-v3: build for AVX2 on an
+#: AVX-512 machine, to check a fast path on the second ISA)
+MARCH_NAMES = {"x86-64-v2": "SSE4.2", "x86-64-v3": "AVX2", "x86-64-v4": "AVX-512"}
+
+
+def march() -> str:
+    """GCC's ``-march`` for the kernels: ``$NTK_RNN_MARCH`` or ``native``."""
+    m = os.environ.get("NTK_RNN_MARCH", "").strip() or "native"
+    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", m):
+        raise KernelUnavailable(f"NTK_RNN_MARCH={m!r} is not a -march value (e.g. native, "
+                                "x86-64-v3)")
+    return m
+
+
+def _flag_sets() -> tuple:
+    """(compile flags, link flags), tried in order: -march with libmvec, without, portable."""
+    arch = f"-march={march()}"
+    return (((arch, "-DUSE_MVEC"), ("-lmvec", "-lm")), ((arch,), ("-lm",)), ((), ("-lm",)))
 
 
 class KernelFallbackWarning(RuntimeWarning):
@@ -313,7 +328,7 @@ def build(kernel: str, d: int, act: str, what: str = "") -> ctypes.CDLL:
     defines = [f"-DD={int(d)}", f"-DACT={ACT_CODES[act]}"]
     errors = []
     for folder in _folders():
-        for comp, link in _FLAG_SETS:
+        for comp, link in _flag_sets():
             cflags = [*_CFLAGS, *defines, *comp]
             key = hashlib.sha256("\0".join([text, _compiler_id(cc), *cflags, *link, _cpu_id(),
                                             sys.platform]).encode()).hexdigest()[:20]

@@ -103,7 +103,16 @@ _PINNED: dict[tuple[int, str, str], str] = {}
 
 
 def cpu_isa() -> str:
-    """'AVX-512', 'AVX2', 'SSE' or the machine name: the widest vector ISA of /proc/cpuinfo."""
+    """'AVX-512', 'AVX2', 'SSE' or the machine name: the widest vector ISA of /proc/cpuinfo;
+    with ``$NTK_RNN_MARCH`` set, the ISA the kernels are built for (e.g. 'AVX2 build
+    (x86-64-v3) on AVX-512')."""
+    m = os.environ.get("NTK_RNN_MARCH", "").strip()
+    if m and m != "native":
+        return f"{loader.MARCH_NAMES.get(m, m)} build ({m}) on {_cpu_isa()}"
+    return _cpu_isa()
+
+
+def _cpu_isa() -> str:
     flags: set[str] = set()
     try:
         with open("/proc/cpuinfo") as fh:
