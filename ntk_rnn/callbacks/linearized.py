@@ -100,7 +100,7 @@ from ..errors import ConfigError
 from ..models.family import family_of
 from ..models.init import generator_from_seed
 from ..models.mean_field import MeanFieldRNN
-from ..models.recurrence import ONLINE_GRADIENTS, spq_step
+from ..models.recurrence import ONLINE_GRADIENTS, online_gradient, spq_step
 from .base import Callback, TrainState, check_probes
 
 MAX_BLOCK = 64  # elements solved at once (auto block size)
@@ -159,7 +159,7 @@ class LinearizedCallback(Callback):
                 f"{f}: the linearized shadow model needs an ntk_rnn MeanFieldRNN (its stream "
                 f"features at θ_0 are RTRL recursions); got {type(model).__name__}. Remove "
                 f"{f} for this model")
-        self.gradient = state.gradient
+        self.gradient = online_gradient(state.gradient, "train.gradient")
         if self.gradient not in ONLINE_GRADIENTS:
             raise ConfigError(f"{f}: train.gradient={self.gradient!r} is not one of "
                               f"{list(ONLINE_GRADIENTS)}")
@@ -282,7 +282,7 @@ class LinearizedCallback(Callback):
         cs = c0 * scale
         y0 = Sb @ cs
         G = torch.cat([Sb * scale, (Pb * cs.view(1, N, 1)).reshape(B, N * d), Qb * cs], dim=1)
-        if self.gradient != "truncated":
+        if self.gradient != "one_step":
             return y0, G, G
         Pt = (dsb * cs).unsqueeze(2) * X.unsqueeze(1)  # N^{-β} c σ'(z) X_k
         U = torch.cat([Sb * scale, Pt.reshape(B, N * d), dsb * Sprev * cs], dim=1)
@@ -312,7 +312,7 @@ class LinearizedCallback(Callback):
         mb[1:] = y0[:-1]
         self.feat["m"].copy_(m)
         self.feat["G"].copy_(G)
-        if self.gradient != "truncated":
+        if self.gradient != "one_step":
             return y0, Gbuf, Gbuf
         U = torch.cat([Hb * scale, (cdb.unsqueeze(2) * X.unsqueeze(1)).reshape(B, N * d),
                        cdb * mb.unsqueeze(1)], dim=1)
