@@ -16,7 +16,7 @@ recursion per step), and
 
     Ŷ^lin_k = Ŷ^(0)_k + G^(0)_k · (θ^lin − θ_0),     θ^lin ← θ^lin + α_N (Y_k − Ŷ^lin_k) U^(0)_k,
 
-U^(0)_k = G^(0)_k under ``gradient=rtrl``; under ``gradient=truncated`` U^(0)_k is the truncated
+U^(0)_k = G^(0)_k under ``gradient=rtrl``; under ``gradient=one_step`` U^(0)_k is the one-step
 gradient at θ_0 (the network's update direction frozen at θ_0) while the prediction still uses the
 exact G^(0)_k: the shadow is the network's training rule with every θ-dependent quantity expanded
 to first order about θ_0 (predicting with the truncated features instead would be wrong at first
@@ -78,7 +78,7 @@ nonzero odd moment (E c ≠ 0 or E c³ ≠ 0), order 2 is coherent and the gap b
 (−0.4, −0.25, −0.1). ``lazy/param_gap``: per unit θ − θ^lin comes from the change of the gradient,
 O(ε) relative, a norm with no sign cancellation, so lazy/param_gap ≈ C α t N^{β−1} (slopes −0.4,
 −0.25, −0.1): a direct reading of the displacement scale ε. The same holds under
-``gradient=truncated`` (its directions have the same parity in c).
+``gradient=one_step`` (its directions have the same parity in c).
 
 Model F: the window map's gradient D_k + g_k ∂m_k/∂θ involves g = ∂_s f, O(N^{1/2−β}) at θ_0 but
 ∂_s h_t = O(1) after training, and the memory m itself moves O(1); its window kernel moves O(1)

@@ -28,7 +28,7 @@ m_{r,1} = 0, m_{r,k+1} = h_t(A_{r,k}); A_r = A_{r,L} is a sample of π_t (burn-i
     rtrl:       Ψ_r(a) = Σ_{i≥0} (Π_{l<i} ∂_s h_t(A_{r,L−l})) K(a, A_{r,L−i}).
 
 The rtrl form is the limit of the exact gradient of §3: ∂Ŷ_k/∂θ = D_k + ∂_s f(A_k) ∂Ŷ_{k−1}/∂θ, so
-N^{2β−1} ∇f(a)·∂Ŷ_k/∂θ → Ψ(a); the §6 equation (K alone) is the limit of ``gradient=truncated``.
+N^{2β−1} ∇f(a)·∂Ŷ_k/∂θ → Ψ(a); the §6 equation (K alone) is the limit of ``gradient=one_step``.
 The two differ once ∂_s h_t is O(1) (by ~0.5% of h's rms at t = 1, where sup|∂_s h_t| ≈ 0.16, on
 a VAR(1) lag target with α = 4).
 
