@@ -95,7 +95,7 @@ def main(widths=(1024, 16384), d: int = 4, steps: int = 3000, threads: int = 1) 
             fast_steps_per_s(MeanFieldRNN(d, N, seed=0), X[:200], Y[:200], lr)  # (builds kernel)
             naive = naive_steps_per_s(model, X, Y, lr)
             rtrl = ours_steps_per_s(MeanFieldRNN(d, N, seed=0), X, Y, lr)
-            trunc = ours_steps_per_s(MeanFieldRNN(d, N, seed=0), X, Y, lr, "truncated")
+            trunc = ours_steps_per_s(MeanFieldRNN(d, N, seed=0), X, Y, lr, "one_step")
             fast = fast_steps_per_s(MeanFieldRNN(d, N, seed=0), X, Y, lr)
             print(f"{N:>7} {naive:>14.0f} {rtrl:>13.0f} {trunc:>14.0f} {fast:>13.0f} "
                   f"{rtrl / naive:>9.1f}x {fast / naive:>9.1f}x")

@@ -431,7 +431,7 @@ usage: ntk-rnn-train [key=value ...]            one run
        ntk-rnn-train -m key=a,b [key=value ...]  a sweep (one job per combination)
 
 presets: model=diagonal|feedback|elman|gru|custom  data=var1|markov|tar|csv|seattle_temps|custom
-         train=online|rtrl|truncated  callbacks=default|none|[default,linearized]
+         train=online|rtrl|one_step  callbacks=default|none|[default,linearized]
 
 main keys:
 {keys}

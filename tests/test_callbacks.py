@@ -265,7 +265,7 @@ def test_checkpoints_keep_last_k(ntk_run):
 
 
 def test_every_step_and_truncated_kernel(tmp_path):
-    cfg = make_cfg("model.width=16", "train.steps=20", "callbacks=[ntk]", "train=truncated",
+    cfg = make_cfg("model.width=16", "train.steps=20", "callbacks=[ntk]", "train=one_step",
                    "callbacks.ntk.every_n_steps=1", "callbacks.ntk.n_probes=4",
                    "callbacks.ntk.probe_length=4", "callbacks.ntk.limit=false",
                    "callbacks.ntk.top_k=3")
@@ -287,7 +287,7 @@ def test_bad_callback_settings_fail_before_training(tmp_path):
     with pytest.raises(ConfigError, match=r"callbacks\.ntk\.n_probes=64 exceeds"):
         Trainer.from_config(make_cfg("data=csv", f"data.path={csv}", "train.steps=10",
                                      "callbacks=[ntk]"), tmp_path / "b")
-    with pytest.raises(ConfigError, match="limit_method=mc"):
+    with pytest.raises(ConfigError, match="limit_method=iid"):
         Trainer.from_config(make_cfg("callbacks=[ntk]", "+model.init.sampler._target_=tests."
                                      "test_callbacks.custom_sampler",
                                      "+model.init.sampler._partial_=true"), tmp_path / "c")
@@ -304,7 +304,7 @@ def custom_sampler(width, input_dim, generator, dtype):
 def test_custom_law_with_monte_carlo_limit_runs(tmp_path):
     cfg = make_cfg("callbacks=[ntk]", "model.width=32", "train.steps=32",
                    "+model.init.sampler._target_=tests.test_callbacks.custom_sampler",
-                   "+model.init.sampler._partial_=true", "callbacks.ntk.limit_method=mc",
+                   "+model.init.sampler._partial_=true", "callbacks.ntk.limit_method=iid",
                    "callbacks.ntk.n_probes=4", "callbacks.ntk.probe_length=4",
                    "callbacks.ntk.limit_tol=5e-2", "callbacks.ntk.top_k=2")
     m = Trainer.from_config(cfg, tmp_path).fit()

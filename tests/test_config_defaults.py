@@ -19,7 +19,8 @@ OVERRIDES = {
     ("model/diagonal.yaml", "width"), ("model/feedback.yaml", "width"),
     ("model/feedback.yaml", "recurrence"), ("model/feedback.yaml", "init.b"),
     ("model/feedback.yaml", "init.rho"), ("train/truncated.yaml", "gradient"),
-    ("train/rtrl.yaml", "gradient"), ("data/markov.yaml", "transition"),
+    ("train/one_step.yaml", "gradient"), ("train/rtrl.yaml", "gradient"),
+    ("data/markov.yaml", "transition"),
     ("data/markov.yaml", "states"),
 }
 

@@ -57,7 +57,7 @@ def assert_same(m_fast, st_fast, out_fast, m_ref, st_ref, out_ref, tol=1e-12):
 
 # --- one model ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("gradient", ["rtrl", "truncated"])
+@pytest.mark.parametrize("gradient", ["rtrl", "one_step"])
 @pytest.mark.parametrize("recurrence", ["diagonal", "feedback"])
 def test_fast_matches_reference(backend, gradient, recurrence):
     X, Y = data()
@@ -301,7 +301,7 @@ def test_ensemble_binds_given_states():
 
 
 @pytest.mark.parametrize("recurrence", ["diagonal", "feedback"])
-@pytest.mark.parametrize("gradient", ["rtrl", "truncated"])
+@pytest.mark.parametrize("gradient", ["rtrl", "one_step"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("N", [16, 203])
 def test_result_does_not_depend_on_where_the_calls_cut_the_stream(recurrence, gradient, dtype, N):

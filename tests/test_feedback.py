@@ -84,7 +84,7 @@ def test_feedback_init_and_errors():
 
 
 # --- online gradients -----------------------------------------------------------------------------
-@pytest.mark.parametrize("gradient", ["rtrl", "truncated"])
+@pytest.mark.parametrize("gradient", ["rtrl", "one_step"])
 def test_online_gradient_equals_autograd(gradient):
     """With θ frozen (lr = 0) the gradient the step uses equals ∇_θ Ŷ_L by autograd through the
     whole window (rtrl) or through the last step with m_L detached (truncated); Ŷ = forward."""
@@ -95,7 +95,7 @@ def test_online_gradient_equals_autograd(gradient):
     assert isinstance(st, FeedbackState)
     y = torch.stack([rtrl_step(m, st, x[k], 0.0, lr=0.0, gradient=gradient) for k in range(L)])
     torch.testing.assert_close(y, m(x).detach(), rtol=0, atol=1e-14)
-    for g, a in zip((st.dc, st.dw, st.db), autograd_last(m, x, gradient == "truncated")):
+    for g, a in zip((st.dc, st.dw, st.db), autograd_last(m, x, gradient == "one_step")):
         assert float((g - a).norm() / a.norm()) <= 1e-10
 
 
@@ -136,7 +136,7 @@ def test_truncated_training_equals_naive_autograd_sgd():
     Y = torch.tanh(X[:, 0] - 0.5 * torch.roll(X[:, 0], 1))
     mem = torch.zeros((), dtype=f64)
     for k in range(200):
-        y_fast = rtrl_step(m, st, X[k], Y[k], lr, "truncated")
+        y_fast = rtrl_step(m, st, X[k], Y[k], lr, "one_step")
         y_ref = ref.cell(X[k], mem)
         opt.zero_grad()
         (0.5 * (Y[k] - y_ref) ** 2).backward()
@@ -168,7 +168,7 @@ def test_rtrl_step_is_simultaneous_sgd():
     assert torch.equal(feedback_step(m, st, x[0], 0.0, 0.0), feedback_step(m, st2, x[0], 0.0, 0.0))
 
 
-@pytest.mark.parametrize("gradient", ["rtrl", "truncated"])
+@pytest.mark.parametrize("gradient", ["rtrl", "one_step"])
 def test_trainer_runs_feedback_and_learns(tmp_path, gradient):
     cfg = make_cfg("model=feedback", CALLBACKS_OFF, "model.width=256", "train.horizon=4",
                    "dtype=float64", "train.mse_window=128", f"train.gradient={gradient}",
@@ -292,7 +292,7 @@ def test_coupled_limit_without_memory_is_the_kernel_recursion():
     with K the solver's quadrature kernel, which is close to the analytic K_cell."""
     m = fmodel(d=1, act="erf")
     (X, Y), _ = _sample(64, 1)
-    sol = solve_feedback_limit(m, X, Y, alpha=3.0, horizon=1.0, dt=0.1, gradient="truncated",
+    sol = solve_feedback_limit(m, X, Y, alpha=3.0, horizon=1.0, dt=0.1, gradient="one_step",
                                n_features=1024)
     A = torch.cat([X[:, 0], torch.zeros(64, 1, dtype=f64)], 1)
     K = sol.limit.kernel(A)
@@ -326,10 +326,10 @@ def test_rtrl_and_truncated_limits_differ_by_the_memory_terms():
     (X, Y), P = _sample(128, 8)
     m = fmodel(d=1)
     sols = {g: solve_feedback_limit(m, X, Y, 4.0, 1.0, 0.125, probes=P, gradient=g,
-                                    n_features=256) for g in ("rtrl", "truncated")}
-    d = float((sols["rtrl"].h_probes - sols["truncated"].h_probes).abs().max())
+                                    n_features=256) for g in ("rtrl", "one_step")}
+    d = float((sols["rtrl"].h_probes - sols["one_step"].h_probes).abs().max())
     assert 1e-4 < d < 0.2  # equal at first order; apart once ∂_s h_t = O(1)
-    torch.testing.assert_close(sols["rtrl"].h_probes[:2], sols["truncated"].h_probes[:2])
+    torch.testing.assert_close(sols["rtrl"].h_probes[:2], sols["one_step"].h_probes[:2])
 
 
 def test_contraction_failure_warns():

@@ -184,8 +184,8 @@ def test_rqmc_error_estimate_is_honest(x16, ref16):
 def test_mc_error_estimate_is_honest(x16, ref16):
     ratios = []
     for s in range(8):
-        r = limit_ntk(model(), x16, tol=5e-3, method="mc", seed=s)
-        assert r.method == "mc"
+        r = limit_ntk(model(), x16, tol=5e-3, method="iid", seed=s)
+        assert r.method == "iid"
         ratios.append(float((r.value - ref16.value).abs().max()) / r.error)
     assert max(ratios) <= 3 and sum(q > 1 for q in ratios) <= 3
 
@@ -246,16 +246,16 @@ def _sign_c_sampler(width, d, gen, dtype):
 def test_custom_sampler_uses_monte_carlo(x16, ref16):
     net = model(sampler=_default_like_sampler)
     r = limit_ntk(net, x16, tol=2e-3, seed=3)
-    assert r.method == "mc" and r.converged
+    assert r.method == "iid" and r.converged
     assert float((r.value - ref16.value).abs().max()) <= 2 * (r.error + ref16.error)
-    r = limit_ntk(model(sampler=_sign_c_sampler), x16, tol=2e-3, method="mc")
+    r = limit_ntk(model(sampler=_sign_c_sampler), x16, tol=2e-3, method="iid")
     ref = limit_ntk(model(c="rademacher"), x16, tol=1e-8)
     assert float((r.value - ref.value).abs().max()) <= 2 * (r.error + ref.error)
 
 
 @pytest.mark.parametrize("method", ["rqmc", "quadrature"])
 def test_custom_sampler_needs_mc(x16, method):
-    with pytest.raises(ConfigError, match=r"method='mc' \(Monte Carlo\)"):
+    with pytest.raises(ConfigError, match=r"method='iid' \(i.i.d. draws\)"):
         limit_ntk(model(sampler=_default_like_sampler), x16, method=method)
 
 

@@ -47,7 +47,7 @@ def test_seed_is_reproducible_and_dtype_device():
     assert MeanFieldRNN(2, 32, seed=5, dtype=f64).c.dtype == f64
 
 
-@pytest.mark.parametrize("gradient", ["rtrl", "truncated"])
+@pytest.mark.parametrize("gradient", ["rtrl", "one_step"])
 def test_rtrl_equals_autograd_through_window(gradient):
     """With θ frozen (lr = 0), G = N^{-β}(S, cP, cQ) equals ∇_θ Ŷ_L by autograd through the
     whole window (rtrl) or through the last step only, memory detached (truncated)."""
@@ -63,7 +63,7 @@ def test_rtrl_equals_autograd_through_window(gradient):
     c, w, b = (p.detach().clone().requires_grad_() for p in (m.c, m.w, m.b))
     S = torch.zeros(N, dtype=f64)
     for k in range(L):
-        S_in = S.detach() if gradient == "truncated" else S
+        S_in = S.detach() if gradient == "one_step" else S
         S = m.act(w @ x[k] + b * S_in)
     y = scale * torch.dot(c, S)
     auto = torch.autograd.grad(y, (c, w, b))
@@ -84,7 +84,7 @@ def test_truncated_training_equals_naive_autograd_sgd():
     Y = torch.tanh(X[:, 0])
     S = torch.zeros(N, dtype=f64)
     for k in range(300):
-        y_fast = rtrl_step(m, st, X[k], Y[k], m.learning_rate(alpha), "truncated")
+        y_fast = rtrl_step(m, st, X[k], Y[k], m.learning_rate(alpha), "one_step")
         S = ref.act(X[k] @ ref.w.T + ref.b * S.detach())
         y_ref = ref.output_scale * S @ ref.c
         opt.zero_grad()

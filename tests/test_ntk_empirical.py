@@ -353,7 +353,7 @@ def test_truncated_training_kernel(act):
     g = detached_memory_grads(model, x2)
     assert rel(g, g_ref) < 1e-13
     K_ref = model.ntk_scale * full_grads(model, x) @ g.T
-    K_tr = training_kernel(model, x, x2, gradient="truncated")
+    K_tr = training_kernel(model, x, x2, gradient="one_step")
     assert rel(K_tr, K_ref) < 1e-12
     K = empirical_ntk(model, x, x2)
     assert rel(K_tr, K) > 1e-3  # truncation matters
@@ -473,7 +473,7 @@ def test_bad_input_messages():
         (lambda: empirical_ntk(model, x, chunk_size=0), "chunk_size"),
         (lambda: empirical_ntk(model, [[1.0]]), "torch.Tensor"),
         (lambda: training_kernel(model, x, gradient="bptt"), "gradient='bptt'"),
-        (lambda: training_kernel(Elman(3, 2), x), "no truncated gradient"),
+        (lambda: training_kernel(Elman(3, 2), x), "no one-step gradient"),
         (lambda: training_kernel(model, x, method="jacobian"), "method='structured'"),
         (lambda: empirical_ntk(nn.Linear(3, 2).double(), x, method="jacobian"),
          "one output per window"),
@@ -546,7 +546,7 @@ def test_c_structured_matches_jacobian_and_torch_path(monkeypatch, dtype):
                         real(*a, **k))
     K = empirical_ntk(model, x, x2, method="structured")
     B = ntk_blocks(model, x, x2, method="structured")
-    K_tr = training_kernel(model, x, x2, gradient="truncated")
+    K_tr = training_kernel(model, x, x2, gradient="one_step")
     Phi = unit_feature_matrix(model, x)
     assert calls  # the C path ran
     assert rel(K, empirical_ntk(model, x, x2, method="jacobian")) <= TOL[dtype]
@@ -555,7 +555,7 @@ def test_c_structured_matches_jacobian_and_torch_path(monkeypatch, dtype):
     n_calls = len(calls)
     assert rel(K, empirical_ntk(model, x, x2)) <= TOL[dtype]
     assert all(rel(B[k], v) <= TOL[dtype] for k, v in ntk_blocks(model, x, x2).items())
-    assert rel(K_tr, training_kernel(model, x, x2, gradient="truncated")) <= TOL[dtype]
+    assert rel(K_tr, training_kernel(model, x, x2, gradient="one_step")) <= TOL[dtype]
     assert rel(Phi, unit_feature_matrix(model, x)) <= TOL[dtype]
     assert len(calls) == n_calls  # USE_C = False: not used
 

@@ -71,7 +71,7 @@ CONFIG_FIELDS = {
     "train.log_every": st.integers(-3, 50),
     "train.mse_window": st.integers(-3, 50),
     "train.divergence_threshold": floats(-1.0, 1e9),
-    "train.gradient": words("rtrl", "truncated"),
+    "train.gradient": words("rtrl", "one_step"),
     "train.resume": st.one_of(st.booleans(), st.sampled_from(["auto", "yes", "", 1, None])),
     "dtype": words("float32", "float64"),
     "seed": st.integers(-3, 2**62),

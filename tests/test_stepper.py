@@ -101,7 +101,7 @@ def test_bptt_family_runs_each_network_on_its_own_window(shared):
 
 def test_resolve_gradient_follows_the_family():
     assert resolve_gradient("auto", nets("diagonal", 1)[0]) == "rtrl"
-    assert resolve_gradient("truncated", nets("feedback", 1)[0]) == "truncated"
+    assert resolve_gradient("one_step", nets("feedback", 1)[0]) == "one_step"
     assert resolve_gradient("bptt", nets("diagonal", 1)[0]) == "bptt"
     with pytest.raises(ConfigError, match="train.gradient=rtrl"):
         resolve_gradient("rtrl", nets("elman", 1)[0])

@@ -184,7 +184,7 @@ def test_cli_run_and_multirun(tmp_path):
         assert m["status"] == "completed" and math.isfinite(m["running_mse"])
 
 
-@pytest.mark.parametrize("gradient", ["rtrl", "truncated"])
+@pytest.mark.parametrize("gradient", ["rtrl", "one_step"])
 def test_trainer_backends_agree_with_reference_loop(tmp_path, gradient):
     """The default (fast) stepper and the plain rtrl_step loop end at the same parameters."""
     finals = {}

@@ -16,7 +16,7 @@ recursion per step), and
 
     Ŷ^lin_k = Ŷ^(0)_k + G^(0)_k · (θ^lin − θ_0),     θ^lin ← θ^lin + α_N (Y_k − Ŷ^lin_k) U^(0)_k,
 
-U^(0)_k = G^(0)_k under ``gradient=rtrl``; under ``gradient=truncated`` U^(0)_k is the truncated
+U^(0)_k = G^(0)_k under ``gradient=rtrl``; under ``gradient=one_step`` U^(0)_k is the one-step
 gradient at θ_0 (the network's update direction frozen at θ_0) while the prediction still uses the
 exact G^(0)_k: the shadow is the network's training rule with every θ-dependent quantity expanded
 to first order about θ_0 (predicting with the truncated features instead would be wrong at first
@@ -78,7 +78,7 @@ nonzero odd moment (E c ≠ 0 or E c³ ≠ 0), order 2 is coherent and the gap b
 (−0.4, −0.25, −0.1). ``lazy/param_gap``: per unit θ − θ^lin comes from the change of the gradient,
 O(ε) relative, a norm with no sign cancellation, so lazy/param_gap ≈ C α t N^{β−1} (slopes −0.4,
 −0.25, −0.1): a direct reading of the displacement scale ε. The same holds under
-``gradient=truncated`` (its directions have the same parity in c).
+``gradient=one_step`` (its directions have the same parity in c).
 
 Model F: the window map's gradient D_k + g_k ∂m_k/∂θ involves g = ∂_s f, O(N^{1/2−β}) at θ_0 but
 ∂_s h_t = O(1) after training, and the memory m itself moves O(1); its window kernel moves O(1)
@@ -100,7 +100,7 @@ from ..errors import ConfigError
 from ..models.family import family_of
 from ..models.init import generator_from_seed
 from ..models.mean_field import MeanFieldRNN
-from ..models.recurrence import ONLINE_GRADIENTS, spq_step
+from ..models.recurrence import ONLINE_GRADIENTS, online_gradient, spq_step
 from .base import Callback, TrainState, check_probes
 
 MAX_BLOCK = 64  # elements solved at once (auto block size)
@@ -159,7 +159,7 @@ class LinearizedCallback(Callback):
                 f"{f}: the linearized shadow model needs an ntk_rnn MeanFieldRNN (its stream "
                 f"features at θ_0 are RTRL recursions); got {type(model).__name__}. Remove "
                 f"{f} for this model")
-        self.gradient = state.gradient
+        self.gradient = online_gradient(state.gradient, "train.gradient")
         if self.gradient not in ONLINE_GRADIENTS:
             raise ConfigError(f"{f}: train.gradient={self.gradient!r} is not one of "
                               f"{list(ONLINE_GRADIENTS)}")
@@ -282,7 +282,7 @@ class LinearizedCallback(Callback):
         cs = c0 * scale
         y0 = Sb @ cs
         G = torch.cat([Sb * scale, (Pb * cs.view(1, N, 1)).reshape(B, N * d), Qb * cs], dim=1)
-        if self.gradient != "truncated":
+        if self.gradient != "one_step":
             return y0, G, G
         Pt = (dsb * cs).unsqueeze(2) * X.unsqueeze(1)  # N^{-β} c σ'(z) X_k
         U = torch.cat([Sb * scale, Pt.reshape(B, N * d), dsb * Sprev * cs], dim=1)
@@ -312,7 +312,7 @@ class LinearizedCallback(Callback):
         mb[1:] = y0[:-1]
         self.feat["m"].copy_(m)
         self.feat["G"].copy_(G)
-        if self.gradient != "truncated":
+        if self.gradient != "one_step":
             return y0, Gbuf, Gbuf
         U = torch.cat([Hb * scale, (cdb.unsqueeze(2) * X.unsqueeze(1)).reshape(B, N * d),
                        cdb * mb.unsqueeze(1)], dim=1)

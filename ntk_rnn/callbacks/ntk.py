@@ -22,6 +22,7 @@ from torch import Tensor
 from .. import tags as T
 from ..errors import ConfigError
 from ..limit.dispatch import default_mc_width, is_exact, limit_kind, limit_ntk, sampler_settings
+from ..limit.kernel import limit_method as limit_method_name
 from ..logging import write_layout
 from ..models.family import family_of
 from ..models.init import generator_from_seed
@@ -99,8 +100,9 @@ class NTKCallback(Callback):
         limit: Compute the limit kernel K_∞ once, at the start (the slow part of the start-up;
             its time is announced and kept in `metrics.json` as `limit_s`).
         limit_tol: Absolute error target of K_∞.
-        limit_method: How K_∞ is computed: `auto`, `rqmc`, `quadrature` or `mc` (Monte
-            Carlo; needed for a custom initial law `model.init.sampler`).
+        limit_method: How K_∞ is computed: `auto`, `rqmc` (scrambled Sobol' points),
+            `quadrature` or `iid` (plain Monte Carlo over i.i.d. draws of μ0; needed for a custom
+            initial law `model.init.sampler`; formerly `mc`, still accepted with a warning).
         top_k: Eigenvalues of K_t logged (`ntk/spectrum/log10_eig_1` ...).
         image_every_n_steps: Steps between kernel heatmaps and spectra (0 = off; otherwise
             the first and the last step get them too).
@@ -142,7 +144,8 @@ class NTKCallback(Callback):
         self.probe_seed, self.cache_dir = probe_seed, cache_dir
         self.n_probes, self.probe_length = int(n_probes), int(probe_length)
         self.method, self.limit = method, bool(limit)
-        self.limit_tol, self.limit_method = float(limit_tol), limit_method
+        self.limit_tol = float(limit_tol)
+        self.limit_method = limit_method_name(limit_method, "callbacks.ntk.limit_method")
         self.top_k = int(top_k)
         # models without an analytic limit: Monte Carlo over limit_draws networks of width N'
         self.limit_width = None if limit_width is None else int(limit_width)
@@ -179,11 +182,11 @@ class NTKCallback(Callback):
         if not 1 <= self.top_k <= self.n_probes:
             raise ConfigError(f"{f}.top_k={self.top_k} must be in [1, n_probes={self.n_probes}]")
         law = getattr(state.model, "init_law", None)
-        if self.limit and law is not None and law.is_custom and self.limit_method != "mc":
+        if self.limit and law is not None and law.is_custom and self.limit_method != "iid":
             raise ConfigError(
                 f"{f}.limit_method={self.limit_method!r}: the initial law is custom "
-                f"(model.init.sampler), so the limit needs Monte Carlo: set "
-                f"{f}.limit_method=mc (or {f}.limit=false)"
+                f"(model.init.sampler), so the limit needs i.i.d. draws: set "
+                f"{f}.limit_method=iid (or {f}.limit=false)"
             )
         if self.limit and not is_exact(state.model):  # Monte Carlo over wider networks
             if self.limit_draws < 2:
@@ -313,9 +316,9 @@ class NTKCallback(Callback):
                 s[f"drift_{name}"] = M.relative_frobenius(blocks[name], self.K0_blocks[name])
         for i, ev in enumerate(M.top_eigenvalues(K, self.top_k)):
             s[f"eig_{i + 1}"] = ev
-        if (state.gradient == "truncated"
+        if (state.gradient == "one_step"
                 and family_of(state.model).structure == "units"):
-            Kt = training_kernel(state.model, self.probes, gradient="truncated")
+            Kt = training_kernel(state.model, self.probes, gradient="one_step")
             s["train_kernel_drift_from_init"] = M.relative_frobenius(Kt, self.K0)
             s["train_kernel_asymmetry"] = (Kt - Kt.T).norm() / Kt.norm()
             s["train_kernel_distance_to_ntk"] = M.relative_frobenius(Kt, K)

@@ -28,7 +28,7 @@ m_{r,1} = 0, m_{r,k+1} = h_t(A_{r,k}); A_r = A_{r,L} is a sample of π_t (burn-i
     rtrl:       Ψ_r(a) = Σ_{i≥0} (Π_{l<i} ∂_s h_t(A_{r,L−l})) K(a, A_{r,L−i}).
 
 The rtrl form is the limit of the exact gradient of §3: ∂Ŷ_k/∂θ = D_k + ∂_s f(A_k) ∂Ŷ_{k−1}/∂θ, so
-N^{2β−1} ∇f(a)·∂Ŷ_k/∂θ → Ψ(a); the §6 equation (K alone) is the limit of ``gradient=truncated``.
+N^{2β−1} ∇f(a)·∂Ŷ_k/∂θ → Ψ(a); the §6 equation (K alone) is the limit of ``gradient=one_step``.
 The two differ once ∂_s h_t is O(1) (by ~0.5% of h's rms at t = 1, where sup|∂_s h_t| ≈ 0.16, on
 a VAR(1) lag target with α = 4).
 
@@ -67,12 +67,12 @@ from ..errors import ConfigError
 from ..models.activations import Activation
 from ..models.family import family_of
 from ..models.init import InitLaw, generator_from_seed
-from ..models.recurrence import ONLINE_GRADIENTS
+from ..models.recurrence import ONLINE_GRADIENTS, online_gradient
 from ..ntk.cell import cell_gram, check_cell_inputs
-from .kernel import LimitAccuracyWarning, LimitKernel, inverse_cdf, law_axes
+from .kernel import LimitAccuracyWarning, LimitKernel, inverse_cdf, law_axes, limit_method
 
 _F64 = torch.float64
-METHODS = ("auto", "closed", "quadrature", "rqmc", "mc")
+METHODS = ("auto", "closed", "quadrature", "rqmc", "iid")
 _HALF_WIDTH = 9.0  # trapezoid nodes on [-9, 9] standard deviations (tail mass 2e-19)
 
 
@@ -154,12 +154,13 @@ def limit_cell_ntk(
 
     ``method``: 'closed' (erf, Gaussian w and b), 'quadrature' (Gaussian w and b; ``rule``
     'trapezoid' or 'hermite', nodes per axis doubling up to ``max_nodes`` until the change is
-    ≤ ``tol``), 'rqmc' / 'mc' (``replicates`` × ``n_points`` points of μ0), 'auto' (the first of
-    closed, quadrature, rqmc, mc that applies). Returns a LimitKernel (``value``, ``error`` = max
+    ≤ ``tol``), 'rqmc' / 'iid' (``replicates`` × ``n_points`` points of μ0), 'auto' (the first of
+    closed, quadrature, rqmc, iid that applies). Returns a LimitKernel (``value``, ``error`` = max
     per-entry estimate, ``error_entries``, ``method``, ``n_points``, ``converged``); a
     LimitAccuracyWarning says when ``tol`` was not reached.
     """
     _check_feedback(model)
+    method = limit_method(method)
     if method not in METHODS:
         raise ConfigError(f"method={method!r} is not known; choose one of {list(METHODS)}")
     if rule not in ("trapezoid", "hermite"):
@@ -170,14 +171,14 @@ def limit_cell_ntk(
     a2 = a if sym else check_cell_inputs(model, xs2, "xs2").to(_F64)
     if method == "auto":
         method = ("closed" if act.name == "erf" else "quadrature") if _gaussian(law) else (
-            "mc" if law.is_custom else "rqmc")
+            "iid" if law.is_custom else "rqmc")
     if method in ("closed", "quadrature") and not _gaussian(law):
         raise ConfigError(f"method={method!r} needs Gaussian w and b (model.init.w=normal, "
-                          "model.init.b=normal); use 'rqmc' or 'mc'")
+                          "model.init.b=normal); use 'rqmc' or 'iid'")
     if method == "closed" and act.name != "erf":
         raise ConfigError(f"method='closed' is for activation='erf' (got {act.name!r})")
     if method == "rqmc" and law.is_custom:
-        raise ConfigError("a custom initial law (init_law.sampler) needs method='mc'")
+        raise ConfigError("a custom initial law (init_law.sampler) needs method='iid'")
     c2, dot = law.c_second_moment(), a @ a2.T
     s11, s12, s22 = _covariances(law, d, a, a2)
     if method == "closed":
@@ -350,8 +351,9 @@ def solve_feedback_limit(
     X (M, L, d), Y (M,): stationary windows and their last-step targets (e.g. ``source.windows``);
     the first L−1 steps are the memory's burn-in. ``probes`` (n, L', d): windows on which h_t's
     output is recorded. ``gradient``: the training rule whose limit is solved, 'rtrl' (exact
-    gradients, the trainer's default) or 'truncated' (theory §6's equation). ``limit``: the kernel
-    quadrature (default ``FeedbackLimit.from_model(model, n_features, seed)``), advanced in place.
+    gradients, the trainer's default) or 'one_step' (theory §6's equation; formerly 'truncated').
+    ``limit``: the kernel quadrature (default ``FeedbackLimit.from_model(model, n_features,
+    seed)``), advanced in place.
     """
     _check_feedback(model)
     if X.dim() != 3 or X.shape[-1] != model.input_dim or Y.shape != (X.shape[0],) or X.shape[0] < 1:
@@ -359,6 +361,7 @@ def solve_feedback_limit(
                           f"{model.input_dim}) and their last-step targets (M,)")
     if not (float(alpha) > 0 and float(horizon) >= 0 and float(dt) > 0):
         raise ConfigError(f"alpha={alpha}, dt={dt} must be > 0 and horizon={horizon} >= 0")
+    gradient = online_gradient(gradient)
     if gradient not in ONLINE_GRADIENTS:
         raise ConfigError(f"gradient={gradient!r}: choose one of {list(ONLINE_GRADIENTS)}")
     lim = FeedbackLimit.from_model(model, n_features, seed) if limit is None else limit

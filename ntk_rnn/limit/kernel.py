@@ -23,10 +23,12 @@ a Gram matrix accumulated over batches of points. The integral over (w, b) ∈ R
   rademacher/constant ones. The w axes and the b axis are refined (doubled) separately until the
   two one-axis refinements change no entry by more than tol in total; the error reported is
   that sum of changes (conservative for the returned, finer grid).
-- ``"mc"`` — plain Monte Carlo with ``init_law.sample`` (the only method for a custom sampler;
+- ``"iid"`` (formerly ``"mc"``, a deprecated spelling: not the Monte-Carlo limit over wider
+  networks of ``limit/monte_carlo.py``) — plain Monte Carlo over i.i.d. draws of
+  ``init_law.sample`` (the only method for a custom sampler;
   c is then used as drawn, φ = (S, cP, cQ), so c need not be independent of (w, b)); R
   independent batches, error as for rqmc (batch-means standard error × t quantile).
-- ``"auto"`` — mc for a custom ``init_law.sampler``; for the built-in laws quadrature when
+- ``"auto"`` — iid for a custom ``init_law.sampler``; for the built-in laws quadrature when
   d = 1 (measured: on d = 1, L = 24 it reaches 1e-9 with ~2000 points where rqmc needs ~5·10^5
   points for 1e-6) and rqmc when d ≥ 2 (a tensor grid grows like n^d; rqmc wins already at d = 2).
 
@@ -45,13 +47,21 @@ from scipy import special, stats
 from scipy.stats import qmc
 from torch import Tensor
 
-from ..errors import ConfigError
+from ..errors import ConfigError, renamed_value
 from ..models.activations import Activation
 from ..models.family import family_of
 from ..models.init import InitLaw, generator_from_seed
 from ..models.recurrence import spq_features
 
-METHODS = ("auto", "rqmc", "quadrature", "mc")
+METHODS = ("auto", "rqmc", "quadrature", "iid")
+#: deprecated spellings of ``method`` → their names ("mc" clashed with the Monte-Carlo limit)
+RENAMED_METHODS = {"mc": "iid"}
+
+
+def limit_method(method: object, key: str = "method") -> object:
+    """``method`` with a deprecated spelling (``mc``) mapped to its name (``iid``) and one
+    FutureWarning naming ``key``; anything else unchanged (checked by the caller)."""
+    return renamed_value(method, RENAMED_METHODS, key)
 _F64 = torch.float64
 _TRAP_HALF_WIDTH = 9.0  # normal coordinates are integrated on [-9, 9] sd (tail mass 2e-19)
 _MEM_BUDGET = 2**28  # bytes for the per-batch feature temporaries (auto chunk_size)
@@ -171,6 +181,7 @@ def _tensor_rule(axes, res: tuple[int, int]) -> tuple[Tensor, Tensor]:
 
 # --- the estimator -----------------------------------------------------------------------------
 def _check(model, x: Tensor, x2: Tensor | None, method: str, tol: float) -> str:
+    method = limit_method(method)
     if family_of(model).limit != "quadrature":
         raise ConfigError("this K_∞ (quadrature) is Model D's (model.recurrence='diagonal'); "
                           "ntk_rnn.limit.limit_ntk gives any model's")
@@ -191,11 +202,11 @@ def _check(model, x: Tensor, x2: Tensor | None, method: str, tol: float) -> str:
                 f"{x.device}; pass both window sets with the same dtype and device")
     law: InitLaw = model.init_law
     if law.is_custom:
-        if method != "auto" and method != "mc":
+        if method != "auto" and method != "iid":
             raise ConfigError(
-                f"method={method!r}: a custom initial law (init_law.sampler) needs method='mc' "
-                "(Monte Carlo); rqmc and quadrature integrate the built-in laws only")
-        return "mc"
+                f"method={method!r}: a custom initial law (init_law.sampler) needs method='iid' "
+                "(i.i.d. draws); rqmc and quadrature integrate the built-in laws only")
+        return "iid"
     if method == "quadrature" and model.input_dim > 2:
         raise ConfigError(
             f"method='quadrature' needs input_dim <= 2 (got {model.input_dim}); use 'rqmc'")
@@ -228,10 +239,10 @@ def limit_ntk(
     initial law μ0, for windows x (n, L, d) and x2 (m, L', d) (default x2 = x), theory §5.
 
     ``tol`` is the target for the largest per-entry absolute error; ``method`` is one of
-    'auto', 'rqmc', 'quadrature', 'mc' (see the module docstring). Randomness (Sobol'
+    'auto', 'rqmc', 'quadrature', 'iid' (see the module docstring). Randomness (Sobol'
     scrambling, Monte Carlo draws) comes from ``generator``, else from ``seed`` (default 0).
     ``chunk_size`` points are processed at a time (default: temporaries within ~256 MB).
-    ``replicates`` is R for rqmc/mc, ``max_points`` the budget of (w, b) points (all
+    ``replicates`` is R for rqmc/iid, ``max_points`` the budget of (w, b) points (all
     replicates, or one quadrature grid); past it a :class:`LimitAccuracyWarning` reports the
     error reached. ``truncated=True`` gives E[φ(x̄)·φ_trunc(x̄')], the kernel of truncated
     training (theory §4; not symmetric). Returns a :class:`LimitKernel` in float64.
@@ -278,7 +289,7 @@ def _sobol_points(law, d, R, generator, c2, dev):
 
 
 def _monte_carlo_points(law, d, R, generator, c2, dev):
-    """mc: ``draw(n)`` → n fresh draws of μ0 per replicate (a custom law's c as drawn, else
+    """iid: ``draw(n)`` → n fresh draws of μ0 per replicate (a custom law's c as drawn, else
     √E[c²])."""
     def draw(new):
         c, w, b = law.sample(R * new, d, generator, dtype=_F64, device=dev)
@@ -288,11 +299,11 @@ def _monte_carlo_points(law, d, R, generator, c2, dev):
 
 
 #: the replicated methods' point sources: ``method → f(law, d, R, generator, c2, device)``
-POINTS = {"rqmc": _sobol_points, "mc": _monte_carlo_points}
+POINTS = {"rqmc": _sobol_points, "iid": _monte_carlo_points}
 
 
 def _replicated(method, law, d, gram, c2, tol, max_points, R, generator, G, symmetric):
-    """rqmc / mc: R independent replicate estimates G_r/count, points per replicate doubling
+    """rqmc / iid: R independent replicate estimates G_r/count, points per replicate doubling
     (Sobol' sequences extended, Monte Carlo draws added) until t·std/√R ≤ tol everywhere."""
     draw = POINTS[method](law, d, R, generator, c2, G.device)
     count = 0

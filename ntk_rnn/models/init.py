@@ -32,7 +32,7 @@ class InitLaw:
         rho: ρ, the scale of b's law (Model D needs ρ · sup|σ'| < 1).
         sampler: Optional custom law replacing all of the above,
             `sampler(width, input_dim, generator, dtype) -> (c, w, b)`; the limit kernel
-            then needs Monte Carlo (`callbacks.ntk.limit_method=mc`).
+            then needs Monte Carlo (`callbacks.ntk.limit_method=iid`).
     """
 
     c: Kind = "uniform"

@@ -28,14 +28,22 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
+from ..errors import ConfigError, renamed_value
 from .activations import Activation
 
 # the gradients an online step carries forward along the stream: exact RTRL (∂S/∂θ through the
-# whole past) or truncated (the memory taken as an input); BPTT is not online (run/config.py's
-# TRAIN_GRADIENTS, online/bptt.py)
-OnlineGradient = Literal["rtrl", "truncated"]
+# whole past) or one_step (the gradient of the last step, the memory taken as an input); BPTT is
+# not online (run/config.py's TRAIN_GRADIENTS, online/bptt.py)
+OnlineGradient = Literal["rtrl", "one_step"]
 ONLINE_GRADIENTS: tuple[str, ...] = get_args(OnlineGradient)
+#: deprecated spellings → their names ("truncated" clashed with truncated BPTT)
+RENAMED_GRADIENTS = {"truncated": "one_step"}
+
+
+def online_gradient(gradient: Any, key: str = "gradient") -> Any:
+    """``gradient`` with a deprecated spelling (``truncated``) mapped to its name (``one_step``)
+    and one FutureWarning naming ``key``; anything else unchanged (checked by the caller)."""
+    return renamed_value(gradient, RENAMED_GRADIENTS, key)
 
 # --- online states ------------------------------------------------------------------------------
 @dataclass
@@ -69,7 +77,7 @@ class FeedbackState:
     """Model F: memory m (0-dim) and the last gradient G = (dc (N,), dw (N, d), db (N,)).
 
     Under ``gradient="rtrl"`` G is ∂Ŷ_{k−1}/∂θ = ∂m_k/∂θ, the RTRL sensitivity of the memory;
-    under ``"truncated"`` it is the truncated gradient of the last step (not carried over).
+    under ``"one_step"`` it is the truncated gradient of the last step (not carried over).
     """
 
     m: Tensor

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vmap
 
 from ..errors import ConfigError
-from ..models.recurrence import ONLINE_GRADIENTS, OnlineGradient
+from ..models.recurrence import ONLINE_GRADIENTS, OnlineGradient, online_gradient
 from . import structured as st
 
 Method = Literal["auto", "jacobian", "ntk_vp", "structured"]
@@ -679,15 +679,17 @@ def empirical_ntk(
 
 
 def training_kernel(
-    model: nn.Module, x: Tensor, x2: Tensor | None = None, gradient: OnlineGradient = "truncated",
+    model: nn.Module, x: Tensor, x2: Tensor | None = None, gradient: OnlineGradient = "one_step",
     method: Method = "auto", chunk_size: int | None = None,
 ) -> Tensor:
     """The kernel that drives training: K_tr(x̄, x̄') = N^{2β−1} ∇_θ f(x̄) · g(x̄') (theory §4).
 
     g is the gradient the update uses: ``"rtrl"`` — the exact gradient, so K_tr = empirical_ntk
-    (any method); ``"truncated"`` — the truncated gradient (memory treated as an input: P, Q
-    without the b P, b Q terms), MeanFieldRNN only, asymmetric, computed by the structured engine.
+    (any method); ``"one_step"`` (formerly ``"truncated"``, deprecated) — the gradient of the last
+    step (memory treated as an input: P, Q without the b P, b Q terms), MeanFieldRNN only,
+    asymmetric, computed by the structured engine.
     """
+    gradient = online_gradient(gradient)
     if gradient not in ONLINE_GRADIENTS:
         raise ConfigError(f"gradient={gradient!r} is not known; choose one of "
                           f"{list(ONLINE_GRADIENTS)}")
@@ -695,13 +697,13 @@ def training_kernel(
         return empirical_ntk(model, x, x2, method=method, chunk_size=chunk_size)
     if not st.supports_structured(model):
         raise ConfigError(
-            f"gradient='truncated' needs a MeanFieldRNN with diagonal recurrence; "
-            f"{type(model).__name__} has no truncated gradient (use gradient='rtrl')"
+            f"gradient='one_step' needs a MeanFieldRNN with diagonal recurrence; "
+            f"{type(model).__name__} has no one-step gradient (use gradient='rtrl')"
         )
     check_method(model, method)
     if method not in ("auto", "structured"):
         raise ConfigError(
-            f"gradient='truncated' is computed by method='structured' (or 'auto'); got {method!r}"
+            f"gradient='one_step' is computed by method='structured' (or 'auto'); got {method!r}"
         )
     _check_chunk(chunk_size)
     x, x2 = check_inputs(model, x, x2)

@@ -15,7 +15,7 @@ so K = (1/N) Φ Φ'ᵀ with Φ of shape (n, N(d+2)). The features come from one 
 
   so only the scalar coefficients a_{i,k} are recursed (backwards, O(n N L)) and P is one
   batched GEMM ``(d, L) @ (L, N)`` per window instead of a d-fold larger elementwise recursion.
-  ``truncated=True`` (``gradient: truncated``, theory §3) keeps only a_{L−1}.
+  ``truncated=True`` (``gradient: one_step``, theory §3) keeps only a_{L−1}.
 * when ``L·L' < d`` the P·P' term is cheaper factorised through the coefficients:
   ``Σ_i c_i² P_i·P'_i = Σ_{k,k'} (X_k·X'_{k'}) Σ_i c_i² a_{i,k} a'_{i,k'}`` (a GEMM with inner size
   N over (n L, m L') instead of one over (n, m) with inner size N d).
@@ -336,7 +336,7 @@ def structured_ntk(
     """K = (1/N) Σ_i φ_i(x̄) · φ_i(x̄') for windows x (n, L, d), x2 (m, L', d) (default x2 = x).
 
     ``truncated2``: use the truncated-gradient features g on the x2 side (training kernel of
-    ``gradient: truncated``). ``unit_chunk``: units per block (default: ``unit_block_size``, or
+    ``gradient: one_step``). ``unit_chunk``: units per block (default: ``unit_block_size``, or
     ``C_BLOCK_UNITS`` / ``C_BLOCK_BYTES`` with the compiled features). ``blocks``: return
     {"c": S·S', "w": c² P·P', "b": c² Q·Q'} (each /N) instead of the sum. ``factorise``: force
     the coefficient factorisation of P·P' on/off (default ``use_factorised``). Inputs must

@@ -26,7 +26,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..models.family import family_of
 from ..models.mean_field import MeanFieldRNN
-from ..models.recurrence import ONLINE_GRADIENTS, FeedbackState, OnlineState
+from ..models.recurrence import ONLINE_GRADIENTS, FeedbackState, OnlineState, online_gradient
 from .fast import Buffers, EngineBackend, check_engine_chunk, make_engine
 
 
@@ -59,6 +59,7 @@ class EnsembleStepper(EngineBackend):
         models = list(models)
         if not models:
             raise ConfigError("an ensemble needs at least one model")
+        gradient = online_gradient(gradient)
         if gradient not in ONLINE_GRADIENTS:
             raise ConfigError(f"gradient={gradient!r} is not known; choose one of "
                               f"{list(ONLINE_GRADIENTS)}")

@@ -52,6 +52,7 @@ from ..models.recurrence import (
     FeedbackState,
     OnlineState,
     Recurrence,
+    online_gradient,
 )
 
 BACKENDS = ("auto", "kernel", "eager", "graphs")
@@ -465,6 +466,7 @@ def make_engine(buf: Buffers, gradient: str, backend: str = "auto", threads: int
     """The engine for ``backend`` ('auto' picks: graphs on CUDA, the compiled kernel on the CPU
     where it builds and passes its self-check, else eager). ``engine.name`` is the backend and
     ``engine.reason`` says why it was chosen (for logs and metrics.json)."""
+    gradient = online_gradient(gradient)
     if gradient not in ONLINE_GRADIENTS:
         raise ConfigError(f"gradient={gradient!r} is not known; choose one of "
                           f"{list(ONLINE_GRADIENTS)}")
@@ -529,7 +531,7 @@ class FastStepper(EngineBackend):
         rec = family_of(model).recurrence
         if rec is None:
             raise ConfigError(f"FastStepper needs a MeanFieldRNN, not {type(model).__name__}")
-        self.model, self.lr, self.gradient = model, float(lr), gradient
+        self.model, self.lr, self.gradient = model, float(lr), online_gradient(gradient)
         self.state = rec.zeros(model) if state is None else state
         rec.check_state(self.state)
         self._opts = dict(backend=backend, max_block=max_block, _unchecked=_unchecked)

@@ -1,4 +1,4 @@
-"""Model F (output feedback, theory §6): online SGD with exact (RTRL) or truncated gradients,
+"""Model F (output feedback, theory §6): online SGD with exact (RTRL) or one-step gradients,
 
 
 The network reads H_{i,k} = σ(z_{i,k}), z_{i,k} = w_i·X_k + b_i m_k, predicts Ŷ_k = f_θ(X_k, m_k)
@@ -8,10 +8,10 @@ and feeds it back, m_{k+1} = Ŷ_k, m_0 = 0. With θ = (c, w, b) the gradient of 
     D_k     = N^{-β} (H_{i,k},  c_i σ'(z_{i,k}) X_k,  c_i σ'(z_{i,k}) m_k)_i    (m held fixed),
 
 and ∂m_{k+1}/∂θ = ∂Ŷ_k/∂θ, ∂m_0/∂θ = 0 (RTRL: one vector of size P carried, O(P) a step).
-``gradient="truncated"`` uses D_k alone (the memory treated as an input). The SGD step of
-theory §3 moves all groups at once, with values from before the step:
+``gradient="one_step"`` (formerly ``"truncated"``) uses D_k alone (the memory treated as an
+input). The SGD step of theory §3 moves all groups at once, with values from before the step:
 
-    θ ← θ + α_N (Y_k − Ŷ_k) G_k,   G_k = ∂Ŷ_k/∂θ (rtrl) or D_k (truncated).
+    θ ← θ + α_N (Y_k − Ŷ_k) G_k,   G_k = ∂Ŷ_k/∂θ (rtrl) or D_k (one_step).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
     P_{i,k+1} = σ'(z_{i,k}) (X_k + b_i P_{i,k}),   Q_{i,k+1} = σ'(z_{i,k}) (S_{i,k} + b_i Q_{i,k})
     θ_i ← θ_i + α_N (Y_k − Ŷ_k) N^{-β} (S_{i,k+1}, c_i P_{i,k+1}, c_i Q_{i,k+1})
 
-``gradient="truncated"`` drops the b_i P and b_i Q terms (memory treated as an input).
+``gradient="one_step"`` (formerly ``"truncated"``) drops the b_i P and b_i Q terms (memory
+treated as an input).
 Model F (``recurrence="feedback"``) dispatches to `ntk_rnn.online.feedback`:
 ``OnlineState.zeros`` then returns a `FeedbackState` and ``rtrl_step`` runs
 ``feedback_step``. The states and the recursion itself (`spq_step`, shared with the K_∞
@@ -21,6 +22,7 @@ from ..models.recurrence import (
     FeedbackState,
     OnlineGradient,
     OnlineState,
+    online_gradient,
     spq_step,
 )
 from .feedback import feedback_step
@@ -37,6 +39,7 @@ def rtrl_step(
 
     Returns the prediction Ŷ_k (0-dim tensor), made with the parameters before the step.
     """
+    gradient = online_gradient(gradient)
     if isinstance(state, FeedbackState):
         return feedback_step(model, state, x, y, lr, gradient)
     c, w, b = model.c, model.w, model.b
@@ -57,7 +60,8 @@ class ReferenceStepper:
     with the same ``run_chunk`` interface as `ntk_rnn.online.fast.FastStepper`."""
 
     def __init__(self, model: MeanFieldRNN, state, lr: float, gradient: OnlineGradient = "rtrl"):
-        self.model, self.state, self.lr, self.gradient = model, state, lr, gradient
+        self.model, self.state, self.lr = model, state, lr
+        self.gradient = online_gradient(gradient)
 
     def run_chunk(self, X: Tensor, Y: Tensor, out: Tensor | None = None) -> Tensor:
         out = torch.empty_like(Y) if out is None else out

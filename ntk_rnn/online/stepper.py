@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..models.family import family_of
-from ..models.recurrence import OnlineState
+from ..models.recurrence import ONLINE_GRADIENTS, OnlineState, online_gradient
 from .bptt import BPTTStepper
 from .ensemble import EnsembleStepper
 from .fast import FastStepper
@@ -63,12 +63,13 @@ class PerNetwork:
 
 def resolve_gradient(gradient: str, model: nn.Module) -> str:
     """``train.gradient=auto``: the model family's online step — exact RTRL for Models D and F,
-    truncated BPTT for any other model; rtrl/truncated on a model without an exact online step
+    truncated BPTT for any other model; rtrl/one_step on a model without an exact online step
     is an error."""
+    gradient = online_gradient(gradient, "train.gradient")
     exact = family_of(model).online == "rtrl"
     if gradient == "auto":
         return "rtrl" if exact else "bptt"
-    if gradient in ("rtrl", "truncated") and not exact:
+    if gradient in ONLINE_GRADIENTS and not exact:
         raise ConfigError(f"train.gradient={gradient}: {type(model).__qualname__} has no exact "
                           "online step (only MeanFieldRNN has); use train.gradient=auto or bptt "
                           "(truncated backpropagation through train.bptt_window elements)")

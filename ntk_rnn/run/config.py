@@ -14,9 +14,9 @@ from typing import Any, Dict, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-from ..errors import ConfigError
+from ..errors import ConfigError, renamed_value
 from ..models.activations import ACTIVATIONS
-from ..models.recurrence import ONLINE_GRADIENTS
+from ..models.recurrence import ONLINE_GRADIENTS, RENAMED_GRADIENTS
 
 
 # (the docstring's entries are `name (type): ...`: the --help page reads this class's source for
@@ -32,7 +32,8 @@ class TrainConfig:
         steps (int): A number of steps instead of `horizon` (None: from `horizon`).
         gradient (str): How ∂Ŷ_k/∂θ is computed: `auto` (RTRL for `MeanFieldRNN`, `bptt`
             for any other model), `rtrl` (exact real-time recurrent learning, Models D and F),
-            `truncated` (the memory treated as an input, Models D and F), `bptt` (truncated
+            `one_step` (the gradient of the last step, the memory treated as an input, Models D
+            and F; formerly `truncated`, still accepted with a warning), `bptt` (truncated
             backpropagation through the last `bptt_window` elements, any model).
         bptt_window (int): Elements of the stream a `bptt` gradient goes back through.
         chunk_size (int): Elements of the stream read and trained on at once; the
@@ -55,8 +56,8 @@ class TrainConfig:
     horizon: Optional[float] = 4.0  # limit time t; steps = round(horizon * N)
     steps: Optional[int] = None  # overrides horizon when set
     # auto (MeanFieldRNN: rtrl; any other model: bptt) | rtrl (exact RTRL, Models D and F) |
-    # truncated (memory treated as an input, D and F) | bptt (backpropagation through the last
-    # bptt_window elements of the stream, any model)
+    # one_step (memory treated as an input, D and F; old spelling truncated) | bptt
+    # (backpropagation through the last bptt_window elements of the stream, any model)
     gradient: str = "auto"
     bptt_window: int = 32  # elements of the stream a bptt gradient goes back through
     chunk_size: int = 256  # stream chunk; the NaN/divergence check runs once per chunk
@@ -144,8 +145,33 @@ def check_known_keys(cfg: Any) -> None:
                 raise ConfigError(f"unknown key {prefix}{key}{hint}")
 
 
+def resolve_renamed(cfg: Any, warn: bool = True) -> None:
+    """Deprecated spellings of config values replaced, in place, by their names, each with one
+    FutureWarning naming the key (``warn=False``: silently, for a saved run's config):
+    ``train.gradient=truncated`` → ``one_step``, ``callbacks.<name>.limit_method=mc`` → ``iid``.
+    Runs before any check that refuses an unknown value. ``cfg``: a DictConfig, Config or dict."""
+    def renamed(node: Any, key: str, table: dict, name: str) -> None:
+        value = opt(node, key)
+        new = renamed_value(value, table, name, warn)
+        if new is not value:
+            if hasattr(node, "__setitem__"):
+                node[key] = new
+            else:
+                setattr(node, key, new)
+
+    t = opt(cfg, "train")
+    if t is not None:
+        renamed(t, "gradient", RENAMED_GRADIENTS, "train.gradient")
+    for name, node in (opt(cfg, "callbacks") or {}).items():
+        if hasattr(node, "get") and node.get("limit_method") is not None:
+            from ..limit.kernel import RENAMED_METHODS
+
+            renamed(node, "limit_method", RENAMED_METHODS, f"callbacks.{name}.limit_method")
+
+
 def validate(cfg: DictConfig | Config) -> None:
     """Range checks that types alone cannot express. Raises ConfigError naming the key."""
+    resolve_renamed(cfg)
     check_known_keys(cfg)
     m, t = cfg.model, cfg.train
     _require(m is not None and "_target_" in m,

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..checkpoint import CheckpointError, load_checkpoint
 from ..errors import ConfigError
+from .config import resolve_renamed
 
 # keys a resumed run may change
 RESUME_MAY_CHANGE = ("train.resume", "train.backend", "logger", "device", "callbacks.progress")
@@ -81,6 +82,7 @@ def check_same_config(cfg: Any, payload: dict, run_dir: Path) -> None:
     if not isinstance(cfg, DictConfig) or "config" not in payload:
         return
     old = _plain(OmegaConf.create(payload["config"]))
+    resolve_renamed(old, warn=False)  # a run saved with an old spelling (train.gradient=truncated)
     new = _plain(OmegaConf.create(OmegaConf.to_yaml(cfg, resolve=True)))
     diff = [k for k in _diff_keys(old, new) if not k.startswith(RESUME_MAY_CHANGE)
             and not (k in ADDED_KEYS and _get(old, k) == "<absent>"
