@@ -40,7 +40,7 @@ class TrainState:
     # config (None from Python): a Monte-Carlo limit's wider networks (models.family.at_width)
     model_factory: Optional[Callable[[int, int], Any]] = None
     alpha: float = float("nan")  # α, the learning-rate scale of the limit ODE (train.alpha)
-    gradient: str = ""  # the online gradient that trains: rtrl, truncated or bptt
+    gradient: str = ""  # the gradient that trains: rtrl, one_step or bptt
     bptt_window: int = 32  # elements the truncated-BPTT gradient reaches back (train.bptt_window)
     seed: int = 0  # the run's seed (θ_0, probes, and the data unless data_seed is set)
     data: dict = field(default_factory=dict)  # the data source as config.yaml describes it

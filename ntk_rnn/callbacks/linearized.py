@@ -100,7 +100,7 @@ from ..errors import ConfigError
 from ..models.family import family_of
 from ..models.init import generator_from_seed
 from ..models.mean_field import MeanFieldRNN
-from ..models.recurrence import ONLINE_GRADIENTS, online_gradient, spq_step
+from ..models.recurrence import ONLINE_GRADIENTS, spq_step
 from .base import Callback, TrainState, check_probes
 
 MAX_BLOCK = 64  # elements solved at once (auto block size)
@@ -159,7 +159,7 @@ class LinearizedCallback(Callback):
                 f"{f}: the linearized shadow model needs an ntk_rnn MeanFieldRNN (its stream "
                 f"features at θ_0 are RTRL recursions); got {type(model).__name__}. Remove "
                 f"{f} for this model")
-        self.gradient = online_gradient(state.gradient, "train.gradient")
+        self.gradient = state.gradient  # (renamed spellings resolved by the config check)
         if self.gradient not in ONLINE_GRADIENTS:
             raise ConfigError(f"{f}: train.gradient={self.gradient!r} is not one of "
                               f"{list(ONLINE_GRADIENTS)}")
