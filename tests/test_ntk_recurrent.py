@@ -1,5 +1,7 @@
 """Structured NTK of ElmanRNN and GRURNN (ntk/recurrent.py) against the jacobian method, float64."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -134,3 +136,39 @@ def test_equal_lengths_share_one_pass(name, make):
     J = jacobian_blocks(model, x, x2)
     for k in J:
         assert rel(B[k], J[k] * model.ntk_scale) <= 1e-10, k
+
+
+def _subnormal_elman():
+    """Mean-field Elman in float32 whose backward vectors fall below 1.2e-38 within a window."""
+    model = ElmanRNN(1, 512, recurrent_scaling="mean_field", seed=0)
+    x = torch.randn(4, 40, 1, generator=torch.Generator().manual_seed(0))
+    return model, x
+
+
+def test_backward_vectors_reach_subnormals_and_flushing_them_changes_nothing(monkeypatch):
+    """The case the flush is for: float32 mean-field Elman's δ_k become subnormal over a window;
+    the kernel computed with them (flushing disabled) equals the flushed one, and the caller's
+    FTZ setting is restored either way."""
+    from ntk_rnn.ntk import recurrent
+
+    model, x = _subnormal_elman()
+    x2 = x.flip(0)
+    assert not recurrent._flushing_subnormals()
+    with torch.inference_mode():
+        d = recurrent.elman_passes(model, x)["d"]
+    tiny = (d != 0) & (d.abs() < torch.finfo(torch.float32).tiny)
+    assert tiny.any()  # subnormals occur without the flush
+    flushed = empirical_ntk(model, x, x2, method="structured")
+    assert not recurrent._flushing_subnormals()  # restored
+    monkeypatch.setattr(recurrent, "without_subnormals", lambda x: contextlib.nullcontext())
+    plain = empirical_ntk(model, x, x2, method="structured")
+    assert rel(flushed, plain) <= 1e-6
+    # a caller who flushes already keeps flushing afterwards
+    monkeypatch.undo()
+    assert torch.set_flush_denormal(True)
+    try:
+        empirical_ntk(model, x, x2, method="structured")
+        assert recurrent._flushing_subnormals()
+    finally:
+        torch.set_flush_denormal(False)
+    assert not recurrent._flushing_subnormals()
