@@ -283,3 +283,36 @@ def test_state_dict_contents():
     with pytest.raises(ConfigError, match=r"pass input_dim"):
         BPTTStepper(bare, 0.1)
     assert BPTTStepper(bare, 0.1, window=3, input_dim=2).run_chunk(X, Y).shape == (6,)
+
+
+def test_steps_flush_subnormals_and_restore_the_setting(monkeypatch):
+    """Mean-field Elman's window δ_k underflow in float32 (tests/test_ntk_recurrent.py shows
+    it); the stepper runs with subnormals flushed, its numbers equal the unflushed run's, and
+    the caller's setting comes back."""
+    from contextlib import nullcontext
+
+    from ntk_rnn.subnormals import flushing
+
+    g = torch.Generator().manual_seed(5)
+    X, Y = torch.randn(60, 1, generator=g), torch.randn(60, generator=g)
+    seen = []
+
+    def run(engine, flush):
+        model = ElmanRNN(1, 256, recurrent_scaling="mean_field", seed=0)
+        st = BPTTStepper(model, 0.5, window=40, engine=engine)
+        if engine == "eager":
+            step = st._eager_step
+            st._eager_step = lambda x, y: (seen.append(flushing()), step(x, y))[1]
+        if not flush:
+            monkeypatch.setattr(bptt, "without_subnormals", lambda device: nullcontext())
+        y = st.run_chunk(X, Y)
+        monkeypatch.undo()
+        return y, {k: p.detach().clone() for k, p in model.named_parameters()}
+
+    for engine in ["eager"] + (["kernel"] if KERNEL else []):
+        (y1, p1), (y0, p0) = run(engine, True), run(engine, False)
+        assert not flushing()
+        assert torch.allclose(y1, y0, rtol=1e-6, atol=0), engine
+        for k in p1:
+            assert torch.allclose(p1[k], p0[k], rtol=1e-6, atol=1e-30), (engine, k)
+    assert seen and all(seen[:60]) and not any(seen[60:])  # flushed inside run_chunk only

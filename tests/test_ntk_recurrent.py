@@ -150,17 +150,18 @@ def test_backward_vectors_reach_subnormals_and_flushing_them_changes_nothing(mon
     the kernel computed with them (flushing disabled) equals the flushed one, and the caller's
     FTZ setting is restored either way."""
     from ntk_rnn.ntk import recurrent
+    from ntk_rnn.subnormals import flushing
 
     model, x = _subnormal_elman()
     x2 = x.flip(0)
-    assert not recurrent._flushing_subnormals()
+    assert not flushing()
     with torch.inference_mode():
         d = recurrent.elman_passes(model, x)["d"]
     tiny = (d != 0) & (d.abs() < torch.finfo(torch.float32).tiny)
     assert tiny.any()  # subnormals occur without the flush
     flushed = empirical_ntk(model, x, x2, method="structured")
-    assert not recurrent._flushing_subnormals()  # restored
-    monkeypatch.setattr(recurrent, "without_subnormals", lambda x: contextlib.nullcontext())
+    assert not flushing()  # restored
+    monkeypatch.setattr(recurrent, "without_subnormals", lambda *a: contextlib.nullcontext())
     plain = empirical_ntk(model, x, x2, method="structured")
     assert rel(flushed, plain) <= 1e-6
     # a caller who flushes already keeps flushing afterwards
@@ -168,7 +169,42 @@ def test_backward_vectors_reach_subnormals_and_flushing_them_changes_nothing(mon
     assert torch.set_flush_denormal(True)
     try:
         empirical_ntk(model, x, x2, method="structured")
-        assert recurrent._flushing_subnormals()
+        assert flushing()
     finally:
         torch.set_flush_denormal(False)
-    assert not recurrent._flushing_subnormals()
+    assert not flushing()
+
+
+@pytest.mark.parametrize("name,make", [MODELS[0], MODELS[-1]], ids=[MODELS[0][0], MODELS[-1][0]])
+def test_passes_and_grams_split_over_threads_equal_one_thread_and_flush(name, make, monkeypatch):
+    """With several threads the windows' passes and the Gram row blocks run on this thread and
+    the features pool, each single-threaded with subnormals flushed; the kernel equals the
+    one-thread kernel (float64), for x2 of another length and for x2 = None."""
+    import threading
+
+    from ntk_rnn.ntk import recurrent
+    from ntk_rnn.subnormals import flushing
+
+    model = make()
+    x, x2 = windows(7, 5, 3, 0), windows(5, 4, 3, 1)
+    threads = torch.get_num_threads()
+    seen = set()
+    for key in ("elman_passes", "gru_passes"):
+        orig = getattr(recurrent, key)
+
+        def spy(model, w, orig=orig):
+            seen.add((threading.get_ident(), flushing(), torch.get_num_threads()))
+            return orig(model, w)
+
+        monkeypatch.setattr(recurrent, key, spy)
+    for other in (x2, None):
+        monkeypatch.setattr(recurrent, "_parts", lambda x: 1)
+        one = ntk_blocks(model, x, other, method="structured")
+        monkeypatch.setattr(recurrent, "_parts", lambda x: 3)
+        seen.clear()
+        three = ntk_blocks(model, x, other, method="structured")
+        assert len({t for t, _, _ in seen}) >= 2  # really on several threads
+        assert all(f and k == 1 for _, f, k in seen)  # each flushing, torch single-threaded
+        for k in one:
+            assert rel(three[k], one[k]) <= 1e-13, k
+    assert not flushing() and torch.get_num_threads() == threads  # the caller's settings

@@ -34,6 +34,7 @@ The windows are split over ``torch.get_num_threads()`` Python threads (ctypes dr
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import json
@@ -44,7 +45,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -307,6 +308,21 @@ def run_parallel(tasks: list[Callable[[], Any]]) -> list[Any]:
     futures = [_pool().submit(t) for t in tasks[1:]]
     first = tasks[0]()
     return [first] + [f.result() for f in futures]
+
+
+@contextlib.contextmanager
+def torch_threads(k: int) -> Iterator[None]:
+    """torch (and its BLAS) on ``k`` threads inside the block, the old setting restored after
+    (around :func:`run_parallel`, whose tasks each run single-threaded)."""
+    old = torch.get_num_threads()
+    if old == k:
+        yield
+        return
+    torch.set_num_threads(k)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def block_features(model: Any, x: Tensor, units: slice, truncated: bool, phi: Tensor,

@@ -27,15 +27,22 @@ reached through the structure table of :mod:`.structured` (``family_of(model).st
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator
+import functools
+import os
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
+from ..subnormals import without_subnormals
+from . import _features_c
+
 #: Entries of one (rows·L, m·L') Gram block: rows of windows are taken so that each Gram matrix
 #: stays ≤ this size (2^22: 16 MiB in float32).
 GRAM_ELEMENTS = 2**22
+#: Windows of x per thread at least (fewer: one thread; 4 windows at N = 256 took 4.2 ms on
+#: 2 threads against 1.8 ms on one).
+MIN_WINDOWS_PER_THREAD = 8
 
 
 def _scale(model: nn.Module) -> float:
@@ -43,17 +50,59 @@ def _scale(model: nn.Module) -> float:
 
 
 def _both_passes(passes: Callable[[nn.Module, Tensor], dict[str, Tensor]], model: nn.Module,
-                 x: Tensor, x2: Tensor | None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+                 x: Tensor, x2: Tensor | None, parts: int = 1
+                 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """The passes of x and x2 (x2 None: the same); windows of equal length go through one pass
-    (GEMMs with n + m rows use the CPU better than two with n and m)."""
+    (GEMMs with n + m rows use the CPU better than two with n and m). The windows of a pass are
+    split over ``parts`` threads (:func:`_flushed`)."""
+    def run(w: Tensor) -> dict[str, Tensor]:
+        cuts = [w.shape[0] * t // parts for t in range(parts + 1)]
+        got = _flushed([functools.partial(passes, model, w[a:b])
+                        for a, b in zip(cuts[:-1], cuts[1:]) if b > a], parts)
+        return got[0] if len(got) == 1 else {k: torch.cat([F[k] for F in got]) for k in got[0]}
+
     if x2 is None:
-        F = passes(model, x)
+        F = run(x)
         return F, F
     if x2.shape[1] != x.shape[1]:
-        return passes(model, x), passes(model, x2)
+        return run(x), run(x2)
     n = x.shape[0]
-    F = passes(model, torch.cat([x, x2]))
+    F = run(torch.cat([x, x2]))
     return {k: v[:n] for k, v in F.items()}, {k: v[n:] for k, v in F.items()}
+
+
+def _parts(x: Tensor) -> int:
+    """Threads for the passes and Grams: torch's intra-op threads on the CPU, at most one per
+    ``MIN_WINDOWS_PER_THREAD`` windows of x; 1 elsewhere."""
+    if x.device.type != "cpu":
+        return 1
+    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1,
+                      x.shape[0] // MIN_WINDOWS_PER_THREAD))
+
+
+def _flushed(tasks: list[Callable[[], Any]], parts: int) -> list[Any]:
+    """The results of ``tasks`` with subnormals flushed to zero (:mod:`ntk_rnn.subnormals`),
+    in inference mode: on this thread when ``parts`` is 1 (torch's own threading inside), else
+    on ``parts`` threads (this one and the features pool), each running its share of the tasks
+    with torch single-threaded. The flush is per thread and torch's intra-op workers cannot be
+    reached from Python, so the work goes to threads that can set it: at 2 threads the
+    mean-field Elman kernel below took 2.3 s with the flush on the calling thread only and
+    0.15 s on 1 thread (N = 1024, 64 windows of 24)."""
+    def worker(group: list[Callable[[], Any]]) -> list[Any]:
+        torch.set_num_threads(1)  # this thread's OpenMP setting (a pool thread keeps its own)
+        with torch.inference_mode(), without_subnormals():
+            return [t() for t in group]
+
+    if parts <= 1 or len(tasks) <= 1:
+        with torch.inference_mode(), without_subnormals():
+            return [t() for t in tasks]
+    groups = [tasks[i::parts] for i in range(parts)]
+    with _features_c.torch_threads(1):
+        done = _features_c.run_parallel([functools.partial(worker, g) for g in groups if g])
+    out: list[Any] = [None] * len(tasks)
+    for i, res in enumerate(done):
+        out[i::parts] = res
+    return out
 
 
 # --- per-window passes ----------------------------------------------------------------------------
@@ -138,34 +187,12 @@ def _pair_sum(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum((1, 3))
 
 
-def _row_blocks(n: int, L: int, mL2: int, chunk: int | None) -> list[tuple[int, int]]:
-    rows = chunk or max(1, GRAM_ELEMENTS // max(1, L * mL2))
+def _row_blocks(n: int, L: int, mL2: int, chunk: int | None, parts: int = 1
+                ) -> list[tuple[int, int]]:
+    """Row ranges of x: each Gram block ≤ ``GRAM_ELEMENTS`` (or ``chunk`` rows), and at least
+    ``parts`` ranges when there are that many rows."""
+    rows = chunk or min(max(1, GRAM_ELEMENTS // max(1, L * mL2)), -(-n // parts))
     return [(i, min(n, i + rows)) for i in range(0, n, rows)]
-
-
-def _flushing_subnormals() -> bool:
-    """True when this thread's CPU arithmetic flushes subnormal floats to zero (FTZ/DAZ): a
-    float32 subnormal times 2 comes out 0."""
-    return float(torch.tensor(1e-40, dtype=torch.float32) * 2) == 0.0
-
-
-@contextlib.contextmanager
-def without_subnormals(x: Tensor) -> Iterator[None]:
-    """On the CPU, flush subnormal floats to zero inside the block (``torch.set_flush_denormal``,
-    this thread), then restore the caller's setting.
-
-    The backward vectors of a window shrink by about the recurrent gain per step (N^{−1/2} under
-    mean-field scaling), so over a window they reach float32's subnormal range (< 1.2e-38), where
-    Intel CPUs take a microcode assist per operation: the mean-field Elman kernel (N = 2048, 32
-    windows of 16) took 931 ms instead of 185 ms. What is flushed is below 1e-38 of the entries,
-    so the kernel is unchanged (bit-identical there)."""
-    if x.device.type != "cpu" or _flushing_subnormals() or not torch.set_flush_denormal(True):
-        yield
-        return
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(False)
 
 
 def _kernel(model: nn.Module, x: Tensor, x2: Tensor | None, names: tuple[str, ...],
@@ -173,16 +200,19 @@ def _kernel(model: nn.Module, x: Tensor, x2: Tensor | None, names: tuple[str, ..
             passes: Callable[[nn.Module, Tensor], dict[str, Tensor]], last: str,
             fill: Callable[..., None]) -> Tensor | dict[str, Tensor]:
     """The passes of both sides, the readout block "c" from the last states ``F[last]``, then
-    ``fill(out, rows, F1, F2, x, x2)`` for each block of rows of x (the Gram blocks)."""
-    with torch.inference_mode(), without_subnormals(x):
-        F1, F2 = _both_passes(passes, model, x, x2)
-        x2_ = x if x2 is None else x2
-        n, m = x.shape[0], x2_.shape[0]
+    ``fill(out, rows, F1, F2, x, x2)`` for each block of rows of x (the Gram blocks), all with
+    subnormals flushed (the δ_k underflow; :func:`_flushed`)."""
+    parts = _parts(x)
+    x2_ = x if x2 is None else x2
+    n, m = x.shape[0], x2_.shape[0]
+    with torch.inference_mode():
+        F1, F2 = _both_passes(passes, model, x, x2, parts)
         out = {k: x.new_empty(n, m) for k in names}
         if "c" in out:
             torch.mm(F1[last], F2[last].T, out=out["c"])
-        for i0, i1 in _row_blocks(n, x.shape[1], m * x2_.shape[1], chunk_size):
-            fill(out, slice(i0, i1), F1, F2, x, x2_)
+        _flushed([functools.partial(fill, out, slice(i0, i1), F1, F2, x, x2_)
+                  for i0, i1 in _row_blocks(n, x.shape[1], m * x2_.shape[1], chunk_size, parts)],
+                 parts)
     return _finish(model, out, blocks, x2 is None)
 
 

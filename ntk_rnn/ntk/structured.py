@@ -38,11 +38,9 @@ are summed (no hand-over between a threaded feature pass and a threaded GEMM per
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
-from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -309,20 +307,6 @@ def _unit_range(
     return K
 
 
-@contextlib.contextmanager
-def _torch_threads(k: int) -> Iterator[None]:
-    """torch (and its BLAS) on ``k`` threads inside the block, the old setting restored after."""
-    old = torch.get_num_threads()
-    if old == k:
-        yield
-        return
-    torch.set_num_threads(k)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def _thread_ranges(N: int, parts: int) -> list[tuple[int, int]]:
     """``parts`` contiguous unit ranges, the cuts on multiples of the C kernel's chunk."""
     cuts = [0] + [min(N, round(N * t / parts / C_CHUNK) * C_CHUNK) for t in range(1, parts)] + [N]
@@ -373,7 +357,7 @@ def structured_ntk(
             tasks = [functools.partial(_unit_range, model, x, x2, truncated2, same, G, blocks,
                                        u0, u1, Nb, True, True)
                      for u0, u1 in _thread_ranges(N, parts)]
-            with _torch_threads(1):
+            with _features_c.torch_threads(1):
                 Ks = _features_c.run_parallel(tasks)
             K = Ks[0]
             for other in Ks[1:]:

@@ -57,6 +57,7 @@ from ..errors import ConfigError
 from ..models.elman import ElmanRNN
 from ..models.family import family_of
 from ..models.gru import GRURNN
+from ..subnormals import without_subnormals
 from .fast import output_buffer
 
 ENGINES = ("auto", "kernel", "eager", "autograd")
@@ -242,7 +243,7 @@ class _BPTTBase:
         T = X.shape[1]
         if T == 0:
             return
-        with torch.no_grad():
+        with torch.no_grad(), without_subnormals(X.device):  # the window's δ_k underflow
             if self.engine == "kernel":
                 self._run_kernel(X, Y, out, shared)
             else:
