@@ -93,12 +93,13 @@ def _flushed(tasks: list[Callable[[], Any]], parts: int) -> list[Any]:
         with torch.inference_mode(), without_subnormals():
             return [t() for t in group]
 
-    if parts <= 1 or len(tasks) <= 1:
+    parts = min(parts, len(tasks))
+    if parts <= 1:
         with torch.inference_mode(), without_subnormals():
             return [t() for t in tasks]
     groups = [tasks[i::parts] for i in range(parts)]
     with _features_c.torch_threads(1):
-        done = _features_c.run_parallel([functools.partial(worker, g) for g in groups if g])
+        done = _features_c.run_parallel([functools.partial(worker, g) for g in groups])
     out: list[Any] = [None] * len(tasks)
     for i, res in enumerate(done):
         out[i::parts] = res
