@@ -3,6 +3,9 @@
    what each step computes). The input dimension d is a run-time argument here (the -DD the loader
    passes is not used); σ and the precision come from ntk_rnn.h. */
 #include <string.h>
+#if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC target("prefer-vector-width=512")
+#endif
 
 #include "ntk_rnn.h"
 

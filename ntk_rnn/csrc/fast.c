@@ -6,6 +6,9 @@
    Ŷ_k over the units, then ONE fused pass over the units doing {the update of step k, the forward
    and RTRL recursion of step k+1} (they share only the scalar Ŷ_k). Step k uses the parameters
    after step k-1, as the reference (online/rtrl.py, online/feedback.py) does. */
+#if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC target("prefer-vector-width=512")
+#endif
 #include "ntk_rnn.h"
 #define NOINL static __attribute__((noinline))
 
