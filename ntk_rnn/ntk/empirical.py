@@ -427,9 +427,12 @@ def _jacobian_kernel(
     K = {k: x.new_zeros(n, m) for k in names}
 
     def add(i0: int, i1: int, j0: int, j1: int, Ji: dict, Jj: dict) -> None:
+        # each product on its own, then added: addmm_ onto an accumulator already holding other
+        # blocks let float32 lose ~10x more (GRU, N = 512: rel. 1.2e-6 against 3.5e-8; BLAS adds
+        # its partial sums over the long inner dimension into the larger existing values)
         for k in params:
             dst = K["total"] if total else K[k]
-            dst[i0:i1, j0:j1].addmm_(Ji[k], Jj[k].T)
+            dst[i0:i1, j0:j1] += Ji[k] @ Jj[k].T
 
     for i0 in range(0, n, rows):
         i1 = min(n, i0 + rows)
