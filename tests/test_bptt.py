@@ -316,3 +316,36 @@ def test_steps_flush_subnormals_and_restore_the_setting(monkeypatch):
         for k in p1:
             assert torch.allclose(p1[k], p0[k], rtol=1e-6, atol=1e-30), (engine, k)
     assert seen and all(seen[:60]) and not any(seen[60:])  # flushed inside run_chunk only
+
+
+@pytest.mark.skipif(not KERNEL, reason="no C compiler: the kernel engine is not built")
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("N,threads,scaling", [(200, 2, "mean_field"), (320, 3, "ntk"),
+                                               (1024, 2, "mean_field")])
+def test_elman_kernel_threads_give_the_same_bits(monkeypatch, dtype, N, threads, scaling):
+    """The Elman kernel splits each member's units over a team of threads (rows of A for the
+    forward and the update, entries of A^T δ for the backward). Cut on multiples of 64 units,
+    every unit takes the same code path as on one thread: outputs, parameters and the stepper's
+    state are bit-identical for any team, over window fill-up, two chunks and an ensemble."""
+    if dtype == F64 and N == 1024:
+        pytest.skip("one large case is enough (float32)")
+    X, Y = stream(45, E=2)
+    X, Y = X.to(dtype), Y.to(dtype)
+
+    def run(nth):
+        monkeypatch.setattr(BPTTEnsembleStepper, "kernel_threads", lambda self: nth)
+        models = [ElmanRNN(2, N, recurrent_scaling=scaling, beta=0.6, A_mean=0.8, seed=s,
+                           dtype=dtype) for s in (1, 2)]
+        st = BPTTEnsembleStepper(models, [0.3, 0.2], window=8, engine="kernel")
+        out = torch.cat([st.run_chunk(X[:, :13], Y[:, :13]), st.run_chunk(X[:, 13:], Y[:, 13:])],
+                        1)
+        assert st.last_kernel_threads == nth  # the team really ran
+        return out, [p.detach().clone() for p in st.params.values()], st.state_dict()
+
+    one, team = run(1), run(threads)
+    assert torch.equal(one[0], team[0])
+    for p, q in zip(one[1], team[1]):
+        assert torch.equal(p, q)
+    for k, v in one[2].items():
+        assert torch.equal(v, team[2][k]), k
+    assert torch.isfinite(one[0]).all() and one[0].abs().max() > 0

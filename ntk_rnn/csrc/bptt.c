@@ -1,7 +1,11 @@
 /* bptt.c: online SGD by truncated backpropagation through the last W elements of the stream for
    ElmanRNN and GRURNN (ntk_rnn/online/bptt.py's "kernel" engine; its module docstring says exactly
    what each step computes). The input dimension d is a run-time argument here (the -DD the loader
-   passes is not used); σ and the precision come from ntk_rnn.h. */
+   passes is not used); σ and the precision come from ntk_rnn.h. Elman splits each member's units
+   over a team of POSIX threads (team_range: bit-identical for any team); GRU runs on one. */
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <string.h>
 #if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
 #pragma GCC target("prefer-vector-width=512")
@@ -32,21 +36,22 @@ INL void mv(long m, long N, const real *restrict M, const real *restrict v, real
     }
 }
 
-/* y[l] += sum_i a[i] M[i, l] over i < m: four rows per pass over y */
-INL void mtv(long m, long N, const real *restrict M, const real *restrict a, real *restrict y) {
+/* y[l] += sum_i a[i] M[i, l] over i < m, l < len (rows of stride ld): four rows per pass over y */
+INL void mtv(long m, long len, long ld, const real *restrict M, const real *restrict a,
+             real *restrict y) {
     long i = 0;
     for (; i + 4 <= m; i += 4) {
-        const real *restrict r0 = M + i * N, *restrict r1 = r0 + N, *restrict r2 = r1 + N,
-                 *restrict r3 = r2 + N;
+        const real *restrict r0 = M + i * ld, *restrict r1 = r0 + ld, *restrict r2 = r1 + ld,
+                 *restrict r3 = r2 + ld;
         const real c0 = a[i], c1 = a[i + 1], c2 = a[i + 2], c3 = a[i + 3];
         #pragma omp simd
-        for (long l = 0; l < N; l++) y[l] += c0 * r0[l] + c1 * r1[l] + c2 * r2[l] + c3 * r3[l];
+        for (long l = 0; l < len; l++) y[l] += c0 * r0[l] + c1 * r1[l] + c2 * r2[l] + c3 * r3[l];
     }
     for (; i < m; i++) {
-        const real *restrict r0 = M + i * N;
+        const real *restrict r0 = M + i * ld;
         const real c0 = a[i];
         #pragma omp simd
-        for (long l = 0; l < N; l++) y[l] += c0 * r0[l];
+        for (long l = 0; l < len; l++) y[l] += c0 * r0[l];
     }
 }
 
@@ -69,67 +74,109 @@ INL void rowupd(long n, long N, real *restrict row, const real *restrict coef,
     }
 }
 
-/* ElmanRNN, T steps of one member (see the Python module docstring).
-   work: S (W+1)N | DS W N | DL W N | Z N | CF W */
+/* A team of threads inside one kernel call: a barrier that spins (the waits are a few
+   microseconds apart, far too short for a sleeping barrier), then yields. */
+typedef struct {
+    atomic_int count, gen;
+    int n;
+} team_barrier;
+
+static void team_wait(team_barrier *b) {
+    if (b->n == 1) return;
+    const int g = atomic_load_explicit(&b->gen, memory_order_acquire);
+    if (atomic_fetch_add_explicit(&b->count, 1, memory_order_acq_rel) == b->n - 1) {
+        atomic_store_explicit(&b->count, 0, memory_order_relaxed);
+        atomic_store_explicit(&b->gen, g + 1, memory_order_release);
+        return;
+    }
+    for (long spins = 0; atomic_load_explicit(&b->gen, memory_order_acquire) == g; spins++) {
+        if (spins > 20000) sched_yield();
+#if defined(__x86_64__) || defined(__i386__)
+        else __builtin_ia32_pause();
+#endif
+    }
+}
+
+/* Thread tid of nth owns units [lo, hi): cuts on multiples of 64, so that every unit goes through
+   the same code path (4-row blocks, vector body or remainder) as with one thread, and the result
+   is bit-identical for any thread count. */
+INL void team_range(long N, int tid, int nth, long *lo, long *hi) {
+    const long per = (N / nth) / 64 * 64;
+    *lo = tid * per;
+    *hi = tid == nth - 1 ? N : (tid + 1) * per;
+}
+
+/* ElmanRNN, T steps of one member (see the Python module docstring), as thread tid of a team of
+   nth (bar): each thread owns a range of units, i.e. rows of A and w for the forward mat-vecs and
+   the update, and entries of the backward vectors for A^T δ (every row, its columns).
+   work: S (W+1)N | DS W N | DL W N | Z N | CF W per thread */
 static void member(long N, long d, long W, long T, long cnt,
                       real *restrict c, real *restrict w, real *restrict A, real *restrict mem,
                       real *restrict buf, const real *restrict X, const real *restrict Y,
-                      real *restrict out, real lr, real so, real g, real *restrict work) {
+                      real *restrict out, real lr, real so, real g, real *restrict work,
+                      int tid, int nth, team_barrier *bar) {
     real *restrict S = work;
     real *restrict DS = S + (W + 1) * N;
     real *restrict DL = DS + W * N;
     real *restrict Z = DL + W * N;
-    real *restrict CF = Z + N;
+    real *restrict CF = Z + N + tid * W;
+    long lo, hi;
+    team_range(N, tid, nth, &lo, &hi);
     for (long t = 0; t < T; t++) {
         const long n = cnt + 1;
-        for (long p = 0; p < d; p++) buf[(n - 1) * d + p] = X[t * d + p];
-        memcpy(S, mem, (size_t)N * sizeof(real));
+        if (tid == 0)
+            for (long p = 0; p < d; p++) buf[(n - 1) * d + p] = X[t * d + p];
+        memcpy(S + lo, mem + lo, (size_t)(hi - lo) * sizeof(real));
+        team_wait(bar);
         /* forward: z_j = w x_j + g A S_j, S_{j+1} = s(z_j), DS_j = s'(z_j) */
         for (long j = 0; j < n; j++) {
             const real *restrict xj = buf + j * d;
             real *restrict Sn = S + (j + 1) * N;
             real *restrict dsj = DS + j * N;
-            mv(N, N, A, S + j * N, Z);
-            for (long i = 0; i < N; i++) {
+            mv(hi - lo, N, A + lo * N, S + j * N, Z + lo);
+            for (long i = lo; i < hi; i++) {
                 real u = 0;
                 for (long p = 0; p < d; p++) u += w[i * d + p] * xj[p];
                 Z[i] = u + g * Z[i];
             }
             #pragma omp simd
-            for (long i = 0; i < N; i++) {
+            for (long i = lo; i < hi; i++) {
                 real s, ds;
                 act_eval(Z[i], &s, &ds);
                 Sn[i] = s;
                 dsj[i] = ds;
             }
+            team_wait(bar);
         }
         const real *restrict SL = S + n * N;
-        real acc = 0;
+        real acc = 0; /* every thread sums all units, in the same order */
         #pragma omp simd reduction(+:acc)
         for (long i = 0; i < N; i++) acc += c[i] * SL[i];
         const real yh = acc * so;
-        out[t] = yh;
+        if (tid == 0) out[t] = yh;
         const real es = (yh - Y[t]) * so; /* dL/dyhat * N^-beta */
         /* backward: DL_{n-1} = es c s'(z_{n-1}); DL_{j-1} = g (A^T DL_j) s'(z_{j-1}) */
         {
             real *restrict dl = DL + (n - 1) * N;
             const real *restrict ds = DS + (n - 1) * N;
             #pragma omp simd
-            for (long i = 0; i < N; i++) dl[i] = es * c[i] * ds[i];
+            for (long i = lo; i < hi; i++) dl[i] = es * c[i] * ds[i];
         }
+        team_wait(bar);
         for (long j = n - 1; j > 0; j--) {
             real *restrict dp = DL + (j - 1) * N;
             const real *restrict dsp = DS + (j - 1) * N;
-            for (long l = 0; l < N; l++) dp[l] = 0;
-            mtv(N, N, A, DL + j * N, dp);
+            for (long l = lo; l < hi; l++) dp[l] = 0;
+            mtv(N, hi - lo, N, A + lo, DL + j * N, dp + lo);
             #pragma omp simd
-            for (long l = 0; l < N; l++) dp[l] *= g * dsp[l];
+            for (long l = lo; l < hi; l++) dp[l] *= g * dsp[l];
+            team_wait(bar);
         }
         /* update with the gradients at theta_k: c -= lr es S_n, w -= lr sum_j DL_j x_j^T,
            A -= lr g sum_j DL_j S_j^T */
         #pragma omp simd
-        for (long i = 0; i < N; i++) c[i] -= lr * (es * SL[i]);
-        for (long i = 0; i < N; i++) {
+        for (long i = lo; i < hi; i++) c[i] -= lr * (es * SL[i]);
+        for (long i = lo; i < hi; i++) {
             for (long j = 0; j < n; j++) CF[j] = lr * (g * DL[j * N + i]);
             rowupd(n, N, A + i * N, CF, S);
             for (long p = 0; p < d; p++) {
@@ -139,8 +186,9 @@ static void member(long N, long d, long W, long T, long cnt,
             }
         }
         if (n == W) { /* the oldest input leaves; the memory moves past it */
-            memcpy(mem, S + N, (size_t)N * sizeof(real));
-            memmove(buf, buf + d, (size_t)((W - 1) * d) * sizeof(real));
+            memcpy(mem + lo, S + N + lo, (size_t)(hi - lo) * sizeof(real));
+            team_wait(bar); /* (everyone has read buf) */
+            if (tid == 0) memmove(buf, buf + d, (size_t)((W - 1) * d) * sizeof(real));
             cnt = W - 1;
         } else {
             cnt = n;
@@ -223,7 +271,7 @@ static void gru_member(long N, long d, long W, long T, long cnt, long bias,
             if (j > 0) { /* DH += g W_hh^T dq, dq = [da_r, da_z, da_n r] */
                 #pragma omp simd
                 for (long i = 0; i < 2 * N; i++) DQ[i] = g * da[i];
-                mtv(N3, N, Wh, DQ, DH);
+                mtv(N3, N, N, Wh, DQ, DH);
             }
         }
         /* update with the gradients at theta_k */
@@ -269,11 +317,62 @@ void EXPORT(gru_bptt)(long E, long N, long d, long W, long T, long cnt, long bia
                       (real)so, (real)g, work);
 }
 
-void EXPORT(elman_bptt)(long E, long N, long d, long W, long T, long cnt, real *c, real *w, real *A,
+typedef struct {
+    team_barrier bar; /* bar.n: the threads that run */
+    atomic_int go;    /* 0: wait, 1: run */
+} team_t;
+
+typedef struct {
+    long E, N, d, W, T, cnt;
+    real *c, *w, *A, *mem, *buf;
+    const real *X, *Y;
+    long xs, ys, os;
+    real *out;
+    const double *lr;
+    double so, g;
+    real *work;
+    int tid;
+    team_t *team;
+} elman_job;
+
+static void *elman_team(void *arg) {
+    const elman_job *j = (const elman_job *)arg;
+    team_t *team = j->team;
+    while (!atomic_load_explicit(&team->go, memory_order_acquire)) sched_yield();
+    const long N = j->N, d = j->d, W = j->W;
+    for (long e = 0; e < j->E; e++)
+        member(N, d, W, j->T, j->cnt, j->c + e * N, j->w + e * N * d, j->A + e * N * N,
+               j->mem + e * N, j->buf + e * W * d, j->X + e * j->xs, j->Y + e * j->ys,
+               j->out + e * j->os, (real)j->lr[e], (real)j->so, (real)j->g, j->work, j->tid,
+               team->bar.n, &team->bar);
+    return 0;
+}
+
+/* Up to nth threads share each member's units (team_range; fewer when N is small or a thread
+   cannot be started); the result does not depend on how many. work holds (3W + 2)N + nth W
+   entries. Returns the number of threads that ran. */
+long EXPORT(elman_bptt)(long E, long N, long d, long W, long T, long cnt, real *c, real *w, real *A,
                    real *mem, real *buf, const real *X, long xs, const real *Y, long ys, real *out,
-                   long os, const double *lr, double so, double g, real *work) {
-    for (long e = 0; e < E; e++)
-        member(N, d, W, T, cnt, c + e * N, w + e * N * d, A + e * N * N, mem + e * N,
-                  buf + e * W * d, X + e * xs, Y + e * ys, out + e * os, (real)lr[e], (real)so,
-                  (real)g, work);
+                   long os, const double *lr, double so, double g, real *work, long nth) {
+    enum { MAX_TEAM = 64 };
+    if (nth > MAX_TEAM) nth = MAX_TEAM;
+    if (nth > N / 64) nth = N / 64;
+    if (nth < 1) nth = 1;
+    team_t team;
+    atomic_init(&team.bar.count, 0);
+    atomic_init(&team.bar.gen, 0);
+    atomic_init(&team.go, 0);
+    elman_job jobs[MAX_TEAM];
+    pthread_t th[MAX_TEAM];
+    for (int t = 0; t < nth; t++)
+        jobs[t] = (elman_job){E, N, d, W, T, cnt, c, w, A, mem, buf, X, Y, xs, ys, os, out, lr,
+                              so, g, work, t, &team};
+    int started = 1;
+    while (started < nth && !pthread_create(&th[started], 0, elman_team, &jobs[started]))
+        started++;
+    team.bar.n = started; /* (read by the team only after go) */
+    atomic_store_explicit(&team.go, 1, memory_order_release);
+    elman_team(&jobs[0]);
+    for (int t = 1; t < started; t++) pthread_join(th[t], 0);
+    return started;
 }

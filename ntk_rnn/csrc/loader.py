@@ -73,7 +73,8 @@ def march() -> str:
 def _flag_sets() -> tuple:
     """(compile flags, link flags), tried in order: -march with libmvec, without, portable."""
     arch = f"-march={march()}"
-    return (((arch, "-DUSE_MVEC"), ("-lmvec", "-lm")), ((arch,), ("-lm",)), ((), ("-lm",)))
+    return (((arch, "-DUSE_MVEC", "-pthread"), ("-lmvec", "-lm", "-pthread")),
+            ((arch, "-pthread"), ("-lm", "-pthread")), (("-pthread",), ("-lm", "-pthread")))
 
 
 class KernelFallbackWarning(RuntimeWarning):
