@@ -320,23 +320,32 @@ def test_steps_flush_subnormals_and_restore_the_setting(monkeypatch):
 
 @pytest.mark.skipif(not KERNEL, reason="no C compiler: the kernel engine is not built")
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
-@pytest.mark.parametrize("N,threads,scaling", [(200, 2, "mean_field"), (320, 3, "ntk"),
-                                               (1024, 2, "mean_field")])
-def test_elman_kernel_threads_give_the_same_bits(monkeypatch, dtype, N, threads, scaling):
-    """The Elman kernel splits each member's units over a team of threads (rows of A for the
-    forward and the update, entries of A^T δ for the backward). Cut on multiples of 64 units,
-    every unit takes the same code path as on one thread: outputs, parameters and the stepper's
-    state are bit-identical for any team, over window fill-up, two chunks and an ensemble."""
+@pytest.mark.parametrize("model,N,threads", [("elman_mf", 200, 2), ("elman_ntk", 320, 3),
+                                             ("elman_mf", 1024, 2), ("gru", 200, 2),
+                                             ("gru_nobias", 330, 3)])
+def test_kernel_threads_give_the_same_bits(monkeypatch, dtype, model, N, threads):
+    """The kernel splits each member's units over a team of threads (Elman: rows of A for the
+    forward and the update, entries of A^T δ for the backward; GRU: the units' three gate rows,
+    entries of DH). Cut on multiples of 64 units, every unit takes the same code path as on one
+    thread: outputs, parameters and the stepper's state are bit-identical for any team, over
+    window fill-up, two chunks and an ensemble."""
     if dtype == F64 and N == 1024:
         pytest.skip("one large case is enough (float32)")
     X, Y = stream(45, E=2)
     X, Y = X.to(dtype), Y.to(dtype)
 
+    def build(s):
+        if model == "gru":
+            return GRURNN(2, N, bias_std=0.3, seed=s, dtype=dtype)
+        if model == "gru_nobias":
+            return GRURNN(2, N, recurrent_scaling="mean_field", bias=False, seed=s, dtype=dtype)
+        scaling = "ntk" if model == "elman_ntk" else "mean_field"
+        return ElmanRNN(2, N, recurrent_scaling=scaling, beta=0.6, A_mean=0.8, seed=s,
+                        dtype=dtype)
+
     def run(nth):
         monkeypatch.setattr(BPTTEnsembleStepper, "kernel_threads", lambda self: nth)
-        models = [ElmanRNN(2, N, recurrent_scaling=scaling, beta=0.6, A_mean=0.8, seed=s,
-                           dtype=dtype) for s in (1, 2)]
-        st = BPTTEnsembleStepper(models, [0.3, 0.2], window=8, engine="kernel")
+        st = BPTTEnsembleStepper([build(1), build(2)], [0.3, 0.2], window=8, engine="kernel")
         out = torch.cat([st.run_chunk(X[:, :13], Y[:, :13]), st.run_chunk(X[:, 13:], Y[:, 13:])],
                         1)
         assert st.last_kernel_threads == nth  # the team really ran

@@ -1,8 +1,8 @@
 /* bptt.c: online SGD by truncated backpropagation through the last W elements of the stream for
    ElmanRNN and GRURNN (ntk_rnn/online/bptt.py's "kernel" engine; its module docstring says exactly
    what each step computes). The input dimension d is a run-time argument here (the -DD the loader
-   passes is not used); σ and the precision come from ntk_rnn.h. Elman splits each member's units
-   over a team of POSIX threads (team_range: bit-identical for any team); GRU runs on one. */
+   passes is not used); σ and the precision come from ntk_rnn.h. Each member's units are split
+   over a team of POSIX threads (team_range: the result is bit-identical for any team). */
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -196,13 +196,17 @@ static void member(long N, long d, long W, long T, long cnt,
     }
 }
 
-/* GRURNN (gates r, z, n as nn.GRUCell; W_hh enters as g W_hh), T steps of one member.
-   work: H (W+1)N | R, Z, NN, QN: W N each | DA W 3N | DH N | A3, Q3, DQ: 3N each | CF W */
+/* GRURNN (gates r, z, n as nn.GRUCell; W_hh enters as g W_hh), T steps of one member, as thread
+   tid of a team of nth (bar): each thread owns a range of units, i.e. their three gate rows of
+   W_hh, W_ih and the biases, and their entries of the backward vector DH.
+   work: H (W+1)N | R, Z, NN, QN: W N each | DA W 3N | DH N | A3, Q3, DQ: 3N each | CF W per
+   thread */
 static void gru_member(long N, long d, long W, long T, long cnt, long bias,
                           real *restrict c, real *restrict Wi, real *restrict Wh, real *restrict bi,
                           real *restrict bh, real *restrict mem, real *restrict buf,
                           const real *restrict X, const real *restrict Y, real *restrict out,
-                          real lr, real so, real g, real *restrict work) {
+                          real lr, real so, real g, real *restrict work, int tid, int nth,
+                          team_barrier *bar) {
     const long N3 = 3 * N;
     real *restrict H = work;
     real *restrict Rg = H + (W + 1) * N;
@@ -214,25 +218,32 @@ static void gru_member(long N, long d, long W, long T, long cnt, long bias,
     real *restrict A3 = DH + N;
     real *restrict Q3 = A3 + N3;
     real *restrict DQ = Q3 + N3;
-    real *restrict CF = DQ + N3;
+    real *restrict CF = DQ + N3 + tid * W;
+    long lo, hi;
+    team_range(N, tid, nth, &lo, &hi);
     for (long t = 0; t < T; t++) {
         const long n = cnt + 1;
-        for (long p = 0; p < d; p++) buf[(n - 1) * d + p] = X[t * d + p];
-        memcpy(H, mem, (size_t)N * sizeof(real));
+        if (tid == 0)
+            for (long p = 0; p < d; p++) buf[(n - 1) * d + p] = X[t * d + p];
+        memcpy(H + lo, mem + lo, (size_t)(hi - lo) * sizeof(real));
+        team_wait(bar);
         /* forward */
         for (long j = 0; j < n; j++) {
             const real *restrict xj = buf + j * d;
             const real *restrict hj = H + j * N;
             real *restrict hn = H + (j + 1) * N;
-            mv(N3, N, Wh, hj, Q3);
-            for (long i = 0; i < N3; i++) {
-                real u = bias ? bi[i] : (real)0;
-                for (long p = 0; p < d; p++) u += Wi[i * d + p] * xj[p];
-                A3[i] = u;
-                Q3[i] = g * Q3[i] + (bias ? bh[i] : (real)0);
+            for (long q = 0; q < 3; q++) { /* the rows of this thread's units in gate q */
+                const long r0 = q * N + lo, r1 = q * N + hi;
+                mv(r1 - r0, N, Wh + r0 * N, hj, Q3 + r0);
+                for (long i = r0; i < r1; i++) {
+                    real u = bias ? bi[i] : (real)0;
+                    for (long p = 0; p < d; p++) u += Wi[i * d + p] * xj[p];
+                    A3[i] = u;
+                    Q3[i] = g * Q3[i] + (bias ? bh[i] : (real)0);
+                }
             }
             #pragma omp simd
-            for (long i = 0; i < N; i++) {
+            for (long i = lo; i < hi; i++) {
                 const real r = (real)1 / ((real)1 + R_EXP(-(A3[i] + Q3[i])));
                 const real z = (real)1 / ((real)1 + R_EXP(-(A3[N + i] + Q3[N + i])));
                 const real v = R_TANH(A3[2 * N + i] + r * Q3[2 * N + i]);
@@ -242,22 +253,23 @@ static void gru_member(long N, long d, long W, long T, long cnt, long bias,
                 Qn[j * N + i] = Q3[2 * N + i];
                 hn[i] = v + z * (hj[i] - v);
             }
+            team_wait(bar);
         }
         const real *restrict HL = H + n * N;
-        real acc = 0;
+        real acc = 0; /* every thread sums all units, in the same order */
         #pragma omp simd reduction(+:acc)
         for (long i = 0; i < N; i++) acc += c[i] * HL[i];
         const real yh = acc * so;
-        out[t] = yh;
+        if (tid == 0) out[t] = yh;
         const real es = (yh - Y[t]) * so;
         /* backward: DH = dL/dh_{j+1}; DA_j = dL/d(gate pre-activations) [r, z, n] */
         #pragma omp simd
-        for (long i = 0; i < N; i++) DH[i] = es * c[i];
+        for (long i = lo; i < hi; i++) DH[i] = es * c[i];
         for (long j = n - 1; j >= 0; j--) {
             const real *restrict hj = H + j * N;
             real *restrict da = DA + j * N3;
             #pragma omp simd
-            for (long i = 0; i < N; i++) {
+            for (long i = lo; i < hi; i++) {
                 const real r = Rg[j * N + i], z = Zg[j * N + i], v = Ng[j * N + i];
                 const real dh = DH[i];
                 const real dan = dh * ((real)1 - z) * ((real)1 - v * v);
@@ -269,37 +281,43 @@ static void gru_member(long N, long d, long W, long T, long cnt, long bias,
                 DQ[2 * N + i] = g * (dan * r);
             }
             if (j > 0) { /* DH += g W_hh^T dq, dq = [da_r, da_z, da_n r] */
-                #pragma omp simd
-                for (long i = 0; i < 2 * N; i++) DQ[i] = g * da[i];
-                mtv(N3, N, N, Wh, DQ, DH);
+                for (long q = 0; q < 2; q++) {
+                    #pragma omp simd
+                    for (long i = q * N + lo; i < q * N + hi; i++) DQ[i] = g * da[i];
+                }
+                team_wait(bar);
+                mtv(N3, hi - lo, N, Wh + lo, DQ, DH + lo);
             }
+            team_wait(bar);
         }
         /* update with the gradients at theta_k */
         #pragma omp simd
-        for (long i = 0; i < N; i++) c[i] -= lr * (es * HL[i]);
-        for (long i = 0; i < N3; i++) {
-            real sa = 0, sq = 0;
-            for (long j = 0; j < n; j++) {
-                const real a = DA[j * N3 + i];
-                const real q = i < 2 * N ? a : a * Rg[j * N + i - 2 * N];
-                sa += a;
-                sq += q;
-                CF[j] = lr * (g * q);
+        for (long i = lo; i < hi; i++) c[i] -= lr * (es * HL[i]);
+        for (long q = 0; q < 3; q++)
+            for (long i = q * N + lo; i < q * N + hi; i++) {
+                real sa = 0, sq = 0;
+                for (long j = 0; j < n; j++) {
+                    const real a = DA[j * N3 + i];
+                    const real qv = i < 2 * N ? a : a * Rg[j * N + i - 2 * N];
+                    sa += a;
+                    sq += qv;
+                    CF[j] = lr * (g * qv);
+                }
+                rowupd(n, N, Wh + i * N, CF, H);
+                for (long p = 0; p < d; p++) {
+                    real gw = 0;
+                    for (long j = 0; j < n; j++) gw += DA[j * N3 + i] * buf[j * d + p];
+                    Wi[i * d + p] -= lr * gw;
+                }
+                if (bias) {
+                    bi[i] -= lr * sa;
+                    bh[i] -= lr * sq;
+                }
             }
-            rowupd(n, N, Wh + i * N, CF, H);
-            for (long p = 0; p < d; p++) {
-                real gw = 0;
-                for (long j = 0; j < n; j++) gw += DA[j * N3 + i] * buf[j * d + p];
-                Wi[i * d + p] -= lr * gw;
-            }
-            if (bias) {
-                bi[i] -= lr * sa;
-                bh[i] -= lr * sq;
-            }
-        }
         if (n == W) {
-            memcpy(mem, H + N, (size_t)N * sizeof(real));
-            memmove(buf, buf + d, (size_t)((W - 1) * d) * sizeof(real));
+            memcpy(mem + lo, H + N + lo, (size_t)(hi - lo) * sizeof(real));
+            team_wait(bar); /* (everyone has read buf) */
+            if (tid == 0) memmove(buf, buf + d, (size_t)((W - 1) * d) * sizeof(real));
             cnt = W - 1;
         } else {
             cnt = n;
@@ -307,24 +325,16 @@ static void gru_member(long N, long d, long W, long T, long cnt, long bias,
     }
 }
 
-void EXPORT(gru_bptt)(long E, long N, long d, long W, long T, long cnt, long bias, real *c, real *Wi,
-                 real *Wh, real *bi, real *bh, real *mem, real *buf, const real *X, long xs, const real *Y,
-                 long ys, real *out, long os, const double *lr, double so, double g, real *work) {
-    for (long e = 0; e < E; e++)
-        gru_member(N, d, W, T, cnt, bias, c + e * N, Wi + e * 3 * N * d, Wh + e * 3 * N * N,
-                      bias ? bi + e * 3 * N : bi, bias ? bh + e * 3 * N : bh, mem + e * N,
-                      buf + e * W * d, X + e * xs, Y + e * ys, out + e * os, (real)lr[e],
-                      (real)so, (real)g, work);
-}
-
 typedef struct {
     team_barrier bar; /* bar.n: the threads that run */
     atomic_int go;    /* 0: wait, 1: run */
 } team_t;
 
+/* the arguments of one kernel call (gru: the GRU, else Elman with w = Wi, A = Wh) */
 typedef struct {
-    long E, N, d, W, T, cnt;
-    real *c, *w, *A, *mem, *buf;
+    int gru;
+    long E, N, d, W, T, cnt, bias;
+    real *c, *Wi, *Wh, *bi, *bh, *mem, *buf;
     const real *X, *Y;
     long xs, ys, os;
     real *out;
@@ -333,46 +343,75 @@ typedef struct {
     real *work;
     int tid;
     team_t *team;
-} elman_job;
+} job_t;
 
-static void *elman_team(void *arg) {
-    const elman_job *j = (const elman_job *)arg;
+static void *team_main(void *arg) {
+    const job_t *j = (const job_t *)arg;
     team_t *team = j->team;
     while (!atomic_load_explicit(&team->go, memory_order_acquire)) sched_yield();
-    const long N = j->N, d = j->d, W = j->W;
-    for (long e = 0; e < j->E; e++)
-        member(N, d, W, j->T, j->cnt, j->c + e * N, j->w + e * N * d, j->A + e * N * N,
-               j->mem + e * N, j->buf + e * W * d, j->X + e * j->xs, j->Y + e * j->ys,
-               j->out + e * j->os, (real)j->lr[e], (real)j->so, (real)j->g, j->work, j->tid,
-               team->bar.n, &team->bar);
+    const long N = j->N, d = j->d, W = j->W, nth = team->bar.n;
+    for (long e = 0; e < j->E; e++) {
+        const real lr = (real)j->lr[e];
+        if (j->gru)
+            gru_member(N, d, W, j->T, j->cnt, j->bias, j->c + e * N, j->Wi + e * 3 * N * d,
+                       j->Wh + e * 3 * N * N, j->bias ? j->bi + e * 3 * N : j->bi,
+                       j->bias ? j->bh + e * 3 * N : j->bh, j->mem + e * N, j->buf + e * W * d,
+                       j->X + e * j->xs, j->Y + e * j->ys, j->out + e * j->os, lr, (real)j->so,
+                       (real)j->g, j->work, j->tid, (int)nth, &team->bar);
+        else
+            member(N, d, W, j->T, j->cnt, j->c + e * N, j->Wi + e * N * d, j->Wh + e * N * N,
+                   j->mem + e * N, j->buf + e * W * d, j->X + e * j->xs, j->Y + e * j->ys,
+                   j->out + e * j->os, lr, (real)j->so, (real)j->g, j->work, j->tid, (int)nth,
+                   &team->bar);
+    }
     return 0;
 }
 
-/* Up to nth threads share each member's units (team_range; fewer when N is small or a thread
-   cannot be started); the result does not depend on how many. work holds (3W + 2)N + nth W
-   entries. Returns the number of threads that ran. */
-long EXPORT(elman_bptt)(long E, long N, long d, long W, long T, long cnt, real *c, real *w, real *A,
-                   real *mem, real *buf, const real *X, long xs, const real *Y, long ys, real *out,
-                   long os, const double *lr, double so, double g, real *work, long nth) {
+/* Runs job on up to nth threads (fewer when N is small or a thread cannot be started): this
+   one and nth - 1 new ones. Returns how many ran. */
+static long run_team(job_t job, long nth) {
     enum { MAX_TEAM = 64 };
     if (nth > MAX_TEAM) nth = MAX_TEAM;
-    if (nth > N / 64) nth = N / 64;
+    if (nth > job.N / 64) nth = job.N / 64;
     if (nth < 1) nth = 1;
     team_t team;
     atomic_init(&team.bar.count, 0);
     atomic_init(&team.bar.gen, 0);
     atomic_init(&team.go, 0);
-    elman_job jobs[MAX_TEAM];
+    job_t jobs[MAX_TEAM];
     pthread_t th[MAX_TEAM];
-    for (int t = 0; t < nth; t++)
-        jobs[t] = (elman_job){E, N, d, W, T, cnt, c, w, A, mem, buf, X, Y, xs, ys, os, out, lr,
-                              so, g, work, t, &team};
+    for (int t = 0; t < nth; t++) {
+        jobs[t] = job;
+        jobs[t].tid = t;
+        jobs[t].team = &team;
+    }
     int started = 1;
-    while (started < nth && !pthread_create(&th[started], 0, elman_team, &jobs[started]))
+    while (started < nth && !pthread_create(&th[started], 0, team_main, &jobs[started]))
         started++;
     team.bar.n = started; /* (read by the team only after go) */
     atomic_store_explicit(&team.go, 1, memory_order_release);
-    elman_team(&jobs[0]);
+    team_main(&jobs[0]);
     for (int t = 1; t < started; t++) pthread_join(th[t], 0);
     return started;
+}
+
+/* The exported kernels: E members, each on a team of up to nth threads sharing its units
+   (team_range); the result does not depend on the team. work: see member / gru_member (CF once
+   per thread). Return the number of threads that ran. */
+long EXPORT(gru_bptt)(long E, long N, long d, long W, long T, long cnt, long bias, real *c,
+                      real *Wi, real *Wh, real *bi, real *bh, real *mem, real *buf, const real *X,
+                      long xs, const real *Y, long ys, real *out, long os, const double *lr,
+                      double so, double g, real *work, long nth) {
+    const job_t job = {1, E, N, d, W, T, cnt, bias, c, Wi, Wh, bi, bh, mem, buf, X, Y, xs, ys,
+                       os, out, lr, so, g, work, 0, 0};
+    return run_team(job, nth);
+}
+
+long EXPORT(elman_bptt)(long E, long N, long d, long W, long T, long cnt, real *c, real *w,
+                        real *A, real *mem, real *buf, const real *X, long xs, const real *Y,
+                        long ys, real *out, long os, const double *lr, double so, double g,
+                        real *work, long nth) {
+    const job_t job = {0, E, N, d, W, T, cnt, 0, c, w, A, 0, 0, mem, buf, X, Y, xs, ys, os, out,
+                       lr, so, g, work, 0, 0};
+    return run_team(job, nth);
 }

@@ -26,13 +26,13 @@ everything else (``engine``):
     engine) runs a whole chunk: per step n mat-vecs forward, n − 1 transposed mat-vecs backward
     and the rank-n update of the recurrent matrix, each blocked four rows (or four rank-one
     terms) per pass; no allocation and no dispatch. Per member and step the arithmetic is
-    ~3 n N² (Elman) or ~9 n N² (GRU) multiply-adds. Elman splits each member's units over a
-    team of ``kernel_threads()`` threads (``torch.get_num_threads()``, at most the CPUs and one
-    per ``MIN_UNITS_PER_THREAD`` units): rows of A for the forward mat-vecs and the update,
-    entries of Aᵀδ for the backward, a spinning barrier between the phases. The cuts fall on
-    multiples of 64 units, so the result is bit-identical for any number of threads (a test).
-    N = 1024, window 32, 2 threads (Intel Xeon): 97 → 211 steps/s, the two halves of A fitting
-    the two cores' L2. GRU runs on one thread.
+    ~3 n N² (Elman) or ~9 n N² (GRU) multiply-adds. Each member's units are split over a team
+    of ``kernel_threads()`` threads (``torch.get_num_threads()``, at most the CPUs and one per
+    ``MIN_UNITS_PER_THREAD`` units): their rows of A (GRU: their three gate rows of W_hh) for
+    the forward mat-vecs and the update, their entries of the backward vector for Aᵀδ, a
+    spinning barrier between the phases. The cuts fall on multiples of 64 units, so the result
+    is bit-identical for any number of threads (a test). N = 1024, window 32, 2 threads (Intel
+    Xeon): Elman 97 → 211 steps/s (the two halves of A fit the two cores' L2), GRU 32 → 57.
 ``"eager"`` (ElmanRNN, any device) — the same hand-written forward/backward as batched torch ops
     (bmm / baddbmm on an ensemble axis E), preallocated buffers.
 ``"autograd"`` (any module; the fallback) — one model: ``torch.autograd.grad`` of the window loss
@@ -136,8 +136,8 @@ def _self_check(lib: ctypes.CDLL, d: int, act: str) -> None:
                                        f"disagrees with the {other} engine")
 
 
-#: the Elman kernel uses another thread only for this many units each (per step it crosses
-#: ~3 W barriers, each about a microsecond)
+#: the kernel uses another thread only for this many units each (per step it crosses ~3 W
+#: barriers, each about a microsecond)
 MIN_UNITS_PER_THREAD = 128
 
 _L, _P, _D = ctypes.c_long, ctypes.c_void_p, ctypes.c_double
@@ -145,7 +145,7 @@ _L, _P, _D = ctypes.c_long, ctypes.c_void_p, ctypes.c_double
 #: ``KERNEL.library(act=act)``, ``KERNEL.status(act=act)``
 KERNEL = loader.Kernel("bptt", "the compiled BPTT kernel (ElmanRNN, GRURNN)", {
     "elman_bptt": ([_L] * 6 + [_P] * 5 + [_P, _L, _P, _L, _P, _L, _P, _D, _D, _P, _L], _L),
-    "gru_bptt": ([_L] * 7 + [_P] * 7 + [_P, _L, _P, _L, _P, _L, _P, _D, _D, _P], None),
+    "gru_bptt": ([_L] * 7 + [_P] * 7 + [_P, _L, _P, _L, _P, _L, _P, _D, _D, _P, _L], _L),
 }, _self_check, per_d=False)
 
 
@@ -182,13 +182,15 @@ class _BPTTBase:
             self._DS = torch.zeros(E, W, N, dtype=self.dtype, device=self.device)
             self._D = torch.zeros(E, W, N, dtype=self.dtype, device=self.device)
         elif self.engine == "kernel":
-            N = model0.width  # elman: (3W + 2) N + W; gru: (8W + 11) N + W (see the C source)
-            self._work = torch.zeros((8 * W + 11) * N + W, dtype=self.dtype)
+            N = model0.width  # elman: (3W + 2) N; gru: (8W + 11) N; and W per thread, of at
+            # most min(64, N / 64) (see the C source)
+            self._work = torch.zeros((8 * W + 11) * N + W * max(1, min(64, N // 64)),
+                                     dtype=self.dtype)
         else:
             self._gradfn = self._make_gradfn()
 
     def kernel_threads(self) -> int:
-        """Threads the Elman kernel splits each member's units over: ``torch.get_num_threads()``,
+        """Threads the kernel splits each member's units over: ``torch.get_num_threads()``,
         at most the CPUs and one per ``MIN_UNITS_PER_THREAD`` units. Any count gives the same
         bits (the cuts fall on multiples of 64 units; ``csrc/bptt.c``)."""
         N = self.model0.width
@@ -345,11 +347,8 @@ class _BPTTBase:
         args = [*head, *(None if t is None else t.data_ptr() for t in ts), Xc.data_ptr(), xs,
                 Yc.data_ptr(), ys, oc.data_ptr(), T, lr, m.output_scale, m.recurrent_scale,
                 self._work.data_ptr()]
-        if self._kind == "elman":  # the units split over a team of threads (bit-identical)
-            args.append(self.kernel_threads())
-            self.last_kernel_threads = fn(*args)  # the threads that ran
-        else:
-            fn(*args)
+        # each member's units split over a team of threads (bit-identical for any team)
+        self.last_kernel_threads = fn(*args, self.kernel_threads())  # the threads that ran
         bump = getattr(torch.autograd.graph, "increment_version", None)
         if bump is not None:  # written through raw pointers: tell autograd
             for t in ts:
