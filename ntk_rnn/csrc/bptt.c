@@ -90,7 +90,7 @@ static void team_wait(team_barrier *b) {
         return;
     }
     for (long spins = 0; atomic_load_explicit(&b->gen, memory_order_acquire) == g; spins++) {
-        if (spins > 20000) sched_yield();
+        if (spins > 4000) sched_yield();
 #if defined(__x86_64__) || defined(__i386__)
         else __builtin_ia32_pause();
 #endif
