@@ -185,9 +185,9 @@ static void member(long N, long d, long W, long T, long cnt,
                 w[i * d + p] -= lr * gw;
             }
         }
+        team_wait(bar); /* everyone is done with this step's S and buf */
         if (n == W) { /* the oldest input leaves; the memory moves past it */
             memcpy(mem + lo, S + N + lo, (size_t)(hi - lo) * sizeof(real));
-            team_wait(bar); /* (everyone has read buf) */
             if (tid == 0) memmove(buf, buf + d, (size_t)((W - 1) * d) * sizeof(real));
             cnt = W - 1;
         } else {
@@ -314,9 +314,9 @@ static void gru_member(long N, long d, long W, long T, long cnt, long bias,
                     bh[i] -= lr * sq;
                 }
             }
+        team_wait(bar); /* everyone is done with this step's H and buf */
         if (n == W) {
             memcpy(mem + lo, H + N + lo, (size_t)(hi - lo) * sizeof(real));
-            team_wait(bar); /* (everyone has read buf) */
             if (tid == 0) memmove(buf, buf + d, (size_t)((W - 1) * d) * sizeof(real));
             cnt = W - 1;
         } else {
