@@ -358,3 +358,19 @@ def test_kernel_threads_give_the_same_bits(monkeypatch, dtype, model, N, threads
     for k, v in one[2].items():
         assert torch.equal(v, team[2][k]), k
     assert torch.isfinite(one[0]).all() and one[0].abs().max() > 0
+
+
+def test_kernel_team_is_capped_by_the_usable_cpus_and_the_width(monkeypatch):
+    """The kernel's barrier spins, so its team never exceeds the CPUs this process may run on
+    (its affinity mask, not the machine's count) nor one thread per MIN_UNITS_PER_THREAD units."""
+    st = BPTTStepper(ElmanRNN(1, 4 * bptt.MIN_UNITS_PER_THREAD, seed=0), 0.1, 4, engine="eager")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    if hasattr(os, "sched_getaffinity"):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+        assert st.kernel_threads() == 1
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert st.kernel_threads() == 4  # the width allows 4
+    small = BPTTStepper(ElmanRNN(1, bptt.MIN_UNITS_PER_THREAD + 63, seed=0), 0.1, 4,
+                        engine="eager")
+    assert small.kernel_threads() == 1

@@ -75,15 +75,17 @@ INL void rowupd(long n, long N, real *restrict row, const real *restrict coef,
 }
 
 /* A team of threads inside one kernel call: a barrier that spins (the waits are a few
-   microseconds apart, far too short for a sleeping barrier), then yields. */
+   microseconds apart, far too short for a sleeping barrier), then yields (after ~0.1-0.2 ms:
+   4000 pauses). Meant for a team no larger than the CPUs the process may use (the caller caps
+   it): on fewer CPUs the spinning slows everyone down. */
 typedef struct {
-    atomic_int count, gen;
-    int n;
+    atomic_uint count, gen;
+    unsigned n;
 } team_barrier;
 
 static void team_wait(team_barrier *b) {
     if (b->n == 1) return;
-    const int g = atomic_load_explicit(&b->gen, memory_order_acquire);
+    const unsigned g = atomic_load_explicit(&b->gen, memory_order_acquire);
     if (atomic_fetch_add_explicit(&b->count, 1, memory_order_acq_rel) == b->n - 1) {
         atomic_store_explicit(&b->count, 0, memory_order_relaxed);
         atomic_store_explicit(&b->gen, g + 1, memory_order_release);
@@ -97,9 +99,15 @@ static void team_wait(team_barrier *b) {
     }
 }
 
+/* each thread's row of update coefficients: W entries, padded to 64 bytes (no false sharing) */
+#define CF_STRIDE(W) (((W) * (long)sizeof(real) + 63) / 64 * 64 / (long)sizeof(real))
+
 /* Thread tid of nth owns units [lo, hi): cuts on multiples of 64, so that every unit goes through
    the same code path (4-row blocks, vector body or remainder) as with one thread, and the result
-   is bit-identical for any thread count. */
+   is bit-identical for any thread count. This relies on the compiler's vector loops: no peeling
+   for alignment and body/epilogue widths that divide 64 (GCC here: 16 and 8 floats); a compiler
+   that did otherwise could send a unit through the scalar σ on one team and the vector σ on
+   another. tests/test_bptt.py checks it for the compiler in use. */
 INL void team_range(long N, int tid, int nth, long *lo, long *hi) {
     const long per = (N / nth) / 64 * 64;
     *lo = tid * per;
@@ -109,7 +117,7 @@ INL void team_range(long N, int tid, int nth, long *lo, long *hi) {
 /* ElmanRNN, T steps of one member (see the Python module docstring), as thread tid of a team of
    nth (bar): each thread owns a range of units, i.e. rows of A and w for the forward mat-vecs and
    the update, and entries of the backward vectors for A^T δ (every row, its columns).
-   work: S (W+1)N | DS W N | DL W N | Z N | CF W per thread */
+   work: S (W+1)N | DS W N | DL W N | Z N | CF CF_STRIDE(W) per thread */
 static void member(long N, long d, long W, long T, long cnt,
                       real *restrict c, real *restrict w, real *restrict A, real *restrict mem,
                       real *restrict buf, const real *restrict X, const real *restrict Y,
@@ -119,7 +127,7 @@ static void member(long N, long d, long W, long T, long cnt,
     real *restrict DS = S + (W + 1) * N;
     real *restrict DL = DS + W * N;
     real *restrict Z = DL + W * N;
-    real *restrict CF = Z + N + tid * W;
+    real *restrict CF = Z + N + tid * CF_STRIDE(W);
     long lo, hi;
     team_range(N, tid, nth, &lo, &hi);
     for (long t = 0; t < T; t++) {
@@ -199,8 +207,8 @@ static void member(long N, long d, long W, long T, long cnt,
 /* GRURNN (gates r, z, n as nn.GRUCell; W_hh enters as g W_hh), T steps of one member, as thread
    tid of a team of nth (bar): each thread owns a range of units, i.e. their three gate rows of
    W_hh, W_ih and the biases, and their entries of the backward vector DH.
-   work: H (W+1)N | R, Z, NN, QN: W N each | DA W 3N | DH N | A3, Q3, DQ: 3N each | CF W per
-   thread */
+   work: H (W+1)N | R, Z, NN, QN: W N each | DA W 3N | DH N | A3, Q3, DQ: 3N each |
+   CF CF_STRIDE(W) per thread */
 static void gru_member(long N, long d, long W, long T, long cnt, long bias,
                           real *restrict c, real *restrict Wi, real *restrict Wh, real *restrict bi,
                           real *restrict bh, real *restrict mem, real *restrict buf,
@@ -218,7 +226,7 @@ static void gru_member(long N, long d, long W, long T, long cnt, long bias,
     real *restrict A3 = DH + N;
     real *restrict Q3 = A3 + N3;
     real *restrict DQ = Q3 + N3;
-    real *restrict CF = DQ + N3 + tid * W;
+    real *restrict CF = DQ + N3 + tid * CF_STRIDE(W);
     long lo, hi;
     team_range(N, tid, nth, &lo, &hi);
     for (long t = 0; t < T; t++) {
@@ -349,7 +357,7 @@ static void *team_main(void *arg) {
     const job_t *j = (const job_t *)arg;
     team_t *team = j->team;
     while (!atomic_load_explicit(&team->go, memory_order_acquire)) sched_yield();
-    const long N = j->N, d = j->d, W = j->W, nth = team->bar.n;
+    const long N = j->N, d = j->d, W = j->W, nth = (long)team->bar.n;
     for (long e = 0; e < j->E; e++) {
         const real lr = (real)j->lr[e];
         if (j->gru)
@@ -388,7 +396,7 @@ static long run_team(job_t job, long nth) {
     int started = 1;
     while (started < nth && !pthread_create(&th[started], 0, team_main, &jobs[started]))
         started++;
-    team.bar.n = started; /* (read by the team only after go) */
+    team.bar.n = (unsigned)started; /* (read by the team only after go) */
     atomic_store_explicit(&team.go, 1, memory_order_release);
     team_main(&jobs[0]);
     for (int t = 1; t < started; t++) pthread_join(th[t], 0);

@@ -111,19 +111,23 @@ def _self_check(lib: ctypes.CDLL, d: int, act: str) -> None:
     X = torch.randn(2, 11, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     Y = torch.randn(2, 11, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     cases = [(f"elman {scaling}", "eager",
-              lambda dt, s, sc=scaling: ElmanRNN(2, 13, beta=0.7, recurrent_scaling=sc,
-                                                 activation=act, A_mean=0.3, seed=s, dtype=dt))
-             for scaling in ("mean_field", "ntk")]
+              lambda dt, s, sc=scaling, N=N: ElmanRNN(2, N, beta=0.7, recurrent_scaling=sc,
+                                                      activation=act, A_mean=0.3, seed=s,
+                                                      dtype=dt), team)
+             for scaling, N, team in (("mean_field", 13, 1), ("ntk", 13, 1),
+                                      ("mean_field", 130, 2))]
     if act == "tanh":
         cases += [(f"gru bias={bias}", "autograd",
-                   lambda dt, s, b=bias: GRURNN(2, 7, beta=0.7, bias=b, bias_std=0.5, seed=s,
-                                                dtype=dt)) for bias in (True, False)]
+                   lambda dt, s, b=bias, N=N: GRURNN(2, N, beta=0.7, bias=b, bias_std=0.5, seed=s,
+                                                     dtype=dt), team)
+                  for bias, N, team in ((True, 7, 1), (False, 7, 1), (True, 130, 2))]
     for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
-        for name, other, make in cases:
+        for name, other, make, team in cases:  # team: the kernel's threads (units cut at 64)
             runs = []
             for engine in ("kernel", other):
                 st = BPTTEnsembleStepper([make(dtype, 1), make(dtype, 2)], [0.3, 0.2], window=4,
                                          engine=engine, _unchecked=True)
+                st.kernel_threads = lambda team=team: team
                 Xd, Yd = X.to(dtype), Y.to(dtype)
                 o = torch.cat([st.run_chunk(Xd[:, :6], Yd[:, :6]),
                                st.run_chunk(Xd[:, 6:], Yd[:, 6:])], 1)
@@ -132,13 +136,24 @@ def _self_check(lib: ctypes.CDLL, d: int, act: str) -> None:
                 a, b = a.double(), b.double()
                 if not torch.isfinite(a).all() or float((a - b).abs().max()) > tol * (
                         1 + float(b.abs().max())):
-                    raise RuntimeError(f"self-check failed ({name}, {dtype}): the kernel "
-                                       f"disagrees with the {other} engine")
+                    raise RuntimeError(f"self-check failed ({name}, {team} threads, {dtype}): "
+                                       f"the kernel disagrees with the {other} engine")
 
 
 #: the kernel uses another thread only for this many units each (per step it crosses ~3 W
-#: barriers, each about a microsecond)
-MIN_UNITS_PER_THREAD = 128
+#: barriers, each about a microsecond, and torch's own threads may still be spinning from the
+#: work between chunks). Trainer runs with the NTK callback, horizon 1, 2 threads (Intel Xeon):
+#: N = 256 no gain (Elman 1.88 vs 1.99 s, GRU 2.38 vs 2.37 s), N = 512 Elman 2.53 s either
+#: way, GRU 6.40 -> 4.38 s, N = 1024 Elman 11.6 -> 5.8 s
+MIN_UNITS_PER_THREAD = 256
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
 
 _L, _P, _D = ctypes.c_long, ctypes.c_void_p, ctypes.c_double
 #: the compiled BPTT kernel (d is a run-time argument of bptt.c: one library per activation):
@@ -182,20 +197,23 @@ class _BPTTBase:
             self._DS = torch.zeros(E, W, N, dtype=self.dtype, device=self.device)
             self._D = torch.zeros(E, W, N, dtype=self.dtype, device=self.device)
         elif self.engine == "kernel":
-            N = model0.width  # elman: (3W + 2) N; gru: (8W + 11) N; and W per thread, of at
-            # most min(64, N / 64) (see the C source)
-            self._work = torch.zeros((8 * W + 11) * N + W * max(1, min(64, N // 64)),
+            N = model0.width  # elman: (3W + 2) N; gru: (8W + 11) N; and a row of W, padded
+            # to 64 bytes, per thread, of at most min(64, N / 64) (see the C source)
+            es = torch.empty((), dtype=self.dtype).element_size()
+            cf = -(-W * es // 64) * 64 // es
+            self._work = torch.zeros((8 * W + 11) * N + cf * max(1, min(64, N // 64)),
                                      dtype=self.dtype)
         else:
             self._gradfn = self._make_gradfn()
 
     def kernel_threads(self) -> int:
         """Threads the kernel splits each member's units over: ``torch.get_num_threads()``,
-        at most the CPUs and one per ``MIN_UNITS_PER_THREAD`` units. Any count gives the same
-        bits (the cuts fall on multiples of 64 units; ``csrc/bptt.c``)."""
+        at most the CPUs this process may run on (its affinity: the kernel's barrier spins, so
+        a team larger than the CPUs is many times slower) and one per ``MIN_UNITS_PER_THREAD``
+        units. Any count gives the same bits (the cuts fall on multiples of 64 units;
+        ``csrc/bptt.c``)."""
         N = self.model0.width
-        return max(1, min(torch.get_num_threads(), os.cpu_count() or 1,
-                          N // MIN_UNITS_PER_THREAD))
+        return max(1, min(torch.get_num_threads(), _usable_cpus(), N // MIN_UNITS_PER_THREAD))
 
     def _model_kind(self) -> Optional[str]:
         """'elman' / 'gru' for the models with hand-written engines, else None."""
