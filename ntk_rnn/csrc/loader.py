@@ -108,6 +108,16 @@ def source(kernel: str) -> Path:
     return path
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask where the OS has one (a Slurm job or
+    ``taskset`` may allow fewer than the machine has), else ``os.cpu_count()``. The cap of every
+    team of threads the kernels and the NTK engine start."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def _cpu_id() -> str:
     """What -march=native depends on: the CPU's model and feature flags."""
     ident = platform.machine()

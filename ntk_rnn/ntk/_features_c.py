@@ -342,7 +342,7 @@ def block_features(model: Any, x: Tensor, units: slice, truncated: bool, phi: Te
     args = (L, Nb, int(truncated), x.data_ptr(), wT.data_ptr(), Nb, b.data_ptr(), c.data_ptr(),
             phi.data_ptr(), 0 if coef is None else coef.data_ptr())
     threads = torch.get_num_threads() if threads is None else threads
-    parts = max(1, min(threads, os.cpu_count() or 1, n, (n * L * Nb) // 2**16))
+    parts = max(1, min(threads, loader.usable_cpus(), n, (n * L * Nb) // 2**16))
     cuts = [n * t // parts for t in range(parts + 1)]  # windows split over threads
     codes = run_parallel([functools.partial(fn, cuts[t], cuts[t + 1], *args)
                           for t in range(parts)])

@@ -28,12 +28,12 @@ reached through the structure table of :mod:`.structured` (``family_of(model).st
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
+from ..csrc import loader
 from ..subnormals import without_subnormals
 from . import _features_c
 
@@ -76,7 +76,7 @@ def _parts(x: Tensor) -> int:
     ``MIN_WINDOWS_PER_THREAD`` windows of x; 1 elsewhere."""
     if x.device.type != "cpu":
         return 1
-    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1,
+    return max(1, min(torch.get_num_threads(), loader.usable_cpus(),
                       x.shape[0] // MIN_WINDOWS_PER_THREAD))
 
 

@@ -40,11 +40,11 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 from torch import Tensor
 
+from ..csrc import loader
 from ..models.family import family_of
 from ..models.mean_field import MeanFieldRNN
 from . import _features_c, recurrent
@@ -350,7 +350,7 @@ def structured_ntk(
         rows = d + 2 + (max(L1, L2) if factorise else 0)  # φ (and coefficients) per window
         per_unit = (n + (0 if same else m)) * rows * x.element_size()
         Nb = unit_chunk or C_BLOCK_UNITS or max(512, C_BLOCK_BYTES // max(1, per_unit))
-        parts = max(1, min(torch.get_num_threads(), os.cpu_count() or 1, N // C_CHUNK))
+        parts = max(1, min(torch.get_num_threads(), loader.usable_cpus(), N // C_CHUNK))
         if parts == 1:
             K = _unit_range(model, x, x2, truncated2, same, G, blocks, 0, N, Nb, True)
         else:

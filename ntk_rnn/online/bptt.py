@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -147,13 +146,6 @@ def _self_check(lib: ctypes.CDLL, d: int, act: str) -> None:
 #: way, GRU 6.40 -> 4.38 s, N = 1024 Elman 11.6 -> 5.8 s
 MIN_UNITS_PER_THREAD = 256
 
-def _usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
 
 _L, _P, _D = ctypes.c_long, ctypes.c_void_p, ctypes.c_double
 #: the compiled BPTT kernel (d is a run-time argument of bptt.c: one library per activation):
@@ -213,7 +205,8 @@ class _BPTTBase:
         units. Any count gives the same bits (the cuts fall on multiples of 64 units;
         ``csrc/bptt.c``)."""
         N = self.model0.width
-        return max(1, min(torch.get_num_threads(), _usable_cpus(), N // MIN_UNITS_PER_THREAD))
+        return max(1, min(torch.get_num_threads(), loader.usable_cpus(),
+                          N // MIN_UNITS_PER_THREAD))
 
     def _model_kind(self) -> Optional[str]:
         """'elman' / 'gru' for the models with hand-written engines, else None."""
@@ -362,11 +355,12 @@ class _BPTTBase:
                               "or 'autograd')")
         lr = (ctypes.c_double * E)(*self.lr)
         fn = getattr(self._lib, name + ("_f64" if self.dtype == torch.float64 else "_f32"))
-        args = [*head, *(None if t is None else t.data_ptr() for t in ts), Xc.data_ptr(), xs,
-                Yc.data_ptr(), ys, oc.data_ptr(), T, lr, m.output_scale, m.recurrent_scale,
-                self._work.data_ptr()]
-        # each member's units split over a team of threads (bit-identical for any team)
-        self.last_kernel_threads = fn(*args, self.kernel_threads())  # the threads that ran
+        # each member's units split over a team of threads (bit-identical for any team); it
+        # returns how many ran
+        self.last_kernel_threads = fn(
+            *head, *(None if t is None else t.data_ptr() for t in ts), Xc.data_ptr(), xs,
+            Yc.data_ptr(), ys, oc.data_ptr(), T, lr, m.output_scale, m.recurrent_scale,
+            self._work.data_ptr(), self.kernel_threads())
         bump = getattr(torch.autograd.graph, "increment_version", None)
         if bump is not None:  # written through raw pointers: tell autograd
             for t in ts:
