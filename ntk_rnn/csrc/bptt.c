@@ -114,6 +114,30 @@ INL void team_range(long N, int tid, int nth, long *lo, long *hi) {
     *hi = tid == nth - 1 ? N : (tid + 1) * per;
 }
 
+/* The start of a step shared by both models: the new input X_t appended to the window buffer
+   (n inputs now), the window's initial state H0 = the kept memory (each thread its units), then
+   a barrier. */
+INL void step_start(long n, long d, const real *restrict xt, real *restrict buf,
+                    real *restrict H0, const real *restrict mem, long lo, long hi, int tid,
+                    team_barrier *bar) {
+    if (tid == 0)
+        for (long p = 0; p < d; p++) buf[(n - 1) * d + p] = xt[p];
+    memcpy(H0 + lo, mem + lo, (size_t)(hi - lo) * sizeof(real));
+    team_wait(bar);
+}
+
+/* The end of a step: once everyone is done with the step's states H and buf, a full window
+   (n = W) drops its oldest input and the memory moves to H1, the state after it. Returns the
+   inputs kept for the next step. */
+INL long step_end(long n, long d, long W, real *restrict buf, real *restrict mem,
+                  const real *restrict H1, long lo, long hi, int tid, team_barrier *bar) {
+    team_wait(bar);
+    if (n < W) return n;
+    memcpy(mem + lo, H1 + lo, (size_t)(hi - lo) * sizeof(real));
+    if (tid == 0) memmove(buf, buf + d, (size_t)((W - 1) * d) * sizeof(real));
+    return W - 1;
+}
+
 /* ElmanRNN, T steps of one member (see the Python module docstring), as thread tid of a team of
    nth (bar): each thread owns a range of units, i.e. rows of A and w for the forward mat-vecs and
    the update, and entries of the backward vectors for A^T δ (every row, its columns).
@@ -132,10 +156,7 @@ static void member(long N, long d, long W, long T, long cnt,
     team_range(N, tid, nth, &lo, &hi);
     for (long t = 0; t < T; t++) {
         const long n = cnt + 1;
-        if (tid == 0)
-            for (long p = 0; p < d; p++) buf[(n - 1) * d + p] = X[t * d + p];
-        memcpy(S + lo, mem + lo, (size_t)(hi - lo) * sizeof(real));
-        team_wait(bar);
+        step_start(n, d, X + t * d, buf, S, mem, lo, hi, tid, bar);
         /* forward: z_j = w x_j + g A S_j, S_{j+1} = s(z_j), DS_j = s'(z_j) */
         for (long j = 0; j < n; j++) {
             const real *restrict xj = buf + j * d;
@@ -193,14 +214,7 @@ static void member(long N, long d, long W, long T, long cnt,
                 w[i * d + p] -= lr * gw;
             }
         }
-        team_wait(bar); /* everyone is done with this step's S and buf */
-        if (n == W) { /* the oldest input leaves; the memory moves past it */
-            memcpy(mem + lo, S + N + lo, (size_t)(hi - lo) * sizeof(real));
-            if (tid == 0) memmove(buf, buf + d, (size_t)((W - 1) * d) * sizeof(real));
-            cnt = W - 1;
-        } else {
-            cnt = n;
-        }
+        cnt = step_end(n, d, W, buf, mem, S + N, lo, hi, tid, bar);
     }
 }
 
@@ -231,10 +245,7 @@ static void gru_member(long N, long d, long W, long T, long cnt, long bias,
     team_range(N, tid, nth, &lo, &hi);
     for (long t = 0; t < T; t++) {
         const long n = cnt + 1;
-        if (tid == 0)
-            for (long p = 0; p < d; p++) buf[(n - 1) * d + p] = X[t * d + p];
-        memcpy(H + lo, mem + lo, (size_t)(hi - lo) * sizeof(real));
-        team_wait(bar);
+        step_start(n, d, X + t * d, buf, H, mem, lo, hi, tid, bar);
         /* forward */
         for (long j = 0; j < n; j++) {
             const real *restrict xj = buf + j * d;
@@ -322,14 +333,7 @@ static void gru_member(long N, long d, long W, long T, long cnt, long bias,
                     bh[i] -= lr * sq;
                 }
             }
-        team_wait(bar); /* everyone is done with this step's H and buf */
-        if (n == W) {
-            memcpy(mem + lo, H + N + lo, (size_t)(hi - lo) * sizeof(real));
-            if (tid == 0) memmove(buf, buf + d, (size_t)((W - 1) * d) * sizeof(real));
-            cnt = W - 1;
-        } else {
-            cnt = n;
-        }
+        cnt = step_end(n, d, W, buf, mem, H + N, lo, hi, tid, bar);
     }
 }
 
