@@ -149,7 +149,7 @@ def test_backward_vectors_reach_subnormals_and_flushing_them_changes_nothing(mon
     """The case the flush is for: float32 mean-field Elman's δ_k become subnormal over a window;
     the kernel computed with them (flushing disabled) equals the flushed one, and the caller's
     FTZ setting is restored either way."""
-    from ntk_rnn.ntk import recurrent
+    from ntk_rnn.ntk import _features_c, recurrent
     from ntk_rnn.subnormals import flushing
 
     model, x = _subnormal_elman()
@@ -161,7 +161,7 @@ def test_backward_vectors_reach_subnormals_and_flushing_them_changes_nothing(mon
     assert tiny.any()  # subnormals occur without the flush
     flushed = empirical_ntk(model, x, x2, method="structured")
     assert not flushing()  # restored
-    monkeypatch.setattr(recurrent, "without_subnormals", lambda *a: contextlib.nullcontext())
+    monkeypatch.setattr(_features_c, "without_subnormals", lambda *a: contextlib.nullcontext())
     plain = empirical_ntk(model, x, x2, method="structured")
     assert rel(flushed, plain) <= 1e-6
     # a caller who flushes already keeps flushing afterwards

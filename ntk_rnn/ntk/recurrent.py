@@ -28,13 +28,12 @@ reached through the structure table of :mod:`.structured` (``family_of(model).st
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from ..csrc import loader
-from ..subnormals import without_subnormals
 from . import _features_c
 
 #: Entries of one (rows·L, m·L') Gram block: rows of windows are taken so that each Gram matrix
@@ -54,10 +53,10 @@ def _both_passes(passes: Callable[[nn.Module, Tensor], dict[str, Tensor]], model
                  ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """The passes of x and x2 (x2 None: the same); windows of equal length go through one pass
     (GEMMs with n + m rows use the CPU better than two with n and m). The windows of a pass are
-    split over ``parts`` threads (:func:`_flushed`)."""
+    split over ``parts`` threads (:func:`._features_c.run_flushed`)."""
     def run(w: Tensor) -> dict[str, Tensor]:
         cuts = [w.shape[0] * t // parts for t in range(parts + 1)]
-        got = _flushed([functools.partial(passes, model, w[a:b])
+        got = _features_c.run_flushed([functools.partial(passes, model, w[a:b])
                         for a, b in zip(cuts[:-1], cuts[1:]) if b > a], parts)
         return got[0] if len(got) == 1 else {k: torch.cat([F[k] for F in got]) for k in got[0]}
 
@@ -78,32 +77,6 @@ def _parts(x: Tensor) -> int:
         return 1
     return max(1, min(torch.get_num_threads(), loader.usable_cpus(),
                       x.shape[0] // MIN_WINDOWS_PER_THREAD))
-
-
-def _flushed(tasks: list[Callable[[], Any]], parts: int) -> list[Any]:
-    """The results of ``tasks`` with subnormals flushed to zero (:mod:`ntk_rnn.subnormals`),
-    in inference mode: on this thread when ``parts`` is 1 (torch's own threading inside), else
-    on ``parts`` threads (this one and the features pool), each running its share of the tasks
-    with torch single-threaded. The flush is per thread and torch's intra-op workers cannot be
-    reached from Python, so the work goes to threads that can set it: at 2 threads the
-    mean-field Elman kernel below took 2.3 s with the flush on the calling thread only and
-    0.15 s on 1 thread (N = 1024, 64 windows of 24)."""
-    def worker(group: list[Callable[[], Any]]) -> list[Any]:
-        torch.set_num_threads(1)  # this thread's OpenMP setting (a pool thread keeps its own)
-        with torch.inference_mode(), without_subnormals():
-            return [t() for t in group]
-
-    parts = min(parts, len(tasks))
-    if parts <= 1:
-        with torch.inference_mode(), without_subnormals():
-            return [t() for t in tasks]
-    groups = [tasks[i::parts] for i in range(parts)]
-    with _features_c.torch_threads(1):
-        done = _features_c.run_parallel([functools.partial(worker, g) for g in groups])
-    out: list[Any] = [None] * len(tasks)
-    for i, res in enumerate(done):
-        out[i::parts] = res
-    return out
 
 
 # --- per-window passes ----------------------------------------------------------------------------
@@ -202,7 +175,7 @@ def _kernel(model: nn.Module, x: Tensor, x2: Tensor | None, names: tuple[str, ..
             fill: Callable[..., None]) -> Tensor | dict[str, Tensor]:
     """The passes of both sides, the readout block "c" from the last states ``F[last]``, then
     ``fill(out, rows, F1, F2, x, x2)`` for each block of rows of x (the Gram blocks), all with
-    subnormals flushed (the δ_k underflow; :func:`_flushed`)."""
+    subnormals flushed (the δ_k underflow; :func:`._features_c.run_flushed`)."""
     parts = _parts(x)
     x2_ = x if x2 is None else x2
     n, m = x.shape[0], x2_.shape[0]
@@ -211,7 +184,7 @@ def _kernel(model: nn.Module, x: Tensor, x2: Tensor | None, names: tuple[str, ..
         out = {k: x.new_empty(n, m) for k in names}
         if "c" in out:
             torch.mm(F1[last], F2[last].T, out=out["c"])
-        _flushed([functools.partial(fill, out, slice(i0, i1), F1, F2, x, x2_)
+        _features_c.run_flushed([functools.partial(fill, out, slice(i0, i1), F1, F2, x, x2_)
                   for i0, i1 in _row_blocks(n, x.shape[1], m * x2_.shape[1], chunk_size, parts)],
                  parts)
     return _finish(model, out, blocks, x2 is None)
