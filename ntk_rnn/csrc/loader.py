@@ -118,6 +118,12 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def team_size(threads: int, limit: int) -> int:
+    """Threads for a team: at most ``threads`` (torch's setting), the usable CPUs and ``limit``
+    (the work's own bound), at least 1."""
+    return max(1, min(threads, usable_cpus(), limit))
+
+
 def _cpu_id() -> str:
     """What -march=native depends on: the CPU's model and feature flags."""
     ident = platform.machine()

@@ -225,7 +225,7 @@ def measure(d: int, act: str, dtype: torch.dtype, lib: ctypes.CDLL | None = None
     run_torch_once = TORCH_FEATURES(model, x, units)
 
     def run_c() -> None:
-        block_features(model, x, units, False, phi, None, lib, threads=1)
+        block_features(model, x, units, False, phi, None, lib)  # (torch on 1 thread here)
 
     def run_torch() -> None:
         run_torch_once()
@@ -354,12 +354,11 @@ def run_flushed(tasks: list[Callable[[], Any]], parts: int,
 
 
 def block_features(model: Any, x: Tensor, units: slice, truncated: bool, phi: Tensor,
-                   coef: Tensor | None, lib: ctypes.CDLL | None = None,
-                   threads: int | None = None) -> None:
+                   coef: Tensor | None, lib: ctypes.CDLL | None = None) -> None:
     """φ of ``units`` for windows x (n, L, d) into phi (n, d+2, Nb) (rows [S, cQ, cP], c applied),
     or with ``coef`` (n, L, Nb) the c-scaled coefficients there instead of the cP rows. phi and
     coef must be contiguous; call only when :func:`usable`. The windows are split over
-    ``threads`` threads (default ``torch.get_num_threads()``)."""
+    ``torch.get_num_threads()`` threads."""
     n, L, d = x.shape
     lib = lib or KERNEL.library(d, model.act.name)
     x = x.contiguous()
@@ -369,8 +368,7 @@ def block_features(model: Any, x: Tensor, units: slice, truncated: bool, phi: Te
     fn = lib.features_f32 if x.dtype == torch.float32 else lib.features_f64
     args = (L, Nb, int(truncated), x.data_ptr(), wT.data_ptr(), Nb, b.data_ptr(), c.data_ptr(),
             phi.data_ptr(), 0 if coef is None else coef.data_ptr())
-    threads = torch.get_num_threads() if threads is None else threads
-    parts = max(1, min(threads, loader.usable_cpus(), n, (n * L * Nb) // 2**16))
+    parts = loader.team_size(torch.get_num_threads(), min(n, (n * L * Nb) // 2**16))
     cuts = [n * t // parts for t in range(parts + 1)]  # windows split over threads
     codes = run_parallel([functools.partial(fn, cuts[t], cuts[t + 1], *args)
                           for t in range(parts)])

@@ -57,7 +57,7 @@ def _both_passes(passes: Callable[[nn.Module, Tensor], dict[str, Tensor]], model
     def run(w: Tensor) -> dict[str, Tensor]:
         cuts = [w.shape[0] * t // parts for t in range(parts + 1)]
         got = _features_c.run_flushed([functools.partial(passes, model, w[a:b])
-                        for a, b in zip(cuts[:-1], cuts[1:]) if b > a], parts)
+                                       for a, b in zip(cuts[:-1], cuts[1:]) if b > a], parts)
         return got[0] if len(got) == 1 else {k: torch.cat([F[k] for F in got]) for k in got[0]}
 
     if x2 is None:
@@ -75,8 +75,7 @@ def _parts(x: Tensor) -> int:
     ``MIN_WINDOWS_PER_THREAD`` windows of x; 1 elsewhere."""
     if x.device.type != "cpu":
         return 1
-    return max(1, min(torch.get_num_threads(), loader.usable_cpus(),
-                      x.shape[0] // MIN_WINDOWS_PER_THREAD))
+    return loader.team_size(torch.get_num_threads(), x.shape[0] // MIN_WINDOWS_PER_THREAD)
 
 
 # --- per-window passes ----------------------------------------------------------------------------
@@ -184,9 +183,10 @@ def _kernel(model: nn.Module, x: Tensor, x2: Tensor | None, names: tuple[str, ..
         out = {k: x.new_empty(n, m) for k in names}
         if "c" in out:
             torch.mm(F1[last], F2[last].T, out=out["c"])
-        _features_c.run_flushed([functools.partial(fill, out, slice(i0, i1), F1, F2, x, x2_)
-                  for i0, i1 in _row_blocks(n, x.shape[1], m * x2_.shape[1], chunk_size, parts)],
-                 parts)
+        _features_c.run_flushed(
+            [functools.partial(fill, out, slice(i0, i1), F1, F2, x, x2_)
+             for i0, i1 in _row_blocks(n, x.shape[1], m * x2_.shape[1], chunk_size, parts)],
+            parts)
     return _finish(model, out, blocks, x2 is None)
 
 

@@ -347,8 +347,8 @@ def structured_ntk(
         rows = d + 2 + (max(L1, L2) if factorise else 0)  # φ (and coefficients) per window
         per_unit = (n + (0 if same else m)) * rows * x.element_size()
         Nb = unit_chunk or C_BLOCK_UNITS or max(512, C_BLOCK_BYTES // max(1, per_unit))
-    parts = 1 if x.device.type != "cpu" else max(
-        1, min(torch.get_num_threads(), loader.usable_cpus(), N // C_CHUNK))
+    parts = 1 if x.device.type != "cpu" else loader.team_size(torch.get_num_threads(),
+                                                              N // C_CHUNK)
     # T > 1: one unit range per thread, torch single-threaded there; subnormals flushed
     ranges = _thread_ranges(N, parts)
     Ks = [{k: x.new_zeros(n, m) for k in BLOCK_NAMES} if blocks else x.new_zeros(n, m)

@@ -205,8 +205,7 @@ class _BPTTBase:
         units. Any count gives the same bits (the cuts fall on multiples of 64 units;
         ``csrc/bptt.c``)."""
         N = self.model0.width
-        return max(1, min(torch.get_num_threads(), loader.usable_cpus(),
-                          N // MIN_UNITS_PER_THREAD))
+        return loader.team_size(torch.get_num_threads(), N // MIN_UNITS_PER_THREAD)
 
     def _model_kind(self) -> Optional[str]:
         """'elman' / 'gru' for the models with hand-written engines, else None."""
